@@ -1,0 +1,6 @@
+"""ComBat: the model's math (:mod:`.model`) and its scikit-learn estimator (:mod:`.harmonizer`)."""
+
+from kwneuro_sk.combat.estimates import CombatEstimates
+from kwneuro_sk.combat.harmonizer import CombatHarmonizer
+
+__all__ = ["CombatEstimates", "CombatHarmonizer"]

@@ -1,0 +1,638 @@
+"""CombatHarmonizer: ComBat as a scikit-learn transformer (input handling and fitted state).
+
+The math lives in :mod:`kwneuro_sk.combat.model`; this module turns DataFrames, site labels and
+covariates into the arrays it needs, validates them once, and keeps the fitted state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import is_numeric_dtype
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.preprocessing import OneHotEncoder
+from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from kwneuro_sk.combat import model
+from kwneuro_sk.combat.estimates import CombatEstimates
+
+
+@dataclass
+class _Rows:
+    """One call's input, split into features, site labels and covariates."""
+
+    features: np.ndarray  # (n_samples, n_features) float32 or float64
+    sites: np.ndarray  # (n_samples,) labels
+    covariates: pd.DataFrame  # (n_samples, n_covariate_columns), positional index
+
+
+def _column_list(cols, name):
+    if cols is None:
+        return []
+    if isinstance(cols, str) or not np.iterable(cols):
+        return [cols]
+    cols = list(cols)
+    if len(set(cols)) != len(cols):
+        raise ValueError(f"{name} has repeated column names: {cols}")
+    return cols
+
+
+def _format(labels):
+    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v)
+                           for v in labels) + "]"
+
+
+class CombatHarmonizer(TransformerMixin, BaseEstimator):
+    """Remove site (scanner) effects with ComBat, fitted on training rows only.
+
+    ComBat (Johnson et al. 2007; Fortin et al. 2017, 2018) models each feature as a grand
+    mean plus covariate effects plus a site-specific location ``gamma`` and scale ``delta``,
+    shrinks the site estimates towards priors estimated across features (empirical Bayes), and
+    removes them while keeping the covariate effects. Samples are rows, features are columns.
+
+    Sites and covariates reach the estimator in one of two ways, with identical numbers:
+
+    1. as columns of ``X`` (a DataFrame): ``batch_col`` names the site column,
+       ``categorical_cols``/``continuous_cols`` the covariate columns, every other column is a
+       feature. This works with every splitter and scorer, since the site travels with its row;
+    2. as keyword arguments ``batch=`` and ``covariates=`` (a DataFrame holding the named
+       covariate columns) of :meth:`fit`, :meth:`transform` and :meth:`inverse_transform`, with
+       ``batch_col=None``. They can be routed as metadata (``set_fit_request``).
+
+    Parameters
+    ----------
+    batch_col : hashable, default=None
+        Name of the site column of ``X``. ``None`` means sites come as ``batch=``.
+    categorical_cols : str or list of str, default=None
+        Categorical covariates whose effects are preserved (one-hot encoded, first level sorted
+        as reference).
+    continuous_cols : str or list of str, default=None
+        Continuous covariates whose (linear) effects are preserved.
+    eb : bool, default=True
+        Shrink the site estimates with empirical Bayes. ``False`` uses the per-site
+        least-squares estimates as they are.
+    parametric : bool, default=True
+        Parametric EB (normal / inverse-gamma priors, iterated posterior means) or
+        non-parametric EB (likelihood-weighted average over the other features).
+    mean_only : bool, default=False
+        Adjust only the site location, not the scale. Allows sites with a single row.
+    ref_batch : label, default=None
+        Reference site: its rows are left unchanged and the other sites are mapped onto its
+        mean and variance.
+    unseen_batch : {"error", "adapt"}, default="error"
+        What :meth:`transform` does with sites not seen in :meth:`fit`: raise a ValueError
+        naming them, or estimate their location/scale (with the same EB shrinkage, priors from
+        that site's own features) from the rows of that site in the call, holding the fitted
+        covariate effects, grand mean and pooled variance fixed.
+
+    Attributes
+    ----------
+    batches_ : ndarray of shape (n_batches,)
+        Site labels seen in fit, sorted. Rows of the per-site arrays follow this order.
+    n_samples_per_batch_ : ndarray of shape (n_batches,)
+        Training rows per site.
+    grand_mean_ : ndarray of shape (n_features_out,)
+        ``alpha``: sample-weighted mean of the site intercepts (the reference site's intercept
+        with ``ref_batch``).
+    beta_ : ndarray of shape (n_covariates, n_features_out)
+        Covariate coefficients; rows are named by ``covariate_names_``.
+    covariate_names_ : ndarray of str
+        Names of the encoded covariate columns (``sex_M``, ``age``, ...).
+    var_pooled_ : ndarray of shape (n_features_out,)
+        Pooled residual variance ``sigma**2`` (of the reference site with ``ref_batch``).
+    zero_variance_features_ : ndarray of bool, shape (n_features_out,)
+        Features whose pooled variance is zero: they are passed through unchanged.
+    gamma_hat_, delta_hat_ : ndarray of shape (n_batches, n_features_out)
+        Per-site location and scale (variance) of the standardized data.
+    gamma_star_, delta_star_ : ndarray of shape (n_batches, n_features_out)
+        The estimates used for adjustment (after EB when ``eb=True``; ``0`` and ``1`` for the
+        reference site).
+    gamma_bar_, t2_, a_prior_, b_prior_ : ndarray of shape (n_batches,)
+        EB priors per site, estimated across features: mean and variance of ``gamma_hat``;
+        inverse-gamma shape and scale for ``delta_hat`` (NaN when not used).
+    n_features_in_ : int
+        Number of columns of ``X`` seen in fit (site and covariate columns included).
+    feature_names_in_ : ndarray of str
+        Column names of ``X`` seen in fit, when they are all strings.
+
+    See Also
+    --------
+    kwneuro_sk.harmonize_volumes : voxel-wise ComBat on NIfTI images.
+
+    Notes
+    -----
+    Numbers match neuroCombat 0.2.12 and R ``sva::ComBat`` to rounding for every option,
+    including the parametric EB stopping rule. Differences, on purpose: new rows are harmonized
+    with their own covariates (neuroCombatFromTraining uses the training mean); zero-variance
+    features are passed through unchanged (neuroCombat divides by a placeholder variance);
+    non-parametric likelihoods are computed in log space, so they do not underflow to NaN; a
+    site with one row raises instead of switching every site to mean-only as sva does.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> from kwneuro_sk import CombatHarmonizer
+    >>> rng = np.random.default_rng(0)
+    >>> site = np.repeat(["siteA", "siteB", "siteC"], 20)
+    >>> age = rng.uniform(20, 80, size=60).round()
+    >>> X = pd.DataFrame(rng.normal(size=(60, 3)) + 0.02 * age[:, None], columns=["f1", "f2", "f3"])
+    >>> X["f1"] += np.repeat([0.0, 1.5, -1.0], 20)  # a site effect
+    >>> X["site"], X["age"] = site, age
+    >>> combat = CombatHarmonizer(batch_col="site", continuous_cols=["age"])
+    >>> Xh = combat.fit_transform(X)
+    >>> Xh.shape
+    (60, 3)
+    >>> combat.get_feature_names_out().tolist()
+    ['f1', 'f2', 'f3']
+    >>> bool(np.ptp(pd.Series(Xh[:, 0]).groupby(site).mean()) < 0.5)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "batch_col": [Hashable, None],
+        "categorical_cols": [str, "array-like", None],
+        "continuous_cols": [str, "array-like", None],
+        "eb": ["boolean"],
+        "parametric": ["boolean"],
+        "mean_only": ["boolean"],
+        "ref_batch": "no_validation",
+        "unseen_batch": [StrOptions({"error", "adapt"})],
+    }
+
+    def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
+                 parametric=True, mean_only=False, ref_batch=None, unseen_batch="error"):
+        self.batch_col = batch_col
+        self.categorical_cols = categorical_cols
+        self.continuous_cols = continuous_cols
+        self.eb = eb
+        self.parametric = parametric
+        self.mean_only = mean_only
+        self.ref_batch = ref_batch
+        self.unseen_batch = unseen_batch
+
+    # ---------------------------------------------------------------------------------------
+    # public API
+    # ---------------------------------------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, *, batch=None, covariates=None):
+        """Estimate site, covariate and EB parameters from training rows.
+
+        Parameters
+        ----------
+        X : DataFrame or array-like of shape (n_samples, n_columns)
+            Features; with ``batch_col`` set, a DataFrame that also holds the site and
+            covariate columns.
+        y : None
+            Ignored.
+        batch : array-like of shape (n_samples,), default=None
+            Site of each row, when ``batch_col`` is None.
+        covariates : DataFrame of shape (n_samples, n_covariates), default=None
+            Holds the ``categorical_cols``/``continuous_cols``, when ``batch_col`` is None.
+
+        Returns
+        -------
+        self : CombatHarmonizer
+        """
+        self._fit(self._read_rows(X, batch, covariates, reset=True))
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_transform(self, X, y=None, *, batch=None, covariates=None):
+        """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``).
+
+        Parameters
+        ----------
+        X, y, batch, covariates
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        X_harmonized : ndarray of shape (n_samples, n_features_out)
+        """
+        rows = self._read_rows(X, batch, covariates, reset=True)
+        self._fit(rows)
+        return self._transform(rows)
+
+    def transform(self, X, *, batch=None, covariates=None):
+        """Harmonize rows with the fitted estimates and the rows' own covariates.
+
+        Each row's result depends only on that row (and, for sites unseen in fit with
+        ``unseen_batch="adapt"``, on the other rows of its site in this call).
+
+        Parameters
+        ----------
+        X : DataFrame or array-like of shape (n_samples, n_columns)
+            Same columns as in fit.
+        batch : array-like of shape (n_samples,), default=None
+            Site of each row, when ``batch_col`` is None.
+        covariates : DataFrame, default=None
+            Covariate columns, when ``batch_col`` is None.
+
+        Returns
+        -------
+        X_harmonized : ndarray of shape (n_samples, n_features_out)
+            Only the feature columns, float32 for float32 input, float64 otherwise.
+        """
+        check_is_fitted(self)
+        return self._transform(self._read_rows(X, batch, covariates, reset=False))
+
+    def inverse_transform(self, X, *, batch=None, covariates=None):
+        """Map harmonized features back to each row's site scale.
+
+        Parameters
+        ----------
+        X : DataFrame or array-like of shape (n_samples, n_features_out)
+            Harmonized features, as returned by :meth:`transform`. With ``batch_col`` set, a
+            DataFrame that also holds the site and covariate columns may be given instead of
+            ``batch=`` / ``covariates=``.
+        batch : array-like of shape (n_samples,), default=None
+            Site of each row (required unless the site column is in ``X``).
+        covariates : DataFrame, default=None
+            Covariate columns (required unless they are in ``X``).
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features_out)
+        """
+        check_is_fitted(self)
+        from_columns = (self.batch_col is not None and isinstance(X, pd.DataFrame)
+                        and self.batch_col in X.columns)
+        if from_columns:
+            rows = self._split(X, batch, covariates, from_columns=True)
+        else:
+            rows = self._split(X, batch, covariates, from_columns=False)
+        n_out = len(self.grand_mean_)
+        if rows.features.shape[1] != n_out:
+            raise ValueError(f"inverse_transform expects the {n_out} harmonized features "
+                             f"{_format(self.get_feature_names_out())}; "
+                             f"got {rows.features.shape[1]} columns")
+        idx = self._batch_indices(rows.sites)
+        if (idx < 0).any():
+            raise ValueError("inverse_transform needs sites seen in fit; unseen: "
+                             f"{_format(pd.unique(rows.sites[idx < 0]))}")
+        return model.adjust(rows.features, self._encode_covariates(rows.covariates), idx,
+                            self._standardization(), self.gamma_star_, self.delta_star_,
+                            passthrough_rows=self._reference_rows(idx), inverse=True)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the harmonized feature columns (site and covariate columns excluded).
+
+        Parameters
+        ----------
+        input_features : array-like of str, default=None
+            Ignored; present for API consistency.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self, "grand_mean_")
+        return self._feature_names_out.copy()
+
+    @property
+    def estimates_(self):
+        """The fitted model as :class:`~kwneuro_sk.CombatEstimates`."""
+        check_is_fitted(self)
+        estimates = {name: np.array(getattr(self, name + "_")) for name in (
+            "grand_mean", "var_pooled", "beta", "gamma_hat", "delta_hat", "gamma_star",
+            "delta_star", "gamma_bar", "t2", "a_prior", "b_prior", "zero_variance_features")}
+        categorical, continuous = self._covariate_columns()
+        info = {
+            "batches": self.batches_.copy(),
+            "n_samples_per_batch": self.n_samples_per_batch_.copy(),
+            "ref_batch": self.ref_batch,
+            "feature_names": self.get_feature_names_out(),
+            "covariate_names": self.covariate_names_.copy(),
+            "batch_col": self.batch_col,
+            "categorical_cols": categorical,
+            "continuous_cols": continuous,
+            "categories": [list(c) for c in self._encoder.categories_] if categorical else [],
+            "eb": self.eb,
+            "parametric": self.parametric,
+            "mean_only": self.mean_only,
+            "unseen_batch": self.unseen_batch,
+        }
+        return CombatEstimates(estimates=estimates, info=info)
+
+    # ---------------------------------------------------------------------------------------
+    # fitting and applying
+    # ---------------------------------------------------------------------------------------
+
+    def _fit(self, rows):
+        try:
+            self.batches_, batch_idx, counts = np.unique(rows.sites, return_inverse=True,
+                                                         return_counts=True)
+        except TypeError as exc:
+            raise TypeError("site labels must be of one sortable type (all strings or all "
+                            f"numbers); got {_format(pd.unique(rows.sites))}") from exc
+        self.n_samples_per_batch_ = counts
+        n_batches = len(self.batches_)
+        if n_batches < 2:
+            raise ValueError(f"ComBat needs at least two sites; all rows are from site "
+                             f"{_format(self.batches_)}")
+        ref = self._reference_index()
+        if not self.mean_only and (counts < 2).any():
+            raise ValueError(
+                f"site(s) {_format(self.batches_[counts < 2])} have a single row, so their "
+                "variance cannot be estimated; use mean_only=True to adjust only the site "
+                "means, or drop or merge those sites")
+
+        Z = self._fit_covariates(rows.covariates)
+        self._check_design(batch_idx, n_batches, Z)
+        standardization = model.fit_standardization(rows.features, batch_idx, n_batches, Z,
+                                                    ref=ref)
+        usable = ~standardization.zero_variance
+        if self.eb and usable.sum() < 2:
+            raise ValueError(
+                "eb=True estimates the priors across features and needs at least 2 features "
+                f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False.")
+        groups = [np.flatnonzero(batch_idx == k) for k in range(n_batches)]
+        n, mean, ss = model.standardized_moments(rows.features, Z, standardization, groups)
+        per_batch = [model.estimate_batch(n[k], mean[k], ss[k], eb=self.eb,
+                                          parametric=self.parametric,
+                                          mean_only=self.mean_only, usable=usable)
+                     for k in range(n_batches)]
+        self.grand_mean_ = standardization.grand_mean
+        self.beta_ = standardization.beta
+        self.var_pooled_ = standardization.var_pooled
+        self.zero_variance_features_ = standardization.zero_variance
+        for name in ("gamma_hat", "delta_hat", "gamma_star", "delta_star"):
+            setattr(self, name + "_", np.vstack([getattr(b, name) for b in per_batch]))
+        for name in ("gamma_bar", "t2", "a_prior", "b_prior"):
+            setattr(self, name + "_", np.array([getattr(b, name) for b in per_batch]))
+        if ref is not None:
+            self.gamma_star_[ref] = 0.0
+            self.delta_star_[ref] = 1.0
+        return self
+
+    def _transform(self, rows):
+        Z = self._encode_covariates(rows.covariates)
+        idx = self._batch_indices(rows.sites)
+        gamma_star, delta_star = self.gamma_star_, self.delta_star_
+        unseen = idx < 0
+        if unseen.any():
+            new_sites = pd.unique(rows.sites[unseen])
+            if self.unseen_batch == "error":
+                raise ValueError(
+                    f"site(s) {_format(new_sites)} were not seen in fit (fitted sites: "
+                    f"{_format(self.batches_)}); set unseen_batch='adapt' to estimate a new "
+                    "site's location and scale from its rows in the transform call")
+            gamma_star, delta_star, idx = self._adapt(rows, Z, idx, new_sites)
+        return model.adjust(rows.features, Z, idx, self._standardization(), gamma_star,
+                            delta_star, passthrough_rows=self._reference_rows(idx))
+
+    def _adapt(self, rows, Z, idx, new_sites):
+        """Estimates for sites unseen in fit, from their rows here; fitted state untouched."""
+        standardization = self._standardization()
+        idx = idx.copy()
+        groups = []
+        for j, site in enumerate(new_sites):
+            members = np.flatnonzero(rows.sites == site)
+            if members.size < 2 and not self.mean_only:
+                raise ValueError(
+                    f"site {site!r} was not seen in fit and has a single row here; "
+                    "unseen_batch='adapt' estimates a new site's scale from at least 2 of its "
+                    "rows (or use mean_only=True)")
+            idx[members] = len(self.batches_) + j
+            groups.append(members)
+        n, mean, ss = model.standardized_moments(rows.features, Z, standardization, groups)
+        usable = ~standardization.zero_variance
+        new = [model.estimate_batch(n[k], mean[k], ss[k], eb=self.eb,
+                                    parametric=self.parametric, mean_only=self.mean_only,
+                                    usable=usable) for k in range(len(groups))]
+        gamma_star = np.vstack([self.gamma_star_, *[b.gamma_star for b in new]])
+        delta_star = np.vstack([self.delta_star_, *[b.delta_star for b in new]])
+        return gamma_star, delta_star, idx
+
+    def _standardization(self):
+        return model.StandardizationModel(self.grand_mean_, self.beta_, self.var_pooled_,
+                                          self.zero_variance_features_)
+
+    def _reference_index(self):
+        if self.ref_batch is None:
+            return None
+        position = pd.Index(self.batches_).get_indexer([self.ref_batch])[0]
+        if position < 0:
+            raise ValueError(f"ref_batch={self.ref_batch!r} is not among the sites "
+                             f"{_format(self.batches_)}")
+        return int(position)
+
+    def _reference_rows(self, idx):
+        ref = self._reference_index()
+        return None if ref is None else idx == ref
+
+    def _batch_indices(self, sites):
+        return pd.Index(self.batches_).get_indexer(sites)
+
+    # ---------------------------------------------------------------------------------------
+    # covariates
+    # ---------------------------------------------------------------------------------------
+
+    def _covariate_columns(self):
+        categorical = _column_list(self.categorical_cols, "categorical_cols")
+        continuous = _column_list(self.continuous_cols, "continuous_cols")
+        both = set(categorical) & set(continuous)
+        if both:
+            raise ValueError(f"columns {sorted(both)} are in both categorical_cols and "
+                             "continuous_cols")
+        if self.batch_col is not None and self.batch_col in categorical + continuous:
+            raise ValueError(f"batch_col {self.batch_col!r} is also named as a covariate")
+        return categorical, continuous
+
+    def _fit_covariates(self, covariates):
+        categorical, continuous = self._covariate_columns()
+        names = []
+        self._encoder = None
+        if categorical:
+            self._encoder = OneHotEncoder(drop="first", sparse_output=False, dtype=np.float64)
+            try:
+                self._encoder.fit(covariates[categorical].astype(object))
+            except TypeError as exc:
+                raise TypeError("categorical covariate levels must be of one sortable type "
+                                f"per column: {exc}") from exc
+            names.extend(self._encoder.get_feature_names_out(
+                [str(c) for c in categorical]).tolist())
+        names.extend(str(c) for c in continuous)
+        self.covariate_names_ = np.asarray(names, dtype=object)
+        return self._encode_covariates(covariates)
+
+    def _encode_covariates(self, covariates):
+        categorical, continuous = self._covariate_columns()
+        parts = [np.empty((len(covariates), 0))]
+        if categorical:
+            values = covariates[categorical].astype(object)
+            for col, cats in zip(categorical, self._encoder.categories_):
+                unknown = pd.unique(values[col][~values[col].isin(cats)])
+                if unknown.size:
+                    raise ValueError(f"categorical covariate {col!r} has level(s) "
+                                     f"{_format(unknown)} not seen in fit (seen: "
+                                     f"{_format(cats)})")
+            parts.append(self._encoder.transform(values))
+        if continuous:
+            parts.append(covariates[continuous].to_numpy(dtype=np.float64))
+        return np.hstack(parts)
+
+    def _check_design(self, batch_idx, n_batches, Z):
+        design = model.design_matrix(batch_idx, n_batches, Z)
+        if np.linalg.matrix_rank(design) == design.shape[1]:
+            return
+        # Name the first covariate whose columns add no new direction.
+        categorical, continuous = self._covariate_columns()
+        widths = ([len(c) - 1 for c in self._encoder.categories_] if categorical else [])
+        widths += [1] * len(continuous)
+        stop = n_batches
+        for col, width in zip(categorical + continuous, widths):
+            stop += width
+            if np.linalg.matrix_rank(design[:, :stop]) < stop:
+                raise ValueError(
+                    f"covariate {col!r} is confounded with site (or with the covariates "
+                    "before it): the design matrix [site one-hot | covariates] is "
+                    "rank-deficient, so its effect cannot be told apart from the site effect. "
+                    "Remove it from categorical_cols/continuous_cols, or check that each site "
+                    "has more than one value of it.")
+        raise ValueError("the design matrix [site one-hot | covariates] is rank-deficient: "
+                         f"{design.shape[0]} rows for {design.shape[1]} columns")
+
+    # ---------------------------------------------------------------------------------------
+    # input handling
+    # ---------------------------------------------------------------------------------------
+
+    def _read_rows(self, X, batch, covariates, *, reset):
+        validate_data(self, X, reset=reset, skip_check_array=True)
+        rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
+        if reset:
+            self._feature_names_out = self._names_of_features(X)
+        return rows
+
+    def _names_of_features(self, X):
+        if isinstance(X, pd.DataFrame):
+            meta = self._metadata_columns() if self.batch_col is not None else set()
+            return np.asarray([str(c) for c in X.columns if c not in meta], dtype=object)
+        return np.asarray([f"x{i}" for i in range(np.shape(X)[1])], dtype=object)
+
+    def _metadata_columns(self):
+        categorical, continuous = self._covariate_columns()
+        return {self.batch_col, *categorical, *continuous}
+
+    def _split(self, X, batch, covariates, *, from_columns):
+        """Split the input of one call into features, sites and covariates, validated."""
+        categorical, continuous = self._covariate_columns()
+        cov_cols = categorical + continuous
+        if from_columns:
+            if batch is not None or covariates is not None:
+                given = "batch" if batch is not None else "covariates"
+                raise ValueError(
+                    f"{given}= was given as a keyword while batch_col={self.batch_col!r} says "
+                    "sites and covariates are columns of X; give them one way: drop the "
+                    "keyword, or set batch_col=None")
+            if not isinstance(X, pd.DataFrame):
+                raise TypeError(
+                    f"batch_col={self.batch_col!r} needs X as a pandas DataFrame holding the "
+                    f"site column; got {type(X).__name__}. If a preceding step turned X into "
+                    "an array, call its set_output(transform='pandas'); or pass the sites "
+                    "with batch= and batch_col=None")
+            missing = [c for c in [self.batch_col, *cov_cols] if c not in X.columns]
+            if missing:
+                raise ValueError(self._missing_columns_message(missing, X.columns))
+            meta = self._metadata_columns()
+            features = X[[c for c in X.columns if c not in meta]]
+            sites = X[self.batch_col]
+            cov_frame = X[cov_cols]
+        else:
+            if batch is None:
+                raise ValueError(
+                    "CombatHarmonizer needs the site of each row: set batch_col to the site "
+                    "column of a DataFrame X, or pass batch=")
+            features = X
+            sites = batch
+            if cov_cols:
+                if not isinstance(covariates, pd.DataFrame):
+                    raise TypeError(
+                        f"covariates= must be a pandas DataFrame holding {cov_cols}; got "
+                        f"{type(covariates).__name__}")
+                missing = [c for c in cov_cols if c not in covariates.columns]
+                if missing:
+                    raise ValueError(f"covariate column(s) {missing} not found in covariates= "
+                                     f"(columns: {list(covariates.columns)})")
+                cov_frame = covariates[cov_cols]
+            else:  # only the columns named in categorical_cols/continuous_cols are used
+                cov_frame = pd.DataFrame(index=range(np.shape(X)[0]))
+
+        features = self._feature_array(features)
+        n_samples = features.shape[0]
+        sites = self._site_labels(sites, n_samples)
+        cov_frame = self._covariate_frame(cov_frame, n_samples, categorical, continuous)
+        return _Rows(features, sites, cov_frame)
+
+    def _missing_columns_message(self, missing, columns):
+        msg = (f"column(s) {missing} not found in X (columns: {list(columns)}). "
+               "CombatHarmonizer reads the site and covariate columns from X")
+        renamed = [c for c in columns if any(str(c).endswith("__" + str(m)) for m in missing)]
+        if renamed:
+            msg += (f"; X has {renamed}: a ColumnTransformer prefixed the names, so set "
+                    "verbose_feature_names_out=False on it")
+        else:
+            msg += ("; if a preceding step dropped them, keep them with "
+                    "ColumnTransformer(..., remainder='passthrough', "
+                    "verbose_feature_names_out=False).set_output(transform='pandas')")
+        return msg
+
+    @staticmethod
+    def _feature_array(features):
+        if isinstance(features, pd.DataFrame):
+            bad = [c for c in features.columns if not is_numeric_dtype(features[c])]
+            if bad:
+                raise ValueError(
+                    f"feature column(s) {bad} are not numeric; name site and covariate "
+                    "columns in batch_col/categorical_cols/continuous_cols, or drop them")
+            names = list(features.columns)
+        else:
+            names = None
+        array = check_array(features, dtype=(np.float64, np.float32), ensure_all_finite=False,
+                            input_name="X")
+        finite = np.isfinite(array).all(axis=0)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            labels = [names[i] for i in bad] if names is not None else bad.tolist()
+            raise ValueError(f"X has NaN or infinite values in feature column(s) {labels[:10]}"
+                             f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "
+                             "values (impute or drop them first)")
+        return array
+
+    @staticmethod
+    def _site_labels(sites, n_samples):
+        if isinstance(sites, pd.DataFrame) or np.ndim(sites) != 1:
+            raise ValueError("batch must be a 1-D sequence of site labels, one per row of X; "
+                             f"got shape {np.shape(sites)}")
+        sites = sites if isinstance(sites, pd.Series) else pd.Series(sites)
+        if len(sites) != n_samples:
+            raise ValueError(f"batch has {len(sites)} site labels for {n_samples} rows of X")
+        missing = pd.isna(sites).to_numpy()
+        if missing.any():
+            raise ValueError(f"site labels are missing (NaN/None) in row(s) "
+                             f"{np.flatnonzero(missing)[:10].tolist()}")
+        if isinstance(sites.dtype, pd.CategoricalDtype):
+            sites = sites.astype(sites.cat.categories.dtype)
+        return sites.to_numpy()
+
+    @staticmethod
+    def _covariate_frame(frame, n_samples, categorical, continuous):
+        if len(frame) != n_samples:
+            raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X")
+        frame = frame.reset_index(drop=True)
+        for col in frame.columns:
+            if frame[col].isna().any():
+                rows = np.flatnonzero(frame[col].isna().to_numpy())[:10].tolist()
+                raise ValueError(f"covariate {col!r} has missing values (NaN) in row(s) {rows}")
+        for col in continuous:
+            if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
+                raise ValueError(f"continuous covariate {col!r} is not numeric (dtype "
+                                 f"{frame[col].dtype}); list it in categorical_cols instead")
+            if not np.isfinite(frame[col].to_numpy(dtype=np.float64)).all():
+                raise ValueError(f"continuous covariate {col!r} has infinite values")
+        return frame
