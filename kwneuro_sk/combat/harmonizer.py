@@ -333,8 +333,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.n_samples_per_batch_ = counts
         n_batches = len(self.batches_)
         if n_batches < 2:
-            raise ValueError(f"ComBat needs at least two sites; all rows are from site "
-                             f"{_format(self.batches_)}")
+            raise ValueError(f"ComBat needs at least two sites; all rows (n_samples="
+                             f"{len(rows.sites)}) are from site {_format(self.batches_)}")
         ref = self._reference_index()
         if not self.mean_only and (counts < 2).any():
             raise ValueError(
@@ -503,6 +503,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
 
     def _read_rows(self, X, batch, covariates, *, reset):
+        if self.batch_col is None and not isinstance(X, pd.DataFrame):
+            # Arrays and array-likes get scikit-learn's own messages (1-D, sparse, complex,
+            # empty) before anything else is looked at.
+            X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
+                            input_name="X")
         validate_data(self, X, reset=reset, skip_check_array=True)
         rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
         if reset:
