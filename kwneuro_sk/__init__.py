@@ -1,7 +1,8 @@
 """kwneuro_sk: multi-site neuroimaging harmonization and region extraction for scikit-learn."""
 
 from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer
+from kwneuro_sk.maskers import LabelsMasker
 
 __version__ = "0.1.0"
 
-__all__ = ["CombatEstimates", "CombatHarmonizer"]
+__all__ = ["CombatEstimates", "CombatHarmonizer", "LabelsMasker"]

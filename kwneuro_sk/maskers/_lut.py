@@ -1,0 +1,101 @@
+"""Region names: from a list of names, a look-up table (DataFrame or TSV), or the label values."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+
+
+def format_label(value) -> str:
+    """Label value as a column name: ``3.0`` -> ``"3"``, ``2.5`` -> ``"2.5"``."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def region_names(labels, atlas_ids, *, has_background) -> dict:
+    """Map every atlas label value (background excluded) to its name.
+
+    Parameters
+    ----------
+    labels : None, list-like of str, DataFrame or path to a TSV
+        ``None``: names are the label values. A list gives one name per region in increasing
+        label order; it may also start with the background's name (one name more, the
+        convention of nilearn atlases). A look-up table has columns ``index`` and ``name``.
+    atlas_ids : ndarray
+        Sorted label values of the atlas, background excluded.
+    has_background : bool
+        Whether the atlas contains the background label.
+    """
+    if labels is None:
+        return {value: format_label(value) for value in atlas_ids.tolist()}
+    if isinstance(labels, (str, os.PathLike, pd.DataFrame)):
+        return _names_from_lut(_read_lut(labels), atlas_ids)
+    names = [str(name) for name in np.asarray(labels, dtype=object).ravel()]
+    n_ids = atlas_ids.size
+    if len(names) == n_ids + 1 and has_background:
+        names = names[1:]
+    if len(names) != n_ids:
+        raise ValueError(
+            f"labels has {len(names)} names but labels_img has {n_ids} regions "
+            f"(label values {_preview(atlas_ids)}); give one name per region in increasing "
+            "label order, optionally preceded by the background's name."
+        )
+    return dict(zip(atlas_ids.tolist(), names))
+
+
+def unique_names(names, ids) -> np.ndarray:
+    """Make names unique by suffixing duplicates with their label value."""
+    counts = pd.Series(names).value_counts()
+    return np.array(
+        [
+            f"{name}_{format_label(value)}" if counts[name] > 1 else name
+            for name, value in zip(names, ids)
+        ],
+        dtype=object,
+    )
+
+
+def _read_lut(labels) -> pd.DataFrame:
+    if isinstance(labels, pd.DataFrame):
+        lut = labels
+    else:
+        path = os.fspath(labels)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"labels look-up table not found: {path!r}")
+        lut = pd.read_csv(path, sep="\t")
+    missing = {"index", "name"} - set(lut.columns)
+    if missing:
+        raise ValueError(
+            f"labels look-up table must have columns 'index' and 'name'; missing {sorted(missing)}."
+        )
+    return lut
+
+
+def _names_from_lut(lut, atlas_ids) -> dict:
+    by_index = dict(zip(pd.to_numeric(lut["index"]).tolist(), lut["name"].astype(str)))
+    names, unnamed = {}, []
+    for value in atlas_ids.tolist():
+        if value in by_index:
+            names[value] = by_index[value]
+        else:
+            unnamed.append(value)
+            names[value] = format_label(value)
+    if unnamed:
+        warnings.warn(
+            f"labels look-up table has no name for label values {_preview(unnamed)}; "
+            "their label values are used as names.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names
+
+
+def _preview(values, n=10) -> str:
+    values = [format_label(v) for v in np.asarray(values).tolist()]
+    more = ", ..." if len(values) > n else ""
+    return "[" + ", ".join(values[:n]) + more + "]"

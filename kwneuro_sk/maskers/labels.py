@@ -1,0 +1,489 @@
+"""LabelsMasker: one row of region values per subject image, as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from numbers import Integral, Real
+
+import joblib
+import nibabel as nib
+import numpy as np
+from nibabel.spatialimages import SpatialImage
+from nilearn.signal import clean
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, check_memory
+
+from kwneuro_sk.maskers import _images
+from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
+from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
+
+
+class LabelsMasker(TransformerMixin, BaseEstimator):
+    """Extract one value per atlas region from each subject image.
+
+    Modelled on nilearn's :class:`~nilearn.maskers.NiftiLabelsMasker`, but built for
+    scikit-learn: ``X`` is a collection of 3D images, one per subject, and :meth:`transform`
+    returns an ``(n_images, n_regions)`` array whose columns are fixed at :meth:`fit`.
+
+    - :meth:`fit` reads only ``labels_img`` and ``mask_img``, never the subject images.
+    - :meth:`transform` streams the images one at a time (memory does not grow with the number
+      of subjects) and reads each file exactly once. The reduction is vectorized over the
+      labelled voxels, using a voxel order precomputed once per grid.
+    - A region with no voxel in an image (removed by resampling, or all NaN) gives NaN in that
+      row. NaN voxels are ignored by every strategy (nilearn replaces them with 0).
+    - With ``smoothing_fwhm``, nilearn smooths with NaN voxels set to 0; the voxels that were NaN
+      stay NaN (ignored) after smoothing.
+
+    Parameters
+    ----------
+    labels_img : str, os.PathLike or nibabel image
+        3D atlas: each voxel holds the integer label of its region.
+    labels : list of str, pandas.DataFrame, str or os.PathLike, default=None
+        Region names. A list gives one name per region in increasing label order, optionally
+        preceded by the background's name (as nilearn atlases do). A DataFrame or the path of a
+        TSV file is a look-up table with columns ``index`` (label value) and ``name``.
+        ``None`` names the regions by their label values.
+    background_label : float, default=0
+        Label value that is not a region.
+    mask_img : str, os.PathLike or nibabel image, default=None
+        Only voxels inside this mask are used; regions entirely outside it are dropped at fit
+        (with a warning).
+    smoothing_fwhm : float, default=None
+        Full width at half maximum (mm) of a Gaussian smoothing applied to each image before
+        extraction, with :func:`nilearn.image.smooth_img`.
+    resampling_target : {"data", "labels"} or None, default="data"
+        - ``"data"``: the atlas (and mask) are resampled to each image's grid with nearest
+          neighbour interpolation; the result is cached per grid.
+        - ``"labels"``: images are resampled to the atlas grid (continuous interpolation).
+        - ``None``: an image on another grid than the atlas raises a ValueError.
+    strategy : {"mean", "median", "sum", "minimum", "maximum", "variance", \
+            "standard_deviation"}, default="mean"
+        How the voxels of a region are summarized. Variance is the population variance, as in
+        nilearn (``scipy.ndimage.variance``).
+    memory : str, os.PathLike or joblib.Memory, default=None
+        Cache of per-image results, for images given as paths. The key holds the file's path,
+        size and modification time, the parameters and the fitted atlas, so a changed file is
+        recomputed. ``None`` disables caching.
+    n_jobs : int, default=1
+        Number of images processed in parallel (joblib). ``-1`` uses all cores.
+    verbose : int, default=0
+        Print progress to stderr when positive.
+
+    Attributes
+    ----------
+    region_ids_ : ndarray of shape (n_regions,)
+        Label value of each output column, in increasing order.
+    region_names_ : ndarray of str, shape (n_regions,)
+        Unique name of each output column (see ``labels``).
+    labels_img_ : nibabel.Nifti1Image
+        In-memory copy of the atlas.
+    mask_img_ : nibabel.Nifti1Image or None
+        In-memory copy of the mask, on its own grid.
+
+    See Also
+    --------
+    nilearn.maskers.NiftiLabelsMasker : The nilearn masker this one is modelled on.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import nibabel as nib
+    >>> from kwneuro_sk import LabelsMasker
+    >>> atlas = np.zeros((4, 4, 4), dtype=np.int16)
+    >>> atlas[:2], atlas[2:] = 1, 2
+    >>> atlas_img = nib.Nifti1Image(atlas, np.eye(4))
+    >>> imgs = [nib.Nifti1Image(np.full((4, 4, 4), v, dtype=np.float32), np.eye(4))
+    ...         for v in (1.0, 2.0, 3.0)]
+    >>> masker = LabelsMasker(atlas_img, labels=["left", "right"])
+    >>> masker.fit_transform(imgs)
+    array([[1., 1.],
+           [2., 2.],
+           [3., 3.]])
+    >>> masker.get_feature_names_out()
+    array(['left', 'right'], dtype=object)
+    """
+
+    _parameter_constraints: dict = {
+        "labels_img": [str, os.PathLike, SpatialImage],
+        "labels": ["array-like", str, os.PathLike, None],
+        "background_label": [Real],
+        "mask_img": [str, os.PathLike, SpatialImage, None],
+        "smoothing_fwhm": [Interval(Real, 0, None, closed="left"), None],
+        "resampling_target": [StrOptions({"data", "labels"}), None],
+        "strategy": [StrOptions(set(STRATEGIES))],
+        "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "n_jobs": [Integral, None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        labels_img,
+        labels=None,
+        background_label=0,
+        mask_img=None,
+        smoothing_fwhm=None,
+        resampling_target="data",
+        strategy="mean",
+        memory=None,
+        n_jobs=1,
+        verbose=0,
+    ):
+        self.labels_img = labels_img
+        self.labels = labels
+        self.background_label = background_label
+        self.mask_img = mask_img
+        self.smoothing_fwhm = smoothing_fwhm
+        self.resampling_target = resampling_target
+        self.strategy = strategy
+        self.memory = memory
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Read the atlas (and mask) and fix the output regions.
+
+        The subject images are not read; ``X`` is only checked to be a collection of images.
+
+        Parameters
+        ----------
+        X : list of images, optional
+            Ignored apart from a type check; present for pipeline compatibility.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : LabelsMasker
+            The fitted masker.
+        """
+        if X is not None:
+            _images.as_image_list(X)
+        atlas_img = _images.load_image(self.labels_img, name="labels_img")
+        atlas = np.array(_images.atlas_data(atlas_img, name="labels_img"))
+        atlas_grid = _images.grid_of(atlas_img)
+        self.labels_img_ = nib.Nifti1Image(atlas, atlas_grid[1])
+
+        all_ids = _region_values(atlas, self.background_label)
+        if all_ids.size == 0:
+            raise ValueError(
+                "labels_img has no region: every voxel equals background_label="
+                f"{format_label(self.background_label)}."
+            )
+        names = region_names(
+            self.labels,
+            all_ids,
+            has_background=bool(np.any(atlas == self.background_label)),
+        )
+
+        self.mask_img_, mask_on_atlas = self._load_mask(atlas_grid)
+        region_ids = all_ids
+        if mask_on_atlas is not None:
+            kept = np.where(mask_on_atlas, atlas, self.background_label)
+            region_ids = _region_values(kept, self.background_label)
+            if region_ids.size == 0:
+                raise ValueError("No region of labels_img is left inside mask_img.")
+            dropped = np.setdiff1d(all_ids, region_ids)
+            if dropped.size:
+                warnings.warn(
+                    f"mask_img removes {dropped.size} regions of labels_img entirely "
+                    f"(label values {[format_label(v) for v in dropped[:10]]}); "
+                    "they are not output columns.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+        self.region_ids_ = region_ids
+        self.region_names_ = unique_names([names[v] for v in region_ids.tolist()], region_ids)
+        self._atlas_grid = atlas_grid
+        self._plans = {
+            _images.grid_key(atlas_grid): build_plan(
+                atlas.ravel(order="F"),
+                region_ids,
+                self.background_label,
+                None if mask_on_atlas is None else mask_on_atlas.ravel(order="F"),
+            )
+        }
+        mask_data = None if self.mask_img_ is None else self.mask_img_.dataobj
+        self._atlas_token = joblib.hash(
+            (atlas, atlas_grid[1], mask_data, self.background_label, region_ids)
+        )
+        return self
+
+    def _load_mask(self, atlas_grid):
+        """In-memory mask on its own grid, and the mask as booleans on the atlas grid."""
+        if self.mask_img is None:
+            return None, None
+        mask_img = _images.load_image(self.mask_img, name="mask_img")
+        mask = np.array(_images.atlas_data(mask_img, name="mask_img"))
+        mask_img = nib.Nifti1Image(mask.astype(np.uint8) if mask.dtype == bool else mask,
+                                   mask_img.affine)
+        mask_grid = _images.grid_of(mask_img)
+        if _images.same_grid(mask_grid, atlas_grid):
+            return mask_img, mask.astype(bool)
+        if self.resampling_target is None:
+            raise ValueError(
+                f"mask_img has shape {mask_grid[0]} and affine\n{mask_grid[1]}\nbut labels_img "
+                f"has shape {atlas_grid[0]} and affine\n{atlas_grid[1]}; with "
+                "resampling_target=None they must be on the same grid."
+            )
+        resampled = _images.resample_to_grid(mask_img, atlas_grid, interpolation="nearest")
+        return mask_img, np.asanyarray(resampled.dataobj).astype(bool)
+
+    # ------------------------------------------------------------ transform
+    def transform(self, X):
+        """Extract the region values of each image.
+
+        Parameters
+        ----------
+        X : image or list, tuple, 1-D array or pandas Series of images
+            3D images (paths, ``os.PathLike`` or nibabel images), one per subject. 4D images
+            with a single volume are treated as 3D.
+
+        Returns
+        -------
+        signals : ndarray of shape (n_images, n_regions)
+            float64; NaN where a region has no (finite) voxel in an image.
+        """
+        check_is_fitted(self)
+        sources = _images.as_image_list(X)
+        if not sources:
+            raise ValueError("X contains no images.")
+        signals = np.empty((len(sources), self.region_ids_.size))
+        results = self._map(_signals_of_image, sources, allow_4d=False)
+        for row, image_signals in enumerate(results):
+            signals[row] = image_signals[0]
+        return signals
+
+    def transform_imgs(
+        self,
+        imgs_list,
+        confounds=None,
+        *,
+        detrend=False,
+        standardize=False,
+        standardize_confounds=True,
+        low_pass=None,
+        high_pass=None,
+        t_r=None,
+    ):
+        """Extract region time series from 4D images, with nilearn's signal cleaning.
+
+        The counterpart of nilearn's ``MultiNiftiLabelsMasker.transform_imgs``: each 4D image
+        gives an ``(n_scans, n_regions)`` array, cleaned by :func:`nilearn.signal.clean`.
+
+        Parameters
+        ----------
+        imgs_list : image or list of images
+            4D (or 3D) images, paths or nibabel images.
+        confounds : list of (array-like, DataFrame or path) or None, default=None
+            One confounds entry per image (``None`` entries allowed), passed to
+            :func:`nilearn.signal.clean`.
+        detrend, standardize, standardize_confounds, low_pass, high_pass, t_r
+            As in :func:`nilearn.signal.clean`.
+
+        Returns
+        -------
+        signals : list of ndarray of shape (n_scans, n_regions)
+            One array per image.
+        """
+        check_is_fitted(self)
+        sources = _images.as_image_list(imgs_list, name="imgs_list")
+        if confounds is None:
+            confounds = [None] * len(sources)
+        elif len(sources) == 1 and not isinstance(confounds, (list, tuple)):
+            confounds = [confounds]
+        if len(confounds) != len(sources):
+            raise ValueError(
+                f"confounds has {len(confounds)} entries but imgs_list has {len(sources)} images."
+            )
+        outputs = []
+        results = self._map(_signals_of_image, sources, allow_4d=True)
+        for image_signals, image_confounds in zip(results, confounds):
+            outputs.append(
+                clean(
+                    image_signals,
+                    detrend=detrend,
+                    standardize=standardize,
+                    standardize_confounds=standardize_confounds,
+                    confounds=image_confounds,
+                    low_pass=low_pass,
+                    high_pass=high_pass,
+                    t_r=t_r,
+                )
+            )
+        return outputs
+
+    def inverse_transform(self, signals):
+        """Paint region values back into the atlas.
+
+        Parameters
+        ----------
+        signals : array-like of shape (n_regions,) or (n_images, n_regions)
+
+        Returns
+        -------
+        img : nibabel.Nifti1Image
+            On the atlas grid: 3D for one row, 4D (one volume per row) for several. Voxels
+            outside the regions are 0.
+        """
+        check_is_fitted(self)
+        signals = np.asarray(signals, dtype=np.float64)
+        if signals.ndim == 1:
+            signals = signals[np.newaxis]
+        n_regions = self.region_ids_.size
+        if signals.ndim != 2 or signals.shape[1] != n_regions:
+            raise ValueError(
+                f"signals must have shape (n_images, {n_regions}), got {signals.shape}."
+            )
+        shape, affine = self._atlas_grid
+        plan = self._plans[_images.grid_key(self._atlas_grid)]
+        flat = np.zeros((int(np.prod(shape)), signals.shape[0]))
+        flat[plan.voxels] = signals[:, plan.voxel_columns()].T
+        data = flat.reshape(shape + (signals.shape[0],), order="F")
+        if data.shape[3] == 1:
+            data = data[..., 0]
+        return nib.Nifti1Image(data, affine)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns (the region names).
+
+        Parameters
+        ----------
+        input_features : None
+            Ignored.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self)
+        return self.region_names_.copy()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        return tags
+
+    # ------------------------------------------------------------ internals
+    def _map(self, function, sources, *, allow_4d):
+        """Yield ``function``'s (n_vols, n_regions) signals for each source, in order."""
+        memory = check_memory(self.memory)
+        use_cache = memory.location is not None and not allow_4d
+        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index"])
+        tasks = []
+        for index, source in enumerate(sources):
+            if use_cache and isinstance(source, (str, os.PathLike)):
+                key = self._cache_key(source, index)
+                tasks.append(joblib.delayed(cached)(key, self, source, index))
+            else:
+                tasks.append(joblib.delayed(function)(self, source, index, allow_4d))
+        n_jobs = 1 if self.n_jobs is None else self.n_jobs
+        if n_jobs == 1:
+            for done, (func, args, kwargs) in enumerate(tasks, start=1):
+                yield func(*args, **kwargs)
+                self._report(done, len(tasks))
+        else:
+            yield from joblib.Parallel(
+                n_jobs=n_jobs, return_as="generator", verbose=self.verbose
+            )(tasks)
+
+    def _report(self, done, total):
+        if self.verbose and (self.verbose > 1 or done == total or done % max(1, total // 10) == 0):
+            print(f"[LabelsMasker] {done}/{total} images", file=sys.stderr)
+
+    def _cache_key(self, source, index):
+        path = os.path.abspath(os.fspath(source))
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {os.fspath(source)!r}") from None
+        return (
+            path,
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.strategy,
+            self.smoothing_fwhm,
+            self.resampling_target,
+            self._atlas_token,
+        )
+
+    def _plan_for(self, grid):
+        """Region plan on an image grid: atlas and mask resampled by nearest neighbour."""
+        key = _images.grid_key(grid)
+        if key not in self._plans:
+            atlas = _images.resample_to_grid(self.labels_img_, grid, interpolation="nearest")
+            mask_flat = None
+            if self.mask_img_ is not None:
+                mask = _images.resample_to_grid(self.mask_img_, grid, interpolation="nearest")
+                mask_flat = np.asanyarray(mask.dataobj).astype(bool).ravel(order="F")
+            self._plans[key] = build_plan(
+                np.asanyarray(atlas.dataobj).ravel(order="F"),
+                self.region_ids_,
+                self.background_label,
+                mask_flat,
+            )
+        return self._plans[key]
+
+    def _image_signals(self, source, index, allow_4d):
+        """(n_vols, n_regions) signals of one image: load once, align, smooth, reduce."""
+        name = f"image {_images.describe(source, index)}"
+        img = _images.load_image(source, name=name)
+        data = _images.volume_data(img, name=name, allow_4d=allow_4d)
+        grid = _images.grid_of(img)
+        if _images.same_grid(grid, self._atlas_grid):
+            plan = self._plans[_images.grid_key(self._atlas_grid)]
+        elif self.resampling_target == "data":
+            plan = self._plan_for(grid)
+        elif self.resampling_target == "labels":
+            resampled = _images.resample_to_grid(
+                _images.as_nifti(data, grid[1]), self._atlas_grid, interpolation="continuous"
+            )
+            data, grid = np.asanyarray(resampled.dataobj), self._atlas_grid
+            plan = self._plans[_images.grid_key(grid)]
+        else:
+            raise ValueError(
+                f"{name} has shape {grid[0]} and affine\n{grid[1]}\nbut labels_img has shape "
+                f"{self._atlas_grid[0]} and affine\n{self._atlas_grid[1]}; with "
+                "resampling_target=None they must be on the same grid. Set "
+                "resampling_target='data' or 'labels' to resample."
+            )
+        if self.smoothing_fwhm is not None:
+            data = _smooth_keeping_nan(data, grid[1], self.smoothing_fwhm)
+        values = gather(_images.flat_voxels(data), plan)
+        return reduce_regions(values, plan, self.strategy)
+
+
+def _signals_of_image(masker, source, index, allow_4d):
+    return masker._image_signals(source, index, allow_4d)
+
+
+def _cached_signals(key, masker, source, index):
+    """Cached per-image signals; only ``key`` (path, size, mtime, parameters) is hashed."""
+    return masker._image_signals(source, index, False)
+
+
+def _region_values(atlas, background_label) -> np.ndarray:
+    """Sorted label values of an atlas, background and non-finite voxels excluded."""
+    values = np.unique(atlas)
+    values = values[np.isfinite(values) & (values != background_label)]
+    if values.dtype.kind == "f" and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    return values
+
+
+def _smooth_keeping_nan(data, affine, fwhm):
+    """nilearn smoothing (NaN taken as 0); voxels that were NaN stay NaN."""
+    smoothed = np.asanyarray(_images.smooth(_images.as_nifti(data, affine), fwhm).dataobj)
+    smoothed = smoothed.reshape(data.shape, order="F")
+    if data.dtype.kind == "f":
+        nan = np.isnan(data)
+        if nan.any():
+            smoothed = np.where(nan, np.nan, smoothed)
+    return smoothed
