@@ -316,8 +316,66 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             "parametric": self.parametric,
             "mean_only": self.mean_only,
             "unseen_batch": self.unseen_batch,
+            "n_features_in": self.n_features_in_,
+            "feature_names_in": getattr(self, "feature_names_in_", None),
         }
         return CombatEstimates(estimates=estimates, info=info)
+
+    @classmethod
+    def from_estimates(cls, estimates):
+        """Rebuild a fitted harmonizer from :class:`~kwneuro_sk.CombatEstimates`.
+
+        The result transforms exactly as the harmonizer that produced ``estimates`` (for
+        instance after :meth:`CombatEstimates.save` and :meth:`CombatEstimates.load`).
+
+        Parameters
+        ----------
+        estimates : CombatEstimates
+            As given by :attr:`estimates_`.
+
+        Returns
+        -------
+        combat : CombatHarmonizer
+            Fitted.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> rng = np.random.default_rng(0)
+        >>> X, site = rng.normal(size=(20, 4)), np.repeat(["a", "b"], 10)
+        >>> fitted = CombatHarmonizer().fit(X, batch=site)
+        >>> rebuilt = CombatHarmonizer.from_estimates(fitted.estimates_)
+        >>> bool(np.array_equal(rebuilt.transform(X, batch=site), fitted.transform(X, batch=site)))
+        True
+        """
+        info = estimates.info
+        combat = cls(batch_col=info["batch_col"],
+                     categorical_cols=list(info["categorical_cols"]) or None,
+                     continuous_cols=list(info["continuous_cols"]) or None, eb=info["eb"],
+                     parametric=info["parametric"], mean_only=info["mean_only"],
+                     ref_batch=info["ref_batch"], unseen_batch=info["unseen_batch"])
+        for name, value in estimates.estimates.items():
+            setattr(combat, name + "_", np.asarray(value))
+        combat.batches_ = np.asarray(info["batches"])
+        combat.n_samples_per_batch_ = np.asarray(info["n_samples_per_batch"])
+        combat.covariate_names_ = np.asarray(info["covariate_names"], dtype=object)
+        combat._feature_names_out = np.asarray(info["feature_names"], dtype=object)
+        combat.n_features_in_ = int(info["n_features_in"])
+        if info["feature_names_in"] is not None:
+            combat.feature_names_in_ = np.asarray(info["feature_names_in"], dtype=object)
+        combat._encoder = None
+        categorical = list(info["categorical_cols"])
+        if categorical:
+            levels = [list(c) for c in info["categories"]]
+            n_rows = max(len(c) for c in levels)  # every level of every column at least once
+            frame = pd.DataFrame({col: pd.Series([c[i % len(c)] for i in range(n_rows)],
+                                                 dtype=object)
+                                  for col, c in zip(categorical, levels)})
+            combat._encoder = OneHotEncoder(
+                categories=[np.asarray(c, dtype=object) for c in levels], drop="first",
+                sparse_output=False, dtype=np.float64).fit(frame)
+        return combat
 
     # ---------------------------------------------------------------------------------------
     # fitting and applying
