@@ -1,0 +1,731 @@
+"""Simulated multi-site data made on the user's machine, with no network.
+
+Two generators share one model of a multi-site study:
+
+- :func:`make_site_features` returns a table (one row per subject) of feature values with site,
+  age, sex and diagnosis columns. It is instant and needs no images.
+- :func:`make_demo_cohort` writes one grey-matter-like NIfTI image per subject on nilearn's
+  MNI152 2 mm grid, a labels atlas of spheres around the Dosenbach et al. (2010) regions of
+  interest, a look-up table of region names and a covariates table. Files are cached on disk and
+  reused.
+
+The model (per subject ``i`` at site ``s`` and feature or region ``r``) is the ComBat model of
+Johnson et al. (2007)::
+
+    x[i, r] = baseline[r]
+              + age_effect[r] * (age[i] - reference_age)
+              + sex_effect[r] * (sex[i] == "M")
+              + diagnosis_effect[r] * (diagnosis[i] == "patient")
+              + site_offset[s, r]
+              + site_scale[s, r] * e[i, r],        e[i, r] ~ N(0, residual_sd ** 2)
+
+so ComBat's ``gamma`` is ``site_offset`` (up to a shift shared by all sites) and its ``delta``
+is ``site_scale ** 2`` (up to a factor shared by all sites). The effects are returned as a
+:class:`SimulatedEffects`, so that a test or a tutorial can check that harmonization removes
+what was added and keeps what biology added. Sites differ in mean age and in the proportion of
+patients, as real sites do, so that removing site means without covariates also removes part of
+the age and diagnosis effects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "DemoCohort",
+    "SimulatedEffects",
+    "get_data_dir",
+    "make_demo_cohort",
+    "make_site_features",
+]
+
+#: Environment variable naming the folder where generated data are cached.
+DATA_DIR_ENV = "KWNEURO_SK_DATA"
+
+# Bump whenever the generator changes what it writes, so stale caches are not reused.
+_GENERATOR_VERSION = 1
+
+# Effect sizes, in the units of the features (grey-matter probability for the images).
+_REFERENCE_AGE = 50.0
+_AGE_SLOPE = -0.002  # per year, times U(0.5, 1.5) per feature
+_SEX_EFFECT_MAX = 0.02  # male minus female, U(0, max) per feature
+_DIAGNOSIS_EFFECT = -0.03  # patient minus control, times U(0.7, 1.3) on affected features
+_RESIDUAL_SD = 0.03  # between-subject standard deviation before the site scale
+_SITE_OFFSET_SD = (0.04, 0.015)  # per site, then per (site, feature)
+_SITE_LOG_SCALE_SD = (0.3, 0.1)  # per site, then per (site, feature)
+_SITE_AGE_MEANS = (40.0, 60.0)  # site mean ages are spread evenly over this range
+_AGE_SD = 10.0
+_AGE_RANGE = (18.0, 90.0)
+_PATIENT_FRACTIONS = (0.35, 0.55)  # per-site fraction of patients, spread evenly
+
+# Image-only settings.
+_VOXEL_NOISE_SD = 0.05  # voxel-wise measurement noise, before the site scale
+_NOISE_FWHM_MM = 6.0
+_DIAGNOSIS_NETWORK = "default"  # Dosenbach network whose regions the diagnosis affects
+
+
+@dataclass(frozen=True)
+class SimulatedEffects:
+    """The effects a simulation added: the ground truth to check harmonization against.
+
+    Every per-feature table is indexed by feature (or region) name, in the column order of the
+    data; per-site tables are indexed by site label.
+
+    Attributes
+    ----------
+    baseline : pandas.Series
+        Expected value of a female control of ``reference_age`` before any site effect.
+    age_effect : pandas.Series
+        Change per year of age.
+    sex_effect : pandas.Series
+        Males minus females.
+    diagnosis_effect : pandas.Series
+        Patients minus controls; zero on the features the diagnosis does not affect.
+    site_offset : pandas.DataFrame
+        Additive site effect, shape (n_sites, n_features): ComBat's gamma up to a shift
+        shared by all sites.
+    site_scale : pandas.DataFrame
+        Factor multiplying each site's residual standard deviation, shape
+        (n_sites, n_features): ComBat's delta is ``site_scale ** 2`` up to a common factor.
+    residual_sd : float
+        Standard deviation of the subject-level residual before the site scale. In the images
+        smooth voxel noise adds to it, so region means vary a little more.
+    reference_age : float
+        Age at which the age effect is zero.
+    """
+
+    baseline: pd.Series
+    age_effect: pd.Series
+    sex_effect: pd.Series
+    diagnosis_effect: pd.Series
+    site_offset: pd.DataFrame
+    site_scale: pd.DataFrame
+    residual_sd: float
+    reference_age: float
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the features (or regions), in data column order."""
+        return [str(name) for name in self.baseline.index]
+
+    @property
+    def diagnosis_features(self) -> list[str]:
+        """Names of the features the diagnosis changes."""
+        return [str(name) for name in self.diagnosis_effect.index[self.diagnosis_effect != 0]]
+
+    def biological_mean(self, covariates: pd.DataFrame) -> pd.DataFrame:
+        """Expected feature values of each subject without any site effect.
+
+        Parameters
+        ----------
+        covariates : pandas.DataFrame
+            One row per subject with columns ``age``, ``sex`` (``"F"``/``"M"``) and
+            ``diagnosis`` (``"control"``/``"patient"``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Shape (n_subjects, n_features), same index as ``covariates``. Subtracting it from
+            the data leaves ``site_offset + site_scale * residual``.
+        """
+        _require_columns(covariates, ["age", "sex", "diagnosis"], "covariates")
+        age = covariates["age"].to_numpy(dtype=float)[:, None] - self.reference_age
+        male = (covariates["sex"].astype(str) == "M").to_numpy(dtype=float)[:, None]
+        patient = (covariates["diagnosis"].astype(str) == "patient").to_numpy(dtype=float)[:, None]
+        values = (
+            self.baseline.to_numpy()
+            + age * self.age_effect.to_numpy()
+            + male * self.sex_effect.to_numpy()
+            + patient * self.diagnosis_effect.to_numpy()
+        )
+        return pd.DataFrame(values, index=covariates.index, columns=self.baseline.index)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable form, read back by :meth:`from_dict`."""
+        return {
+            "features": self.feature_names,
+            "sites": [str(site) for site in self.site_offset.index],
+            "baseline": self.baseline.tolist(),
+            "age_effect": self.age_effect.tolist(),
+            "sex_effect": self.sex_effect.tolist(),
+            "diagnosis_effect": self.diagnosis_effect.tolist(),
+            "site_offset": self.site_offset.to_numpy().tolist(),
+            "site_scale": self.site_scale.to_numpy().tolist(),
+            "residual_sd": self.residual_sd,
+            "reference_age": self.reference_age,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SimulatedEffects:
+        """Rebuild the effects from :meth:`to_dict` output."""
+        features = pd.Index(data["features"], dtype=str)
+        sites = pd.Index(data["sites"], dtype=str, name="site")
+
+        def series(key):
+            return pd.Series(data[key], index=features, name=key, dtype=float)
+
+        def table(key):
+            return pd.DataFrame(data[key], index=sites, columns=features, dtype=float)
+
+        return cls(
+            baseline=series("baseline"),
+            age_effect=series("age_effect"),
+            sex_effect=series("sex_effect"),
+            diagnosis_effect=series("diagnosis_effect"),
+            site_offset=table("site_offset"),
+            site_scale=table("site_scale"),
+            residual_sd=float(data["residual_sd"]),
+            reference_age=float(data["reference_age"]),
+        )
+
+
+@dataclass(frozen=True)
+class DemoCohort:
+    """A simulated multi-site imaging cohort written by :func:`make_demo_cohort`.
+
+    Attributes
+    ----------
+    images : list of str
+        Paths of the subject images (float32 ``.nii.gz``), in the row order of ``covariates``.
+    atlas : str
+        Path of the labels image: 0 is background, region ``k`` has value ``k``.
+    labels : list of str
+        Region names; ``labels[k - 1]`` names the region with value ``k``.
+    labels_file : str
+        Path of a TSV look-up table with columns ``index``, ``name``, ``network``, ``x``,
+        ``y``, ``z`` (sphere centre in MNI mm), one row per region.
+    covariates : pandas.DataFrame
+        One row per subject: ``subject``, ``site``, ``age`` (float, years), ``sex``
+        (``"F"``/``"M"``), ``diagnosis`` (``"control"``/``"patient"``) and ``image`` (path).
+    effects : SimulatedEffects
+        The ground truth, per region, of the effects that were added.
+    path : str
+        The folder holding all the files.
+    """
+
+    images: list[str]
+    atlas: str
+    labels: list[str]
+    labels_file: str
+    covariates: pd.DataFrame
+    effects: SimulatedEffects
+    path: str
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """Folder where kwneuro_sk caches the data it generates.
+
+    Parameters
+    ----------
+    data_dir : str or path-like, default=None
+        Used as is when given. Otherwise the environment variable ``KWNEURO_SK_DATA``, else
+        the platform's user cache folder: ``$XDG_CACHE_HOME/kwneuro_sk`` or
+        ``~/.cache/kwneuro_sk`` on Linux, ``~/Library/Caches/kwneuro_sk`` on macOS,
+        ``%LOCALAPPDATA%\\kwneuro_sk\\Cache`` on Windows.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (not created by this function).
+
+    Examples
+    --------
+    >>> from kwneuro_sk.datasets import get_data_dir
+    >>> str(get_data_dir("/tmp/my_data"))
+    '/tmp/my_data'
+    """
+    if data_dir is not None:
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"data_dir must be a path (str or os.PathLike) or None, got {type(data_dir).__name__}."
+            )
+        return Path(data_dir).expanduser()
+    from_env = os.environ.get(DATA_DIR_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "kwneuro_sk" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kwneuro_sk"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kwneuro_sk"
+
+
+def make_site_features(
+    n_subjects: int = 300,
+    n_features: int = 20,
+    n_sites: int = 3,
+    *,
+    random_state: int | np.random.Generator | None = 0,
+    return_effects: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, SimulatedEffects]:
+    """Simulate a table of features from a multi-site study with known site effects.
+
+    The same model as :func:`make_demo_cohort` (see the module docstring) without images: each
+    site shifts and scales every feature, age lowers every feature, and the diagnosis lowers a
+    quarter of the features.
+
+    Parameters
+    ----------
+    n_subjects : int, default=300
+        Number of rows; at least two per site.
+    n_features : int, default=20
+        Number of feature columns, named ``feature_00``, ``feature_01``, ...
+    n_sites : int, default=3
+        Number of sites, labelled ``site1``, ``site2``, ... Subjects are spread as evenly as
+        possible over the sites, in shuffled order.
+    random_state : int, numpy.random.Generator or None, default=0
+        Seed. The same integer gives the same table.
+    return_effects : bool, default=False
+        Also return the :class:`SimulatedEffects` that were added.
+
+    Returns
+    -------
+    data : pandas.DataFrame
+        Columns ``subject``, ``site``, ``age``, ``sex``, ``diagnosis``, then the features.
+    effects : SimulatedEffects
+        Only when ``return_effects`` is True.
+
+    Examples
+    --------
+    >>> from kwneuro_sk.datasets import make_site_features
+    >>> data, effects = make_site_features(n_subjects=60, n_features=5, return_effects=True)
+    >>> data.shape
+    (60, 10)
+    >>> list(data.columns[:5])
+    ['subject', 'site', 'age', 'sex', 'diagnosis']
+    >>> effects.site_offset.shape
+    (3, 5)
+    """
+    n_subjects, n_sites = _check_design(n_subjects, n_sites)
+    n_features = _check_int(n_features, "n_features", minimum=1)
+    if not isinstance(return_effects, (bool, np.bool_)):
+        raise TypeError(f"return_effects must be a bool, got {type(return_effects).__name__}.")
+    rng = _check_rng(random_state)
+
+    covariates = _simulate_covariates(n_subjects, n_sites, rng)
+    width = max(2, len(str(n_features - 1)))
+    features = [f"feature_{j:0{width}d}" for j in range(n_features)]
+    n_affected = max(1, n_features // 4)
+    affected = np.zeros(n_features, dtype=bool)
+    affected[rng.choice(n_features, size=n_affected, replace=False)] = True
+    baseline = rng.uniform(0.4, 0.7, size=n_features)
+    effects = _simulate_effects(features, _site_names(n_sites), baseline, affected, rng)
+
+    residuals = rng.normal(0.0, effects.residual_sd, size=(n_subjects, n_features))
+    site_rows = covariates["site"].to_numpy(dtype=str)
+    offset = effects.site_offset.loc[site_rows].to_numpy()
+    scale = effects.site_scale.loc[site_rows].to_numpy()
+    values = effects.biological_mean(covariates).to_numpy() + offset + scale * residuals
+
+    data = pd.concat([covariates, pd.DataFrame(values, columns=features)], axis=1)
+    return (data, effects) if return_effects else data
+
+
+def make_demo_cohort(
+    n_subjects: int = 120,
+    n_sites: int = 3,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    random_state: int = 0,
+    roi_radius: float = 6.0,
+    verbose: int = 0,
+) -> DemoCohort:
+    """Write (or reuse) a simulated multi-site cohort of grey-matter images with known effects.
+
+    Everything is made locally from files nilearn ships, with no network:
+
+    - **Grid**: nilearn's MNI152 (ICBM 2009 symmetric) 2 mm template grid, shape
+      (99, 117, 95), the grid of ``nilearn.datasets.load_mni152_template(resolution=2)``.
+    - **Atlas**: spheres of ``roi_radius`` mm around the 160 regions of interest of
+      Dosenbach et al. (2010, Science), inside nilearn's MNI152 brain mask; a voxel within
+      reach of two centres goes to the nearest one. Region names are Dosenbach's, numbered
+      (``"vmPFC 1"``), with their network in the look-up table.
+    - **Images**: the MNI152 grey-matter probability map plus, per subject, the model of the
+      module docstring applied region by region (regional residual, age, sex, diagnosis and
+      site offset and scale), and smooth voxel noise (6 mm FWHM) also scaled by the site.
+      Brain voxels outside every region get each site's mean offset and scale; voxels
+      outside the brain are 0. The diagnosis lowers grey matter in the regions of the
+      default-mode network (34 regions).
+    - **Covariates**: sites differ in mean age (40 to 60 years) and in the fraction of patients
+      (35 % to 55 %), so site is confounded with biology as in real studies.
+
+    Files go to ``<data_dir>/demo_cohort/<key>/`` where the key encodes the parameters; a
+    complete folder is reused without rewriting anything. The folder is built under a temporary
+    name and renamed when complete, so an interrupted run leaves no half-written cohort.
+
+    Parameters
+    ----------
+    n_subjects : int, default=120
+        Number of subjects; at least two per site. 120 subjects take a few seconds and about
+        110 MB of disk.
+    n_sites : int, default=3
+        Number of sites, labelled ``site1``, ``site2``, ...
+    data_dir : str or path-like, default=None
+        Cache root; see :func:`get_data_dir` for the default (environment variable
+        ``KWNEURO_SK_DATA``, else the user cache folder).
+    random_state : int, default=0
+        Seed: the same seed gives identical files. Must be an integer because it keys the cache.
+    roi_radius : float, default=6.0
+        Radius in mm of the spheres of the atlas, between 2 and 15.
+    verbose : int, default=0
+        Print where the cohort is written or found when greater than 0.
+
+    Returns
+    -------
+    DemoCohort
+        Paths of the images, atlas and look-up table, the region names, the covariates table and
+        the simulated effects per region.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from kwneuro_sk.datasets import make_demo_cohort
+    >>> cohort = make_demo_cohort(n_subjects=6, data_dir=tempfile.mkdtemp())
+    >>> len(cohort.images), len(cohort.labels)
+    (6, 160)
+    >>> list(cohort.covariates.columns)
+    ['subject', 'site', 'age', 'sex', 'diagnosis', 'image']
+    >>> cohort.effects.site_offset.shape
+    (3, 160)
+    """
+    n_subjects, n_sites = _check_design(n_subjects, n_sites)
+    random_state = _check_int(random_state, "random_state", minimum=0)
+    if isinstance(roi_radius, bool) or not isinstance(roi_radius, numbers.Real):
+        raise TypeError(f"roi_radius must be a number of mm, got {type(roi_radius).__name__}.")
+    roi_radius = float(roi_radius)
+    if not 2.0 <= roi_radius <= 15.0:
+        raise ValueError(f"roi_radius must be between 2 and 15 mm, got {roi_radius}.")
+
+    params = {
+        "generator_version": _GENERATOR_VERSION,
+        "n_subjects": n_subjects,
+        "n_sites": n_sites,
+        "random_state": random_state,
+        "roi_radius": roi_radius,
+    }
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"n{n_subjects}_sites{n_sites}_seed{random_state}_{digest}"
+    root = get_data_dir(data_dir) / "demo_cohort"
+    folder = root / name
+
+    if not _is_complete(folder):
+        root.mkdir(parents=True, exist_ok=True)
+        if verbose:
+            print(f"[kwneuro_sk] writing the demo cohort to {folder}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            _write_cohort(staging, params)
+            if folder.exists():  # incomplete leftover from an older run
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except OSError:
+            if not _is_complete(folder):  # a concurrent run did not finish it either
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    elif verbose:
+        print(f"[kwneuro_sk] using the demo cohort in {folder}")
+    return _load_cohort(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation shared by both generators
+# --------------------------------------------------------------------------------------------
+
+
+def _site_names(n_sites: int) -> list[str]:
+    width = len(str(n_sites))
+    return [f"site{s + 1:0{width}d}" for s in range(n_sites)]
+
+
+def _spread(bounds: tuple[float, float], n: int) -> np.ndarray:
+    """n values evenly spread over bounds (the midpoint when n is 1)."""
+    return np.linspace(*bounds, n) if n > 1 else np.array([np.mean(bounds)])
+
+
+def _simulate_covariates(n_subjects: int, n_sites: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Subjects spread evenly over sites; per-site mean age and fraction of patients differ."""
+    sites = _site_names(n_sites)
+    site_index = rng.permutation(np.arange(n_subjects) % n_sites)
+    age_means = _spread(_SITE_AGE_MEANS, n_sites)
+    age = rng.normal(age_means[site_index], _AGE_SD)
+    age = np.round(np.clip(age, *_AGE_RANGE) * 4) / 4  # quarter years: exact in float32 too
+
+    # Exact counts per site (not coin flips) so that small cohorts have both sexes and both
+    # diagnoses at every site that has at least two subjects.
+    male = np.zeros(n_subjects, dtype=bool)
+    patient = np.zeros(n_subjects, dtype=bool)
+    for s, fraction in enumerate(_spread(_PATIENT_FRACTIONS, n_sites)):
+        rows = np.flatnonzero(site_index == s)
+        n_patients = int(np.clip(np.round(fraction * rows.size), 1, max(rows.size - 1, 1)))
+        patient[rng.permutation(rows)[:n_patients]] = True
+        male[rng.permutation(rows)[: rows.size // 2]] = True
+
+    width = max(3, len(str(n_subjects)))
+    return pd.DataFrame(
+        {
+            "subject": [f"sub-{i + 1:0{width}d}" for i in range(n_subjects)],
+            "site": np.asarray(sites)[site_index],
+            "age": age,
+            "sex": np.where(male, "M", "F"),
+            "diagnosis": np.where(patient, "patient", "control"),
+        }
+    ).astype({"subject": str, "site": str, "sex": str, "diagnosis": str})
+
+
+def _simulate_effects(
+    features: list[str],
+    sites: list[str],
+    baseline: np.ndarray,
+    diagnosis_affected: np.ndarray,
+    rng: np.random.Generator,
+) -> SimulatedEffects:
+    n_features, n_sites = len(features), len(sites)
+    diagnosis = _DIAGNOSIS_EFFECT * rng.uniform(0.7, 1.3, size=n_features) * diagnosis_affected
+    offset = rng.normal(0.0, _SITE_OFFSET_SD[0], size=(n_sites, 1)) + rng.normal(
+        0.0, _SITE_OFFSET_SD[1], size=(n_sites, n_features)
+    )
+    log_scale = rng.normal(0.0, _SITE_LOG_SCALE_SD[0], size=(n_sites, 1)) + rng.normal(
+        0.0, _SITE_LOG_SCALE_SD[1], size=(n_sites, n_features)
+    )
+    return SimulatedEffects.from_dict(
+        {
+            "features": features,
+            "sites": sites,
+            "baseline": np.asarray(baseline, dtype=float).tolist(),
+            "age_effect": (_AGE_SLOPE * rng.uniform(0.5, 1.5, size=n_features)).tolist(),
+            "sex_effect": rng.uniform(0.0, _SEX_EFFECT_MAX, size=n_features).tolist(),
+            "diagnosis_effect": diagnosis.tolist(),
+            "site_offset": offset.tolist(),
+            "site_scale": np.exp(log_scale).tolist(),
+            "residual_sd": _RESIDUAL_SD,
+            "reference_age": _REFERENCE_AGE,
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def _make_atlas(mask: np.ndarray, affine: np.ndarray, radius: float):
+    """Spheres around the Dosenbach 2010 ROIs, inside the mask, nearest centre wins."""
+    from nilearn.datasets import fetch_coords_dosenbach_2010
+
+    rois = fetch_coords_dosenbach_2010(ordered_regions=False)
+    centres = rois.rois[["x", "y", "z"]].to_numpy(dtype=float)
+    table = pd.DataFrame(
+        {
+            "index": np.arange(1, len(centres) + 1),
+            "name": [str(label) for label in rois.labels],
+            "network": [str(net) for net in rois.networks],
+            "x": centres[:, 0],
+            "y": centres[:, 1],
+            "z": centres[:, 2],
+        }
+    )
+    ijk = np.argwhere(mask)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    _, nearest = cKDTree(centres).query(xyz, distance_upper_bound=radius)
+    inside = nearest < len(centres)  # query returns len(centres) when nothing is in reach
+    atlas = np.zeros(mask.shape, dtype=np.int16)
+    atlas[tuple(ijk[inside].T)] = nearest[inside] + 1
+    sizes = np.bincount(atlas[mask], minlength=len(centres) + 1)[1:]
+    if np.any(sizes == 0):
+        empty = table["name"][sizes == 0].tolist()
+        raise RuntimeError(f"Atlas regions with no brain voxel at radius {radius} mm: {empty}.")
+    return atlas, table
+
+
+def _noise_scale(sigma_voxels: float) -> float:
+    """Standard deviation of unit white noise after scipy's Gaussian filter of this sigma."""
+    impulse = np.zeros(int(8 * sigma_voxels) * 2 + 1)
+    impulse[impulse.size // 2] = 1.0
+    kernel = ndimage.gaussian_filter1d(impulse, sigma_voxels)
+    return float(np.sqrt(np.sum(kernel**2)) ** 3)
+
+
+def _write_cohort(folder: Path, params: dict) -> None:
+    """Simulate and write every file of the cohort into folder; params.json is written last."""
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template
+
+    gm_img = load_mni152_gm_template(resolution=2)
+    mask_img = load_mni152_brain_mask(resolution=2)
+    affine = gm_img.affine
+    mask = np.asarray(mask_img.dataobj) > 0
+    gm = np.asarray(gm_img.get_fdata(), dtype=np.float64)
+
+    atlas, table = _make_atlas(mask, affine, params["roi_radius"])
+    n_regions = len(table)
+    region_of_voxel = atlas[mask].astype(np.intp)  # 0 = brain outside every region
+    voxel_count = np.bincount(region_of_voxel, minlength=n_regions + 1)
+    region_gm = np.bincount(region_of_voxel, weights=gm[mask], minlength=n_regions + 1)
+    baseline = region_gm[1:] / voxel_count[1:]
+
+    cov_seed, effect_seed, subject_seed = np.random.SeedSequence(params["random_state"]).spawn(3)
+    covariates = _simulate_covariates(
+        params["n_subjects"], params["n_sites"], np.random.default_rng(cov_seed)
+    )
+    affected = (table["network"] == _DIAGNOSIS_NETWORK).to_numpy()
+    effects = _simulate_effects(
+        table["name"].tolist(),
+        _site_names(params["n_sites"]),
+        baseline,
+        affected,
+        np.random.default_rng(effect_seed),
+    )
+
+    # Per-region values with a leading entry for brain voxels outside every region: those get
+    # the mean effect (and no diagnosis effect), so the whole brain carries the site effect.
+    def with_background(values, background):
+        return np.concatenate([[background], values])
+
+    age_fx = with_background(effects.age_effect.to_numpy(), effects.age_effect.mean())
+    sex_fx = with_background(effects.sex_effect.to_numpy(), effects.sex_effect.mean())
+    dx_fx = with_background(effects.diagnosis_effect.to_numpy(), 0.0)
+    offsets = effects.site_offset.to_numpy()
+    scales = effects.site_scale.to_numpy()
+    site_offset = np.column_stack([offsets.mean(axis=1), offsets])
+    site_scale = np.column_stack([scales.mean(axis=1), scales])
+
+    sigma = _NOISE_FWHM_MM / np.sqrt(8 * np.log(2)) / abs(affine[0, 0])
+    noise_gain = _VOXEL_NOISE_SD / _noise_scale(sigma)
+    gm_inside = gm[mask]
+    # Noise is drawn only in the brain's bounding box, with a margin for the filter.
+    margin = int(np.ceil(4 * sigma))
+    corners = np.argwhere(mask)
+    box = tuple(
+        slice(max(low - margin, 0), min(high + margin + 1, size))
+        for low, high, size in zip(corners.min(axis=0), corners.max(axis=0), mask.shape)
+    )
+    mask_box = mask[box]
+    site_index = pd.Index(effects.site_offset.index).get_indexer(covariates["site"])
+    image_names = [f"{subject}_gm.nii.gz" for subject in covariates["subject"]]
+
+    for row, rng in enumerate(np.random.default_rng(s) for s in subject_seed.spawn(len(covariates))):
+        subject = covariates.iloc[row]
+        s = site_index[row]
+        region_values = (
+            age_fx * (subject["age"] - effects.reference_age)
+            + sex_fx * (subject["sex"] == "M")
+            + dx_fx * (subject["diagnosis"] == "patient")
+            + site_offset[s]
+            + site_scale[s] * rng.normal(0.0, effects.residual_sd, size=n_regions + 1)
+        )
+        noise = ndimage.gaussian_filter(
+            rng.standard_normal(mask_box.shape, dtype=np.float32), sigma, output=np.float32
+        )[mask_box]
+        volume = np.zeros(mask.shape, dtype=np.float32)
+        volume[mask] = (
+            gm_inside
+            + region_values[region_of_voxel]
+            + site_scale[s][region_of_voxel] * noise_gain * noise
+        )
+        _save(volume, affine, folder / image_names[row])
+
+    _save(atlas, affine, folder / "atlas.nii.gz")
+    table.to_csv(folder / "atlas_labels.tsv", sep="\t", index=False)
+    covariates.assign(image=image_names).to_csv(folder / "covariates.tsv", sep="\t", index=False)
+    (folder / "effects.json").write_text(json.dumps(effects.to_dict()))
+    manifest = {**params, "files": image_names}
+    (folder / "params.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=4)  # 4 = MNI152
+    img.set_sform(affine, code=4)
+    img.to_filename(path)
+
+
+def _is_complete(folder: Path) -> bool:
+    manifest = folder / "params.json"
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    fixed = ["atlas.nii.gz", "atlas_labels.tsv", "covariates.tsv", "effects.json"]
+    return all((folder / name).is_file() for name in [*fixed, *files])
+
+
+def _load_cohort(folder: Path) -> DemoCohort:
+    table = pd.read_csv(folder / "atlas_labels.tsv", sep="\t", dtype={"name": str, "network": str})
+    covariates = pd.read_csv(
+        folder / "covariates.tsv",
+        sep="\t",
+        dtype={"subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str},
+    )
+    covariates["image"] = [str(folder / name) for name in covariates["image"]]
+    effects = SimulatedEffects.from_dict(json.loads((folder / "effects.json").read_text()))
+    return DemoCohort(
+        images=covariates["image"].tolist(),
+        atlas=str(folder / "atlas.nii.gz"),
+        labels=table["name"].tolist(),
+        labels_file=str(folder / "atlas_labels.tsv"),
+        covariates=covariates,
+        effects=effects,
+        path=str(folder),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(value, name: str, *, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_design(n_subjects, n_sites) -> tuple[int, int]:
+    n_sites = _check_int(n_sites, "n_sites", minimum=1)
+    n_subjects = _check_int(n_subjects, "n_subjects", minimum=2)
+    if n_subjects < 2 * n_sites:
+        raise ValueError(
+            f"n_subjects must be at least 2 per site (2 * n_sites = {2 * n_sites}), "
+            f"got {n_subjects}."
+        )
+    return n_subjects, n_sites
+
+
+def _check_rng(random_state) -> np.random.Generator:
+    if random_state is None or isinstance(random_state, np.random.Generator):
+        return np.random.default_rng(random_state)
+    return np.random.default_rng(_check_int(random_state, "random_state", minimum=0))
+
+
+def _require_columns(frame, columns, name):
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"{name} must be a pandas DataFrame, got {type(frame).__name__}.")
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{name} is missing the columns {missing}.")
