@@ -2,7 +2,8 @@
 
 from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer
 from kwneuro_sk.maskers import LabelsMasker
+from kwneuro_sk.volumes import harmonize_volumes
 
 __version__ = "0.1.0"
 
-__all__ = ["CombatEstimates", "CombatHarmonizer", "LabelsMasker"]
+__all__ = ["CombatEstimates", "CombatHarmonizer", "LabelsMasker", "harmonize_volumes"]
