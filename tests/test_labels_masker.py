@@ -431,3 +431,26 @@ def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
 def test_docstring_example_runs():
     result = doctest.testmod(labels_module, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_memory_as_a_path(atlas_img, img_paths, tmp_path):
+    masker = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit()
+    first = masker.transform(img_paths)
+    np.testing.assert_array_equal(masker.transform(img_paths), first)
+    assert any((tmp_path / "cache").rglob("output.pkl"))
+
+
+def test_atlas_is_resampled_once_per_image_grid(atlas_img, rng, monkeypatch):
+    calls = []
+    real_resample = _images.resample_to_grid
+
+    def counting_resample(img, grid, **kwargs):
+        calls.append(grid[0])
+        return real_resample(img, grid, **kwargs)
+
+    monkeypatch.setattr(_images, "resample_to_grid", counting_resample)
+    masker = LabelsMasker(atlas_img).fit()
+    other = [_random_img(rng, OTHER_SHAPE, OTHER_AFFINE) for _ in range(3)]
+    masker.transform(other + [_random_img(rng)])
+    masker.transform(other)
+    assert calls == [OTHER_SHAPE]

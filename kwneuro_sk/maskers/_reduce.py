@@ -94,7 +94,8 @@ def build_plan(atlas_flat, region_ids, background_label, mask_flat=None) -> Regi
         position = np.zeros(values.shape, dtype=np.intp)
         known = np.zeros(values.shape, dtype=bool)
     voxels, columns = voxels[known], position[known]
-    order = np.argsort(columns, kind="stable")
+    # A narrow integer type lets NumPy use its radix sort for this stable sort.
+    order = np.argsort(columns.astype(np.min_scalar_type(region_ids.size)), kind="stable")
     voxels, columns = voxels[order], columns[order]
     is_start = np.ones(columns.size, dtype=bool)
     is_start[1:] = columns[1:] != columns[:-1]

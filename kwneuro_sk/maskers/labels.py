@@ -374,7 +374,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------ internals
     def _map(self, function, sources, *, allow_4d):
         """Yield ``function``'s (n_vols, n_regions) signals for each source, in order."""
-        memory = check_memory(self.memory)
+        memory = self.memory
+        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
         use_cache = memory.location is not None and not allow_4d
         cached = memory.cache(_cached_signals, ignore=["masker", "source", "index"])
         tasks = []
