@@ -58,7 +58,8 @@ def _split_keep(frame, keep):
     return frame.drop(columns=keep)
 
 
-def _progress(done, total, start, stream=sys.stderr):
+def _progress(done, total, start):
+    stream = sys.stderr
     width = 30
     filled = int(width * done / total)
     elapsed = time.perf_counter() - start
