@@ -169,6 +169,8 @@ def _check_covars(covars, n_volumes, batch_col, covariate_cols):
     if len(covars) != n_volumes:
         raise ValueError(f"covars has {len(covars)} rows for {n_volumes} volumes; give one row "
                          "per volume, in the same order")
+    if batch_col in covariate_cols:
+        raise ValueError(f"batch_col {batch_col!r} is also named as a covariate")
     missing = [c for c in [batch_col, *covariate_cols] if c not in covars.columns]
     if missing:
         raise ValueError(f"column(s) {missing} not found in covars (columns: "

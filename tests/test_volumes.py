@@ -357,6 +357,29 @@ def test_missing_columns(cohort, batch_col, kwargs, missing):
         harmonize_volumes(images, covars, batch_col, mask_img, **kwargs)
 
 
+def test_site_column_named_as_covariate(cohort):
+    images, covars, mask_img, _ = cohort
+    with pytest.raises(ValueError, match="batch_col 'site' is also named as a covariate"):
+        harmonize_volumes(images, covars, "site", mask_img, categorical_cols=["sex", "site"])
+
+
+def test_unknown_ref_batch(cohort):
+    images, covars, mask_img, _ = cohort
+    with pytest.raises(ValueError, match=r"ref_batch='siteZ' is not among the sites"):
+        harmonize_volumes(images, covars, "site", mask_img, ref_batch="siteZ")
+
+
+def test_single_subject_site_suggests_mean_only(cohort):
+    images, covars, mask_img, mask = cohort
+    keep = list(range(15)) + [20]  # siteC keeps one subject
+    volumes, rows = [images[i] for i in keep], covars.iloc[keep]
+    with pytest.raises(ValueError, match=r"\['siteC'\] have a single row.*mean_only=True"):
+        harmonize_volumes(volumes, rows, "site", mask_img)
+    out, _ = harmonize_volumes(volumes, rows, "site", mask_img, mean_only=True)
+    expected = _neurocombat(_in_mask(volumes, mask), rows, mean_only=True)
+    np.testing.assert_allclose(_in_mask(out, mask), expected, rtol=1e-6)
+
+
 def test_covars_not_a_dataframe(cohort):
     images, covars, mask_img, _ = cohort
     with pytest.raises(TypeError, match="covars must be a pandas DataFrame; got ndarray"):
