@@ -68,7 +68,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         size and modification time, the parameters and the fitted atlas, so a changed file is
         recomputed. ``None`` disables caching.
     n_jobs : int, default=1
-        Number of images processed in parallel (joblib). ``-1`` uses all cores.
+        Number of images processed in parallel with joblib (threads by default; reading and
+        reducing release the GIL). ``-1`` uses all cores.
     verbose : int, default=0
         Print progress to stderr when positive.
 
@@ -255,7 +256,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if not sources:
             raise ValueError("X contains no images.")
         signals = np.empty((len(sources), self.region_ids_.size))
-        results = self._map(_signals_of_image, sources, allow_4d=False)
+        results = self._map(sources, allow_4d=False)
         for row, image_signals in enumerate(results):
             signals[row] = image_signals[0]
         return signals
@@ -303,7 +304,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 f"confounds has {len(confounds)} entries but imgs_list has {len(sources)} images."
             )
         outputs = []
-        results = self._map(_signals_of_image, sources, allow_4d=True)
+        results = self._map(sources, allow_4d=True)
         for image_signals, image_confounds in zip(results, confounds):
             outputs.append(
                 clean(
@@ -372,28 +373,43 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------ internals
-    def _map(self, function, sources, *, allow_4d):
-        """Yield ``function``'s (n_vols, n_regions) signals for each source, in order."""
+    def _map(self, sources, *, allow_4d):
+        """Yield the (n_vols, n_regions) signals of each source, in order.
+
+        Serial by default. With ``n_jobs`` the sources are split into a few contiguous chunks
+        per worker; each worker holds one image at a time. Threads are preferred: reading
+        (zlib) and the NumPy reductions release the GIL, and threads share the fitted masker
+        instead of pickling it (``joblib.parallel_config`` can choose processes instead).
+        """
         memory = self.memory
         memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
-        use_cache = memory.location is not None and not allow_4d
+        if memory.location is None or allow_4d:
+            memory = None
+        n_jobs = joblib.effective_n_jobs(self.n_jobs)
+        if n_jobs == 1 or len(sources) == 1:
+            for index, source in enumerate(sources):
+                yield self._signals(source, index, allow_4d, memory)
+                self._report(index + 1, len(sources))
+            return
+        chunks = np.array_split(np.arange(len(sources)), min(len(sources), 4 * n_jobs))
+        tasks = (
+            joblib.delayed(_signals_of_chunk)(
+                self, [sources[i] for i in chunk], int(chunk[0]), allow_4d, memory
+            )
+            for chunk in chunks
+        )
+        parallel = joblib.Parallel(
+            n_jobs=n_jobs, return_as="generator", prefer="threads", verbose=self.verbose
+        )
+        for chunk_signals in parallel(tasks):
+            yield from chunk_signals
+
+    def _signals(self, source, index, allow_4d, memory):
+        """Signals of one image, through the ``memory`` cache for paths when there is one."""
+        if memory is None or not isinstance(source, (str, os.PathLike)):
+            return self._image_signals(source, index, allow_4d)
         cached = memory.cache(_cached_signals, ignore=["masker", "source", "index"])
-        tasks = []
-        for index, source in enumerate(sources):
-            if use_cache and isinstance(source, (str, os.PathLike)):
-                key = self._cache_key(source, index)
-                tasks.append(joblib.delayed(cached)(key, self, source, index))
-            else:
-                tasks.append(joblib.delayed(function)(self, source, index, allow_4d))
-        n_jobs = 1 if self.n_jobs is None else self.n_jobs
-        if n_jobs == 1:
-            for done, (func, args, kwargs) in enumerate(tasks, start=1):
-                yield func(*args, **kwargs)
-                self._report(done, len(tasks))
-        else:
-            yield from joblib.Parallel(
-                n_jobs=n_jobs, return_as="generator", verbose=self.verbose
-            )(tasks)
+        return cached(self._cache_key(source, index), self, source, index)
 
     def _report(self, done, total):
         if self.verbose and (self.verbose > 1 or done == total or done % max(1, total // 10) == 0):
@@ -461,8 +477,12 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         return reduce_regions(values, plan, self.strategy)
 
 
-def _signals_of_image(masker, source, index, allow_4d):
-    return masker._image_signals(source, index, allow_4d)
+def _signals_of_chunk(masker, sources, first_index, allow_4d, memory):
+    """Worker task: signals of consecutive images."""
+    return [
+        masker._signals(source, first_index + offset, allow_4d, memory)
+        for offset, source in enumerate(sources)
+    ]
 
 
 def _cached_signals(key, masker, source, index):
