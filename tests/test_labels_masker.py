@@ -454,3 +454,38 @@ def test_atlas_is_resampled_once_per_image_grid(atlas_img, rng, monkeypatch):
     masker.transform(other + [_random_img(rng)])
     masker.transform(other)
     assert calls == [OTHER_SHAPE]
+
+
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    import tracemalloc
+
+    shape, rng = (40, 40, 40), np.random.default_rng(1)
+    atlas = nib.Nifti1Image(rng.integers(0, 5, shape).astype(np.int16), np.eye(4))
+    paths = []
+    for i in range(10):
+        path = tmp_path / f"big-{i}.nii.gz"
+        nib.Nifti1Image(rng.normal(size=shape).astype(np.float32), np.eye(4)).to_filename(path)
+        paths.append(str(path))
+    masker = LabelsMasker(atlas).fit()
+    masker.transform(paths[:1])  # warm up lazy imports and caches
+
+    def peak_bytes(batch):
+        tracemalloc.start()
+        masker.transform(batch)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    image_bytes = np.prod(shape) * 4
+    assert peak_bytes(paths) < peak_bytes(paths[:2]) + image_bytes / 2
+
+
+def test_int64_atlas_and_int64_mask(atlas_img, imgs):
+    atlas = np.asanyarray(atlas_img.dataobj).astype(np.int64)
+    mask = np.ones(SHAPE, dtype=np.int64)
+    masker = LabelsMasker(
+        nib.Nifti1Image(atlas, AFFINE, dtype=np.int64),
+        mask_img=nib.Nifti1Image(mask, AFFINE, dtype=np.int64),
+    )
+    np.testing.assert_allclose(masker.fit_transform(imgs), LabelsMasker(atlas_img).fit_transform(imgs))
+    assert masker.inverse_transform(np.ones(6)).shape == SHAPE

@@ -159,5 +159,7 @@ def smooth(img, fwhm):
 
 
 def as_nifti(data, affine) -> nib.Nifti1Image:
-    """Wrap an array into an in-memory NIfTI image."""
-    return nib.Nifti1Image(data, affine)
+    """Wrap an array into an in-memory NIfTI image (booleans as uint8; int64 kept)."""
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    return nib.Nifti1Image(data, affine, dtype=data.dtype)

@@ -8,7 +8,6 @@ import warnings
 from numbers import Integral, Real
 
 import joblib
-import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import SpatialImage
 from nilearn.signal import clean
@@ -168,7 +167,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         atlas_img = _images.load_image(self.labels_img, name="labels_img")
         atlas = np.array(_images.atlas_data(atlas_img, name="labels_img"))
         atlas_grid = _images.grid_of(atlas_img)
-        self.labels_img_ = nib.Nifti1Image(atlas, atlas_grid[1])
+        self.labels_img_ = _images.as_nifti(atlas, atlas_grid[1])
 
         all_ids = _region_values(atlas, self.background_label)
         if all_ids.size == 0:
@@ -222,8 +221,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             return None, None
         mask_img = _images.load_image(self.mask_img, name="mask_img")
         mask = np.array(_images.atlas_data(mask_img, name="mask_img"))
-        mask_img = nib.Nifti1Image(mask.astype(np.uint8) if mask.dtype == bool else mask,
-                                   mask_img.affine)
+        mask_img = _images.as_nifti(mask, mask_img.affine)
         mask_grid = _images.grid_of(mask_img)
         if _images.same_grid(mask_grid, atlas_grid):
             return mask_img, mask.astype(bool)
@@ -349,7 +347,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         data = flat.reshape(shape + (signals.shape[0],), order="F")
         if data.shape[3] == 1:
             data = data[..., 0]
-        return nib.Nifti1Image(data, affine)
+        return _images.as_nifti(data, affine)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns (the region names).
