@@ -15,6 +15,15 @@ The script checks that the harmonized in-mask voxels agree (relative difference)
 time and peak memory: ``tracemalloc`` peak (numpy buffers and Python objects allocated during
 the run) and the growth of ``ru_maxrss`` over the run (resident memory, process-wide).
 
+Measured (2 shared cores, 23 GB RAM; best of 2 runs each; reading the files included on both
+sides), 120 subjects x 235,375 voxels, max relative difference 6e-8::
+
+    method        time (s)  tracemalloc peak  RSS growth  peak RSS
+    kwneuro_sk         3.8           688 MiB     450 MiB   803 MiB
+    neuroCombat       51.5          1424 MiB    1320 MiB  1618 MiB   (read 1.6 s + 50.0 s)
+
+Of kwneuro_sk's peak, 528 MiB are the 120 float32 output images it returns.
+
 Usage::
 
     python benchmarks/bench_volumes.py                  # 120 subjects, the reference run
