@@ -402,16 +402,14 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
         Z = self._fit_covariates(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
-        standardization = model.fit_standardization(rows.features, batch_idx, n_batches, Z,
-                                                    ref=ref)
+        standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
+                                                             n_batches, Z, ref=ref)
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
                 "eb=True estimates the priors across features and needs at least 2 features "
                 f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False.")
-        groups = [np.flatnonzero(batch_idx == k) for k in range(n_batches)]
-        n, mean, ss = model.standardized_moments(rows.features, Z, standardization, groups)
-        per_batch = [model.estimate_batch(n[k], mean[k], ss[k], eb=self.eb,
+        per_batch = [model.estimate_batch(counts[k], mean[k], ss[k], eb=self.eb,
                                           parametric=self.parametric,
                                           mean_only=self.mean_only, usable=usable)
                      for k in range(n_batches)]
@@ -658,9 +656,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             names = None
         array = check_array(features, dtype=(np.float64, np.float32), ensure_all_finite=False,
                             input_name="X")
-        finite = np.isfinite(array).all(axis=0)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
+        # A column sum is non-finite when the column holds NaN/inf (or overflows): only those
+        # columns are checked value by value, so no full-size mask is built.
+        with np.errstate(all="ignore"):
+            suspect = np.flatnonzero(~np.isfinite(array.sum(axis=0)))
+        bad = suspect[~np.isfinite(array[:, suspect]).all(axis=0)]
+        if bad.size:
             labels = [names[i] for i in bad] if names is not None else bad.tolist()
             raise ValueError(f"X has NaN or infinite values in feature column(s) {labels[:10]}"
                              f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "

@@ -27,13 +27,17 @@ Two defined behaviours differ from neuroCombat on degenerate data:
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-# Elements (float64) of one temporary block: 4 Mi elements = 32 MiB.
-BLOCK_ELEMENTS = 1 << 22
+# Elements (float64) of one temporary block: 256 Ki elements = 2 MiB, so that a block and its
+# few temporaries stay in a core's L2 cache while every step of the computation runs on it.
+BLOCK_ELEMENTS = 1 << 18
 # A feature whose pooled variance is below this fraction of its mean square is constant.
 _ZERO_VARIANCE_RTOL = (1e3 * np.finfo(np.float64).eps) ** 2
 # sva / neuroCombat convergence threshold of the parametric EB iteration.
@@ -43,13 +47,53 @@ PARAMETRIC_MAX_ITER = 10_000
 
 def feature_blocks(n_rows, n_features, budget=BLOCK_ELEMENTS):
     """Yield slices over features so that a block of ``n_rows`` rows holds ~``budget`` values."""
-    step = max(1, budget // max(n_rows, 1))
+    step = _feature_step(n_rows, budget)
     for start in range(0, n_features, step):
         yield slice(start, min(start + step, n_features))
 
 
+def _feature_step(n_rows, budget=BLOCK_ELEMENTS):
+    """Features per block, so that a block of ``n_rows`` rows holds ~``budget`` values."""
+    return max(1, budget // max(n_rows, 1))
+
+
 def _as_float64(block):
     return np.asarray(block, dtype=np.float64)
+
+
+def _run_blocks(function, n_items, step, scratch_size):
+    """Call ``function(block, scratch)`` for slices ``block`` of ``range(n_items)``, in parallel.
+
+    Blocks are dealt to up to ``os.cpu_count()`` threads (numpy releases the GIL inside ufuncs
+    and matrix products); each thread allocates one float64 ``scratch`` array of
+    ``scratch_size`` elements and reuses it for all its blocks, so no block allocates (and
+    page-faults) fresh memory. Each call must write only its own slice of the outputs. The BLAS
+    library is held to one thread meanwhile: its threads on these small products only wait for
+    each other.
+    """
+    blocks = [slice(start, min(start + step, n_items)) for start in range(0, n_items, step)]
+    n_workers = max(1, min(os.cpu_count() or 1, len(blocks)))
+
+    def work(worker):
+        scratch = np.empty(scratch_size)
+        for block in blocks[worker::n_workers]:
+            function(block, scratch)
+
+    if len(blocks) <= 1:
+        work(0)
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_workers == 1:
+            work(0)
+            return
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for _ in pool.map(work, range(n_workers)):
+                pass
+
+
+def _scratch_view(scratch, shape):
+    """The first ``prod(shape)`` elements of a scratch array, as an array of ``shape``."""
+    return scratch[:math.prod(shape)].reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +132,15 @@ def design_matrix(batch_idx, n_batches, Z):
     return np.hstack([batch_onehot(batch_idx, n_batches), Z])
 
 
-def fit_standardization(X, batch_idx, n_batches, Z, ref=None):
-    """Least-squares fit of site and covariate effects, grand mean and pooled variance.
+def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
+    """Least-squares fit of site and covariate effects, and the standardized site moments.
+
+    One pass over ``X``: for each block of features the least-squares coefficients, the
+    residuals ``r = x - [onehot | Z] @ coef`` and their per-site sums and sums of squares are
+    computed while the block is in cache. Since the design holds each site's intercept, the
+    residuals of a site sum to zero, and the standardized data
+    ``s = (x - alpha - z @ beta) / sigma`` of site ``k`` is ``(coef_k - alpha + r) / sigma``:
+    its mean and centred sum of squares follow from those of ``r`` without another pass.
 
     Parameters
     ----------
@@ -106,33 +157,55 @@ def fit_standardization(X, batch_idx, n_batches, Z, ref=None):
 
     Returns
     -------
-    StandardizationModel
+    model : StandardizationModel
+    mean, ss : ndarrays of shape (n_batches, n_features)
+        Per site, mean and sum of squared deviations of the standardized data (what
+        :func:`standardized_moments` gives for the fitted rows).
     """
     n_samples, n_features = X.shape
-    design = design_matrix(batch_idx, n_batches, Z)
+    onehot = batch_onehot(batch_idx, n_batches)
+    design = np.hstack([onehot, Z])
     gram = design.T @ design
     coef = np.empty((design.shape[1], n_features))
-    for block in feature_blocks(n_samples, n_features):
-        coef[:, block] = np.linalg.solve(gram, design.T @ _as_float64(X[:, block]))
+    resid_sum = np.empty((n_batches, n_features))
+    resid_sq = np.empty((n_batches, n_features))
+
+    def fit_block(block, scratch):
+        shape = (n_samples, block.stop - block.start)
+        values = X[:, block]
+        if values.dtype != np.float64:  # float32 data: converted one block at a time
+            converted = _scratch_view(scratch[scratch.size // 2:], shape)
+            converted[...] = values
+            values = converted
+        coef[:, block] = np.linalg.solve(gram, design.T @ values)
+        resid = np.matmul(design, coef[:, block], out=_scratch_view(scratch, shape))
+        np.subtract(values, resid, out=resid)
+        resid_sum[:, block] = onehot.T @ resid
+        np.square(resid, out=resid)
+        resid_sq[:, block] = onehot.T @ resid
+
+    step = _feature_step(n_samples)
+    _run_blocks(fit_block, n_features, step, 2 * n_samples * step)
 
     counts = np.bincount(batch_idx, minlength=n_batches)
     if ref is None:
         grand_mean = (counts / n_samples) @ coef[:n_batches]
-        rows = slice(None)
+        var_pooled = resid_sq.sum(axis=0) / n_samples
     else:
         grand_mean = coef[ref].copy()
-        rows = batch_idx == ref
-
-    var_pooled = np.empty(n_features)
-    mean_square = np.empty(n_features)
-    for block in feature_blocks(n_samples, n_features):
-        values = _as_float64(X[rows, block])
-        residuals = values - design[rows] @ coef[:, block]
-        var_pooled[block] = np.mean(residuals**2, axis=0)
-        mean_square[block] = np.mean(values**2, axis=0)
+        var_pooled = resid_sq[ref] / counts[ref]
+    # Mean square of the data over all rows (fitted values are orthogonal to residuals): the
+    # scale against which a pooled variance counts as zero.
+    mean_square = (np.einsum("pg,pg->g", gram @ coef, coef) + resid_sq.sum(axis=0)) / n_samples
     zero_variance = var_pooled <= _ZERO_VARIANCE_RTOL * mean_square
     var_pooled[zero_variance] = 0.0
-    return StandardizationModel(grand_mean, coef[n_batches:].copy(), var_pooled, zero_variance)
+    model = StandardizationModel(grand_mean, coef[n_batches:].copy(), var_pooled, zero_variance)
+
+    resid_mean = resid_sum / counts[:, None]  # zero up to rounding
+    scale = model.scale
+    mean = (coef[:n_batches] - grand_mean + resid_mean) / scale
+    ss = (resid_sq - counts[:, None] * resid_mean**2) / scale**2
+    return model, mean, ss
 
 
 def standardized_moments(X, Z, model, groups):
@@ -241,34 +314,44 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=BLOCK_ELEMENTS):
 
     For feature ``i`` the weight of feature ``j != i`` is the normal likelihood of ``i``'s data
     under ``(gamma_hat_j, delta_hat_j)``, which depends on the data only through ``n``, the mean
-    and the sum of squares::
+    ``m_i`` and the centred sum of squares ``ss_i``::
 
         log L_ij = -n/2 log(2 pi d_j) - (ss_i + n (m_i - g_j)**2) / (2 d_j)
 
-    The G x G matrix is computed in row blocks of bounded size and normalized with a
+    Expanding the square makes the G x G matrix a rank-3 product
+    ``[ss_i + n m_i**2, m_i, 1] @ [-1/(2 d_j), n g_j / d_j, -n/2 log(2 pi d_j) - n g_j**2/(2 d_j)]``,
+    one matrix product per block of rows (``m`` and ``g`` are centred on the mean of
+    ``gamma_hat`` first, so the expansion loses no precision that matters). The matrix is never
+    held whole: blocks of rows of bounded size run on parallel threads and are normalized with a
     log-sum-exp, so no likelihood underflows (neuroCombat's give 0/0 = NaN there).
     """
     n_features = gamma_hat.shape[0]
-    log_norm = -0.5 * n * np.log(2.0 * np.pi * delta_hat)
+    centred = gamma_hat - gamma_hat.mean()
     half_inv_delta = 0.5 / delta_hat
+    data_terms = np.stack([ss + n * centred**2, centred, np.ones(n_features)], axis=1)
+    param_terms = np.stack([
+        -half_inv_delta,
+        2.0 * n * centred * half_inv_delta,
+        -0.5 * n * np.log(2.0 * np.pi * delta_hat) - n * centred**2 * half_inv_delta,
+    ])
     targets = np.stack([gamma_hat, delta_hat, np.ones(n_features)], axis=1)
     gamma_star = np.empty(n_features)
     delta_star = np.empty(n_features)
-    rows_per_block = max(1, budget // max(n_features, 1))
-    for start in range(0, n_features, rows_per_block):
-        rows = np.arange(start, min(start + rows_per_block, n_features))
-        loglik = gamma_hat[rows, None] - gamma_hat[None, :]
-        np.square(loglik, out=loglik)
-        loglik *= n
-        loglik += ss[rows, None]
-        loglik *= half_inv_delta
-        np.subtract(log_norm, loglik, out=loglik)
-        loglik[np.arange(rows.size), rows] = -np.inf  # leave feature i out of its own prior
+
+    def block_eb(rows, scratch):
+        n_rows = rows.stop - rows.start
+        loglik = np.matmul(data_terms[rows], param_terms,
+                           out=_scratch_view(scratch, (n_rows, n_features)))
+        # Leave feature i out of its own prior.
+        loglik[np.arange(n_rows), np.arange(rows.start, rows.stop)] = -np.inf
         loglik -= loglik.max(axis=1, keepdims=True)
         np.exp(loglik, out=loglik)
         sums = loglik @ targets
         gamma_star[rows] = sums[:, 0] / sums[:, 2]
         delta_star[rows] = sums[:, 1] / sums[:, 2]
+
+    step = max(1, budget // max(n_features, 1))
+    _run_blocks(block_eb, n_features, step, step * n_features)
     return gamma_star, delta_star
 
 
@@ -329,23 +412,52 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
            inverse=False, out=None):
     """Harmonize rows (or undo it with ``inverse=True``) with fitted estimates.
 
-    ``x* = (s - gamma*_b) / sqrt(delta*_b) * sigma + alpha + z @ beta``, computed block by
-    block into ``out`` (same dtype as ``X`` by default). Zero-variance features and the rows in
-    ``passthrough_rows`` (the reference site's) are copied unchanged.
+    ``x* = (s - gamma*_b) / sqrt(delta*_b) * sigma + alpha + z @ beta``. With the location
+    ``mu = alpha + z @ beta`` this is ``x* = a_b * x + (1 - a_b) * mu + c_b`` with
+    ``a_b = 1 / sqrt(delta*_b)`` and ``c_b = -gamma*_b * sigma * a_b`` (``a_b = sqrt(delta*_b)``,
+    ``c_b = gamma*_b * sigma`` for the inverse), so each block of features costs one row
+    gather, one product with the data and one matrix product with the per-site design
+    ``[onehot_b * (1, z)]``. Computed block by block into ``out`` (same dtype as ``X`` by
+    default). Zero-variance features and the rows in ``passthrough_rows`` (the reference
+    site's) are copied unchanged.
     """
     n_samples, n_features = X.shape
+    n_batches = gamma_star.shape[0]
     if out is None:
         out = np.empty_like(X)
     scale = model.scale
-    for block in feature_blocks(n_samples, n_features):
-        location = model.location(Z, block)
-        s = (_as_float64(X[:, block]) - location) / scale[block]
-        gamma = gamma_star[batch_idx, block]
-        sqrt_delta = np.sqrt(delta_star[batch_idx, block])
-        s = s * sqrt_delta + gamma if inverse else (s - gamma) / sqrt_delta
-        out[:, block] = s * scale[block] + location
-    if model.zero_variance.any():
-        out[:, model.zero_variance] = X[:, model.zero_variance]
-    if passthrough_rows is not None and passthrough_rows.any():
-        out[passthrough_rows] = X[passthrough_rows]
+    root = np.sqrt(delta_star)
+    if inverse:
+        slope, shift = root, gamma_star * scale
+    else:
+        slope, shift = 1.0 / root, -gamma_star * scale / root
+    # Location terms [1 | z] @ [alpha; beta] times (1 - a_b), plus c_b, as one product.
+    z1 = np.hstack([np.ones((n_samples, 1)), Z])
+    site_design = (batch_onehot(batch_idx, n_batches)[:, :, None] * z1[:, None, :]).reshape(
+        n_samples, -1)
+    coefs = np.vstack([model.grand_mean[None, :], model.beta])  # (1 + n_covariates, n_features)
+    weights = ((1.0 - slope)[:, None, :] * coefs[None, :, :])
+    weights[:, 0, :] += shift
+    weights = weights.reshape(-1, n_features)
+    keep_rows = None if passthrough_rows is None or not passthrough_rows.any() else (
+        passthrough_rows[:, None])
+    keep_columns = model.zero_variance
+
+    def adjust_block(block, scratch):
+        shape = (n_samples, block.stop - block.start)
+        values, result = X[:, block], out[:, block]
+        scaled = np.take(slope[:, block], batch_idx, axis=0,
+                         out=_scratch_view(scratch[:scratch.size // 2], shape))
+        np.multiply(scaled, values, out=scaled)
+        location = np.matmul(site_design, weights[:, block],
+                             out=_scratch_view(scratch[scratch.size // 2:], shape))
+        np.add(scaled, location, out=result, casting="same_kind")
+        if keep_rows is not None:
+            np.copyto(result, values, where=keep_rows)
+        keep = keep_columns[block]
+        if keep.any():
+            result[:, keep] = values[:, keep]
+
+    step = _feature_step(n_samples)
+    _run_blocks(adjust_block, n_features, step, 2 * n_samples * step)
     return out
