@@ -1,0 +1,123 @@
+"""Run every script of examples/ as a user would, and check the numbers each one prints.
+
+Every ``examples/*.py`` is found with a glob, so a new example is run without editing this
+file. Scripts run in a subprocess with ``KWNEURO_SK_DATA`` and ``KWNEURO_SK_EXAMPLES_OUTPUT``
+pointing into one temporary folder shared by the module, so the demo cohort is generated once.
+Examples listed in ``CHECKS`` also have their key printed numbers and output files checked.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = sorted(path for path in EXAMPLES_DIR.glob("*.py") if not path.name.startswith("_"))
+
+pytest.importorskip("matplotlib")
+
+NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+
+
+def numbers(pattern, text):
+    """The numbers captured by ``pattern`` (with NUMBER groups) in ``text``, as floats."""
+    match = re.search(pattern.replace("{n}", NUMBER), text)
+    assert match, f"no line matching {pattern!r} in the output:\n{text}"
+    return [float(group) for group in match.groups()]
+
+
+def check_tabular(stdout, output):
+    raw, combat, age, chance = numbers(
+        r"site accuracy on held-out rows: raw features {n}, after ComBat {n}, "
+        r"age alone {n}, chance {n}", stdout)
+    assert raw > 0.7  # the sites are easy to tell apart before harmonization
+    assert combat < raw - 0.2
+    assert abs(combat - age) < 0.15  # after: no better than the sites' age difference allows
+    assert chance == pytest.approx(1 / 3, abs=0.01)
+    (gamma_r,) = numbers(r"gamma_star_ vs simulated site offsets: r = {n}", stdout)
+    (delta_r,) = numbers(r"delta_star_ vs simulated relative site variance: r = {n}", stdout)
+    assert gamma_r > 0.9 and delta_r > 0.9
+    (reloaded,) = numbers(r"reloaded model max \|difference\| on held-out rows: {n}", stdout)
+    assert reloaded == 0.0
+    for name in ["01_combat_estimates.npz", "01_combat_estimates.png",
+                 "01_site_distributions.png"]:
+        assert (output / name).stat().st_size > 0
+
+
+def check_grid_search(stdout, output):
+    (n_fits,) = numbers(r"grid search: {n} fits", stdout)
+    assert n_fits == 30  # 6 candidates x 5 folds
+    (best,) = numbers(r"best: \{.*\} with ROC AUC {n}", stdout)
+    assert best > 0.75  # the diagnosis is detectable from regional grey matter
+    table = pd.read_csv(output / "02_grid_search.csv")
+    assert len(table) == 6
+    assert set(table["strategy"]) == {"mean", "median"}
+    assert table["ROC AUC (mean)"].max() == pytest.approx(best, abs=1e-3)
+    probabilities = numbers(r"P\(patient\) of the first three subjects: \[{n}, {n}, {n}\]",
+                            stdout)
+    assert all(0 <= p <= 1 for p in probabilities)
+
+
+def check_leave_one_site_out(stdout, output):
+    assert "ValueError: site(s) ['site1'] were not seen in fit" in stdout
+    (auc_gain,) = numbers(r"ComBat minus no harmonization, roc_auc: {n}", stdout)
+    (accuracy_gain,) = numbers(r"ComBat minus no harmonization, balanced_accuracy: {n}", stdout)
+    assert abs(auc_gain) < 0.05  # a site shift barely changes the ranking within a site ...
+    assert accuracy_gain > 0.02  # ... but moves subjects across the decision threshold
+    assert (output / "03_leave_one_site_out.png").stat().st_size > 0
+
+
+def check_voxelwise(stdout, output):
+    before, after = numbers(
+        r"largest \|site deviation - simulated biology\|: before {n}, after {n}", stdout)
+    assert before > 0.02  # site offsets of a few hundredths of GM probability ...
+    assert after < 0.005  # ... removed, the biology (age, sex, diagnosis) kept
+    (reloaded,) = numbers(r"loaded vs in-memory estimates max \|difference\|: {n}", stdout)
+    assert reloaded == 0.0
+    held_before, held_after = numbers(
+        r"held-out subjects, mean \|site mean - overall mean\|: before {n}, after {n}", stdout)
+    assert held_after < held_before
+    for name in ["04_voxelwise_combat.npz", "04_site_means_before_after.png",
+                 "04_first_held_out_harmonized.nii.gz"]:
+        assert (output / name).stat().st_size > 0
+
+
+CHECKS = {
+    "01_tabular_harmonization.py": check_tabular,
+    "02_image_pipeline_gridsearch.py": check_grid_search,
+    "03_leave_one_site_out.py": check_leave_one_site_out,
+    "04_voxelwise_harmonize_volumes.py": check_voxelwise,
+}
+
+
+@pytest.fixture(scope="module")
+def shared_folders(tmp_path_factory):
+    """Data cache and output folder shared by every example of this module."""
+    root = tmp_path_factory.mktemp("examples")
+    return root / "data", root / "output"
+
+
+def test_examples_are_found():
+    assert len(EXAMPLES) >= len(CHECKS)
+    assert set(CHECKS) <= {path.name for path in EXAMPLES}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_example_runs(script, shared_folders, tmp_path):
+    data_dir, output = shared_folders
+    env = {**os.environ, "KWNEURO_SK_DATA": str(data_dir),
+           "KWNEURO_SK_EXAMPLES_OUTPUT": str(output), "MPLBACKEND": "Agg"}
+    # A timeout only guards against a hang; it is not a speed test.
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (
+        f"{script.name} failed with exit code {result.returncode}\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+    assert result.stdout.strip(), f"{script.name} printed nothing"
+    assert list(tmp_path.iterdir()) == [], f"{script.name} wrote into the working directory"
+    if script.name in CHECKS:
+        CHECKS[script.name](result.stdout, output)
