@@ -247,6 +247,10 @@ def test_not_an_image(atlas_img, tmp_path):
     masker = LabelsMasker(atlas_img).fit()
     with pytest.raises(ValueError, match="notes.nii"):
         masker.transform([str(text)])
+    fake_gz = tmp_path / "fake.nii.gz"
+    fake_gz.write_text("not gzip either")
+    with pytest.raises(ValueError, match="fake.nii.gz.*not a readable"):
+        masker.transform([fake_gz])
     with pytest.raises(TypeError, match="path, os.PathLike or nibabel image"):
         masker.transform([42])
     with pytest.raises(TypeError, match="numeric array"):
@@ -290,7 +294,12 @@ def test_fit_never_reads_subject_images(atlas_img, tmp_path):
     assert masker.region_ids_.size == 6
 
 
-def test_transform_reads_each_file_once(atlas_img, img_paths, monkeypatch):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_transform_reads_each_file_once(atlas_img, imgs, tmp_path, monkeypatch, suffix):
+    paths = []
+    for i, img in enumerate(imgs):
+        paths.append(str(tmp_path / f"sub-{i}{suffix}"))
+        img.to_filename(paths[-1])
     loads, reads = [], []
     real_load, real_array = _images.load_image, ArrayProxy.__array__
 
@@ -304,11 +313,23 @@ def test_transform_reads_each_file_once(atlas_img, img_paths, monkeypatch):
 
     monkeypatch.setattr(_images, "load_image", counting_load)
     monkeypatch.setattr(ArrayProxy, "__array__", counting_array)
-    masker = LabelsMasker(atlas_img).fit(img_paths)
+    masker = LabelsMasker(atlas_img).fit(paths)
     assert loads == [atlas_img] and reads == []
-    masker.transform(img_paths)
-    assert sorted(loads[1:]) == sorted(img_paths)
-    assert sorted(map(str, reads)) == sorted(img_paths)
+    signals = masker.transform(paths)
+    assert loads[1:] == paths  # each image loaded once, in order
+    assert len(reads) == len(paths)  # and its data read once
+    np.testing.assert_allclose(signals, LabelsMasker(atlas_img).fit_transform(imgs))
+
+
+def test_nifti2_and_uncompressed_files(atlas_img, imgs, tmp_path):
+    data = np.asanyarray(imgs[0].dataobj)
+    nifti2 = tmp_path / "n2.nii.gz"
+    nib.Nifti2Image(data, AFFINE).to_filename(nifti2)
+    plain = tmp_path / "n1.nii"
+    imgs[0].to_filename(plain)
+    masker = LabelsMasker(atlas_img).fit()
+    expected = masker.transform(imgs[0])
+    np.testing.assert_allclose(masker.transform([nifti2, plain]), np.vstack([expected] * 2))
 
 
 # ----------------------------------------------------------------- scikit-learn integration

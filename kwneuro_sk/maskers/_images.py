@@ -1,12 +1,15 @@
 """Image input handling for the maskers: collections of images, loading, grids, resampling.
 
-Loading goes through nibabel (``nibabel.load`` reads the header, ``np.asanyarray(dataobj)`` then
-reads and scales the data exactly once); resampling and smoothing go through nilearn.
+Loading goes through nibabel: ``.nii.gz`` files are read in one go and parsed with
+``Nifti*Image.from_bytes``, other files with ``nibabel.load``; ``np.asanyarray(dataobj)`` then
+scales the data. Resampling and smoothing go through nilearn.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -78,14 +81,35 @@ def load_image(source, *, name="image") -> SpatialImage:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name} file not found: {path!r}")
         try:
+            if path.endswith(".nii.gz"):
+                img = _load_compressed_nifti(path)
+                if img is not None:
+                    return img
             return nib.load(path)
-        except (ImageFileError, OSError, EOFError, ValueError) as error:
+        except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
             raise ValueError(
                 f"{name} {path!r} is not a readable neuroimaging file: {error}"
             ) from error
     raise TypeError(
         f"{name} must be a path, os.PathLike or nibabel image, got {type(source).__name__}."
     )
+
+
+def _load_compressed_nifti(path):
+    """Read a .nii.gz file in one go: one read, one C-speed decompression, no streaming.
+
+    nibabel's streaming gzip reader spends a fifth of its time in Python-level buffering; here
+    the file is read once and decompressed in memory, then nibabel parses the bytes
+    (``Nifti1Image.from_bytes``). Returns None for files that are not NIfTI-1/2 single files,
+    which then go through ``nibabel.load``.
+    """
+    with open(path, "rb") as f:
+        raw = gzip.decompress(f.read())
+    sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
+    for size, image_class in ((348, nib.Nifti1Image), (540, nib.Nifti2Image)):
+        if size in sizeof_hdr:
+            return image_class.from_bytes(raw)
+    return None
 
 
 def volume_data(img, *, name="image", allow_4d=False) -> np.ndarray:
