@@ -12,7 +12,7 @@ What you learn
    :class:`~kwneuro_sk.CombatHarmonizer` their names; every other column is a feature.
 2. Fit on training rows only, then harmonize held-out rows (new subjects from known sites)
    with the fitted estimates: nothing about the new subjects leaks into the model.
-3. Check the result: a classifier predicts the site from the raw features almost perfectly;
+3. Check the result: a classifier predicts the site from the raw features far above chance;
    after ComBat it does about as well as predicting the site from age alone (sites differ in
    mean age, and ComBat keeps the age effect on purpose).
 4. Inspect ``gamma_star_`` (location) and ``delta_star_`` (scale) against the site effects the
