@@ -33,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")  # write files, never open windows
 
 import numpy as np
+import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
@@ -124,9 +125,10 @@ print(f"saved to {model_file.name} ({model_file.stat().st_size / 1024:.0f} KiB);
       f"reloaded model max |difference| on held-out rows: {difference:.1e}")
 
 # --------------------------------------------------------------------------------------------
-# Figures: the estimates per site, and a few features before and after (held-out rows).
+# Figures: the estimates per site, and a few features before and after (all rows).
 # --------------------------------------------------------------------------------------------
 plot_combat_estimates(combat).savefig(output / "01_combat_estimates.png", dpi=100)
-plot_site_distributions(test[features], test_h, test["site"], max_features=3).savefig(
+all_h = pd.concat([train_h, test_h]).loc[table.index]
+plot_site_distributions(table[features], all_h, table["site"], max_features=3).savefig(
     output / "01_site_distributions.png", dpi=100)
 print(f"figures written to {output}")
