@@ -14,14 +14,22 @@ and subject ``i`` of site (batch) ``b``::
   ``(s - gamma_star) / sqrt(delta_star) * sigma + alpha + z @ beta``.
 
 Everything here works on plain numpy arrays (no pandas, no scikit-learn) and on all features at
-once. Large inputs are processed in blocks of features so that temporaries stay a bounded size;
+once. Inputs are processed in blocks of features so that temporaries stay a bounded size;
 float32 data are read block by block into float64, never copied whole.
 
 Two defined behaviours differ from neuroCombat on degenerate data:
 
 * features whose pooled variance is zero (constant features, or features explained exactly by
   site and covariates) are passed through unchanged and take no part in the priors;
-* the non-parametric likelihoods are computed in log space, so they never underflow to 0/0.
+* the non-parametric likelihoods are computed in log space and normalized by their largest
+  value, so they never underflow to 0/0. neuroCombat multiplies the densities themselves, about
+  ``exp(-1.42 n)`` for standardized data: below the smallest double once a site has more than
+  ~500 subjects, where its estimates become NaN (see ``docs/performance.rst``).
+
+Performance: fitting reads each block of features once (coefficients, residuals and per-site
+residual sums together), adjusting reads it once more; blocks of ~2 MiB stay in cache and run on
+parallel threads with the BLAS held to one thread. Memory beyond the output is a few arrays of
+one value per feature and site, plus one scratch block per thread.
 """
 
 from __future__ import annotations

@@ -1,0 +1,244 @@
+"""Benchmark: CombatHarmonizer vs neuroCombat 0.2.12, side by side in one process.
+
+Builds synthetic cohorts (3 unbalanced sites with per-feature offsets and scales, an age effect,
+feature means around 100 so that the relative difference is meaningful for every value) and
+times, in the same run:
+
+- parametric ComBat ``fit_transform``, 300 subjects x 50,000 features, float64, age covariate;
+- the same data as float32 (ours only: neuroCombat computes in the input's dtype; the reference
+  is neuroCombat's float64 result, so the difference is float32 rounding);
+- non-parametric ComBat, 300 x 3,000 (both) and 300 x 50,000 (ours only: neuroCombat's
+  O(G^2 n) Python loop would take about an hour, so its time is extrapolated from the 3,000
+  feature run by (50,000 / 3,000)^2 and marked as such).
+
+For each case it prints ours and neuroCombat's wall time (best of ``--repeats`` for ours, one run
+for neuroCombat), their ratio, the largest element-wise relative difference between the two
+outputs, and the ``tracemalloc`` peak of each call (measured in a separate run, since tracing
+slows Python-level allocation) as a multiple of the input array's size. Then a scaling table,
+ours only: parametric ``fit_transform`` and ``transform`` (of the same rows as new rows) for
+10k, 50k, 200k features and 100, 300, 1000 subjects, with the time per value relative to the
+300 x 50,000 run (1.0 means linear growth).
+
+Usage::
+
+    pip install -e ".[benchmark]"
+    python benchmarks/bench_combat.py            # the reference run (~3 minutes)
+    python benchmarks/bench_combat.py --quick    # small sizes (~20 seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import os
+import platform
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from kwneuro_sk import CombatHarmonizer
+
+SITES = np.array(["siteA", "siteB", "siteC"])
+
+
+def make_cohort(n_subjects, n_features, seed=0):
+    """Features (float32-representable float64), site labels and an age covariate frame."""
+    rng = np.random.default_rng(seed)
+    site_idx = rng.choice(3, size=n_subjects, p=[0.5, 0.3, 0.2])
+    # neuroCombat casts continuous covariates to float32: use float32-representable ages.
+    age = rng.uniform(20, 80, n_subjects).astype(np.float32).astype(np.float64)
+    base = rng.uniform(50, 150, n_features)
+    shift = rng.normal(0, 3, size=(3, n_features))
+    scale = rng.uniform(0.7, 1.5, size=(3, n_features))
+    X = rng.standard_normal((n_subjects, n_features))
+    X *= 5 * scale[site_idx]
+    X += base + shift[site_idx]
+    X += 0.05 * age[:, None]
+    X = X.astype(np.float32).astype(np.float64)
+    covars = pd.DataFrame({"site": SITES[site_idx], "age": age})
+    return X, covars
+
+
+def run_ours(X, covars, parametric):
+    combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric)
+    return combat.fit_transform(X, batch=covars["site"], covariates=covars)
+
+
+def run_neurocombat(X, covars, parametric):
+    from neuroCombat import neuroCombat
+
+    # neuroCombat prints progress and warns on its own divisions by zero.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = neuroCombat(dat=X.T, covars=covars, batch_col="site", continuous_cols=["age"],
+                          parametric=parametric)
+    return out["data"].T
+
+
+def best_time(function, repeats):
+    """Best wall time of ``repeats`` calls, and the last result."""
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def peak_memory(function):
+    """tracemalloc peak (bytes) of one call; the result is dropped before returning."""
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def relative_difference(ours, reference):
+    return float(np.max(np.abs(ours - reference) / np.abs(reference)))
+
+
+def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None):
+    """One row of the comparison table (a dict of printable values)."""
+    ours_time, ours_out = best_time(lambda: run_ours(X, covars, parametric), repeats)
+    ours_peak = peak_memory(lambda: run_ours(X, covars, parametric))
+    row = dict(case=name, ours=f"{ours_time:.3f}", ours_mem=f"{ours_peak / X.nbytes:.2f}x")
+    if isinstance(peer, np.ndarray):  # a reference output computed for other data types
+        row.update(peer="-", ratio="-", peer_mem="-",
+                   diff=f"{relative_difference(ours_out, peer):.1e}")
+    elif peer:
+        peer_time, peer_out = best_time(lambda: run_neurocombat(X, covars, parametric), 1)
+        peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
+        row.update(peer=f"{peer_time:.2f}", ratio=f"{peer_time / ours_time:.0f}x",
+                   diff=f"{relative_difference(ours_out, peer_out):.1e}",
+                   peer_mem=f"{peer_peak / X.nbytes:.2f}x")
+        row["_peer_time"], row["_peer_out"] = peer_time, peer_out
+    elif extrapolate_from is not None:
+        base_time, base_features = extrapolate_from
+        peer_time = base_time * (X.shape[1] / base_features) ** 2
+        row.update(peer=f"~{peer_time:.0f} (extrap.)", ratio=f"~{peer_time / ours_time:.0f}x",
+                   diff="-", peer_mem="-")
+    return row
+
+
+def print_table(rows, columns):
+    widths = [max(len(title), *(len(str(r[key])) for r in rows)) for key, title in columns]
+    print("  ".join(title.ljust(w) for (_, title), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(r[key]).ljust(w) for (key, _), w in zip(columns, widths)))
+
+
+def scaling_rows(sizes, repeats):
+    """Parametric fit_transform and transform times over (n_subjects, n_features)."""
+    rows = []
+    per_value = {}
+    for n_subjects, n_features in sizes:
+        X, covars = make_cohort(n_subjects, n_features, seed=1)
+        combat = CombatHarmonizer(continuous_cols=["age"])
+        fit_time, _ = best_time(
+            lambda: combat.fit_transform(X, batch=covars["site"], covariates=covars), repeats)
+        transform_time, _ = best_time(
+            lambda: combat.transform(X, batch=covars["site"], covariates=covars), repeats)
+        per_value[n_subjects, n_features] = (fit_time / X.size, transform_time / X.size)
+        rows.append(dict(n=n_subjects, g=n_features, fit=f"{fit_time:.3f}",
+                         transform=f"{transform_time:.3f}",
+                         ns=f"{1e9 * fit_time / X.size:.1f}"))
+    return rows, per_value
+
+
+def describe_machine():
+    import neuroCombat  # noqa: F401
+    import scipy
+    import sklearn
+    from importlib.metadata import version
+
+    try:
+        with open("/proc/meminfo") as f:
+            memory = f"{int(f.readline().split()[1]) / 2**20:.0f} GB RAM"
+    except OSError:
+        memory = "RAM unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, {memory}; "
+            f"Python {platform.python_version()}, numpy {np.__version__}, scipy "
+            f"{scipy.__version__}, scikit-learn {sklearn.__version__}, kwneuro_sk "
+            f"{version('kwneuro_sk')}, neuroCombat {version('neuroCombat')}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: a check that everything runs, not a measurement")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of ours per timing, best kept (default 3)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        n, g_param, g_np, g_np_big = 100, 5_000, 500, 3_000
+        sizes = [(100, 2_000), (100, 5_000), (100, 20_000), (30, 5_000), (300, 5_000)]
+    else:
+        n, g_param, g_np, g_np_big = 300, 50_000, 3_000, 50_000
+        sizes = [(300, 10_000), (300, 50_000), (300, 200_000), (100, 50_000), (1000, 50_000)]
+
+    print(describe_machine())
+    print()
+    rows = []
+    X, covars = make_cohort(n, g_param)
+    row = compare(f"parametric {n} x {g_param:,} float64", X, covars, True, args.repeats, True)
+    rows.append(row)
+    reference = row.pop("_peer_out")
+    del row["_peer_time"]
+    X32 = X.astype(np.float32)
+    rows.append(compare(f"parametric {n} x {g_param:,} float32", X32, covars, True,
+                        args.repeats, reference))
+    del X, X32, reference
+
+    X, covars = make_cohort(n, g_np, seed=2)
+    row = compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True)
+    rows.append(row)
+    base = (row.pop("_peer_time"), g_np)
+    del row["_peer_out"]
+    X, covars = make_cohort(n, g_np_big, seed=3)
+    rows.append(compare(f"non-parametric {n} x {g_np_big:,}", X, covars, False, 1, False,
+                        extrapolate_from=base))
+    del X
+
+    print("ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds; peak = "
+          "tracemalloc peak / input array size)")
+    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("peer", "neuroCombat (s)"),
+                       ("ratio", "speed-up"), ("diff", "max rel diff"),
+                       ("ours_mem", "ours peak"), ("peer_mem", "neuroCombat peak")])
+    print("float32 row: difference against neuroCombat's float64 output on the same values "
+          f"(float32 rounding). Extrapolated: neuroCombat's non-parametric time at {g_np:,} "
+          f"features times (G / {g_np:,})^2, since its cost is O(G^2 n).")
+
+    if not args.no_scaling:
+        table, per_value = scaling_rows(sizes, args.repeats)
+        ref = per_value[sizes[1]]
+        for r in table:
+            fit_pv, transform_pv = per_value[r["n"], r["g"]]
+            r["fit_rel"] = f"{fit_pv / ref[0]:.2f}"
+            r["transform_rel"] = f"{transform_pv / ref[1]:.2f}"
+            r["n"], r["g"] = f"{r['n']:,}", f"{r['g']:,}"
+        print()
+        print(f"Scaling, parametric, ours only (per-value time relative to {sizes[1][0]} x "
+              f"{sizes[1][1]:,}; 1.00 = linear)")
+        print_table(table, [("n", "subjects"), ("g", "features"), ("fit", "fit_transform (s)"),
+                            ("ns", "ns / value"), ("fit_rel", "relative"),
+                            ("transform", "transform (s)"), ("transform_rel", "relative")])
+
+
+if __name__ == "__main__":
+    main()
