@@ -137,7 +137,8 @@ def plot_site_distributions(
 # --------------------------------------------------------------------------------------------
 
 
-def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True, figsize=None):
+def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True,
+                          max_features: int = 2000, figsize=None):
     """The fitted site effects of ComBat: gamma* (location) and delta* (scale) per site.
 
     One point per feature at each site. Filled points are the empirical-Bayes estimates
@@ -156,6 +157,9 @@ def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True, fig
         (its ``estimates`` dict and ``info["batches"]``).
     show_hat : bool, default=True
         Also draw the estimates before shrinkage when available.
+    max_features : int, default=2000
+        Draw at most this many features (a fixed random subset, the same at every site), so
+        that voxel-wise estimates with 10^5 features stay quick and readable.
     figsize : tuple of float, default=None
         Figure size in inches; by default it grows with the number of sites.
 
@@ -181,13 +185,20 @@ def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True, fig
     plt = _pyplot()
     if not isinstance(show_hat, (bool, np.bool_)):
         raise TypeError(f"show_hat must be a bool, got {type(show_hat).__name__}.")
+    if isinstance(max_features, bool) or not isinstance(max_features, (int, np.integer)) \
+            or max_features < 1:
+        raise ValueError(f"max_features must be a positive integer, got {max_features!r}.")
     sites, estimates = _combat_arrays(harmonizer_or_estimates)
     n_sites = len(sites)
+    n_features = estimates["gamma_star"].shape[1]
+    rng = np.random.default_rng(0)  # fixed subset and jitter: same figure for same estimates
+    if n_features > max_features:
+        shown = np.sort(rng.choice(n_features, size=max_features, replace=False))
+        estimates = {name: value[:, shown] for name, value in estimates.items()}
 
     fig, axes = plt.subplots(
         1, 2, figsize=figsize or (3.0 + 1.4 * n_sites, 3.8), constrained_layout=True
     )
-    rng = np.random.default_rng(0)  # fixed jitter: the same figure for the same estimates
     panels = (("gamma", "gamma (location)", 0.0), ("delta", "delta (scale)", 1.0))
     for ax, (name, label, no_effect) in zip(axes, panels):
         star = estimates[f"{name}_star"]
@@ -209,8 +220,9 @@ def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True, fig
         ax.set_xlabel("site")
         ax.set_ylabel(label)
         ax.legend(fontsize="small", loc="best")
-    n_features = estimates["gamma_star"].shape[1]
-    fig.suptitle(f"ComBat site effects ({n_features} features, standardized units)")
+    drawn = estimates["gamma_star"].shape[1]
+    subset = f"{drawn} of {n_features}" if drawn < n_features else f"{n_features}"
+    fig.suptitle(f"ComBat site effects ({subset} features, standardized units)")
     return fig
 
 

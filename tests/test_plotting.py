@@ -131,6 +131,24 @@ def test_estimates_from_combat_estimates_and_plain_object(fitted):
     assert len(fig.axes[0].collections) == 2  # no hat estimates to draw
 
 
+def test_estimates_draw_a_fixed_subset_of_many_features():
+    rng = np.random.default_rng(1)
+    many = SimpleNamespace(batches_=np.array(["a", "b"]),
+                           gamma_star_=rng.normal(size=(2, 50_000)),
+                           delta_star_=rng.uniform(0.5, 2, size=(2, 50_000)))
+    fig = plot_combat_estimates(many, max_features=300)
+    points = fig.axes[0].collections[0].get_offsets()[:, 1]
+    assert len(points) == 300
+    assert np.isin(points, many.gamma_star_[0]).all()
+    # the same features at every site
+    shown = np.flatnonzero(np.isin(many.gamma_star_[0], points))
+    np.testing.assert_array_equal(fig.axes[0].collections[1].get_offsets()[:, 1],
+                                  many.gamma_star_[1, shown])
+    assert "300 of 50000 features" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="max_features"):
+        plot_combat_estimates(many, max_features=0)
+
+
 def test_estimates_bad_input():
     with pytest.raises(TypeError, match="fitted CombatHarmonizer"):
         plot_combat_estimates(CombatHarmonizer())
