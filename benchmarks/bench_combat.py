@@ -34,6 +34,7 @@ import datetime
 import io
 import os
 import platform
+import sys
 import time
 import tracemalloc
 import warnings
@@ -105,25 +106,31 @@ def relative_difference(ours, reference):
 
 
 def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None):
-    """One row of the comparison table (a dict of printable values)."""
+    """One row of the comparison table: a dict of printable values, plus, under keys starting
+    with ``_``, the peer's time and output and whether the numbers agree.
+
+    ``peer`` is True (run neuroCombat), False (don't), or a reference output to compare with
+    (float32 data, whose tolerance is float32 rounding).
+    """
+    print(f"running {name} ...", file=sys.stderr, flush=True)
     ours_time, ours_out = best_time(lambda: run_ours(X, covars, parametric), repeats)
     ours_peak = peak_memory(lambda: run_ours(X, covars, parametric))
-    row = dict(case=name, ours=f"{ours_time:.3f}", ours_mem=f"{ours_peak / X.nbytes:.2f}x")
-    if isinstance(peer, np.ndarray):  # a reference output computed for other data types
-        row.update(peer="-", ratio="-", peer_mem="-",
-                   diff=f"{relative_difference(ours_out, peer):.1e}")
+    row = dict(case=name, ours=f"{ours_time:.3f}", ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+               peer="-", ratio="-", diff="-", peer_mem="-", _agree=True)
+    if isinstance(peer, np.ndarray):
+        diff = relative_difference(ours_out, peer)
+        row.update(diff=f"{diff:.1e}", _agree=diff < 1e-6)
     elif peer:
         peer_time, peer_out = best_time(lambda: run_neurocombat(X, covars, parametric), 1)
         peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
+        diff = relative_difference(ours_out, peer_out)
         row.update(peer=f"{peer_time:.2f}", ratio=f"{peer_time / ours_time:.0f}x",
-                   diff=f"{relative_difference(ours_out, peer_out):.1e}",
-                   peer_mem=f"{peer_peak / X.nbytes:.2f}x")
-        row["_peer_time"], row["_peer_out"] = peer_time, peer_out
+                   diff=f"{diff:.1e}", peer_mem=f"{peer_peak / X.nbytes:.2f}x",
+                   _agree=diff < 1e-8, _peer_time=peer_time, _peer_out=peer_out)
     elif extrapolate_from is not None:
         base_time, base_features = extrapolate_from
         peer_time = base_time * (X.shape[1] / base_features) ** 2
-        row.update(peer=f"~{peer_time:.0f} (extrap.)", ratio=f"~{peer_time / ours_time:.0f}x",
-                   diff="-", peer_mem="-")
+        row.update(peer=f"~{peer_time:.0f} (extrap.)", ratio=f"~{peer_time / ours_time:.0f}x")
     return row
 
 
@@ -180,8 +187,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: a check that everything runs, not a measurement")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of ours per timing, best kept (default 3)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs of ours per timing, best kept (default 5)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     args = parser.parse_args(argv)
 
@@ -194,25 +201,20 @@ def main(argv=None):
 
     print(describe_machine())
     print()
-    rows = []
     X, covars = make_cohort(n, g_param)
-    row = compare(f"parametric {n} x {g_param:,} float64", X, covars, True, args.repeats, True)
-    rows.append(row)
-    reference = row.pop("_peer_out")
-    del row["_peer_time"]
-    X32 = X.astype(np.float32)
-    rows.append(compare(f"parametric {n} x {g_param:,} float32", X32, covars, True,
-                        args.repeats, reference))
-    del X, X32, reference
+    rows = [compare(f"parametric {n} x {g_param:,} float64", X, covars, True, args.repeats,
+                    True)]
+    reference = rows[0].pop("_peer_out")
+    rows.append(compare(f"parametric {n} x {g_param:,} float32", X.astype(np.float32), covars,
+                        True, args.repeats, reference))
+    del X, reference
 
     X, covars = make_cohort(n, g_np, seed=2)
-    row = compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True)
-    rows.append(row)
-    base = (row.pop("_peer_time"), g_np)
-    del row["_peer_out"]
+    rows.append(compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True))
+    rows[-1].pop("_peer_out")
     X, covars = make_cohort(n, g_np_big, seed=3)
     rows.append(compare(f"non-parametric {n} x {g_np_big:,}", X, covars, False, 1, False,
-                        extrapolate_from=base))
+                        extrapolate_from=(rows[-1]["_peer_time"], g_np)))
     del X
 
     print("ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds; peak = "
@@ -238,6 +240,10 @@ def main(argv=None):
         print_table(table, [("n", "subjects"), ("g", "features"), ("fit", "fit_transform (s)"),
                             ("ns", "ns / value"), ("fit_rel", "relative"),
                             ("transform", "transform (s)"), ("transform_rel", "relative")])
+
+    disagree = [r["case"] for r in rows if not r["_agree"]]
+    if disagree:
+        sys.exit(f"results differ from neuroCombat beyond 1e-8 (1e-6 for float32): {disagree}")
 
 
 if __name__ == "__main__":

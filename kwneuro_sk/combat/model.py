@@ -62,9 +62,11 @@ def feature_blocks(n_rows, n_features, budget=BLOCK_ELEMENTS):
         yield slice(start, min(start + step, n_features))
 
 
-def _feature_step(n_rows, budget=BLOCK_ELEMENTS):
-    """Features per block, so that a block of ``n_rows`` rows holds ~``budget`` values."""
-    return max(1, budget // max(n_rows, 1))
+def _feature_step(n_rows, budget=BLOCK_ELEMENTS, n_features=None):
+    """Features per block, so that a block of ``n_rows`` rows holds ~``budget`` values (and no
+    more features than there are, so that small inputs get small scratch buffers)."""
+    step = max(1, budget // max(n_rows, 1))
+    return step if n_features is None else max(1, min(step, n_features))
 
 
 def _as_float64(block):
@@ -194,7 +196,7 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
         np.square(resid, out=resid)
         resid_sq[:, block] = onehot.T @ resid
 
-    step = _feature_step(n_samples)
+    step = _feature_step(n_samples, n_features=n_features)
     _run_blocks(fit_block, n_features, step, 2 * n_samples * step)
 
     counts = np.bincount(batch_idx, minlength=n_batches)
@@ -368,7 +370,7 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=BLOCK_ELEMENTS):
         gamma_star[rows] = sums[0] / sums[2]
         delta_star[rows] = sums[1] / sums[2]
 
-    step = max(1, budget // max(n_features, 1))
+    step = _feature_step(n_features, budget, n_features)
     _run_blocks(block_eb, n_features, step, step * n_features)
     return gamma_star, delta_star
 
@@ -476,6 +478,6 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
         if keep.any():
             result[:, keep] = values[:, keep]
 
-    step = _feature_step(n_samples)
+    step = _feature_step(n_samples, n_features=n_features)
     _run_blocks(adjust_block, n_features, step, 2 * n_samples * step)
     return out
