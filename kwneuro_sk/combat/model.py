@@ -34,6 +34,7 @@ one value per feature and site, plus one scratch block per thread.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -41,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 # Elements (float64) of one temporary block: 256 Ki elements = 2 MiB, so that a block and its
 # few temporaries stay in a core's L2 cache while every step of the computation runs on it.
@@ -50,9 +51,9 @@ BLOCK_ELEMENTS = 1 << 18
 _ZERO_VARIANCE_RTOL = (1e3 * np.finfo(np.float64).eps) ** 2
 # sva / neuroCombat convergence threshold of the parametric EB iteration.
 PARAMETRIC_TOL = 1e-4
+PARAMETRIC_MAX_ITER = 10_000
 # Log-weights of the non-parametric EB below this (relative to the largest) are clamped to it.
 _LOG_WEIGHT_FLOOR = -700.0
-PARAMETRIC_MAX_ITER = 10_000
 
 
 def feature_blocks(n_rows, n_features, budget=BLOCK_ELEMENTS):
@@ -94,13 +95,19 @@ def _run_blocks(function, n_items, step, scratch_size):
     if len(blocks) <= 1:
         work(0)
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         if n_workers == 1:
             work(0)
             return
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             for _ in pool.map(work, range(n_workers)):
                 pass
+
+
+@functools.cache
+def _blas_controller():
+    """The thread-pool controller, inspected once (about 2 ms; limiting it after is ~10 us)."""
+    return ThreadpoolController()
 
 
 def _scratch_view(scratch, shape):
@@ -466,7 +473,9 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
     def adjust_block(block, scratch):
         shape = (n_samples, block.stop - block.start)
         values, result = X[:, block], out[:, block]
-        scaled = np.take(slope[:, block], batch_idx, axis=0,
+        # mode="clip" writes straight into the scratch ("raise" would buffer); the indices are
+        # valid by construction.
+        scaled = np.take(slope[:, block], batch_idx, axis=0, mode="clip",
                          out=_scratch_view(scratch[:scratch.size // 2], shape))
         np.multiply(scaled, values, out=scaled)
         location = np.matmul(site_design, weights[:, block],
