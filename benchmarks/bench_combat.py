@@ -161,7 +161,10 @@ def scaling_rows(sizes, repeats):
 
 
 def describe_machine():
-    import neuroCombat  # noqa: F401
+    try:
+        import neuroCombat  # noqa: F401
+    except ImportError:
+        sys.exit('neuroCombat is not installed: pip install -e ".[benchmark]"')
     import scipy
     import sklearn
     from importlib.metadata import version

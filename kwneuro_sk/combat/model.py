@@ -56,17 +56,18 @@ PARAMETRIC_MAX_ITER = 10_000
 _LOG_WEIGHT_FLOOR = -700.0
 
 
-def feature_blocks(n_rows, n_features, budget=BLOCK_ELEMENTS):
+def feature_blocks(n_rows, n_features, budget=None):
     """Yield slices over features so that a block of ``n_rows`` rows holds ~``budget`` values."""
     step = _feature_step(n_rows, budget)
     for start in range(0, n_features, step):
         yield slice(start, min(start + step, n_features))
 
 
-def _feature_step(n_rows, budget=BLOCK_ELEMENTS, n_features=None):
-    """Features per block, so that a block of ``n_rows`` rows holds ~``budget`` values (and no
-    more features than there are, so that small inputs get small scratch buffers)."""
-    step = max(1, budget // max(n_rows, 1))
+def _feature_step(n_rows, budget=None, n_features=None):
+    """Features per block, so that a block of ``n_rows`` rows holds ~``budget`` values
+    (default ``BLOCK_ELEMENTS``), and no more features than there are, so that small inputs get
+    small scratch buffers."""
+    step = max(1, (budget or BLOCK_ELEMENTS) // max(n_rows, 1))
     return step if n_features is None else max(1, min(step, n_features))
 
 
@@ -328,7 +329,7 @@ def parametric_eb(n, gamma_hat, delta_hat, ss, gamma_bar, t2, a, b):
     return g_new, d_new
 
 
-def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=BLOCK_ELEMENTS):
+def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None):
     """Non-parametric EB: average the other features' (gamma, delta) weighted by likelihood.
 
     For feature ``i`` the weight of feature ``j != i`` is the normal likelihood of ``i``'s data
