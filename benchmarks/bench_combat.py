@@ -22,7 +22,8 @@ ours only: parametric ``fit_transform`` and ``transform`` (of the same rows as n
 Usage::
 
     pip install -e ".[benchmark]"
-    python benchmarks/bench_combat.py            # the reference run (~3 minutes)
+    python benchmarks/bench_combat.py            # the reference run (~8 minutes; neuroCombat
+                                                 # non-parametric under tracemalloc is most of it)
     python benchmarks/bench_combat.py --quick    # small sizes (~20 seconds)
 """
 
