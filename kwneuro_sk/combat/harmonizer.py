@@ -292,6 +292,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         feature_names_out : ndarray of str objects
         """
         check_is_fitted(self, "grand_mean_")
+        if self._feature_names_out is None:
+            return np.asarray([f"x{i}" for i in range(len(self.grand_mean_))], dtype=object)
         return self._feature_names_out.copy()
 
     @property
@@ -574,7 +576,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if isinstance(X, pd.DataFrame):
             meta = self._metadata_columns() if self.batch_col is not None else set()
             return np.asarray([str(c) for c in X.columns if c not in meta], dtype=object)
-        return np.asarray([f"x{i}" for i in range(np.shape(X)[1])], dtype=object)
+        return None  # unnamed columns: x0, x1, ... made when asked for
 
     def _metadata_columns(self):
         categorical, continuous = self._covariate_columns()
