@@ -9,18 +9,30 @@ Two generators share one model of a multi-site study:
   interest, a look-up table of region names and a covariates table. Files are cached on disk and
   reused.
 
-The model (per subject ``i`` at site ``s`` and feature or region ``r``) is the ComBat model of
-Johnson et al. (2007)::
+Features (regions) belong to networks: for the images, the Dosenbach et al. (2010) network of
+each region; for the tables, a few pseudo-networks, the features the diagnosis affects forming
+one of them. The model (per subject ``i`` at site ``s`` and feature or region ``r`` of network
+``n(r)``) is the ComBat model of Johnson et al. (2007)::
 
     x[i, r] = baseline[r]
               + age_effect[r] * (age[i] - reference_age)
               + sex_effect[r] * (sex[i] == "M")
               + diagnosis_effect[r] * (diagnosis[i] == "patient")
               + site_offset[s, r]
-              + site_scale[s, r] * e[i, r],        e[i, r] ~ N(0, residual_sd ** 2)
+              + site_scale[s, r] * e[i, r]
 
-so ComBat's ``gamma`` is ``site_offset`` (up to a shift shared by all sites) and its ``delta``
-is ``site_scale ** 2`` (up to a factor shared by all sites). The effects are returned as a
+    site_offset[s, r] = a[s] + b[s, n(r)] + c[s, r]          (whole brain, network, region)
+    e[i, r] = residual_sd * (sqrt(rho) * u[i, n(r)] + sqrt(1 - rho) * v[i, r])
+
+with ``u`` and ``v`` standard normal and ``rho = residual_network_correlation``. The network
+part ``b`` of the site offset models scanners whose grey/white contrast differs by brain
+network or lobe: its size is comparable to the diagnosis effect, so at a site whose
+default-mode regions come out darker every subject looks a little like a patient. The subject effect ``u`` shared by
+the regions of a network makes regions of one network correlated, as in real data, so
+averaging many regions does not make the diagnosis trivially easy. ComBat, fitted feature by
+feature, sees ``e`` as a residual of standard deviation ``residual_sd``: its ``gamma`` is the
+whole ``site_offset`` (up to a shift shared by all sites) and its ``delta`` is
+``site_scale ** 2`` (up to a factor shared by all sites). The effects are returned as a
 :class:`SimulatedEffects`, so that a test or a tutorial can check that harmonization removes
 what was added and keeps what biology added. Sites differ in mean age and in the proportion of
 patients, as real sites do, so that removing site means without covariates also removes part of
@@ -57,15 +69,16 @@ __all__ = [
 DATA_DIR_ENV = "KWNEURO_SK_DATA"
 
 # Bump whenever the generator changes what it writes, so stale caches are not reused.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 # Effect sizes, in the units of the features (grey-matter probability for the images).
 _REFERENCE_AGE = 50.0
 _AGE_SLOPE = -0.002  # per year, times U(0.5, 1.5) per feature
 _SEX_EFFECT_MAX = 0.02  # male minus female, U(0, max) per feature
 _DIAGNOSIS_EFFECT = -0.03  # patient minus control, times U(0.7, 1.3) on affected features
-_RESIDUAL_SD = 0.03  # between-subject standard deviation before the site scale
-_SITE_OFFSET_SD = (0.04, 0.015)  # per site, then per (site, feature)
+_RESIDUAL_SD = 0.025  # between-subject standard deviation before the site scale
+_SITE_OFFSET_SD = (0.04, 0.06, 0.015)  # per site, per (site, network), per (site, feature)
+_RESIDUAL_NETWORK_CORRELATION = 0.7  # share of the residual variance common to a network
 _SITE_LOG_SCALE_SD = (0.3, 0.1)  # per site, then per (site, feature)
 _SITE_AGE_MEANS = (40.0, 60.0)  # site mean ages are spread evenly over this range
 _AGE_SD = 10.0
@@ -76,6 +89,10 @@ _PATIENT_FRACTIONS = (0.35, 0.55)  # per-site fraction of patients, spread evenl
 _VOXEL_NOISE_SD = 0.05  # voxel-wise measurement noise, before the site scale
 _NOISE_FWHM_MM = 6.0
 _DIAGNOSIS_NETWORK = "default"  # Dosenbach network whose regions the diagnosis affects
+
+# Table-only setting: the features the diagnosis affects form one pseudo-network, the others
+# are dealt out over this many more.
+_N_OTHER_NETWORKS = 3
 
 
 @dataclass(frozen=True)
@@ -95,15 +112,24 @@ class SimulatedEffects:
         Males minus females.
     diagnosis_effect : pandas.Series
         Patients minus controls; zero on the features the diagnosis does not affect.
+    network : pandas.Series
+        Network (a string) of each feature.
     site_offset : pandas.DataFrame
-        Additive site effect, shape (n_sites, n_features): ComBat's gamma up to a shift
-        shared by all sites.
+        The whole additive site effect, shape (n_sites, n_features): the sum of its
+        whole-brain, network and feature parts, so ComBat's gamma up to a shift shared by all
+        sites.
+    site_network_offset : pandas.DataFrame
+        The network part of ``site_offset``, shape (n_sites, n_networks), columns sorted by
+        network name.
     site_scale : pandas.DataFrame
         Factor multiplying each site's residual standard deviation, shape
         (n_sites, n_features): ComBat's delta is ``site_scale ** 2`` up to a common factor.
     residual_sd : float
         Standard deviation of the subject-level residual before the site scale. In the images
         smooth voxel noise adds to it, so region means vary a little more.
+    residual_network_correlation : float
+        Correlation between the residuals of two features of the same network (of one
+        subject); residuals of different networks are independent.
     reference_age : float
         Age at which the age effect is zero.
     """
@@ -112,9 +138,12 @@ class SimulatedEffects:
     age_effect: pd.Series
     sex_effect: pd.Series
     diagnosis_effect: pd.Series
+    network: pd.Series
     site_offset: pd.DataFrame
+    site_network_offset: pd.DataFrame
     site_scale: pd.DataFrame
     residual_sd: float
+    residual_network_correlation: float
     reference_age: float
 
     @property
@@ -163,9 +192,13 @@ class SimulatedEffects:
             "age_effect": self.age_effect.tolist(),
             "sex_effect": self.sex_effect.tolist(),
             "diagnosis_effect": self.diagnosis_effect.tolist(),
+            "network": self.network.tolist(),
+            "networks": [str(name) for name in self.site_network_offset.columns],
             "site_offset": self.site_offset.to_numpy().tolist(),
+            "site_network_offset": self.site_network_offset.to_numpy().tolist(),
             "site_scale": self.site_scale.to_numpy().tolist(),
             "residual_sd": self.residual_sd,
+            "residual_network_correlation": self.residual_network_correlation,
             "reference_age": self.reference_age,
         }
 
@@ -178,17 +211,22 @@ class SimulatedEffects:
         def series(key):
             return pd.Series(data[key], index=features, name=key, dtype=float)
 
-        def table(key):
-            return pd.DataFrame(data[key], index=sites, columns=features, dtype=float)
+        def table(key, columns=features):
+            return pd.DataFrame(data[key], index=sites, columns=columns, dtype=float)
 
         return cls(
             baseline=series("baseline"),
             age_effect=series("age_effect"),
             sex_effect=series("sex_effect"),
             diagnosis_effect=series("diagnosis_effect"),
+            network=pd.Series(data["network"], index=features, name="network", dtype=str),
             site_offset=table("site_offset"),
+            site_network_offset=table(
+                "site_network_offset", pd.Index(data["networks"], dtype=str, name="network")
+            ),
             site_scale=table("site_scale"),
             residual_sd=float(data["residual_sd"]),
+            residual_network_correlation=float(data["residual_network_correlation"]),
             reference_age=float(data["reference_age"]),
         )
 
@@ -283,7 +321,9 @@ def make_site_features(
 
     The same model as :func:`make_demo_cohort` (see the module docstring) without images: each
     site shifts and scales every feature, age lowers every feature, and the diagnosis lowers a
-    quarter of the features.
+    quarter of the features. Those features form one pseudo-network (``"network1"``); the
+    others are dealt out at random over three more (``"network2"`` to ``"network4"``), which
+    share site offsets and part of the subject residual.
 
     Parameters
     ----------
@@ -329,10 +369,16 @@ def make_site_features(
     n_affected = max(1, n_features // 4)
     affected = np.zeros(n_features, dtype=bool)
     affected[rng.choice(n_features, size=n_affected, replace=False)] = True
+    network = np.zeros(n_features, dtype=int)  # 0: the affected features
+    others = rng.permutation(np.flatnonzero(~affected))
+    network[others] = 1 + np.arange(others.size) % _N_OTHER_NETWORKS
+    network_names = [f"network{k + 1}" for k in network]
     baseline = rng.uniform(0.4, 0.7, size=n_features)
-    effects = _simulate_effects(features, _site_names(n_sites), baseline, affected, rng)
+    effects = _simulate_effects(
+        features, _site_names(n_sites), baseline, affected, network_names, rng
+    )
 
-    residuals = rng.normal(0.0, effects.residual_sd, size=(n_subjects, n_features))
+    residuals = _residuals(effects, n_subjects, rng)
     site_rows = covariates["site"].to_numpy(dtype=str)
     offset = effects.site_offset.loc[site_rows].to_numpy()
     scale = effects.site_scale.loc[site_rows].to_numpy()
@@ -364,9 +410,10 @@ def make_demo_cohort(
     - **Images**: the MNI152 grey-matter probability map plus, per subject, the model of the
       module docstring applied region by region (regional residual, age, sex, diagnosis and
       site offset and scale), and smooth voxel noise (6 mm FWHM) also scaled by the site.
-      Brain voxels outside every region get each site's mean offset and scale; voxels
-      outside the brain are 0. The diagnosis lowers grey matter in the regions of the
-      default-mode network (34 regions).
+      The regions of one Dosenbach network share part of the site offset and part of the
+      subject residual. Brain voxels outside every region get each site's mean offset and
+      scale; voxels outside the brain are 0. The diagnosis lowers grey matter in the regions
+      of the default-mode network (34 regions).
     - **Covariates**: sites differ in mean age (40 to 60 years) and in the fraction of patients
       (35 % to 55 %), so site is confounded with biology as in real studies.
 
@@ -499,12 +546,18 @@ def _simulate_effects(
     sites: list[str],
     baseline: np.ndarray,
     diagnosis_affected: np.ndarray,
+    network: list[str],
     rng: np.random.Generator,
 ) -> SimulatedEffects:
     n_features, n_sites = len(features), len(sites)
+    networks, network_code = _networks(network)
     diagnosis = _DIAGNOSIS_EFFECT * rng.uniform(0.7, 1.3, size=n_features) * diagnosis_affected
-    offset = rng.normal(0.0, _SITE_OFFSET_SD[0], size=(n_sites, 1)) + rng.normal(
-        0.0, _SITE_OFFSET_SD[1], size=(n_sites, n_features)
+    whole_sd, network_sd, feature_sd = _SITE_OFFSET_SD
+    network_offset = rng.normal(0.0, network_sd, size=(n_sites, len(networks)))
+    offset = (
+        rng.normal(0.0, whole_sd, size=(n_sites, 1))
+        + network_offset[:, network_code]
+        + rng.normal(0.0, feature_sd, size=(n_sites, n_features))
     )
     log_scale = rng.normal(0.0, _SITE_LOG_SCALE_SD[0], size=(n_sites, 1)) + rng.normal(
         0.0, _SITE_LOG_SCALE_SD[1], size=(n_sites, n_features)
@@ -517,12 +570,31 @@ def _simulate_effects(
             "age_effect": (_AGE_SLOPE * rng.uniform(0.5, 1.5, size=n_features)).tolist(),
             "sex_effect": rng.uniform(0.0, _SEX_EFFECT_MAX, size=n_features).tolist(),
             "diagnosis_effect": diagnosis.tolist(),
+            "network": [str(name) for name in network],
+            "networks": networks,
             "site_offset": offset.tolist(),
+            "site_network_offset": network_offset.tolist(),
             "site_scale": np.exp(log_scale).tolist(),
             "residual_sd": _RESIDUAL_SD,
+            "residual_network_correlation": _RESIDUAL_NETWORK_CORRELATION,
             "reference_age": _REFERENCE_AGE,
         }
     )
+
+
+def _networks(network) -> tuple[list[str], np.ndarray]:
+    """Sorted network names, and each feature's index among them."""
+    names, code = np.unique(np.asarray(network, dtype=str), return_inverse=True)
+    return names.tolist(), code
+
+
+def _residuals(effects: SimulatedEffects, n_subjects: int, rng: np.random.Generator) -> np.ndarray:
+    """Subject residuals ``e`` of the module docstring, shape (n_subjects, n_features)."""
+    _, network_code = _networks(effects.network)
+    rho = effects.residual_network_correlation
+    shared = rng.standard_normal((n_subjects, network_code.max() + 1))[:, network_code]
+    own = rng.standard_normal((n_subjects, network_code.size))
+    return effects.residual_sd * (np.sqrt(rho) * shared + np.sqrt(1.0 - rho) * own)
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,11 +666,13 @@ def _write_cohort(folder: Path, params: dict) -> None:
         _site_names(params["n_sites"]),
         baseline,
         affected,
+        table["network"].tolist(),
         np.random.default_rng(effect_seed),
     )
 
     # Per-region values with a leading entry for brain voxels outside every region: those get
-    # the mean effect (and no diagnosis effect), so the whole brain carries the site effect.
+    # the mean effect (and no diagnosis effect), so the whole brain carries the site effect,
+    # and an independent residual.
     def with_background(values, background):
         return np.concatenate([[background], values])
 
@@ -632,7 +706,9 @@ def _write_cohort(folder: Path, params: dict) -> None:
             + sex_fx * (subject["sex"] == "M")
             + dx_fx * (subject["diagnosis"] == "patient")
             + site_offset[s]
-            + site_scale[s] * rng.normal(0.0, effects.residual_sd, size=n_regions + 1)
+            + site_scale[s] * with_background(
+                _residuals(effects, 1, rng)[0], rng.normal(0.0, effects.residual_sd)
+            )
         )
         noise = ndimage.gaussian_filter(
             rng.standard_normal(mask_box.shape, dtype=np.float32), sigma, output=np.float32

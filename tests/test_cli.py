@@ -1,5 +1,6 @@
 """The kwneuro-sk command line: every command runs, gives the library's numbers, fails clearly."""
 
+import re
 import subprocess
 import sys
 
@@ -183,6 +184,19 @@ def test_demo_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--n-subjects", "30", "--data-dir", str(tmp_path / "data"),
                  "--output-dir", str(tmp_path / "out"), "--no-figure"]) == 0
     out = capsys.readouterr().out
-    assert "ComBat inside the pipeline" in out and "leave-one-site-out" in out
-    scores = pd.read_csv(tmp_path / "out" / "demo_scores.csv", index_col=0)
+    assert "ComBat inside the pipeline" in out and "site left out" in out
+    table = [line for line in out.splitlines() if re.search(r"\d ± \d", line)]
+    assert len(table) == 5  # 2 diagnosis metrics x 2 splits, and the site
+    assert all(len(line) <= 100 for line in table)
+    scores = pd.read_csv(tmp_path / "out" / "demo_scores.csv", index_col=0, header=[0, 1])
     assert list(scores.index) == ["no harmonization", "ComBat inside the pipeline"]
+    assert scores.columns.tolist() == [
+        ("diagnosis, 5-fold", "ROC AUC"), ("diagnosis, 5-fold", "balanced accuracy"),
+        ("diagnosis, site left out", "ROC AUC"), ("diagnosis, site left out", "balanced accuracy"),
+        ("site, 5-fold", "balanced accuracy")]
+    # every cell is "mean ± sd" of scores between 0 and 1
+    means = scores.apply(lambda column: column.str.split(" ± ").str[0].astype(float))
+    assert ((means >= 0) & (means <= 1)).all().all()
+    # the raw regions tell the sites apart; after ComBat much less so
+    site = means[("site, 5-fold", "balanced accuracy")]
+    assert site["no harmonization"] > 0.8 and site["ComBat inside the pipeline"] < 0.7

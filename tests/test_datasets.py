@@ -66,6 +66,12 @@ def test_site_features_table():
     assert effects.site_offset.shape == effects.site_scale.shape == (3, 8)
     assert (effects.site_scale > 0).all().all()
     assert len(effects.diagnosis_features) == 2
+    # the affected features form network1; the others are dealt out over network2..4
+    assert effects.network[effects.diagnosis_features].tolist() == ["network1", "network1"]
+    assert effects.network.value_counts().sort_index().tolist() == [2, 2, 2, 2]
+    assert effects.site_network_offset.shape == (3, 4)
+    assert list(effects.site_network_offset.columns) == [f"network{k}" for k in range(1, 5)]
+    assert 0 <= effects.residual_network_correlation < 1
     assert isinstance(make_site_features(10, 2, 2), pd.DataFrame)
 
 
@@ -88,6 +94,57 @@ def test_site_features_carry_the_configured_effects():
             rows.mean(), effects.site_offset.loc[site], atol=5 * 1.5 * sd / np.sqrt(n)
         )
         np.testing.assert_allclose(rows.std() / sd, effects.site_scale.loc[site], rtol=0.12)
+
+
+def test_site_offsets_have_a_network_part():
+    # site_offset = whole-brain + network + feature parts: removing the network part leaves,
+    # within a site, the same mean in every network (up to the feature part, sd 0.015)
+    _, effects = make_site_features(40, 400, 4, random_state=0, return_effects=True)
+    network_part = effects.site_network_offset.loc[:, effects.network].to_numpy()
+    rest = pd.DataFrame(effects.site_offset.to_numpy() - network_part,
+                        columns=effects.feature_names)
+    per_network = rest.T.groupby(effects.network.to_numpy()).mean().T  # (sites, networks)
+    spread = per_network.sub(per_network.mean(axis=1), axis=0).abs().to_numpy().max()
+    assert spread < 5 * 0.015 / np.sqrt(100)
+    assert rest.std(axis=1).between(0.01, 0.02).all()  # the feature part
+    # the network part is as large as the diagnosis effect, not a rounding error
+    assert effects.site_network_offset.abs().to_numpy().max() > 0.03
+
+
+def test_residuals_are_correlated_within_networks():
+    data, effects = make_site_features(4000, 12, 1, random_state=0, return_effects=True)
+    residual = (data[effects.feature_names] - effects.biological_mean(data)).to_numpy()
+    corr = np.corrcoef(residual.T)
+    same = effects.network.to_numpy()[:, None] == effects.network.to_numpy()[None, :]
+    off_diagonal = ~np.eye(len(corr), dtype=bool)
+    rho = effects.residual_network_correlation
+    np.testing.assert_allclose(corr[same & off_diagonal], rho, atol=0.05)
+    np.testing.assert_allclose(corr[~same], 0.0, atol=0.05)
+
+
+def test_combat_removes_the_network_offsets():
+    # Per site and network, the mean of data minus biology is the site's whole-brain plus
+    # network offset before ComBat; after ComBat every site has the same network means.
+    from kwneuro_sk import CombatHarmonizer
+
+    data, effects = make_site_features(900, 40, 3, random_state=0, return_effects=True)
+    features = effects.feature_names
+    harmonized = CombatHarmonizer("site", ["sex"], ["age"]).set_output(
+        transform="pandas").fit_transform(data.drop(columns=["subject", "diagnosis"]))
+
+    def site_network_means(values):
+        left = values[features] - effects.biological_mean(data)
+        per_site = left.groupby(data["site"]).mean()  # (sites, features)
+        return per_site.T.groupby(effects.network.to_numpy()).mean().T  # (sites, networks)
+
+    before = site_network_means(data)
+    expected = effects.site_offset.T.groupby(effects.network.to_numpy()).mean().T
+    np.testing.assert_allclose(before, expected, atol=0.006)
+    assert np.ptp(before.to_numpy(), axis=0).min() > 0.03  # sites differ in every network
+    after = site_network_means(harmonized)
+    # what is left is sampling error of ComBat's estimates and the part of the diagnosis
+    # effect that ComBat attributes to sites with more patients
+    assert np.ptp(after.to_numpy(), axis=0).max() < 0.01
 
 
 def test_sites_are_confounded_with_age_and_diagnosis():
@@ -219,10 +276,24 @@ def test_region_means_follow_the_model(cohort):
         offset = effects.site_offset.loc[site].to_numpy()
         scale = effects.site_scale.loc[site].to_numpy()
         standardized = (rows - offset) / scale  # should be N(0, ~0.04) around 0
-        assert abs(standardized.mean()) < 0.01
+        # the subject effect shared by a network's regions makes the mean of 4 subjects over
+        # all regions vary by about 0.005
+        assert abs(standardized.mean()) < 0.015
         assert 0.03 < standardized.std() < 0.05
-        # the site's mean offset is recovered to well within the spread across sites
-        assert abs(rows.mean() - offset.mean()) < 0.01
+        # the site's mean offset is recovered to well within the spread across sites (0.04)
+        assert abs(rows.mean() - offset.mean()) < 0.015
+    # residuals of regions of one network are correlated (a shared subject effect), those of
+    # different networks are not
+    table = pd.read_csv(cohort.labels_file, sep="\t")
+    assert effects.network.tolist() == table["network"].tolist()
+    standardized = (residual - effects.site_offset.loc[sites].to_numpy()) / effects.site_scale.loc[
+        sites
+    ].to_numpy()
+    corr = np.corrcoef(standardized.T)
+    network = table["network"].to_numpy()
+    same = (network[:, None] == network[None, :]) & ~np.eye(len(network), dtype=bool)
+    different = network[:, None] != network[None, :]
+    assert corr[same].mean() > 0.2 and abs(corr[different].mean()) < 0.05
 
 
 def test_site_is_predictable_and_diagnosis_present(tmp_path):
@@ -243,8 +314,13 @@ def test_site_is_predictable_and_diagnosis_present(tmp_path):
     left = X - bio - site_part
     dmn = effects.diagnosis_effect.to_numpy() != 0
     patient = (cov["diagnosis"] == "patient").to_numpy()
-    gap = left[patient][:, dmn].mean() - left[~patient][:, dmn].mean()
-    assert gap == pytest.approx(effects.diagnosis_effect[dmn].mean(), abs=0.012)
+    dmn_mean = left[:, dmn].mean(axis=1)  # one value per subject
+    gap = dmn_mean[patient].mean() - dmn_mean[~patient].mean()
+    standard_error = np.sqrt(dmn_mean[patient].var(ddof=1) / patient.sum()
+                             + dmn_mean[~patient].var(ddof=1) / (~patient).sum())
+    assert standard_error < 0.015
+    assert gap == pytest.approx(effects.diagnosis_effect[dmn].mean(), abs=3 * standard_error)
+    assert gap < 0  # and the sign is visible at 30 subjects
 
 
 def test_reproducible_and_seed_dependent(cohort, tmp_path):
