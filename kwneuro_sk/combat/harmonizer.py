@@ -262,10 +262,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         from_columns = (self.batch_col is not None and isinstance(X, pd.DataFrame)
                         and self.batch_col in X.columns)
-        if from_columns:
-            rows = self._split(X, batch, covariates, from_columns=True)
-        else:
-            rows = self._split(X, batch, covariates, from_columns=False)
+        rows = self._split(X, batch, covariates, from_columns=from_columns)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
             raise ValueError(f"inverse_transform expects the {n_out} harmonized features "
