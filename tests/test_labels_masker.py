@@ -376,6 +376,55 @@ def test_n_jobs_gives_the_same_rows(atlas_img, img_paths):
     np.testing.assert_array_equal(parallel, serial)
 
 
+class _CountingThreads(joblib._parallel_backends.ThreadingBackend):
+    """Threading backend that counts the tasks submitted to it (test-only)."""
+
+    submitted = 0
+
+    def submit(self, func, callback=None):
+        type(self).submitted += 1
+        return super().submit(func, callback=callback)
+
+
+def test_parallel_config_backend_and_n_jobs_are_used(atlas_img, img_paths):
+    joblib.register_parallel_backend("kwneuro_sk_counting", _CountingThreads)
+    expected = LabelsMasker(atlas_img).fit_transform(img_paths)
+    _CountingThreads.submitted = 0
+    with joblib.parallel_config(backend="kwneuro_sk_counting", n_jobs=2):
+        out = LabelsMasker(atlas_img).fit_transform(img_paths)  # n_jobs=None: the context's
+    np.testing.assert_array_equal(out, expected)
+    assert _CountingThreads.submitted == 4  # 4 images, 4 * n_jobs chunks at most
+    _CountingThreads.submitted = 0
+    with joblib.parallel_config(backend="kwneuro_sk_counting", n_jobs=2):
+        LabelsMasker(atlas_img, n_jobs=1).fit_transform(img_paths)  # explicit 1: serial
+    assert _CountingThreads.submitted == 0
+
+
+def test_plan_for_a_new_grid_is_built_once_by_concurrent_threads(atlas_img, rng, monkeypatch):
+    import time
+
+    builds = []
+    real_build = labels_module.build_plan
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.05)  # let the other threads arrive while the first one builds
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(labels_module, "build_plan", slow_build)
+    masker = LabelsMasker(atlas_img, n_jobs=4).fit()
+    builds.clear()
+    other = [_random_img(rng, OTHER_SHAPE, OTHER_AFFINE) for _ in range(8)]
+    out = masker.transform(other)
+    assert len(builds) == 1
+    np.testing.assert_array_equal(out, LabelsMasker(atlas_img).fit().transform(other))
+    # the lock survives pickling: a restored masker builds plans for new grids too
+    restored = pickle.loads(pickle.dumps(masker))
+    third = [_random_img(rng, (5, 6, 5), np.diag([4.0, 4.0, 4.0, 1.0]))]
+    np.testing.assert_array_equal(restored.transform(third),
+                                  LabelsMasker(atlas_img).fit().transform(third))
+
+
 def test_verbose_reports_progress(atlas_img, img_paths, capsys):
     LabelsMasker(atlas_img, verbose=2).fit_transform(img_paths)
     assert "[LabelsMasker] 4/4 images" in capsys.readouterr().err
@@ -427,21 +476,102 @@ def test_inverse_transform_shapes_and_round_trip(atlas_img):
 
 
 # ----------------------------------------------------------------- 4D time series
-def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng):
+CLEANING = [
+    dict(detrend=True, standardize="zscore_sample", low_pass=0.1, t_r=2.0),
+    dict(standardize="psc", high_pass=0.02, t_r=2.0, clean_args={"filter": "cosine"}),
+    dict(detrend=True, standardize_confounds=False),
+]
+
+
+def _runs(rng, n_runs=2, n_scans=20):
     # float64 data: nilearn keeps float32 signals in float32 through cleaning.
-    runs = [nib.Nifti1Image(rng.normal(size=SHAPE + (20,)) + 3, AFFINE) for _ in range(2)]
-    confounds = [rng.normal(size=(20, 2)) for _ in range(2)]
-    clean = dict(detrend=True, standardize="zscore_sample", low_pass=0.1, t_r=2.0)
-    ours = LabelsMasker(atlas_img).fit().transform_imgs(runs, confounds, **clean)
+    runs = [nib.Nifti1Image(rng.normal(size=SHAPE + (n_scans,)) + 3 + 0.05 * np.arange(n_scans),
+                            AFFINE) for _ in range(n_runs)]
+    return runs, [rng.normal(size=(n_scans, 2)) for _ in range(n_runs)]
+
+
+@pytest.mark.parametrize("cleaning", CLEANING, ids=["bandpass-zscore", "cosine-psc", "detrend"])
+def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng, cleaning):
+    runs, confounds = _runs(rng)
+    ours = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = MultiNiftiLabelsMasker(atlas_img, **clean).fit().transform_imgs(
+        ref = MultiNiftiLabelsMasker(atlas_img, **cleaning).fit().transform_imgs(
             runs, confounds=confounds
         )
+        raw = LabelsMasker(atlas_img).fit().transform_imgs(runs, confounds)
     assert [o.shape for o in ours] == [(20, 6), (20, 6)]
-    for mine, theirs in zip(ours, ref):
+    for mine, theirs, uncleaned in zip(ours, ref, raw):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-9)
+        assert not np.allclose(mine, uncleaned)  # the cleaning did something
 
+
+def test_transform_imgs_keywords_still_work_with_a_future_warning(atlas_img, rng):
+    runs, confounds = _runs(rng)
+    cleaning = CLEANING[0]
+    expected = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
+    masker = LabelsMasker(atlas_img).fit()
+    with pytest.warns(FutureWarning, match="detrend, standardize, low_pass, t_r to "
+                                           "transform_imgs is deprecated"):
+        old_style = masker.transform_imgs(runs, confounds, **cleaning)
+    for mine, theirs in zip(old_style, expected):
+        np.testing.assert_array_equal(mine, theirs)
+    assert masker.detrend is False  # the keyword did not change the masker
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="'low_pass'.*transform_imgs"):
+        masker.transform_imgs(runs, confounds, low_pass=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("detrend", True), ("standardize", "zscore_sample"), ("low_pass", 0.1),
+     ("high_pass", 0.01), ("clean_args", {"filter": "cosine"})],
+)
+def test_transform_refuses_to_clean_across_subjects(atlas_img, imgs, param, value):
+    masker = LabelsMasker(atlas_img, t_r=2.0, **{param: value}).fit()
+    with pytest.raises(ValueError, match=f"{param}=.*transform_imgs.*no time axis"):
+        masker.transform(imgs)
+    # t_r and standardize_confounds alone clean nothing
+    np.testing.assert_array_equal(
+        LabelsMasker(atlas_img, t_r=2.0, standardize_confounds=False).fit_transform(imgs),
+        LabelsMasker(atlas_img).fit_transform(imgs),
+    )
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("detrend", "yes"), ("standardize", "zscore"), ("low_pass", 0.0), ("high_pass", -0.1),
+     ("t_r", 0), ("clean_args", [("filter", "cosine")]), ("standardize_confounds", None)],
+)
+def test_cleaning_parameters_validated_at_fit(atlas_img, param, value):
+    masker = LabelsMasker(atlas_img, **{param: value})
+    assert getattr(masker, param) == value  # stored unchanged
+    with pytest.raises(ValueError, match=f"'{param}' parameter of LabelsMasker"):
+        masker.fit()
+
+
+def test_cleaning_parameters_are_cloned_and_tuned_by_grid_search(atlas_img, rng):
+    """GridSearchCV sets the cleaning parameters on clones and transform_imgs uses them."""
+    runs, _ = _runs(rng, n_runs=4, n_scans=30)
+    masker = LabelsMasker(atlas_img, t_r=2.0, clean_args={"filter": "butterworth"})
+    cloned = clone(masker)
+    assert cloned.get_params()["t_r"] == 2.0
+    assert cloned.get_params()["clean_args"] == {"filter": "butterworth"}
+
+    def smoothness(estimator, X, y=None):
+        # minus the mean squared scan-to-scan change of the cleaned time series
+        return -np.mean([np.mean(np.diff(ts, axis=0) ** 2) for ts in estimator.transform_imgs(X)])
+
+    grid = {"low_pass": [None, 0.05], "detrend": [False, True]}
+    search = GridSearchCV(masker, grid, scoring=smoothness, cv=2, n_jobs=2).fit(runs)
+    folds = [(runs[2:], runs[:2]), (runs[:2], runs[2:])]  # KFold(2): (train, test)
+    expected = [
+        np.mean([smoothness(clone(masker).set_params(**params).fit(train), test)
+                 for train, test in folds])
+        for params in search.cv_results_["params"]
+    ]
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], expected, rtol=1e-12)
+    assert search.best_params_ == search.cv_results_["params"][int(np.argmax(expected))]
+    assert search.best_estimator_.low_pass == 0.05
 
 def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
     masker = LabelsMasker(atlas_img).fit()
