@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kwneuro_sk.maskers._reduce import STRATEGIES
+
 PROG = "kwneuro-sk"
 
 
@@ -238,9 +240,7 @@ def build_parser():
     extract.add_argument("images", nargs="*", metavar="IMAGE", help="3D images (.nii/.nii.gz)")
     extract.add_argument("--atlas", required=True, help="labels image")
     extract.add_argument("--labels", help="look-up table (TSV with index and name columns)")
-    extract.add_argument("--strategy", default="mean",
-                         choices=["mean", "median", "sum", "minimum", "maximum", "variance",
-                                  "standard_deviation"])
+    extract.add_argument("--strategy", default="mean", choices=STRATEGIES)
     extract.add_argument("--from-csv", metavar="CSV",
                          help="table whose --column holds the image paths; its other columns "
                          "are copied to the output")

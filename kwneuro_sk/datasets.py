@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import nibabel as nib
@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from sklearn.utils._param_validation import Interval, validate_params
 
 __all__ = [
     "DemoCohort",
@@ -269,6 +270,7 @@ class DemoCohort:
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params({"data_dir": [str, os.PathLike, None]}, prefer_skip_nested_validation=True)
 def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """Folder where kwneuro_sk caches the data it generates.
 
@@ -292,10 +294,6 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     '/tmp/my_data'
     """
     if data_dir is not None:
-        if not isinstance(data_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"data_dir must be a path (str or os.PathLike) or None, got {type(data_dir).__name__}."
-            )
         return Path(data_dir).expanduser()
     from_env = os.environ.get(DATA_DIR_ENV)
     if from_env:
@@ -309,6 +307,18 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(base) / "kwneuro_sk"
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "n_features": [Interval(Integral, 1, None, closed="left")],
+        "n_sites": [Interval(Integral, 1, None, closed="left")],
+        # numpy's Generator stream (not scikit-learn's RandomState): the same seed must keep
+        # giving the same table, so check_random_state is not used here.
+        "random_state": [Interval(Integral, 0, None, closed="left"), np.random.Generator, None],
+        "return_effects": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def make_site_features(
     n_subjects: int = 300,
     n_features: int = 20,
@@ -358,10 +368,8 @@ def make_site_features(
     (3, 5)
     """
     n_subjects, n_sites = _check_design(n_subjects, n_sites)
-    n_features = _check_int(n_features, "n_features", minimum=1)
-    if not isinstance(return_effects, (bool, np.bool_)):
-        raise TypeError(f"return_effects must be a bool, got {type(return_effects).__name__}.")
-    rng = _check_rng(random_state)
+    n_features = int(n_features)
+    rng = np.random.default_rng(random_state)
 
     covariates = _simulate_covariates(n_subjects, n_sites, rng)
     width = max(2, len(str(n_features - 1)))
@@ -388,6 +396,17 @@ def make_site_features(
     return (data, effects) if return_effects else data
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "n_sites": [Interval(Integral, 1, None, closed="left")],
+        "data_dir": [str, os.PathLike, None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "roi_radius": [Interval(Real, 2.0, 15.0, closed="both")],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def make_demo_cohort(
     n_subjects: int = 120,
     n_sites: int = 3,
@@ -457,12 +476,7 @@ def make_demo_cohort(
     (3, 160)
     """
     n_subjects, n_sites = _check_design(n_subjects, n_sites)
-    random_state = _check_int(random_state, "random_state", minimum=0)
-    if isinstance(roi_radius, bool) or not isinstance(roi_radius, numbers.Real):
-        raise TypeError(f"roi_radius must be a number of mm, got {type(roi_radius).__name__}.")
-    roi_radius = float(roi_radius)
-    if not 2.0 <= roi_radius <= 15.0:
-        raise ValueError(f"roi_radius must be between 2 and 15 mm, got {roi_radius}.")
+    random_state, roi_radius = int(random_state), float(roi_radius)
 
     params = {
         "generator_version": _GENERATOR_VERSION,
@@ -774,29 +788,14 @@ def _load_cohort(folder: Path) -> DemoCohort:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, *, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return int(value)
-
-
 def _check_design(n_subjects, n_sites) -> tuple[int, int]:
-    n_sites = _check_int(n_sites, "n_sites", minimum=1)
-    n_subjects = _check_int(n_subjects, "n_subjects", minimum=2)
+    """Both already validated as integers; here only what ties them together."""
     if n_subjects < 2 * n_sites:
         raise ValueError(
             f"n_subjects must be at least 2 per site (2 * n_sites = {2 * n_sites}), "
             f"got {n_subjects}."
         )
-    return n_subjects, n_sites
-
-
-def _check_rng(random_state) -> np.random.Generator:
-    if random_state is None or isinstance(random_state, np.random.Generator):
-        return np.random.default_rng(random_state)
-    return np.random.default_rng(_check_int(random_state, "random_state", minimum=0))
+    return int(n_subjects), int(n_sites)
 
 
 def _require_columns(frame, columns, name):

@@ -161,7 +161,7 @@ def test_sites_are_confounded_with_age_and_diagnosis():
         ({"n_subjects": 10.0}, TypeError, "n_subjects"),
         ({"n_sites": 0}, ValueError, "n_sites"),
         ({"n_features": 0}, ValueError, "n_features"),
-        ({"n_features": True}, TypeError, "n_features"),
+        ({"n_features": "3"}, TypeError, "n_features"),
         ({"random_state": "seed"}, TypeError, "random_state"),
         ({"return_effects": 1}, TypeError, "return_effects"),
     ],
