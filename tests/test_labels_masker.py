@@ -16,7 +16,7 @@ from nilearn.maskers import MultiNiftiLabelsMasker, NiftiLabelsMasker
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import Ridge
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 
 import kwneuro_sk.maskers.labels as labels_module
@@ -347,17 +347,30 @@ def test_column_transformer_with_pandas_output(atlas_img, img_paths):
 
 
 def test_grid_search_over_strategy(atlas_img, rng, tmp_path):
-    paths = []
-    for i in range(6):
+    # y is the sum of each image's region offsets; 10 % of the voxels are wild outliers, so the
+    # region medians recover the offsets and the means do not: the search must pick "median".
+    atlas = np.asanyarray(atlas_img.dataobj)
+    paths, y = [], []
+    for i in range(12):
+        offsets = rng.normal(size=7)
+        data = offsets[atlas] + rng.normal(scale=0.1, size=SHAPE)
+        outliers = rng.random(SHAPE) < 0.1
+        data[outliers] = rng.choice([-50.0, 50.0], size=outliers.sum())
         path = tmp_path / f"g{i}.nii.gz"
-        _random_img(rng).to_filename(path)
+        nib.Nifti1Image(data.astype(np.float32), AFFINE).to_filename(path)
         paths.append(str(path))
-    y = rng.normal(size=6)
-    pipe = make_pipeline(LabelsMasker(atlas_img), Ridge())
-    search = GridSearchCV(pipe, {"labelsmasker__strategy": ["mean", "median"]}, cv=2)
+        y.append(offsets[1:].sum())
+    y = np.array(y)
+    pipe = make_pipeline(LabelsMasker(atlas_img), Ridge(alpha=1e-3))
+    search = GridSearchCV(pipe, {"labelsmasker__strategy": ["mean", "median"]}, cv=3)
     search.fit(paths, y)
-    assert search.best_params_["labelsmasker__strategy"] in {"mean", "median"}
-    assert search.predict(paths[:2]).shape == (2,)
+    assert search.best_params_ == {"labelsmasker__strategy": "median"}
+    for strategy, score in zip(["mean", "median"], search.cv_results_["mean_test_score"]):
+        by_hand = cross_val_score(clone(pipe).set_params(labelsmasker__strategy=strategy),
+                                  paths, y, cv=3)
+        assert score == pytest.approx(by_hand.mean(), rel=1e-12)
+    assert search.cv_results_["mean_test_score"][1] > 0.95
+    np.testing.assert_allclose(search.predict(paths[:2]), y[:2], atol=0.2)
 
 
 def test_clone_and_pickle(atlas_img, img_paths):
