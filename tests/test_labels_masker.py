@@ -1,6 +1,5 @@
 """Tests of kwneuro_sk.maskers.LabelsMasker."""
 
-import doctest
 import os
 import pickle
 import warnings
@@ -590,11 +589,6 @@ def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
     masker = LabelsMasker(atlas_img).fit()
     with pytest.raises(ValueError, match="confounds has 1 entries but imgs_list has 2"):
         masker.transform_imgs(imgs[:2], confounds=[None])
-
-
-def test_docstring_example_runs():
-    result = doctest.testmod(labels_module, raise_on_error=False)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_memory_as_a_path(atlas_img, img_paths, tmp_path):
