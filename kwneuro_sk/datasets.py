@@ -41,6 +41,7 @@ the age and diagnosis effects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -653,15 +654,30 @@ def _noise_scale(sigma_voxels: float) -> float:
     return float(np.sqrt(np.sum(kernel**2)) ** 3)
 
 
-def _write_cohort(folder: Path, params: dict) -> None:
-    """Simulate and write every file of the cohort into folder; params.json is written last."""
+@functools.lru_cache(maxsize=1)
+def _templates() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2 mm grey-matter map, brain mask and affine, read-only.
+
+    Kept for the process: nilearn resamples the grey-matter map on every load (half a second),
+    and every cohort starts from the same templates.
+    """
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template
 
     gm_img = load_mni152_gm_template(resolution=2)
     mask_img = load_mni152_brain_mask(resolution=2)
-    affine = gm_img.affine
-    mask = np.asarray(mask_img.dataobj) > 0
-    gm = np.asarray(gm_img.get_fdata(), dtype=np.float64)
+    arrays = (
+        np.asarray(gm_img.get_fdata(), dtype=np.float64),
+        np.asarray(mask_img.dataobj) > 0,
+        np.array(gm_img.affine, dtype=np.float64),
+    )
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def _write_cohort(folder: Path, params: dict) -> None:
+    """Simulate and write every file of the cohort into folder; params.json is written last."""
+    gm, mask, affine = _templates()
 
     atlas, table = _make_atlas(mask, affine, params["roi_radius"])
     n_regions = len(table)

@@ -180,8 +180,8 @@ def test_extract_missing_image_named(images, capsys):
     assert "nope.nii.gz" in capsys.readouterr().err
 
 
-def test_demo_prints_the_table(tmp_path, capsys):
-    assert main(["demo", "--n-subjects", "30", "--data-dir", str(tmp_path / "data"),
+def test_demo_prints_the_table(tmp_path, capsys, demo_data_dir, demo_n_subjects):
+    assert main(["demo", "--n-subjects", str(demo_n_subjects), "--data-dir", str(demo_data_dir),
                  "--output-dir", str(tmp_path / "out"), "--no-figure"]) == 0
     out = capsys.readouterr().out
     assert "ComBat inside the pipeline" in out and "site left out" in out

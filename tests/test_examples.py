@@ -1,8 +1,10 @@
 """Run every script of examples/ as a user would, and check the numbers each one prints.
 
 Every ``examples/*.py`` is found with a glob, so a new example is run without editing this
-file. Scripts run in a subprocess with ``KWNEURO_SK_DATA`` and ``KWNEURO_SK_EXAMPLES_OUTPUT``
-pointing into one temporary folder shared by the module, so the demo cohort is generated once.
+file. Scripts run in a subprocess with ``KWNEURO_SK_DATA`` pointing to the session's data folder
+(the demo cohort is generated once, shared with the CLI demo test), ``KWNEURO_SK_EXAMPLES_OUTPUT``
+to a folder of this module, and ``KWNEURO_SK_EXAMPLES_N_SUBJECTS`` to the suite's smaller cohort
+(the examples' checks hold at that size too).
 Examples listed in ``CHECKS`` also have their key printed numbers and output files checked.
 """
 
@@ -95,10 +97,9 @@ CHECKS = {
 
 
 @pytest.fixture(scope="module")
-def shared_folders(tmp_path_factory):
-    """Data cache and output folder shared by every example of this module."""
-    root = tmp_path_factory.mktemp("examples")
-    return root / "data", root / "output"
+def shared_folders(tmp_path_factory, demo_data_dir):
+    """Data cache (shared by the session) and output folder shared by every example."""
+    return demo_data_dir, tmp_path_factory.mktemp("examples") / "output"
 
 
 def test_examples_are_found():
@@ -107,10 +108,12 @@ def test_examples_are_found():
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
-def test_example_runs(script, shared_folders, tmp_path):
+def test_example_runs(script, shared_folders, tmp_path, demo_n_subjects):
     data_dir, output = shared_folders
     env = {**os.environ, "KWNEURO_SK_DATA": str(data_dir),
-           "KWNEURO_SK_EXAMPLES_OUTPUT": str(output), "MPLBACKEND": "Agg"}
+           "KWNEURO_SK_EXAMPLES_OUTPUT": str(output), "MPLBACKEND": "Agg",
+           # the image examples on the session's demo cohort instead of their 60 subjects
+           "KWNEURO_SK_EXAMPLES_N_SUBJECTS": str(demo_n_subjects)}
     # A timeout only guards against a hang; it is not a speed test.
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
