@@ -27,8 +27,9 @@ one of them. The model (per subject ``i`` at site ``s`` and feature or region ``
 with ``u`` and ``v`` standard normal and ``rho = residual_network_correlation``. The network
 part ``b`` of the site offset models scanners whose grey/white contrast differs by brain
 network or lobe: its size is comparable to the diagnosis effect, so at a site whose
-default-mode regions come out darker every subject looks a little like a patient. The subject effect ``u`` shared by
-the regions of a network makes regions of one network correlated, as in real data, so
+default-mode regions come out darker every subject looks a little like a patient. The subject
+effect ``u`` shared by the regions of a network makes regions of one network correlated, as in
+real data, so
 averaging many regions does not make the diagnosis trivially easy. ComBat, fitted feature by
 feature, sees ``e`` as a residual of standard deviation ``residual_sd``: its ``gamma`` is the
 whole ``site_offset`` (up to a shift shared by all sites) and its ``delta`` is
@@ -728,7 +729,8 @@ def _write_cohort(folder: Path, params: dict) -> None:
     site_index = pd.Index(effects.site_offset.index).get_indexer(covariates["site"])
     image_names = [f"{subject}_gm.nii.gz" for subject in covariates["subject"]]
 
-    for row, rng in enumerate(np.random.default_rng(s) for s in subject_seed.spawn(len(covariates))):
+    subject_rngs = (np.random.default_rng(s) for s in subject_seed.spawn(len(covariates)))
+    for row, rng in enumerate(subject_rngs):
         subject = covariates.iloc[row]
         s = site_index[row]
         region_values = (
@@ -784,7 +786,9 @@ def _load_cohort(folder: Path) -> DemoCohort:
     covariates = pd.read_csv(
         folder / "covariates.tsv",
         sep="\t",
-        dtype={"subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str},
+        dtype={
+            "subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str
+        },
     )
     covariates["image"] = [str(folder / name) for name in covariates["image"]]
     effects = SimulatedEffects.from_dict(json.loads((folder / "effects.json").read_text()))

@@ -645,5 +645,6 @@ def test_int64_atlas_and_int64_mask(atlas_img, imgs):
         nib.Nifti1Image(atlas, AFFINE, dtype=np.int64),
         mask_img=nib.Nifti1Image(mask, AFFINE, dtype=np.int64),
     )
-    np.testing.assert_allclose(masker.fit_transform(imgs), LabelsMasker(atlas_img).fit_transform(imgs))
+    np.testing.assert_allclose(masker.fit_transform(imgs),
+                               LabelsMasker(atlas_img).fit_transform(imgs))
     assert masker.inverse_transform(np.ones(6)).shape == SHAPE

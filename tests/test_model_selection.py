@@ -15,9 +15,15 @@ from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import get_scorer
-from sklearn.model_selection import (GridSearchCV, GroupKFold, LeaveOneGroupOut,
-                                     RandomizedSearchCV, StratifiedKFold, cross_val_score,
-                                     cross_validate)
+from sklearn.model_selection import (
+    GridSearchCV,
+    GroupKFold,
+    LeaveOneGroupOut,
+    RandomizedSearchCV,
+    StratifiedKFold,
+    cross_val_score,
+    cross_validate,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_html_repr
@@ -223,7 +229,8 @@ def test_array_from_preceding_step_says_set_output(cohort):
     X, y = cohort
     to_array = ColumnTransformer([("scale", StandardScaler(), FEATURES)],
                                  remainder="passthrough")
-    with pytest.raises(TypeError, match=r"DataFrame.*got ndarray.*set_output\(transform='pandas'\)"):
+    expected = r"DataFrame.*got ndarray.*set_output\(transform='pandas'\)"
+    with pytest.raises(TypeError, match=expected):
         make_pipeline(to_array, CombatHarmonizer(**META)).fit(X)
 
 
@@ -326,7 +333,8 @@ def test_adapt_matches_training_sites_moments(eb):
 def test_adapt_by_hand_without_eb():
     X, _, _, _ = make_cohort(seed=4, n_sites=3, n_per_site=30)
     new = (X["site"] == "site2").to_numpy()
-    combat = CombatHarmonizer("site", eb=False, unseen_batch="adapt").fit(X[~new][FEATURES + ["site"]])
+    combat = CombatHarmonizer("site", eb=False, unseen_batch="adapt")
+    combat.fit(X[~new][FEATURES + ["site"]])
     values = X.loc[new, FEATURES].to_numpy()
     sigma = np.sqrt(combat.var_pooled_)
     s = (values - combat.grand_mean_) / sigma

@@ -53,7 +53,8 @@ def test_distributions_layout(fitted):
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 6
     for k, ax in enumerate(fig.axes):
-        assert ax.get_title().endswith("before harmonization" if k % 2 == 0 else "after harmonization")
+        stage = "before" if k % 2 == 0 else "after"
+        assert ax.get_title().endswith(f"{stage} harmonization")
         assert len(step_patches(ax)) == 3  # one histogram per site
     legend = fig.axes[1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["site1", "site2", "site3"]
