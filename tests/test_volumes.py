@@ -530,3 +530,37 @@ def test_to_neurocombat_has_neurocombats_keys_and_values(cohort):
                                    rtol=1e-9, err_msg=key)
     np.testing.assert_allclose(ours["stand.mean"][:, 0], theirs["stand.mean"][:, 0], rtol=1e-9)
     assert ours["batches"].tolist() == np.asarray(theirs["batches"]).tolist()
+
+
+def test_kwneuro_drop_in():
+    """kwneuro's own harmonize_volumes call, with only the import changed, gives its numbers
+    and its kind of output (runs where kwneuro is installed; its pins clash with this
+    environment's numpy, so CI skips it and the stand-in test above covers the resources)."""
+    kwneuro_harmonize = pytest.importorskip("kwneuro.harmonize")
+    from kwneuro.resource import InMemoryVolumeResource
+
+    rng = np.random.default_rng(123)
+    shape = (12, 10, 8)
+    mask_array = np.zeros(shape, dtype=np.int8)
+    mask_array[2:10, 2:8, 2:6] = 1
+    mask = InMemoryVolumeResource(array=mask_array, affine=np.eye(4), metadata={})
+    site = np.repeat(["Scanner_A", "Scanner_B", "Scanner_C"], 6)
+    age = rng.uniform(25, 75, site.size)
+    shift = {"Scanner_A": 0.0, "Scanner_B": 0.15, "Scanner_C": -0.1}
+    volumes = [InMemoryVolumeResource(array=0.5 + 0.002 * a + shift[s]
+                                      + rng.normal(0, 0.015, shape),
+                                      affine=np.eye(4), metadata={})
+               for s, a in zip(site, age)]
+    covars = pd.DataFrame({"site": site, "age": age})
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs, _ = kwneuro_harmonize.harmonize_volumes(volumes, covars, batch_col="site",
+                                                        mask=mask, continuous_cols=["age"])
+    ours, _ = harmonize_volumes(volumes, covars, batch_col="site", mask=mask,
+                                continuous_cols=["age"])
+    ours64, _ = harmonize_volumes(volumes, covars, batch_col="site", mask=mask,
+                                  continuous_cols=["age"], dtype=np.float64)
+    for a, b, c in zip(ours, ours64, theirs):
+        assert type(a) is type(c) is InMemoryVolumeResource
+        np.testing.assert_allclose(a.get_array(), c.get_array(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(b.get_array(), c.get_array(), rtol=1e-10)
+        assert a.get_metadata().keys() == c.get_metadata().keys()
