@@ -545,7 +545,8 @@ def test_kwneuro_drop_in():
     mask_array[2:10, 2:8, 2:6] = 1
     mask = InMemoryVolumeResource(array=mask_array, affine=np.eye(4), metadata={})
     site = np.repeat(["Scanner_A", "Scanner_B", "Scanner_C"], 6)
-    age = rng.uniform(25, 75, site.size)
+    # float32-representable ages: neuroCombat (inside kwneuro) casts them to float32
+    age = rng.uniform(25, 75, site.size).astype(np.float32).astype(float)
     shift = {"Scanner_A": 0.0, "Scanner_B": 0.15, "Scanner_C": -0.1}
     volumes = [InMemoryVolumeResource(array=0.5 + 0.002 * a + shift[s]
                                       + rng.normal(0, 0.015, shape),
