@@ -9,7 +9,9 @@ from the features.
 
 from __future__ import annotations
 
+import os
 import time
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from sklearn.model_selection import (LeaveOneGroupOut, StratifiedKFold, cross_va
                                      cross_validate)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import Interval, validate_params
 
 from kwneuro_sk.combat import CombatHarmonizer
 from kwneuro_sk.datasets import make_demo_cohort
@@ -51,6 +54,17 @@ def _summary(scores):
     return f"{np.mean(scores):.2f} ± {np.std(scores):.2f}"
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "data_dir": [str, os.PathLike, None],
+        "output_dir": [str, os.PathLike],
+        "figure": ["boolean"],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "verbose": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", figure=True,
              random_state=0, verbose=True):
     """Run the demo and print its table.

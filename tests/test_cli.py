@@ -106,6 +106,8 @@ def test_apply_unseen_site(features_csv, tmp_path, capsys):
      "--ref-batch 'site9' is not among the sites"),
     (["apply", "nomodel.npz", "{csv}", "-o", "o.csv"], "no such model file"),
     (["extract", "--atlas", "atlas.nii.gz", "-o", "o.csv"], "no images"),
+    (["demo", "--n-subjects", "1", "--no-figure"],
+     "'n_subjects' parameter of run_demo must be an int in the range [2, inf)"),
 ])
 def test_errors_exit_nonzero_with_a_message(features_csv, tmp_path, monkeypatch, capsys,
                                             args, message):
