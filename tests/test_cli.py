@@ -93,7 +93,11 @@ def test_apply_unseen_site(features_csv, tmp_path, capsys):
     assert "['siteNEW'] were not seen in fit" in capsys.readouterr().err
     assert main(["apply", str(model), str(tmp_path / "new.csv"), "-o",
                  str(tmp_path / "n.csv"), "--adapt-new-sites"]) == 0
-    assert np.isfinite(pd.read_csv(tmp_path / "n.csv").filter(like="feature_")).all().all()
+    adapted = pd.read_csv(tmp_path / "n.csv").filter(like="feature_").to_numpy()
+    combat = CombatHarmonizer("site", ["sex"], ["age"], unseen_batch="adapt")
+    combat.fit(data.drop(columns=["subject", "diagnosis"]))
+    expected = combat.transform(new.drop(columns=["subject", "diagnosis"]))
+    np.testing.assert_allclose(adapted, expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("args, message", [

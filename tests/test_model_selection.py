@@ -362,10 +362,10 @@ def test_leave_site_out_with_any_scorer(cohort, cv, scoring):
     scores = cross_val_score(harmonized_classifier(unseen_batch="adapt"), X, y, cv=cv,
                              groups=groups, scoring=scoring, error_score="raise")
     assert scores.shape == (cv.get_n_splits(X, y, groups),)
-    assert np.isfinite(scores).all()
-    if scoring == "roc_auc":
-        raw = cross_val_score(raw_classifier(), X, y, cv=cv, groups=groups, scoring=scoring)
-        assert scores.mean() > 0.8 and scores.mean() > raw.mean()
+    raw = cross_val_score(raw_classifier(), X, y, cv=cv, groups=groups, scoring=scoring)
+    # the held-out site is adapted, not refused, and harmonizing still helps (0.5 is chance)
+    assert scores.mean() > {"roc_auc": 0.8, "balanced_accuracy": 0.7}[scoring]
+    assert scores.mean() > raw.mean()
 
 
 def test_leave_site_out_with_default_unseen_batch_fails_clearly(cohort):
