@@ -518,6 +518,15 @@ def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng, cleaning):
         assert not np.allclose(mine, uncleaned)  # the cleaning did something
 
 
+def test_transform_imgs_without_cleaning_is_the_region_means_of_each_volume(atlas_img, rng):
+    runs, _ = _runs(rng, n_runs=1, n_scans=5)
+    masker = LabelsMasker(atlas_img).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even nilearn's deprecation of standardize=False
+        (series,) = masker.transform_imgs(runs)
+    np.testing.assert_allclose(series, masker.transform(nib.four_to_three(runs[0])), rtol=1e-12)
+
+
 def test_transform_imgs_keywords_still_work_with_a_future_warning(atlas_img, rng):
     runs, confounds = _runs(rng)
     cleaning = CLEANING[0]

@@ -9,6 +9,7 @@ import warnings
 from numbers import Integral, Real
 
 import joblib
+import nilearn
 import numpy as np
 from nibabel.spatialimages import SpatialImage
 from nilearn.signal import clean
@@ -19,11 +20,16 @@ from sklearn.utils._param_validation import (
     StrOptions,
     validate_parameter_constraints,
 )
+from sklearn.utils.fixes import parse_version
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from kwneuro_sk import images as _images
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
+
+# "Do not standardize" in nilearn.signal.clean: None since nilearn 0.13 (False deprecated there),
+# only False before.
+_NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
 
 
 class LabelsMasker(TransformerMixin, BaseEstimator):
@@ -386,6 +392,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 caller_name="LabelsMasker.transform_imgs",
             )
         cleaning = {**self._clean_params(), **overrides}
+        if cleaning["standardize"] is None:
+            cleaning["standardize"] = _NO_STANDARDIZE
         clean_args = {} if self.clean_args is None else dict(self.clean_args)
 
         sources = _images.as_image_list(imgs_list, name="imgs_list")
