@@ -18,8 +18,12 @@ import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import (LeaveOneGroupOut, StratifiedKFold, cross_val_score,
-                                     cross_validate)
+from sklearn.model_selection import (
+    LeaveOneGroupOut,
+    StratifiedKFold,
+    cross_val_score,
+    cross_validate,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import Interval, validate_params
@@ -169,8 +173,11 @@ def _figures(table, regions, sites, site_scores, chance, output_dir, say):
     except ImportError:
         say('(figures skipped: pip install "kwneuro_sk[plotting]" to draw them)')
         return
-    from kwneuro_sk.plotting import (plot_combat_estimates, plot_site_distributions,
-                                     plot_site_predictability)
+    from kwneuro_sk.plotting import (
+        plot_combat_estimates,
+        plot_site_distributions,
+        plot_site_predictability,
+    )
 
     combat = CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"])
     harmonized = combat.set_output(transform="pandas").fit_transform(table)

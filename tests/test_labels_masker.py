@@ -250,7 +250,8 @@ def test_not_an_image(atlas_img, tmp_path):
     fake_gz.write_text("not gzip either")
     with pytest.raises(ValueError, match="fake.nii.gz.*not a readable"):
         masker.transform([fake_gz])
-    with pytest.raises(TypeError, match="path, os.PathLike, nibabel image or kwneuro volume resource"):
+    expected = "path, os.PathLike, nibabel image or kwneuro volume resource"
+    with pytest.raises(TypeError, match=expected):
         masker.transform([42])
     with pytest.raises(TypeError, match="numeric array"):
         masker.transform(np.zeros(SHAPE))
