@@ -135,6 +135,18 @@ class SimulatedEffects:
         subject); residuals of different networks are independent.
     reference_age : float
         Age at which the age effect is zero.
+
+    Examples
+    --------
+    >>> from kwneuro_sk.datasets import make_site_features
+    >>> data, effects = make_site_features(n_subjects=60, n_features=4, return_effects=True)
+    >>> effects.feature_names
+    ['feature_00', 'feature_01', 'feature_02', 'feature_03']
+    >>> effects.diagnosis_features  # the features the diagnosis lowers
+    ['feature_02']
+    >>> site_part = data[effects.feature_names] - effects.biological_mean(data)
+    >>> site_part.groupby(data["site"]).mean().round(2).shape  # site offsets, plus noise
+    (3, 4)
     """
 
     baseline: pd.Series
