@@ -102,7 +102,7 @@ def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", fig
     >>> import tempfile
     >>> from kwneuro_sk.demo import run_demo
     >>> folder = tempfile.mkdtemp()
-    >>> scores = run_demo(30, data_dir=folder, output_dir=folder, figure=False, verbose=False)
+    >>> scores = run_demo(15, data_dir=folder, output_dir=folder, figure=False, verbose=False)
     >>> list(scores.index)
     ['no harmonization', 'ComBat inside the pipeline']
     >>> scores.columns.tolist()[-1]

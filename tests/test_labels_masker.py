@@ -584,7 +584,7 @@ def test_cleaning_parameters_are_cloned_and_tuned_by_grid_search(atlas_img, rng)
         return -np.mean([np.mean(np.diff(ts, axis=0) ** 2) for ts in estimator.transform_imgs(X)])
 
     grid = {"low_pass": [None, 0.05], "detrend": [False, True]}
-    search = GridSearchCV(masker, grid, scoring=smoothness, cv=2, n_jobs=2).fit(runs)
+    search = GridSearchCV(masker, grid, scoring=smoothness, cv=2).fit(runs)
     folds = [(runs[2:], runs[:2]), (runs[:2], runs[2:])]  # KFold(2): (train, test)
     expected = [
         np.mean([smoothness(clone(masker).set_params(**params).fit(train), test)
