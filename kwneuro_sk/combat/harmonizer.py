@@ -17,7 +17,8 @@ from sklearn.utils.validation import (_check_feature_names_in, check_array, chec
 
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
-from kwneuro_sk.combat._inputs import feature_columns, read_rows
+from kwneuro_sk.combat._inputs import (check_not_bool, check_same_columns, feature_columns,
+                                       read_rows)
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 
 
@@ -325,6 +326,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         combat.n_features_in_ = int(info["n_features_in"])
         if info["feature_names_in"] is not None:
             combat.feature_names_in_ = np.asarray(info["feature_names_in"], dtype=object)
+        columns = info.get("columns_in", info["feature_names_in"])
+        combat._columns_in = None if columns is None else list(columns)
         combat._covariates = CovariateEncoding.from_state(info)
         combat.covariate_names_ = combat._covariates.names
         names = info["feature_names"]
@@ -390,7 +393,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                   **self._covariates.state(), "eb": self.eb, "parametric": self.parametric,
                   "mean_only": self.mean_only, "unseen_batch": self.unseen_batch,
                   "n_features_in": self.n_features_in_,
-                  "feature_names_in": getattr(self, "feature_names_in_", None)})
+                  "feature_names_in": getattr(self, "feature_names_in_", None),
+                  "columns_in": self._columns_in})
         return self
 
     def _transform(self, rows):
@@ -475,14 +479,29 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                          f"{design.shape[0]} rows for {design.shape[1]} columns")
 
     def _read_rows(self, X, batch, covariates, *, reset):
-        if self.batch_col is None and not isinstance(X, pd.DataFrame):
-            # Arrays and array-likes get scikit-learn's own messages (1-D, sparse, complex,
-            # empty) before anything else is looked at.
-            X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
-                            input_name="X")
-        validate_data(self, X, reset=reset, skip_check_array=True)
+        if isinstance(X, pd.DataFrame):
+            # Columns are matched by name, whatever their type: scikit-learn checks only
+            # string names (feature_names_in_), so the labels seen in fit are kept and checked
+            # here for integers, tuples and mixed types too.
+            fitted_columns = None if reset else getattr(self, "_columns_in", None)
+            if fitted_columns is not None:
+                check_same_columns(X.columns, fitted_columns)
+            if not all(isinstance(c, str) for c in X.columns):
+                X_checked = X.set_axis(range(X.shape[1]), axis=1)
+                validate_data(self, X_checked, reset=reset, skip_check_array=True)
+            else:
+                validate_data(self, X, reset=reset, skip_check_array=True)
+        else:
+            if self.batch_col is None:
+                # Arrays and array-likes get scikit-learn's own messages (1-D, sparse,
+                # complex, empty) before anything else is looked at.
+                check_not_bool(X)
+                X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
+                                input_name="X")
+            validate_data(self, X, reset=reset, skip_check_array=True)
         rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
         if reset:
+            self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
             self._feature_names_out = (
                 np.asarray([str(c) for c in feature_columns(X, self.batch_col,
                                                             self._metadata_columns())],
