@@ -194,12 +194,57 @@ def _load_compressed_nifti(path):
     which then go through ``nibabel.load``.
     """
     with open(path, "rb") as f:
-        raw = gzip.decompress(f.read())
+        return _nifti_from_bytes(f.read(), compressed=True)
+
+
+def _nifti_from_bytes(raw, *, compressed):
+    """A NIfTI-1/2 single-file image parsed from the bytes of a file, or None when the bytes
+    are not one (other formats go through ``nibabel.load``)."""
+    if compressed:
+        raw = gzip.decompress(raw)
     sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
     for size, image_class in ((348, nib.Nifti1Image), (540, nib.Nifti2Image)):
         if size in sizeof_hdr:
             return image_class.from_bytes(raw)
     return None
+
+
+def is_nifti_path(source) -> bool:
+    """Whether a path names a single-file NIfTI image (.nii or .nii.gz)."""
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(
+        (".nii", ".nii.gz"))
+
+
+def read_file_bytes(source, *, name="image") -> bytes:
+    """The bytes of an image file, read once (missing: FileNotFoundError; a directory or an
+    unreadable file: ValueError naming it). With :func:`image_from_bytes` the same bytes can
+    be hashed (for a content-keyed cache) and decoded, without a second read."""
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a directory, not an image file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} file not found: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise ValueError(f"{name} {path!r} cannot be read ({type(error).__name__}: "
+                         f"{error})") from error
+
+
+def image_from_bytes(raw, source, *, name="image") -> SpatialImage:
+    """The image a .nii or .nii.gz file's bytes hold (see :func:`read_file_bytes`); the same
+    errors as :func:`load_image`."""
+    path = os.fspath(source)
+    try:
+        img = _nifti_from_bytes(raw, compressed=path.endswith(".gz"))
+    except _READ_ERRORS as error:
+        img, problem = None, f"{type(error).__name__}: {error}"
+    else:
+        problem = "not a NIfTI-1 or NIfTI-2 file"
+    if img is None:
+        raise ValueError(f"{name} {path!r} is not a readable neuroimaging file ({problem})")
+    return img
 
 
 def volume_data(img, *, name="image", allow_4d=False) -> np.ndarray:
