@@ -27,11 +27,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import SpatialImage
+from nibabel.spatialimages import HeaderDataError, SpatialImage
+from nibabel.wrapstruct import WrapStructError
 from nilearn.image import resample_img, smooth_img
 
 IMAGE_TYPES = (str, os.PathLike, SpatialImage)
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile)
+_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+                WrapStructError, HeaderDataError)
 
 
 def is_volume_resource(obj) -> bool:

@@ -115,10 +115,15 @@ def check_same_index(**objects):
         position = int(np.flatnonzero(np.asarray(index_a != index_b))[0])
         raise ValueError(
             f"{_argument(name_a)} and {_argument(name_b)} have different indexes (row "
-            f"{position} is labelled {index_a[position]!r} in {_argument(name_a)} and "
-            f"{index_b[position]!r} in {_argument(name_b)}); rows are paired by position, so "
+            f"{position} is labelled {_label(index_a[position])} in {_argument(name_a)} and "
+            f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
+            "position, so "
             "give them the same index (for example .reset_index(drop=True) on each, after "
             "putting the rows in the same order) or pass numpy arrays")
+
+
+def _label(value):
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _argument(name):
@@ -149,7 +154,8 @@ def check_same_columns(columns, fitted_columns):
                     if not _same_label(a, b))
     raise ValueError(
         f"X has the columns seen in fit in another order (column {position} is "
-        f"{columns[position]!r}, in fit it was {fitted_columns[position]!r}); columns are "
+        f"{_label(columns[position])}, in fit it was {_label(fitted_columns[position])}); "
+        "columns are "
         "matched by name, so reorder them as in fit, e.g. X[fitted_columns] with "
         f"fitted_columns = {_preview(fitted_columns)}")
 
