@@ -131,7 +131,12 @@ class CombatEstimates:
 
     @classmethod
     def load(cls, path):
-        """Read estimates written by :meth:`save`.
+        """Read estimates written by :meth:`save`, trusting nothing in the file.
+
+        Nothing is unpickled (``allow_pickle=False``; object arrays are refused). A file that
+        is not a model written by :meth:`save` (a pickle, a CSV, a truncated archive, an
+        edited manifest, another format version) and a model that fails :meth:`check` raise
+        a ValueError naming the file and the field.
 
         Parameters
         ----------
@@ -140,6 +145,13 @@ class CombatEstimates:
         Returns
         -------
         CombatEstimates
+
+        Raises
+        ------
+        FileNotFoundError
+            The file does not exist.
+        ValueError
+            Anything else wrong with the file, naming it and the bad field.
         """
         path = os.fspath(path)
         if os.path.isdir(path):

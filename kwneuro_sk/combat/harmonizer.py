@@ -96,7 +96,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     n_features_in_ : int
         Number of columns of ``X`` seen in fit (site and covariate columns included).
     feature_names_in_ : ndarray of str
-        Column names of ``X`` seen in fit, when they are all strings.
+        Column names of ``X`` seen in fit, when they are all strings. Column labels of any
+        other type are kept too (and saved with :attr:`estimates_`), so that ``transform``
+        matches DataFrame columns by name in every case.
 
     See Also
     --------
@@ -206,9 +208,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : DataFrame or array-like of shape (n_samples, n_columns)
-            Same columns as in fit.
+            Same columns as in fit. DataFrame columns are matched by name, whatever their
+            type (str, int, tuple): the fitted columns in another order, or other columns,
+            raise a ValueError naming them. Arrays are taken by position.
         batch : array-like of shape (n_samples,), default=None
-            Site of each row, when ``batch_col`` is None.
+            Site of each row, when ``batch_col`` is None. When ``X``, ``batch`` and
+            ``covariates`` are pandas objects, their indexes must be equal (rows are paired
+            by position; a ValueError names the first differing row label).
         covariates : DataFrame, default=None
             Covariate columns, when ``batch_col`` is None.
 
