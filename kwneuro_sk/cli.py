@@ -172,7 +172,10 @@ class _Staged:
         frame.to_csv(self.path_for(target), index=False, sep=_separator(target))
 
     def commit(self):
+        from kwneuro_sk.combat.estimates import _default_file_mode
+
         for tmp, target in self.pending:
+            os.chmod(tmp, _default_file_mode())  # mkstemp makes it private (0600)
             os.replace(tmp, target)
         self.pending = []
 
@@ -427,6 +430,8 @@ _CLI_TERMS = [
     (r"mean_only=True", "--mean-only"),
     (r"unseen_batch='adapt'", "--adapt-new-sites"),
     (r"eb=False", "--no-eb"),
+    (r"Use LabelsMasker\.transform_imgs for 4D time series\.",
+     "Give one 3D image per subject (split 4D files first)."),
     (r"(?<![\w'\[])categorical_cols(?![\w'])", "--categorical"),
     (r"(?<![\w'\[])continuous_cols(?![\w'])", "--continuous"),
     (r"(?<![\w'\[])batch_col(?![\w'=])", "--batch-col"),

@@ -1,6 +1,8 @@
 """The kwneuro-sk command line: every command runs, gives the library's numbers, fails clearly."""
 
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -404,3 +406,16 @@ def test_apply_maps_text_to_integer_sites_of_a_python_model(tmp_path):
     result = pd.read_csv(tmp_path / "o.csv")
     features = [c for c in data.columns if c.startswith("feature_")]
     np.testing.assert_allclose(result[features], combat.transform(X), rtol=1e-12)
+
+
+def test_outputs_have_the_usual_permissions(features_csv, tmp_path):
+    """Staged outputs are not left private to the user (mkstemp creates files as 0600)."""
+    path, _ = features_csv
+    umask = os.umask(0o022)
+    try:
+        assert main(["harmonize", str(path), *HARMONIZE, "-o", str(tmp_path / "o.csv"),
+                     "--save-model", str(tmp_path / "m.npz")]) == 0
+    finally:
+        os.umask(umask)
+    for name in ("o.csv", "m.npz"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644

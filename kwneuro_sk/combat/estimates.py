@@ -123,6 +123,7 @@ class CombatEstimates:
         try:
             with os.fdopen(fd, "wb") as file:
                 np.savez(file, **arrays)
+            os.chmod(tmp, _default_file_mode())  # mkstemp makes it private (0600)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -443,6 +444,13 @@ def _encode(value, arrays, where):
         return value
     raise TypeError(f"cannot save {where}: values of type {type(value).__name__} are not "
                     "supported (arrays, numbers, strings, lists, dicts and None are)")
+
+
+def _default_file_mode():
+    """The mode ``open(path, "w")`` would give a new file (0666 less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class _BadField(Exception):
