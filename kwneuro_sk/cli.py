@@ -112,10 +112,10 @@ def _match_label(value, labels):
                        f"{sorted(map(str, pd.unique(labels)))}")
 
 
-def _prepare_outputs(outputs, inputs):
-    """Check every output before anything is computed or written: not a directory, not one of
-    the inputs (resolved paths, so ``a/../in.csv`` and symlinks count), not another output;
-    then create the parent folders. ``outputs`` and ``inputs`` are {description: path}."""
+def _check_outputs(outputs, inputs):
+    """Check every output before anything is read, computed or written: not a directory, not
+    one of the inputs (resolved paths, so ``a/../in.csv`` and symlinks count), not another
+    output. ``outputs`` and ``inputs`` are {description: path}."""
     seen = {}
     for option, out in outputs.items():
         if out is None:
@@ -136,6 +136,11 @@ def _prepare_outputs(outputs, inputs):
         if resolved in seen:
             raise CommandError(f"{option} and {seen[resolved]} are the same file {out}")
         seen[resolved] = option
+
+
+def _create_folders(outputs):
+    """Create the parent folders of every output (after the inputs were read, before the work
+    and before anything is written), or fail naming the output."""
     for option, out in outputs.items():
         if out is None:
             continue
@@ -210,8 +215,8 @@ def cmd_harmonize(args):
     """Fit ComBat on a feature table and write the harmonized table."""
     from kwneuro_sk import CombatHarmonizer
 
-    _prepare_outputs({"-o": args.output, "--save-model": args.save_model},
-                     {"input table": args.features})
+    outputs = {"-o": args.output, "--save-model": args.save_model}
+    _check_outputs(outputs, {"input table": args.features})
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
         raise CommandError(f"--batch-col {args.batch_col!r} is not a column of "
@@ -225,6 +230,7 @@ def cmd_harmonize(args):
                    _numbers(frame, args.continuous, args.features, role="--continuous"),
                    _numbers(frame, features, args.features)], axis=1)
     X = X[[c for c in frame.columns if c in X.columns]]
+    _create_folders(outputs)
     combat = CombatHarmonizer(
         batch_col=args.batch_col, categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None, eb=args.eb, parametric=args.parametric,
@@ -249,7 +255,7 @@ def cmd_apply(args):
     """Harmonize new rows with a model saved by ``harmonize --save-model``."""
     from kwneuro_sk import CombatEstimates, CombatHarmonizer
 
-    _prepare_outputs({"-o": args.output}, {"model": args.model, "input table": args.features})
+    _check_outputs({"-o": args.output}, {"model": args.model, "input table": args.features})
     if Path(args.model).is_dir():
         raise CommandError(f"model {args.model} is a directory, not a model file")
     if not Path(args.model).is_file():
@@ -275,6 +281,7 @@ def cmd_apply(args):
     parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
     X = pd.concat([*parts, _numbers(frame, continuous, args.features, role="--continuous"),
                    _numbers(frame, features, args.features)], axis=1)[columns]
+    _create_folders({"-o": args.output})
     harmonized = combat.set_output(transform="pandas").transform(X)
     out = frame.copy()
     out[features] = harmonized.to_numpy()
@@ -309,8 +316,8 @@ def cmd_extract(args):
         images = list(args.images)
     else:
         raise CommandError("no images: give image paths, or --from-csv CSV --column COLUMN")
-    _prepare_outputs({"-o": args.output},
-                     {**inputs, **{f"image {p}": p for p in images}})
+    _check_outputs({"-o": args.output}, {**inputs, **{f"image {p}": p for p in images}})
+    _create_folders({"-o": args.output})
 
     masker = LabelsMasker(args.atlas, labels=args.labels, strategy=args.strategy)
     masker.set_output(transform="pandas").fit()

@@ -419,3 +419,10 @@ def test_outputs_have_the_usual_permissions(features_csv, tmp_path):
         os.umask(umask)
     for name in ("o.csv", "m.npz"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+
+
+def test_failing_input_creates_no_output_folder(tmp_path, capsys):
+    err = _cli_error(capsys, ["harmonize", str(tmp_path / "missing.csv"), "--batch-col", "site",
+                              "-o", str(tmp_path / "new" / "out.csv")])
+    assert "missing.csv" in err
+    assert not (tmp_path / "new").exists()
