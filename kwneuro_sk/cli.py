@@ -85,6 +85,18 @@ def _numbers(frame, columns, path, *, role="feature"):
     return pd.DataFrame(out, index=frame.index)
 
 
+def _labels(frame, columns, path, option):
+    """Site or categorical covariate columns as text labels; an empty or missing-value cell
+    (``""``, ``NA``, ...) is an error naming the column and line, not a label."""
+    for col in columns:
+        missing = frame[col].str.strip().isin(_NA_TEXT).to_numpy()
+        if missing.any():
+            row = int(missing.argmax())
+            raise CommandError(f"{option} column {col!r} has no value in {path} line "
+                               f"{row + 2} ({frame[col].iloc[row]!r}); every row needs one")
+    return frame[columns].astype(object)
+
+
 def _check_columns(frame, path, **options):
     for option, cols in options.items():
         cols = [cols] if isinstance(cols, str) else list(cols)
@@ -226,7 +238,8 @@ def cmd_harmonize(args):
                                             "--keep": args.keep})
     text = [args.batch_col, *args.categorical]
     features = [c for c in frame.columns if c not in {*text, *args.continuous, *args.keep}]
-    X = pd.concat([frame[text].astype(object),
+    X = pd.concat([_labels(frame, [args.batch_col], args.features, "--batch-col"),
+                   _labels(frame, args.categorical, args.features, "--categorical"),
                    _numbers(frame, args.continuous, args.features, role="--continuous"),
                    _numbers(frame, features, args.features)], axis=1)
     X = X[[c for c in frame.columns if c in X.columns]]
@@ -278,6 +291,8 @@ def cmd_apply(args):
             **dict(zip(info["categorical_cols"], info["categories"]))}
     continuous = list(info["continuous_cols"])
     features = [c for c in columns if c not in text and c not in continuous]
+    for col in text:
+        _labels(frame, [col], args.features, "site" if col == combat.batch_col else "categorical")
     parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
     X = pd.concat([*parts, _numbers(frame, continuous, args.features, role="--continuous"),
                    _numbers(frame, features, args.features)], axis=1)[columns]

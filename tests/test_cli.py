@@ -349,6 +349,10 @@ def test_failed_command_leaves_existing_outputs_untouched(features_csv, tmp_path
      "table.csv line 3, column 'feature_0': 'abc'); copy them unchanged with --keep"),
     ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,old,0,1.5\ns2,b,M,31,1,2\n",
      "table.csv line 2, column 'age': 'old'); give numbers"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,30,0,1.5\ns2,,M,31,1,2\n",
+     "--batch-col column 'site' has no value in"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,30,0,1.5\ns2,b,NA,31,1,2\n",
+     "table.csv line 3 ('NA'); every row needs one"),
 ])
 def test_bad_tables_one_line(tmp_path, capsys, content, message):
     (tmp_path / "table.csv").write_text(content)
