@@ -117,9 +117,8 @@ def check_same_index(**objects):
             f"{_argument(name_a)} and {_argument(name_b)} have different indexes (row "
             f"{position} is labelled {_label(index_a[position])} in {_argument(name_a)} and "
             f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
-            "position, so "
-            "give them the same index (for example .reset_index(drop=True) on each, after "
-            "putting the rows in the same order) or pass numpy arrays")
+            "position, so give them the same index (for example .reset_index(drop=True) on "
+            "each, after putting the rows in the same order) or pass numpy arrays")
 
 
 def _label(value):
@@ -155,9 +154,8 @@ def check_same_columns(columns, fitted_columns):
     raise ValueError(
         f"X has the columns seen in fit in another order (column {position} is "
         f"{_label(columns[position])}, in fit it was {_label(fitted_columns[position])}); "
-        "columns are "
-        "matched by name, so reorder them as in fit, e.g. X[fitted_columns] with "
-        f"fitted_columns = {_preview(fitted_columns)}")
+        "columns are matched by name, so reorder them as in fit, e.g. X[fitted_columns] "
+        f"with fitted_columns = {_preview(fitted_columns)}")
 
 
 def _same_label(a, b):
