@@ -137,18 +137,18 @@ def load_image(source, *, name="image") -> SpatialImage:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            raise ValueError(f"{name} {path!r} is a directory, not an image file")
+            raise ValueError(f"{_named(name, path)} is a directory, not an image file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name} file not found: {path!r}")
         try:
-            if path.endswith(".nii.gz"):
+            if path.endswith(".nii.gz") or (path.endswith(".nii") and _is_gzip(path)):
                 img = _load_compressed_nifti(path)
                 if img is not None:
                     return img
             return nib.load(path)
         except _READ_ERRORS as error:
             raise ValueError(
-                f"{name} {path!r} is not a readable neuroimaging file "
+                f"{_named(name, path)} is not a readable neuroimaging file "
                 f"({type(error).__name__}: {error})"
             ) from error
     if is_volume_resource(source):
@@ -196,7 +196,21 @@ def _load_compressed_nifti(path):
     which then go through ``nibabel.load``.
     """
     with open(path, "rb") as f:
-        return _nifti_from_bytes(f.read(), compressed=True)
+        raw = f.read()
+    return _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def _named(name, path):
+    """``name`` followed by the quoted path, unless the name already shows it."""
+    return name if repr(path) in name else f"{name} {path!r}"
 
 
 def _nifti_from_bytes(raw, *, compressed):
@@ -223,14 +237,14 @@ def read_file_bytes(source, *, name="image") -> bytes:
     be hashed (for a content-keyed cache) and decoded, without a second read."""
     path = os.fspath(source)
     if os.path.isdir(path):
-        raise ValueError(f"{name} {path!r} is a directory, not an image file")
+        raise ValueError(f"{_named(name, path)} is a directory, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} file not found: {path!r}")
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as error:
-        raise ValueError(f"{name} {path!r} cannot be read ({type(error).__name__}: "
+        raise ValueError(f"{_named(name, path)} cannot be read ({type(error).__name__}: "
                          f"{error})") from error
 
 
@@ -239,13 +253,14 @@ def image_from_bytes(raw, source, *, name="image") -> SpatialImage:
     errors as :func:`load_image`."""
     path = os.fspath(source)
     try:
-        img = _nifti_from_bytes(raw, compressed=path.endswith(".gz"))
+        # gzip is recognised by its magic bytes, not the name (a misnamed file still reads)
+        img = _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
     except _READ_ERRORS as error:
         img, problem = None, f"{type(error).__name__}: {error}"
     else:
         problem = "not a NIfTI-1 or NIfTI-2 file"
     if img is None:
-        raise ValueError(f"{name} {path!r} is not a readable neuroimaging file ({problem})")
+        raise ValueError(f"{_named(name, path)} is not a readable neuroimaging file ({problem})")
     return img
 
 

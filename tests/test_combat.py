@@ -620,3 +620,13 @@ def test_keyword_route_shuffled_batch_refused_equal_indexes_accepted():
     np.testing.assert_allclose(
         CombatHarmonizer().fit_transform(X, batch=shuffled.sort_index()),
         CombatHarmonizer().fit_transform(X.to_numpy(), batch=site), rtol=1e-12)
+
+
+def test_inverse_transform_matches_harmonized_columns_by_name():
+    X, site = _named_cohort([10, 20, 30, 40])
+    combat = CombatHarmonizer().fit(X, batch=site).set_output(transform="pandas")
+    Xh = combat.transform(X, batch=site)
+    assert list(Xh.columns) == ["10", "20", "30", "40"]
+    np.testing.assert_allclose(combat.inverse_transform(Xh, batch=site), X, rtol=1e-10)
+    with pytest.raises(ValueError, match="harmonized features in another order"):
+        combat.inverse_transform(Xh[["40", "30", "20", "10"]], batch=site)

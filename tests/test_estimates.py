@@ -201,3 +201,14 @@ def test_cli_apply_names_the_bad_model(tmp_path, model_file, capsys):
     assert len(err.splitlines()) == 1
     assert "bad.npz" in err and "estimates['delta_star'] has values <= 0" in err
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("categories", [[["F"], "M"]], "levels of 'sex' that are not labels"),
+    ("categories", [["F", "F"]], "repeated levels for 'sex'"),
+    ("feature_names", [1, 2, 3, 4], "feature names as text"),
+])
+def test_info_labels_checked(tmp_path, model_file, key, value, message):
+    path = _edited(model_file[0], tmp_path, _set_info(key, value))
+    with pytest.raises(ValueError, match=message):
+        CombatEstimates.load(path)

@@ -88,3 +88,18 @@ def test_cli_extract_one_line_naming_the_file(files, tmp_path, capsys, name):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert name in err
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_misnamed_compression_reads_the_same_with_and_without_cache(files, tmp_path, memory):
+    """gzip is recognised by its bytes: a .nii that is compressed, or a .nii.gz that is not,
+    reads the same through both routes of the masker."""
+    import shutil
+
+    folder = files["folder"]
+    shutil.copy(folder / "good.nii.gz", tmp_path / "compressed.nii")
+    shutil.copy(folder / "good.nii", tmp_path / "plain.nii.gz")
+    masker = LabelsMasker(files["atlas"], memory=tmp_path / "cache" if memory else None).fit()
+    expected = masker.transform([files["imgs"][0]])
+    got = masker.transform([str(tmp_path / "compressed.nii"), str(tmp_path / "plain.nii.gz")])
+    np.testing.assert_allclose(got, np.vstack([expected, expected]), rtol=1e-6)

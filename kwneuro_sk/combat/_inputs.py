@@ -158,6 +158,20 @@ def check_same_columns(columns, fitted_columns):
         f"with fitted_columns = {_preview(fitted_columns)}")
 
 
+def check_harmonized_order(columns, names_out):
+    """inverse_transform: harmonized columns named as ``get_feature_names_out()`` (as text,
+    the way ``set_output(transform="pandas")`` names them) but in another order are refused;
+    columns with other names are taken by position, as arrays are."""
+    given = [str(c) for c in columns]
+    expected = [str(c) for c in names_out]
+    if given != expected and sorted(given) == sorted(expected):
+        position = next(i for i, (a, b) in enumerate(zip(given, expected)) if a != b)
+        raise ValueError(
+            f"X has the harmonized features in another order (column {position} is "
+            f"{given[position]!r}, get_feature_names_out() has {expected[position]!r}); "
+            "columns are matched by name, so reorder them as get_feature_names_out()")
+
+
 def _same_label(a, b):
     """Column labels equal as pandas compares them (1 == 1.0), but True is not 1."""
     booleans = (bool, np.bool_)

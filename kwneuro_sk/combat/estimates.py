@@ -248,6 +248,11 @@ class CombatEstimates:
         for col, levels in zip(info["categorical_cols"], info["categories"]):
             if not isinstance(levels, (list, tuple, np.ndarray)) or len(levels) < 1:
                 fail("info['categories']", f"has no list of levels for {col!r}")
+            if not all(isinstance(v, (str, int, float, bool, np.generic)) for v in levels):
+                fail("info['categories']", f"has levels of {col!r} that are not labels "
+                     "(text or numbers)")
+            if len(set(levels)) != len(levels):
+                fail("info['categories']", f"has repeated levels for {col!r}")
         covariate_names = _array_field(info["covariate_names"], "info['covariate_names']",
                                        fail)
         if covariate_names.ndim != 1:
@@ -298,6 +303,8 @@ class CombatEstimates:
             if names.shape != (sizes["features"],):
                 fail("info['feature_names']", f"has {names.size} names for "
                      f"{sizes['features']} features")
+            if not all(isinstance(v, str) for v in names.tolist()):
+                fail("info['feature_names']", "must hold the feature names as text")
         n_in = info["n_features_in"]
         if not isinstance(n_in, (int, np.integer)) or isinstance(n_in, (bool, np.bool_)) or (
                 n_in < sizes["features"]):

@@ -17,8 +17,8 @@ from sklearn.utils.validation import (_check_feature_names_in, check_array, chec
 
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
-from kwneuro_sk.combat._inputs import (check_not_bool, check_same_columns, feature_columns,
-                                       read_rows)
+from kwneuro_sk.combat._inputs import (check_harmonized_order, check_not_bool,
+                                       check_same_columns, feature_columns, read_rows)
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 
 
@@ -247,6 +247,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         from_columns = (self.batch_col is not None and isinstance(X, pd.DataFrame)
                         and self.batch_col in X.columns)
+        if isinstance(X, pd.DataFrame) and self._feature_names_out is not None:
+            given = (feature_columns(X, self.batch_col, self._metadata_columns())
+                     if from_columns else list(X.columns))
+            check_harmonized_order(given, self._feature_names_out)
         rows = self._split(X, batch, covariates, from_columns=from_columns)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
