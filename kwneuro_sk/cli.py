@@ -277,6 +277,10 @@ def cmd_apply(args):
     if args.adapt_new_sites:
         combat.set_params(unseen_batch="adapt")
     columns = getattr(combat, "_columns_in", None)
+    if "volumes" in combat.estimates_.info:
+        raise CommandError(f"{args.model} was made by harmonize_volumes (a voxel-wise model); "
+                           "apply harmonizes tables: use CombatEstimates.apply_volumes in "
+                           "Python for images")
     if combat.batch_col is None or columns is None:
         raise CommandError(f"{args.model} was fitted with the sites given as batch= (not as a "
                            "column of a table); apply needs a model saved by 'kwneuro-sk "

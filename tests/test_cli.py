@@ -430,3 +430,23 @@ def test_failing_input_creates_no_output_folder(tmp_path, capsys):
                               "-o", str(tmp_path / "new" / "out.csv")])
     assert "missing.csv" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_apply_refuses_a_voxel_model_and_a_keyword_model(features_csv, tmp_path, capsys):
+    from kwneuro_sk import harmonize_volumes
+
+    path, data = features_csv
+    rng = np.random.default_rng(0)
+    imgs = [nib.Nifti1Image(rng.normal(size=(3, 3, 3)), np.eye(4)) for _ in range(4)]
+    mask = nib.Nifti1Image(np.ones((3, 3, 3), dtype=np.uint8), np.eye(4))
+    _, est = harmonize_volumes(imgs, pd.DataFrame({"site": ["a", "b"] * 2}), "site", mask)
+    est.save(tmp_path / "voxels.npz")
+    err = _cli_error(capsys, ["apply", str(tmp_path / "voxels.npz"), str(path), "-o",
+                              str(tmp_path / "o.csv")])
+    assert "voxels.npz was made by harmonize_volumes" in err
+    features = data.filter(like="feature_").to_numpy()
+    CombatHarmonizer().fit(features, batch=data["site"].to_numpy()).estimates_.save(
+        tmp_path / "kw.npz")
+    err = _cli_error(capsys, ["apply", str(tmp_path / "kw.npz"), str(path), "-o",
+                              str(tmp_path / "o.csv")])
+    assert "kw.npz was fitted with the sites given as batch=" in err
