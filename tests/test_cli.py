@@ -284,7 +284,7 @@ def _cli_error(capsys, args):
 ])
 def test_output_equal_to_an_input_refused(images, features_csv, capsys, make_args, clobbered):
     d = images
-    path, data = features_csv
+    _, data = features_csv
     data.to_csv(d / "f.csv", index=False)
     (d / "sub").mkdir()
     (d / "link.csv").symlink_to(d / "f.csv")

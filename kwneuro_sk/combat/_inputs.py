@@ -9,6 +9,7 @@ positional index, raising errors that name the offending column, row or argument
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -107,7 +108,7 @@ def check_same_index(**objects):
     or a different selection of subjects. Nothing is aligned silently."""
     indexed = [(name, obj.index) for name, obj in objects.items()
                if isinstance(obj, (pd.Series, pd.DataFrame))]
-    for (name_a, index_a), (name_b, index_b) in zip(indexed, indexed[1:]):
+    for (name_a, index_a), (name_b, index_b) in pairwise(indexed):
         if index_a.equals(index_b):
             continue
         if len(index_a) != len(index_b):

@@ -488,7 +488,8 @@ def _open_npz(path):
         raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
                          f"{problem}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):  # pragma: no cover - caught by the magic
-        raise ValueError(f"{path!r} is not an .npz archive")
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: not an .npz "
+                         "archive")  # noqa: TRY004 - a bad file, not a bad argument type
     return npz
 
 
