@@ -119,3 +119,11 @@ def test_bare_estimator_asks_for_sites():
     X = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(ValueError, match="needs the site of each row.*batch_col.*batch="):
         CombatHarmonizer().fit(X)
+
+
+def test_dataframe_column_names_consistency():
+    """scikit-learn's column-name check (not yielded by parametrize_with_checks here): string
+    names keep scikit-learn's messages although other labels are checked by kwneuro_sk."""
+    from sklearn.utils.estimator_checks import check_dataframe_column_names_consistency
+
+    check_dataframe_column_names_consistency("CombatHarmonizer", _RowSiteHarmonizer())

@@ -490,11 +490,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _read_rows(self, X, batch, covariates, *, reset):
         if isinstance(X, pd.DataFrame):
-            # Columns are matched by name, whatever their type: scikit-learn checks only
-            # string names (feature_names_in_), so the labels seen in fit are kept and checked
-            # here for integers, tuples and mixed types too.
+            # Columns are matched by name, whatever their type: scikit-learn checks string
+            # names (feature_names_in_, with its own messages); the labels seen in fit are
+            # kept and checked here when either side has integers, tuples or mixed types.
             fitted_columns = None if reset else getattr(self, "_columns_in", None)
-            if fitted_columns is not None:
+            if fitted_columns is not None and not (
+                    all(isinstance(c, str) for c in fitted_columns)
+                    and all(isinstance(c, str) for c in X.columns)):
                 check_same_columns(X.columns, fitted_columns)
             if not all(isinstance(c, str) for c in X.columns):
                 X_checked = X.set_axis(range(X.shape[1]), axis=1)
