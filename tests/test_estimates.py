@@ -114,6 +114,8 @@ def test_missing_file_and_directory(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda m, a: "{not json", "the manifest is not valid JSON"),
     (lambda m, a: "[1, 2]", "the manifest is a JSON list"),
+    (lambda m, a: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (lambda m, a: {**m, "info": {"__dict__": [[[[]] * 2] * 2] * 3000}}, "info"),
     (lambda m, a: {**m, "version": 99}, "version 99"),
     (lambda m, a: {k: v for k, v in m.items() if k != "info"}, "no 'info' field"),
     (_set_info("batches", _DELETE), r"info\['batches'\] is missing"),

@@ -167,6 +167,9 @@ class CombatEstimates:
                              info=_decode(manifest["info"], npz, "info"))
             except _BadField as error:
                 raise ValueError(f"invalid ComBat model in {path!r}: {error}") from None
+            except RecursionError:
+                raise ValueError(f"invalid ComBat model in {path!r}: the manifest is nested "
+                                 "too deeply") from None
         return loaded.check(source=path)
 
     def check(self, source=None):
@@ -512,6 +515,8 @@ def _read_manifest(npz, path):
         manifest = json.loads(str(member))
     except ValueError as error:
         bad(f"the manifest is not valid JSON ({error})")
+    except RecursionError:
+        bad("the manifest is nested too deeply")
     if not isinstance(manifest, dict):
         bad(f"the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
