@@ -222,3 +222,11 @@ def test_masker_rejects_the_arrays_of_the_checks():
             "check_estimators_unfitted"} <= passed
     with pytest.raises(TypeError, match="expected images"):
         LabelsMasker(_tiny_atlas()).fit(np.zeros((3, 2)))
+
+
+def test_dataframe_column_names_consistency():
+    """scikit-learn's column-name check (not yielded by parametrize_with_checks here): string
+    names keep scikit-learn's messages although other labels are checked by kwneuro_sk."""
+    from sklearn.utils.estimator_checks import check_dataframe_column_names_consistency
+
+    check_dataframe_column_names_consistency("CombatHarmonizer", _RowSiteHarmonizer())

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -451,19 +452,23 @@ def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_pa
     masker = LabelsMasker(atlas_img, memory=joblib.Memory(tmp_path / "cache", verbose=0)).fit()
     first = masker.transform([str(path)])
 
-    loads = []
-    real_load = _images.load_image
-    monkeypatch.setattr(_images, "load_image",
-                        lambda source, **kw: loads.append(source) or real_load(source, **kw))
+    loads, reads = [], []
+    real_decode, real_read = _images.image_from_bytes, _images.read_file_bytes
+    monkeypatch.setattr(_images, "image_from_bytes", lambda raw, source, **kw: loads.append(
+        source) or real_decode(raw, source, **kw))
+    monkeypatch.setattr(_images, "read_file_bytes", lambda source, **kw: reads.append(
+        source) or real_read(source, **kw))
     np.testing.assert_array_equal(masker.transform([str(path)]), first)
-    assert loads == []  # served from the cache
+    assert loads == []  # served from the cache: the bytes are read and hashed, not decoded
+    assert reads == [str(path)]
 
     new_img = _random_img(rng)
     new_img.to_filename(path)
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second = masker.transform([str(path)])
-    assert loads == [str(path)]
+    assert loads == [str(path)]  # decoded from the one read, not read again
+    assert reads == [str(path)] * 2
     np.testing.assert_allclose(second, LabelsMasker(atlas_img).fit_transform([new_img]))
     assert not np.allclose(second, first)
 
@@ -599,6 +604,50 @@ def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
     masker = LabelsMasker(atlas_img).fit()
     with pytest.raises(ValueError, match="confounds has 1 entries but imgs_list has 2"):
         masker.transform_imgs(imgs[:2], confounds=[None])
+
+
+def _constant_img(value, shape=(5, 6, 4), affine=None):
+    return nib.Nifti1Image(np.full(shape, value, dtype=np.float32),
+                           np.eye(4) if affine is None else affine)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_memory_cache_not_fooled_by_same_size_and_restored_mtime(tmp_path, suffix):
+    """A file rewritten in place with the same size and its time stamps put back gives the
+    new values: the cache key is the content, not path/size/mtime."""
+    atlas = np.zeros((5, 6, 4), dtype=np.int16)
+    atlas[:2], atlas[3:] = 1, 2
+    atlas_img = nib.Nifti1Image(atlas, np.eye(4))
+    path = tmp_path / f"sub{suffix}"
+    _constant_img(1.0).to_filename(path)
+    stat = os.stat(path)
+    masker = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit()
+    np.testing.assert_array_equal(masker.transform([str(path)]), [[1.0, 1.0]])
+    _constant_img(2.0).to_filename(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    if suffix == ".nii":
+        assert os.stat(path).st_size == stat.st_size
+    assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    np.testing.assert_array_equal(masker.transform([str(path)]), [[2.0, 2.0]])
+
+
+def test_memory_cache_follows_a_re_pointed_symlink(tmp_path):
+    atlas = np.zeros((5, 6, 4), dtype=np.int16)
+    atlas[:2], atlas[3:] = 1, 2
+    masker = LabelsMasker(nib.Nifti1Image(atlas, np.eye(4)), memory=tmp_path / "cache").fit()
+    for value in (1.0, 5.0):
+        _constant_img(value).to_filename(tmp_path / f"v{int(value)}.nii")
+    stat = os.stat(tmp_path / "v1.nii")
+    os.utime(tmp_path / "v5.nii", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    link = tmp_path / "current.nii"
+    link.symlink_to(tmp_path / "v1.nii")
+    np.testing.assert_array_equal(masker.transform([str(link)]), [[1.0, 1.0]])
+    link.unlink()
+    link.symlink_to(tmp_path / "v5.nii")
+    np.testing.assert_array_equal(masker.transform([str(link)]), [[5.0, 5.0]])
+    # the content key also serves a copy under another name from the cache
+    shutil.copy(tmp_path / "v5.nii", tmp_path / "copy.nii")
+    np.testing.assert_array_equal(masker.transform([str(tmp_path / "copy.nii")]), [[5.0, 5.0]])
 
 
 def test_memory_as_a_path(atlas_img, img_paths, tmp_path):

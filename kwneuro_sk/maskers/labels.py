@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -75,9 +76,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         How the voxels of a region are summarized. Variance is the population variance, as in
         nilearn (``scipy.ndimage.variance``).
     memory : str, os.PathLike or joblib.Memory, default=None
-        Cache of per-image results, for images given as paths. The key holds the file's path,
-        size and modification time, the parameters and the fitted atlas, so a changed file is
-        recomputed. ``None`` disables caching.
+        Cache of per-image results, for images given as paths. The key holds a hash of the
+        file's content (the bytes read anyway: each file is still read once), the parameters
+        and the fitted atlas, so a file rewritten in place (even with the same size and time
+        stamp) or a re-pointed symlink is recomputed, and a renamed or copied file is found.
+        ``None`` disables caching.
     n_jobs : int, default=None
         Number of images processed at the same time. Every image goes through
         :class:`joblib.Parallel` (threads by default: reading and reducing release the GIL), so
@@ -518,26 +521,39 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             self._report(done, len(sources))
 
     def _signals(self, source, index, allow_4d, memory):
-        """Signals of one image, through the ``memory`` cache for paths when there is one."""
+        """Signals of one image, through the ``memory`` cache for paths when there is one.
+
+        The cache is keyed on the file's content, never on its name or time stamps: the
+        bytes of a .nii/.nii.gz file are read once, hashed, and decoded only on a cache miss
+        (no second read); other formats are keyed on their decoded voxels and affine.
+        """
         if memory is None or not isinstance(source, (str, os.PathLike)):
             return self._image_signals(source, index, allow_4d)
-        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index"])
-        return cached(self._cache_key(source, index), self, source, index)
+        name = f"image {_images.describe(source, index)}"
+        if _images.is_nifti_path(source):
+            raw = _images.read_file_bytes(source, name=name)
+            content = hashlib.blake2b(raw, digest_size=20).hexdigest()
+
+            def decode():
+                return _images.image_from_bytes(raw, source, name=name)
+        else:
+            img = _images.load_image(source, name=name)
+            data = _images.read_data(img, name=name)
+            content = joblib.hash((data, np.asarray(img.affine), img.shape))
+            img = _images.as_nifti(data, img.affine)
+
+            def decode():
+                return img
+        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index", "decode"])
+        return cached(self._cache_key(content), self, source, index, decode)
 
     def _report(self, done, total):
         if self.verbose and (self.verbose > 1 or done == total or done % max(1, total // 10) == 0):
             print(f"[LabelsMasker] {done}/{total} images", file=sys.stderr)
 
-    def _cache_key(self, source, index):
-        path = os.path.abspath(os.fspath(source))
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {os.fspath(source)!r}") from None
+    def _cache_key(self, content):
         return (
-            path,
-            stat.st_size,
-            stat.st_mtime_ns,
+            content,
             self.strategy,
             self.smoothing_fwhm,
             self.resampling_target,
@@ -583,10 +599,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if hasattr(self, "_plans"):
             self._plan_lock = threading.Lock()
 
-    def _image_signals(self, source, index, allow_4d):
+    def _image_signals(self, source, index, allow_4d, img=None):
         """(n_vols, n_regions) signals of one image: load once, align, smooth, reduce."""
         name = f"image {_images.describe(source, index)}"
-        img = _images.load_image(source, name=name)
+        if img is None:
+            img = _images.load_image(source, name=name)
         data = _images.volume_data(img, name=name, allow_4d=allow_4d)
         grid = _images.grid_of(img)
         if _images.same_grid(grid, self._atlas_grid):
@@ -620,9 +637,9 @@ def _signals_of_chunk(masker, sources, first_index, allow_4d, memory):
     ]
 
 
-def _cached_signals(key, masker, source, index):
-    """Cached per-image signals; only ``key`` (path, size, mtime, parameters) is hashed."""
-    return masker._image_signals(source, index, False)
+def _cached_signals(key, masker, source, index, decode):
+    """Cached per-image signals; only ``key`` (content hash, parameters, atlas) is hashed."""
+    return masker._image_signals(source, index, False, img=decode())
 
 
 def _region_values(atlas, background_label) -> np.ndarray:
