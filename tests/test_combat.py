@@ -668,7 +668,9 @@ def test_boolean_feature_array_refused():
 def test_keyword_route_indexes_must_agree(shift):
     X, site = _named_cohort(["f1", "f2", "f3"])
     covariates = pd.DataFrame({"age": np.linspace(20, 70, 36)})
-    objects = {"X": X, "batch": pd.Series(site), "covariates": covariates}
+    labels = np.arange(36) * 2 + 1  # labelled rows, as after selecting subjects of a table
+    objects = {"X": X.set_axis(labels), "batch": pd.Series(site, index=labels),
+               "covariates": covariates.set_axis(labels)}
     objects[shift] = objects[shift].set_axis(np.arange(36) + 100)
     name = shift if shift == "X" else f"{shift}="
     with pytest.raises(ValueError, match=rf"have different indexes \(row 0 is labelled "
@@ -696,3 +698,17 @@ def test_inverse_transform_matches_harmonized_columns_by_name():
     np.testing.assert_allclose(combat.inverse_transform(Xh, batch=site), X, rtol=1e-10)
     with pytest.raises(ValueError, match="harmonized features in another order"):
         combat.inverse_transform(Xh[["40", "30", "20", "10"]], batch=site)
+
+
+def test_keyword_route_default_index_pairs_by_position():
+    """A default index (0..n-1) has no row labels: a DataFrame made from an array, or the pandas
+    output of a pipeline step given an array, pairs by position with labelled batch=/covariates=
+    (the pattern of metadata routing in cross-validation)."""
+    X, site = _named_cohort(["f1", "f2", "f3"])
+    labels = np.arange(36) * 3 + 7
+    got = CombatHarmonizer(continuous_cols="age").fit_transform(
+        X, batch=pd.Series(site, index=labels),
+        covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}, index=labels))
+    expected = CombatHarmonizer(continuous_cols="age").fit_transform(
+        X.to_numpy(), batch=site, covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}))
+    np.testing.assert_array_equal(got, expected)

@@ -105,9 +105,13 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
 def check_same_index(**objects):
     """Raise when pandas objects given together (X, batch=, covariates=) have different
     indexes: their rows are paired by position, so a different index means a different order
-    or a different selection of subjects. Nothing is aligned silently."""
+    or a different selection of subjects. Nothing is aligned silently.
+
+    A default index (0, 1, ..., n-1) carries no row labels (it is what a DataFrame made from an
+    array, or the pandas output of a pipeline step given an array, has), so it is not compared:
+    only labelled indexes must agree."""
     indexed = [(name, obj.index) for name, obj in objects.items()
-               if isinstance(obj, (pd.Series, pd.DataFrame))]
+               if isinstance(obj, (pd.Series, pd.DataFrame)) and not _is_default_index(obj.index)]
     for (name_a, index_a), (name_b, index_b) in pairwise(indexed):
         if index_a.equals(index_b):
             continue
@@ -120,6 +124,10 @@ def check_same_index(**objects):
             f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
             "position, so give them the same index (for example .reset_index(drop=True) on "
             "each, after putting the rows in the same order) or pass numpy arrays")
+
+
+def _is_default_index(index):
+    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
 
 
 def _label(value):
