@@ -136,10 +136,7 @@ def load_image(source, *, name="image") -> SpatialImage:
         return source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if os.path.isdir(path):
-            raise ValueError(f"{_named(name, path)} is a directory, not an image file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{name} file not found: {path!r}")
+        _check_file(path, name)
         try:
             if path.endswith(".nii.gz") or (path.endswith(".nii") and _is_gzip(path)):
                 img = _load_compressed_nifti(path)
@@ -231,15 +228,20 @@ def is_nifti_path(source) -> bool:
         (".nii", ".nii.gz"))
 
 
+def _check_file(path, name):
+    """A directory is a ValueError naming it, a missing file a FileNotFoundError."""
+    if os.path.isdir(path):
+        raise ValueError(f"{_named(name, path)} is a directory, not an image file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} file not found: {path!r}")
+
+
 def read_file_bytes(source, *, name="image") -> bytes:
     """The bytes of an image file, read once (missing: FileNotFoundError; a directory or an
     unreadable file: ValueError naming it). With :func:`image_from_bytes` the same bytes can
     be hashed (for a content-keyed cache) and decoded, without a second read."""
     path = os.fspath(source)
-    if os.path.isdir(path):
-        raise ValueError(f"{_named(name, path)} is a directory, not an image file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name} file not found: {path!r}")
+    _check_file(path, name)
     try:
         with open(path, "rb") as f:
             return f.read()
