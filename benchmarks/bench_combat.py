@@ -67,7 +67,7 @@ def make_cohort(n_subjects, n_features, seed=0):
 
 
 def run_ours(X, covars, parametric):
-    combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric)
+    combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric, n_jobs=N_JOBS)
     return combat.fit_transform(X, batch=covars["site"], covariates=covars)
 
 
