@@ -43,12 +43,16 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-# Elements (float64) of one temporary block: 256 Ki elements = 2 MiB, so that a block and its
-# few temporaries stay in a core's L2 cache while every step of the computation runs on it.
-BLOCK_ELEMENTS = 1 << 18
+# Elements (float64) of one temporary block: 128 Ki elements = 1 MiB, so that a block and its
+# few temporaries stay in a core's L2 cache while every step of the computation runs on it,
+# and the scratch stays a small fraction of the input.
+BLOCK_ELEMENTS = 1 << 17
 # Elements of one block of rows of the non-parametric EB's G x G log-likelihoods: 1 MiB, which
 # measured fastest (blocks of 2 MiB and of 256 KiB both cost ~15% more per element).
 EB_BLOCK_ELEMENTS = 1 << 17
+# Features whose largest absolute value lies within 2**+-_SAFE_EXPONENT are fitted as they are;
+# others are scaled by an exact power of two in the block loop.
+_SAFE_EXPONENT = 400
 # A feature is constant when the standard deviation of its residuals (what is left after the
 # site and covariate effects are removed) is at most this many units of the floating-point
 # resolution of its values (eps times its largest absolute value): rounding noise, not signal.
@@ -109,8 +113,15 @@ def _run_blocks(function, n_items, step, scratch_size, n_jobs=1):
 
 @functools.cache
 def _blas_controller():
-    """The thread-pool controller, inspected once (about 2 ms; limiting it after is ~10 us)."""
-    return ThreadpoolController()
+    """The thread-pool controller, inspected once (6-10 ms, the first limit included; limiting
+    it after is ~70 us). Made at import, so that the first call costs what later calls do."""
+    controller = ThreadpoolController()
+    with controller.limit(limits=1, user_api="blas"):
+        pass
+    return controller
+
+
+_blas_controller()
 
 
 def _scratch_view(scratch, shape):
@@ -183,8 +194,8 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     n_jobs : int, default=1
         Threads (a positive int, already resolved).
 
-    Each feature is scaled by an exact power of two (``2**-e``, with ``e`` the binary exponent
-    of its largest absolute value) inside the block loop, so that squares neither overflow nor
+    Each feature beyond ``2**+-400`` is scaled by an exact power of two (``2**-e``, with ``e``
+    the binary exponent of its largest absolute value) inside the block loop, so that squares neither overflow nor
     underflow whatever the magnitude of the data: since such scaling is exact in floating
     point, the results equal those of the unscaled computation wherever that one neither
     overflows nor underflows, and stay exact beyond (``sigma`` is kept as such, since
@@ -209,16 +220,22 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     resid_sum = np.empty((n_batches, n_features))
     resid_sq = np.empty((n_batches, n_features))
     exponent = np.empty(n_features, dtype=np.int64)  # x is handled as 2**e * (x * 2**-e)
+    magnitude = np.empty(n_features, dtype=np.int64)  # max|x| < 2**magnitude
 
     def fit_block(block, scratch):
         shape = (n_samples, block.stop - block.start)
-        raw = X[:, block]
-        largest = np.maximum(raw.max(axis=0), -raw.min(axis=0)).astype(np.float64)
+        values = X[:, block]
+        largest = np.maximum(values.max(axis=0), -values.min(axis=0)).astype(np.float64)
         # (at least -1022, so that 2**-e is finite also for subnormal data)
-        exponent[block] = np.maximum(np.frexp(largest)[1], -1022)
-        # float32 data are converted one block at a time, together with the exact scaling.
-        values = np.multiply(raw, np.ldexp(1.0, -exponent[block]),
-                             out=_scratch_view(scratch[scratch.size // 2:], shape))
+        magnitude[block] = np.maximum(np.frexp(largest)[1], -1022)
+        # Features within 2**+-400 need no scaling (their squares neither overflow nor
+        # underflow), so ordinary data are read as they are.
+        exponent[block] = np.where(np.abs(magnitude[block]) <= _SAFE_EXPONENT, 0,
+                                   magnitude[block])
+        if values.dtype != np.float64 or exponent[block].any():
+            # float32 data are converted one block at a time, together with the scaling.
+            values = np.multiply(values, np.ldexp(1.0, -exponent[block]),
+                                 out=_scratch_view(scratch[scratch.size // 2:], shape))
         coef[:, block] = np.linalg.solve(gram, design.T @ values)
         resid = np.matmul(design, coef[:, block], out=_scratch_view(scratch, shape))
         np.subtract(values, resid, out=resid)
@@ -238,8 +255,9 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         grand_mean = coef[ref].copy()
         var_scaled = resid_sq[ref] / counts[ref]
     sigma_scaled = np.sqrt(var_scaled)
-    # The largest |x| of each feature is below 1 in scaled units.
-    zero_variance = sigma_scaled <= _CONSTANT_RESOLUTION * np.finfo(np.float64).eps
+    resolution = np.ldexp(_CONSTANT_RESOLUTION * np.finfo(np.float64).eps,
+                          magnitude - exponent)  # of the values, in scaled units
+    zero_variance = sigma_scaled <= resolution
     var_scaled[zero_variance] = 0.0
     sigma_scaled[zero_variance] = 0.0
     scale_scaled = np.where(zero_variance, 1.0, sigma_scaled)
