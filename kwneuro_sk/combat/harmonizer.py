@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable
-from numbers import Integral
 from dataclasses import dataclass
+from numbers import Integral
 
 import joblib
 import numpy as np

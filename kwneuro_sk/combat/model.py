@@ -19,17 +19,22 @@ float32 data are read block by block into float64, never copied whole.
 
 Two defined behaviours differ from neuroCombat on degenerate data:
 
-* features whose pooled variance is zero (constant features, or features explained exactly by
-  site and covariates) are passed through unchanged and take no part in the priors;
+* constant features (whose residual standard deviation is at the floating-point resolution of
+  their values: exactly constant, or explained exactly by site and covariates) are passed
+  through unchanged and take no part in the priors;
 * the non-parametric likelihoods are computed in log space and normalized by their largest
   value, so they never underflow to 0/0. neuroCombat multiplies the densities themselves, about
   ``exp(-1.42 n)`` for standardized data: below the smallest double once a site has more than
   ~500 subjects, where its estimates become NaN (see ``docs/performance.rst``).
 
+Features of any magnitude give exact results: those beyond ``2**+-400`` are scaled by an exact
+power of two inside the fitting loop (see :func:`fit_location_scale`).
+
 Performance: fitting reads each block of features once (coefficients, residuals and per-site
-residual sums together), adjusting reads it once more; blocks of ~2 MiB stay in cache and run on
-parallel threads with the BLAS held to one thread. Memory beyond the output is a few arrays of
-one value per feature and site, plus one scratch block per thread.
+residual sums together), adjusting reads it once more; blocks of ~1 MiB stay in cache and run on
+``n_jobs`` threads (a resolved positive int; results do not depend on it) with the BLAS held to
+one thread. Memory beyond the output is a few arrays of one value per feature and site, plus
+one scratch block per thread.
 """
 
 from __future__ import annotations
