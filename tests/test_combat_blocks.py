@@ -81,8 +81,9 @@ def test_many_blocks_float32_transform_and_inverse(tiny_blocks):
 def test_zero_variance_feature_passes_through_in_its_block(tiny_blocks):
     X, covars = make_cohort()
     X[:, 7] = 3.25
-    out = CombatHarmonizer(continuous_cols=["age"]).fit_transform(
-        X, batch=covars["site"], covariates=covars)
+    with pytest.warns(UserWarning, match=r"1 feature\(s\) are constant.*\['x7'\]$"):
+        out = CombatHarmonizer(continuous_cols=["age"]).fit_transform(
+            X, batch=covars["site"], covariates=covars)
     np.testing.assert_array_equal(out[:, 7], X[:, 7])
     assert np.isfinite(out).all()
 
@@ -275,6 +276,15 @@ def test_small_spread_on_a_large_value_is_harmonized_not_passed_through():
     out0 = CombatHarmonizer(continuous_cols=["age"]).fit_transform(
         X0, batch=covars["site"], covariates=covars)
     np.testing.assert_allclose(out[:, 4] - 1e10, out0[:, 4], atol=1e-5)
+
+
+def test_many_constant_features_warning_names_the_first_five():
+    X, covars = make_cohort()
+    X[:, 10:17] = 2.0
+    with pytest.warns(UserWarning, match=r"7 feature\(s\) .*\['x10', 'x11', 'x12', 'x13', "
+                      r"'x14'\] \.\.\.$"):
+        CombatHarmonizer(continuous_cols=["age"]).fit(X, batch=covars["site"],
+                                                      covariates=covars)
 
 
 def test_constant_and_exactly_explained_features_pass_through_with_a_warning():
