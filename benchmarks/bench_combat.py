@@ -11,8 +11,10 @@ times, in the same run:
   O(G^2 n) Python loop would take about an hour, so its time is extrapolated from the 3,000
   feature run by (50,000 / 3,000)^2 and marked as such).
 
-For each case it prints ours and neuroCombat's wall time (best of ``--repeats`` for ours, one run
-for neuroCombat), their ratio, the largest element-wise relative difference between the two
+For each case it prints our wall time as the median and range (min-max) of ``--repeats`` calls
+in this process, and separately the first call in each of ``--fresh`` new processes (imports
+done, nothing else run before: what a script calling ComBat once pays); neuroCombat's wall time
+(one run), the ratio of neuroCombat's time to our median, the largest element-wise relative difference between the two
 outputs, and the ``tracemalloc`` peak of each call (measured in a separate run, since tracing
 slows Python-level allocation) as a multiple of the input array's size. Then a scaling table,
 ours only: parametric ``fit_transform`` and ``transform`` (of the same rows as new rows) for
@@ -25,6 +27,8 @@ Usage::
     python benchmarks/bench_combat.py            # the reference run (~8 minutes; neuroCombat
                                                  # non-parametric under tracemalloc is most of it)
     python benchmarks/bench_combat.py --quick    # small sizes (~20 seconds)
+    python benchmarks/bench_combat.py --n-jobs 2 # ours on 2 threads (default 1, as
+                                                 # CombatHarmonizer(n_jobs=None))
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import datetime
 import io
 import os
 import platform
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -46,6 +51,7 @@ import pandas as pd
 from kwneuro_sk import CombatHarmonizer
 
 SITES = np.array(["siteA", "siteB", "siteC"])
+N_JOBS = 1  # CombatHarmonizer(n_jobs=...), set by --n-jobs
 
 
 def make_cohort(n_subjects, n_features, seed=0):
@@ -67,7 +73,7 @@ def make_cohort(n_subjects, n_features, seed=0):
 
 
 def run_ours(X, covars, parametric):
-    combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric)
+    combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric, n_jobs=N_JOBS)
     return combat.fit_transform(X, batch=covars["site"], covariates=covars)
 
 
@@ -82,14 +88,49 @@ def run_neurocombat(X, covars, parametric):
     return out["data"].T
 
 
-def best_time(function, repeats):
-    """Best wall time of ``repeats`` calls, and the last result."""
-    best = np.inf
+def wall_times(function, repeats):
+    """Wall times of ``repeats`` calls, and the last result."""
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        times.append(time.perf_counter() - start)
+    return np.array(times), result
+
+
+def best_time(function, repeats):
+    """Best wall time of ``repeats`` calls, and the last result."""
+    times, result = wall_times(function, repeats)
+    return times.min(), result
+
+
+def spread(times):
+    """``median (min-max)`` of wall times, in seconds."""
+    if len(times) == 1:
+        return f"{times[0]:.3f}"
+    return f"{np.median(times):.3f} ({times.min():.3f}-{times.max():.3f})"
+
+
+def first_calls(n_subjects, n_features, seed, parametric, dtype, fresh):
+    """Wall time of the first call of ours in each of ``fresh`` new processes."""
+    times = []
+    for _ in range(fresh):
+        command = [sys.executable, __file__, "--first-call",
+                   f"{n_subjects},{n_features},{seed},{int(parametric)},{dtype}",
+                   "--n-jobs", str(N_JOBS)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        times.append(float(done.stdout.split()[-1]))
+    return np.array(times)
+
+
+def first_call(spec):
+    """Child process of :func:`first_calls`: time one call after the imports and the data."""
+    n_subjects, n_features, seed, parametric, dtype = spec.split(",")
+    X, covars = make_cohort(int(n_subjects), int(n_features), seed=int(seed))
+    X = X.astype(dtype)
+    start = time.perf_counter()
+    run_ours(X, covars, bool(int(parametric)))
+    print(time.perf_counter() - start)
 
 
 def peak_memory(function):
@@ -106,7 +147,8 @@ def relative_difference(ours, reference):
     return float(np.max(np.abs(ours - reference) / np.abs(reference)))
 
 
-def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None):
+def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, fresh=0,
+            seed=0):
     """One row of the comparison table: a dict of printable values, plus, under keys starting
     with ``_``, the peer's time and output and whether the numbers agree.
 
@@ -114,10 +156,14 @@ def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None):
     (float32 data, whose tolerance is float32 rounding).
     """
     print(f"running {name} ...", file=sys.stderr, flush=True)
-    ours_time, ours_out = best_time(lambda: run_ours(X, covars, parametric), repeats)
+    times, ours_out = wall_times(lambda: run_ours(X, covars, parametric), repeats)
+    ours_time = float(np.median(times))
+    firsts = (first_calls(*X.shape, seed, parametric, X.dtype.name, fresh) if fresh
+              else np.array([]))
     ours_peak = peak_memory(lambda: run_ours(X, covars, parametric))
-    row = dict(case=name, ours=f"{ours_time:.3f}", ours_mem=f"{ours_peak / X.nbytes:.2f}x",
-               peer="-", ratio="-", diff="-", peer_mem="-", _agree=True)
+    row = dict(case=name, ours=spread(times), first=spread(firsts) if fresh else "-",
+               ours_mem=f"{ours_peak / X.nbytes:.2f}x", peer="-", ratio="-", diff="-",
+               peer_mem="-", _agree=True)
     if isinstance(peer, np.ndarray):
         diff = relative_difference(ours_out, peer)
         row.update(diff=f"{diff:.1e}", _agree=diff < 1e-6)
@@ -125,7 +171,9 @@ def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None):
         peer_time, peer_out = best_time(lambda: run_neurocombat(X, covars, parametric), 1)
         peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
         diff = relative_difference(ours_out, peer_out)
-        row.update(peer=f"{peer_time:.2f}", ratio=f"{peer_time / ours_time:.0f}x",
+        row.update(peer=f"{peer_time:.2f}",
+                   ratio=f"{peer_time / ours_time:.0f}x ({peer_time / times.max():.0f}-"
+                         f"{peer_time / times.min():.0f}x)",
                    diff=f"{diff:.1e}", peer_mem=f"{peer_peak / X.nbytes:.2f}x",
                    _agree=diff < 1e-8, _peer_time=peer_time, _peer_out=peer_out)
     elif extrapolate_from is not None:
@@ -181,7 +229,19 @@ def describe_machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, {memory}; "
+    try:
+        load = "load average %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg()
+    except OSError:
+        load = "load unknown"
+    from threadpoolctl import threadpool_info
+
+    blas = ", ".join(f"{i['internal_api']} {i.get('architecture', '')}".strip()
+                     for i in threadpool_info() if i["user_api"] == "blas")
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                   if k in os.environ) or "OPENBLAS_CORETYPE unset"
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, "
+            f"{os.cpu_count()} cores, {memory}, {load}; BLAS {blas} ({env}); ours with "
+            f"n_jobs={N_JOBS}; "
             f"Python {platform.python_version()}, numpy {np.__version__}, scipy "
             f"{scipy.__version__}, scikit-learn {sklearn.__version__}, kwneuro_sk "
             f"{version('kwneuro_sk')}, neuroCombat {version('neuroCombat')}")
@@ -194,7 +254,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5,
                         help="runs of ours per timing, best kept (default 5)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    parser.add_argument("--fresh", type=int, default=3,
+                        help="new processes whose first call is timed, per case (default 3)")
+    parser.add_argument("--n-jobs", type=int, default=1,
+                        help="CombatHarmonizer(n_jobs=...) for ours (default 1)")
+    parser.add_argument("--first-call", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global N_JOBS
+    N_JOBS = args.n_jobs
+    if args.first_call:
+        first_call(args.first_call)
+        return
 
     if args.quick:
         n, g_param, g_np, g_np_big = 100, 5_000, 500, 3_000
@@ -207,23 +277,28 @@ def main(argv=None):
     print()
     X, covars = make_cohort(n, g_param)
     rows = [compare(f"parametric {n} x {g_param:,} float64", X, covars, True, args.repeats,
-                    True)]
+                    True, fresh=args.fresh)]
     reference = rows[0].pop("_peer_out")
     rows.append(compare(f"parametric {n} x {g_param:,} float32", X.astype(np.float32), covars,
-                        True, args.repeats, reference))
+                        True, args.repeats, reference, fresh=args.fresh))
     del X, reference
 
     X, covars = make_cohort(n, g_np, seed=2)
-    rows.append(compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True))
+    rows.append(compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True,
+                        fresh=args.fresh, seed=2))
     rows[-1].pop("_peer_out")
     X, covars = make_cohort(n, g_np_big, seed=3)
     rows.append(compare(f"non-parametric {n} x {g_np_big:,}", X, covars, False, 1, False,
                         extrapolate_from=(rows[-1]["_peer_time"], g_np)))
     del X
 
-    print("ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds; peak = "
-          "tracemalloc peak / input array size)")
-    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("peer", "neuroCombat (s)"),
+    print(f"ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds: ours as "
+          f"median (min-max) of {args.repeats} calls in one process, 'first call' the first "
+          f"call in each of {args.fresh} fresh processes; neuroCombat one run; speed-up = "
+          "neuroCombat / our median (range over our calls); peak = tracemalloc peak / input "
+          "array size)")
+    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("first", "first call (s)"),
+                       ("peer", "neuroCombat (s)"),
                        ("ratio", "speed-up"), ("diff", "max rel diff"),
                        ("ours_mem", "ours peak"), ("peer_mem", "neuroCombat peak")])
     print("float32 row: difference against neuroCombat's float64 output on the same values "

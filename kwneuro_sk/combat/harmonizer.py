@@ -6,8 +6,11 @@ covariates into the arrays it needs, validates them once, and keeps the fitted s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable
+from numbers import Integral
 
+import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
@@ -64,6 +67,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         naming them, or estimate their location/scale (with the same EB shrinkage, priors from
         that site's own features) from the rows of that site in the call, holding the fitted
         covariate effects, grand mean and pooled variance fixed.
+    n_jobs : int, default=None
+        Threads for the blocks of features in fit, transform and inverse_transform.
+        ``None`` means 1 unless in a :func:`joblib.parallel_config` context; ``-1`` means
+        all CPUs available to the process (container limits respected). Results are
+        bit-identical for any value.
 
     Attributes
     ----------
@@ -81,7 +89,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     var_pooled_ : ndarray of shape (n_features_out,)
         Pooled residual variance ``sigma**2`` (of the reference site with ``ref_batch``).
     zero_variance_features_ : ndarray of bool, shape (n_features_out,)
-        Features whose pooled variance is zero: they are passed through unchanged.
+        Constant features, passed through unchanged (with a UserWarning naming them): the
+        standard deviation of their residuals after removing the site and covariate effects
+        is at the floating-point resolution of their values (see the user guide, Numerics).
     gamma_hat_, delta_hat_ : ndarray of shape (n_batches, n_features_out)
         Per-site location and scale (variance) of the standardized data.
     gamma_star_, delta_star_ : ndarray of shape (n_batches, n_features_out)
@@ -142,10 +152,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "mean_only": ["boolean"],
         "ref_batch": "no_validation",
         "unseen_batch": [StrOptions({"error", "adapt"})],
+        "n_jobs": [Integral, None],
     }
 
     def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
-                 parametric=True, mean_only=False, ref_batch=None, unseen_batch="error"):
+                 parametric=True, mean_only=False, ref_batch=None, unseen_batch="error",
+                 n_jobs=None):
         self.batch_col = batch_col
         self.categorical_cols = categorical_cols
         self.continuous_cols = continuous_cols
@@ -154,6 +166,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.mean_only = mean_only
         self.ref_batch = ref_batch
         self.unseen_batch = unseen_batch
+        self.n_jobs = n_jobs
 
     # ---------------------------------------------------------------------------------------
     # public API
@@ -263,7 +276,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                              f"{format_labels(pd.unique(rows.sites[idx < 0]))}")
         return model.adjust(rows.features, self._covariates.transform(rows.covariates), idx,
                             self._standardization(), self.gamma_star_, self.delta_star_,
-                            passthrough_rows=self._reference_rows(idx), inverse=True)
+                            passthrough_rows=self._reference_rows(idx), inverse=True,
+                            n_jobs=self._threads())
 
     def get_feature_names_out(self, input_features=None):
         """Names of the harmonized feature columns (site and covariate columns excluded).
@@ -374,7 +388,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
         standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
-                                                             n_batches, Z, ref=ref)
+                                                             n_batches, Z, ref=ref,
+                                                             n_jobs=self._threads())
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
@@ -382,12 +397,14 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False.")
         per_batch = [model.estimate_batch(counts[k], mean[k], ss[k], eb=self.eb,
                                           parametric=self.parametric,
-                                          mean_only=self.mean_only, usable=usable)
+                                          mean_only=self.mean_only, usable=usable,
+                                          n_jobs=self._threads())
                      for k in range(n_batches)]
         self.grand_mean_ = standardization.grand_mean
         self.beta_ = standardization.beta
         self.var_pooled_ = standardization.var_pooled
         self.zero_variance_features_ = standardization.zero_variance
+        self._sigma = standardization.sigma  # exact also where var_pooled_ over/underflows
         for name in ("gamma_hat", "delta_hat", "gamma_star", "delta_star"):
             setattr(self, name + "_", np.vstack([getattr(b, name) for b in per_batch]))
         for name in ("gamma_bar", "t2", "a_prior", "b_prior"):
@@ -405,6 +422,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                   "n_features_in": self.n_features_in_,
                   "feature_names_in": getattr(self, "feature_names_in_", None),
                   "columns_in": self._columns_in})
+        if self.zero_variance_features_.any():
+            names = self.get_feature_names_out()[self.zero_variance_features_]
+            warnings.warn(
+                f"{names.size} feature(s) are constant after removing the site and covariate "
+                f"effects and are passed through unchanged: {format_labels(names[:5])}"
+                + (" ..." if names.size > 5 else ""), UserWarning, stacklevel=4)
         return self
 
     def _transform(self, rows):
@@ -421,7 +444,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                     "site's location and scale from its rows in the transform call")
             gamma_star, delta_star, idx = self._adapt(rows, Z, idx, new_sites)
         return model.adjust(rows.features, Z, idx, self._standardization(), gamma_star,
-                            delta_star, passthrough_rows=self._reference_rows(idx))
+                            delta_star, passthrough_rows=self._reference_rows(idx),
+                            n_jobs=self._threads())
 
     def _adapt(self, rows, Z, idx, new_sites):
         """Estimates for sites unseen in fit, from their rows here; fitted state untouched."""
@@ -441,14 +465,20 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         usable = ~standardization.zero_variance
         new = [model.estimate_batch(n[k], mean[k], ss[k], eb=self.eb,
                                     parametric=self.parametric, mean_only=self.mean_only,
-                                    usable=usable) for k in range(len(groups))]
+                                    usable=usable, n_jobs=self._threads())
+               for k in range(len(groups))]
         gamma_star = np.vstack([self.gamma_star_, *[b.gamma_star for b in new]])
         delta_star = np.vstack([self.delta_star_, *[b.delta_star for b in new]])
         return gamma_star, delta_star, idx
 
     def _standardization(self):
         return model.StandardizationModel(self.grand_mean_, self.beta_, self.var_pooled_,
-                                          self.zero_variance_features_)
+                                          self.zero_variance_features_,
+                                          sigma=getattr(self, "_sigma", None))
+
+    def _threads(self):
+        """``n_jobs`` resolved by joblib (parallel_config, container CPU limits)."""
+        return max(1, joblib.effective_n_jobs(self.n_jobs))
 
     def _reference_index(self):
         if self.ref_batch is None:

@@ -19,24 +19,28 @@ float32 data are read block by block into float64, never copied whole.
 
 Two defined behaviours differ from neuroCombat on degenerate data:
 
-* features whose pooled variance is zero (constant features, or features explained exactly by
-  site and covariates) are passed through unchanged and take no part in the priors;
+* constant features (whose residual standard deviation is at the floating-point resolution of
+  their values: exactly constant, or explained exactly by site and covariates) are passed
+  through unchanged and take no part in the priors;
 * the non-parametric likelihoods are computed in log space and normalized by their largest
   value, so they never underflow to 0/0. neuroCombat multiplies the densities themselves, about
   ``exp(-1.42 n)`` for standardized data: below the smallest double once a site has more than
   ~500 subjects, where its estimates become NaN (see ``docs/performance.rst``).
 
+Features of any magnitude give exact results: those beyond ``2**+-400`` are scaled by an exact
+power of two inside the fitting loop (see :func:`fit_location_scale`).
+
 Performance: fitting reads each block of features once (coefficients, residuals and per-site
-residual sums together), adjusting reads it once more; blocks of ~2 MiB stay in cache and run on
-parallel threads with the BLAS held to one thread. Memory beyond the output is a few arrays of
-one value per feature and site, plus one scratch block per thread.
+residual sums together), adjusting reads it once more; blocks of ~1 MiB stay in cache and run on
+``n_jobs`` threads (a resolved positive int; results do not depend on it) with the BLAS held to
+one thread. Memory beyond the output is a few arrays of one value per feature and site, plus
+one scratch block per thread.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,11 +48,20 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-# Elements (float64) of one temporary block: 256 Ki elements = 2 MiB, so that a block and its
-# few temporaries stay in a core's L2 cache while every step of the computation runs on it.
-BLOCK_ELEMENTS = 1 << 18
-# A feature whose pooled variance is below this fraction of its mean square is constant.
-_ZERO_VARIANCE_RTOL = (1e3 * np.finfo(np.float64).eps) ** 2
+# Elements (float64) of one temporary block: 128 Ki elements = 1 MiB, so that a block and its
+# few temporaries stay in a core's L2 cache while every step of the computation runs on it,
+# and the scratch stays a small fraction of the input.
+BLOCK_ELEMENTS = 1 << 17
+# Elements of one block of rows of the non-parametric EB's G x G log-likelihoods: 1 MiB, which
+# measured fastest (blocks of 2 MiB and of 256 KiB both cost ~15% more per element).
+EB_BLOCK_ELEMENTS = 1 << 17
+# Features whose largest absolute value lies within 2**+-_SAFE_EXPONENT are fitted as they are;
+# others are scaled by an exact power of two in the block loop.
+_SAFE_EXPONENT = 400
+# A feature is constant when the standard deviation of its residuals (what is left after the
+# site and covariate effects are removed) is at most this many units of the floating-point
+# resolution of its values (eps times its largest absolute value): rounding noise, not signal.
+_CONSTANT_RESOLUTION = 32.0
 # sva / neuroCombat convergence threshold of the parametric EB iteration.
 PARAMETRIC_TOL = 1e-4
 PARAMETRIC_MAX_ITER = 10_000
@@ -75,27 +88,25 @@ def _as_float64(block):
     return np.asarray(block, dtype=np.float64)
 
 
-def _run_blocks(function, n_items, step, scratch_size):
-    """Call ``function(block, scratch)`` for slices ``block`` of ``range(n_items)``, in parallel.
+def _run_blocks(function, n_items, step, scratch_size, n_jobs=1):
+    """Call ``function(block, scratch)`` for slices ``block`` of ``range(n_items)``.
 
-    Blocks are dealt to up to ``os.cpu_count()`` threads (numpy releases the GIL inside ufuncs
-    and matrix products); each thread allocates one float64 ``scratch`` array of
-    ``scratch_size`` elements and reuses it for all its blocks, so no block allocates (and
-    page-faults) fresh memory. Each call must write only its own slice of the outputs. The BLAS
-    library is held to one thread meanwhile: its threads on these small products only wait for
-    each other.
+    Blocks are dealt to ``n_jobs`` threads (an already resolved positive int; numpy releases
+    the GIL inside ufuncs and matrix products). The assignment of blocks does not depend on
+    ``n_jobs`` and each block is computed alone, so the results are bit-identical for any
+    ``n_jobs``. Each thread allocates one float64 ``scratch`` array of ``scratch_size``
+    elements and reuses it for all its blocks. Each call must write only its own slice of the
+    outputs. The BLAS library is held to one thread meanwhile: its threads on these small
+    products only wait for each other, and ``n_jobs`` is the whole thread budget.
     """
     blocks = [slice(start, min(start + step, n_items)) for start in range(0, n_items, step)]
-    n_workers = max(1, min(os.cpu_count() or 1, len(blocks)))
+    n_workers = max(1, min(int(n_jobs), len(blocks)))
 
     def work(worker):
         scratch = np.empty(scratch_size)
         for block in blocks[worker::n_workers]:
             function(block, scratch)
 
-    if len(blocks) <= 1:
-        work(0)
-        return
     with _blas_controller().limit(limits=1, user_api="blas"):
         if n_workers == 1:
             work(0)
@@ -107,8 +118,15 @@ def _run_blocks(function, n_items, step, scratch_size):
 
 @functools.cache
 def _blas_controller():
-    """The thread-pool controller, inspected once (about 2 ms; limiting it after is ~10 us)."""
-    return ThreadpoolController()
+    """The thread-pool controller, inspected once (6-10 ms, the first limit included; limiting
+    it after is ~70 us). Made at import, so that the first call costs what later calls do."""
+    controller = ThreadpoolController()
+    with controller.limit(limits=1, user_api="blas"):
+        pass
+    return controller
+
+
+_blas_controller()
 
 
 def _scratch_view(scratch, shape):
@@ -129,11 +147,15 @@ class StandardizationModel:
     beta: np.ndarray  # (n_covariates, n_features)
     var_pooled: np.ndarray  # (n_features,)
     zero_variance: np.ndarray  # (n_features,) bool: passed through unchanged
+    # sigma itself, exact also where sigma**2 over- or underflows (features beyond ~1e154 or
+    # below ~1e-154); None: computed from var_pooled.
+    sigma: np.ndarray | None = None
 
     @property
     def scale(self):
         """sigma, with 1 for zero-variance features so that division is always defined."""
-        return np.sqrt(np.where(self.zero_variance, 1.0, self.var_pooled))
+        sigma = np.sqrt(self.var_pooled) if self.sigma is None else self.sigma
+        return np.where(self.zero_variance, 1.0, sigma)
 
     def location(self, Z, block=slice(None)):
         """Expected value ``alpha + z @ beta`` of each row for the features in ``block``."""
@@ -152,7 +174,7 @@ def design_matrix(batch_idx, n_batches, Z):
     return np.hstack([batch_onehot(batch_idx, n_batches), Z])
 
 
-def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
+def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     """Least-squares fit of site and covariate effects, and the standardized site moments.
 
     One pass over ``X``: for each block of features the least-squares coefficients, the
@@ -174,6 +196,19 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
     ref : int or None
         Index of the reference batch: its intercept is the grand mean and the pooled variance
         is computed on its rows only.
+    n_jobs : int, default=1
+        Threads (a positive int, already resolved).
+
+    Each feature beyond ``2**+-400`` is scaled by an exact power of two (``2**-e``, with ``e``
+    the binary exponent of its largest absolute value) inside the block loop, so that squares neither overflow nor
+    underflow whatever the magnitude of the data: since such scaling is exact in floating
+    point, the results equal those of the unscaled computation wherever that one neither
+    overflows nor underflows, and stay exact beyond (``sigma`` is kept as such, since
+    ``sigma**2`` may not be representable).
+
+    A feature is *constant* (``zero_variance``, passed through unchanged) when the standard
+    deviation of its residuals is at most ``_CONSTANT_RESOLUTION`` times ``eps * max|x|``: what
+    is left after removing the site and covariate effects is rounding noise of its values.
 
     Returns
     -------
@@ -189,14 +224,23 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
     coef = np.empty((design.shape[1], n_features))
     resid_sum = np.empty((n_batches, n_features))
     resid_sq = np.empty((n_batches, n_features))
+    exponent = np.empty(n_features, dtype=np.int64)  # x is handled as 2**e * (x * 2**-e)
+    magnitude = np.empty(n_features, dtype=np.int64)  # max|x| < 2**magnitude
 
     def fit_block(block, scratch):
         shape = (n_samples, block.stop - block.start)
         values = X[:, block]
-        if values.dtype != np.float64:  # float32 data: converted one block at a time
-            converted = _scratch_view(scratch[scratch.size // 2:], shape)
-            converted[...] = values
-            values = converted
+        largest = np.maximum(values.max(axis=0), -values.min(axis=0)).astype(np.float64)
+        # (at least -1022, so that 2**-e is finite also for subnormal data)
+        magnitude[block] = np.maximum(np.frexp(largest)[1], -1022)
+        # Features within 2**+-400 need no scaling (their squares neither overflow nor
+        # underflow), so ordinary data are read as they are.
+        exponent[block] = np.where(np.abs(magnitude[block]) <= _SAFE_EXPONENT, 0,
+                                   magnitude[block])
+        if values.dtype != np.float64 or exponent[block].any():
+            # float32 data are converted one block at a time, together with the scaling.
+            values = np.multiply(values, np.ldexp(1.0, -exponent[block]),
+                                 out=_scratch_view(scratch[scratch.size // 2:], shape))
         coef[:, block] = np.linalg.solve(gram, design.T @ values)
         resid = np.matmul(design, coef[:, block], out=_scratch_view(scratch, shape))
         np.subtract(values, resid, out=resid)
@@ -205,26 +249,35 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None):
         resid_sq[:, block] = onehot.T @ resid
 
     step = _feature_step(n_samples, n_features=n_features)
-    _run_blocks(fit_block, n_features, step, 2 * n_samples * step)
+    _run_blocks(fit_block, n_features, step, 2 * n_samples * step, n_jobs)
 
     counts = np.bincount(batch_idx, minlength=n_batches)
+    # Everything below in the scaled units first (exact), then scaled back by 2**e.
     if ref is None:
         grand_mean = (counts / n_samples) @ coef[:n_batches]
-        var_pooled = resid_sq.sum(axis=0) / n_samples
+        var_scaled = resid_sq.sum(axis=0) / n_samples
     else:
         grand_mean = coef[ref].copy()
-        var_pooled = resid_sq[ref] / counts[ref]
-    # Mean square of the data over all rows (fitted values are orthogonal to residuals): the
-    # scale against which a pooled variance counts as zero.
-    mean_square = (np.einsum("pg,pg->g", gram @ coef, coef) + resid_sq.sum(axis=0)) / n_samples
-    zero_variance = var_pooled <= _ZERO_VARIANCE_RTOL * mean_square
-    var_pooled[zero_variance] = 0.0
-    model = StandardizationModel(grand_mean, coef[n_batches:].copy(), var_pooled, zero_variance)
+        var_scaled = resid_sq[ref] / counts[ref]
+    sigma_scaled = np.sqrt(var_scaled)
+    resolution = np.ldexp(_CONSTANT_RESOLUTION * np.finfo(np.float64).eps,
+                          magnitude - exponent)  # of the values, in scaled units
+    zero_variance = sigma_scaled <= resolution
+    var_scaled[zero_variance] = 0.0
+    sigma_scaled[zero_variance] = 0.0
+    scale_scaled = np.where(zero_variance, 1.0, sigma_scaled)
 
     resid_mean = resid_sum / counts[:, None]  # zero up to rounding
-    scale = model.scale
-    mean = (coef[:n_batches] - grand_mean + resid_mean) / scale
-    ss = (resid_sq - counts[:, None] * resid_mean**2) / scale**2
+    mean = (coef[:n_batches] - grand_mean + resid_mean) / scale_scaled
+    ss = (resid_sq - counts[:, None] * resid_mean**2) / scale_scaled**2
+
+    with np.errstate(over="ignore", under="ignore"):
+        # sigma**2 is inf (or loses digits) for features beyond ~1e154 (below ~1e-154):
+        # reported as such, while sigma itself is exact.
+        var_pooled = np.ldexp(var_scaled, 2 * exponent)
+    model = StandardizationModel(np.ldexp(grand_mean, exponent),
+                                 np.ldexp(coef[n_batches:], exponent), var_pooled,
+                                 zero_variance, sigma=np.ldexp(sigma_scaled, exponent))
     return model, mean, ss
 
 
@@ -329,7 +382,7 @@ def parametric_eb(n, gamma_hat, delta_hat, ss, gamma_bar, t2, a, b):
     return g_new, d_new
 
 
-def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None):
+def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None, *, n_jobs=1):
     """Non-parametric EB: average the other features' (gamma, delta) weighted by likelihood.
 
     For feature ``i`` the weight of feature ``j != i`` is the normal likelihood of ``i``'s data
@@ -342,48 +395,72 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None):
     ``[ss_i + n m_i**2, m_i, 1] @ [-1/(2 d_j), n g_j / d_j, -n/2 log(2 pi d_j) - n g_j**2/(2 d_j)]``,
     one matrix product per block of rows (``m`` and ``g`` are centred on the mean of
     ``gamma_hat`` first, so the expansion loses no precision that matters). The matrix is never
-    held whole: blocks of rows of bounded size run on parallel threads and are normalized with a
-    log-sum-exp, so no likelihood underflows (neuroCombat's give 0/0 = NaN there).
+    held whole: blocks of rows of bounded size run on ``n_jobs`` threads.
+
+    Each row is shifted by an upper bound of its log-likelihoods before ``exp``: the maximum
+    of the normal likelihood over all ``(g, d)``, ``-n/2 (log(2 pi ss_i / n) + 1)``. The shift
+    is folded into the matrix product as a fourth term, so a block costs one product, one
+    ``exp`` and one product for the weighted sums (no pass for a row maximum). Log-weights
+    below ``-700`` are clamped there (only when a cheap per-row bound says some may be), which
+    keeps ``exp`` off its slow path for subnormal results. A row whose weights all come out
+    below ``exp(-600)`` (its nearest feature far from the bound) is recomputed normalized by
+    its exact largest log-likelihood (a log-sum-exp), so no row underflows to 0/0
+    (neuroCombat's give NaN there).
     """
     n_features = gamma_hat.shape[0]
     centred = gamma_hat - gamma_hat.mean()
     half_inv_delta = 0.5 / delta_hat
-    data_terms = np.stack([ss + n * centred**2, centred, np.ones(n_features)], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = -0.5 * n * (np.log(2.0 * np.pi * ss / n) + 1.0)
+    exact_rows = ~np.isfinite(bound)
+    bound[exact_rows] = 0.0
+    data_terms = np.stack([ss + n * centred**2, centred, np.ones(n_features), -bound], axis=1)
     param_terms = np.stack([
         -half_inv_delta,
         2.0 * n * centred * half_inv_delta,
         -0.5 * n * np.log(2.0 * np.pi * delta_hat) - n * centred**2 * half_inv_delta,
+        np.ones(n_features),
     ])
-    targets = np.stack([gamma_hat, delta_hat, np.ones(n_features)])
+    # A lower bound of each row's shifted log-likelihoods, from the extremes of each term.
+    low = (data_terms[:, 0] * param_terms[0].min()
+           + np.minimum(data_terms[:, 1] * param_terms[1].min(),
+                        data_terms[:, 1] * param_terms[1].max())
+           + param_terms[2].min() - bound)
+    targets = np.stack([gamma_hat, delta_hat, np.ones(n_features)], axis=1)
     gamma_star = np.empty(n_features)
     delta_star = np.empty(n_features)
+    smallest_sum = math.exp(_LOG_WEIGHT_FLOOR + 100.0)
 
     def block_eb(rows, scratch):
         n_rows = rows.stop - rows.start
-        loglik = np.matmul(data_terms[rows], param_terms,
-                           out=_scratch_view(scratch, (n_rows, n_features)))
-        lowest = loglik.min()
-        # Leave feature i out of its own prior (and out of the maximum).
-        diagonal = np.arange(n_rows), np.arange(rows.start, rows.stop)
-        loglik[diagonal] = -np.inf
-        largest = loglik.max(axis=1, keepdims=True)
-        loglik -= largest
-        if lowest - largest.max() < _LOG_WEIGHT_FLOOR:
-            # Weights below exp(-700) are < 1e-304 of the largest, nothing at double
-            # precision; clamping them keeps exp off its slow subnormal path (~25x slower).
-            np.maximum(loglik, _LOG_WEIGHT_FLOOR, out=loglik)
-            loglik[diagonal] = -np.inf
-        np.exp(loglik, out=loglik)
-        sums = targets @ loglik.T
-        gamma_star[rows] = sums[0] / sums[2]
-        delta_star[rows] = sums[1] / sums[2]
+        weights = np.matmul(data_terms[rows], param_terms,
+                            out=_scratch_view(scratch, (n_rows, n_features)))
+        if low[rows].min() < _LOG_WEIGHT_FLOOR:
+            np.maximum(weights, _LOG_WEIGHT_FLOOR, out=weights)
+        np.exp(weights, out=weights)
+        weights[np.arange(n_rows), np.arange(rows.start, rows.stop)] = 0.0  # i not in its prior
+        sums = weights @ targets
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gamma_star[rows] = sums[:, 0] / sums[:, 2]
+            delta_star[rows] = sums[:, 1] / sums[:, 2]
+        far = ~(sums[:, 2] >= smallest_sum)
+        exact_rows[rows] |= far
 
-    step = _feature_step(n_features, budget, n_features)
-    _run_blocks(block_eb, n_features, step, step * n_features)
+    step = _feature_step(n_features, budget or EB_BLOCK_ELEMENTS, n_features)
+    _run_blocks(block_eb, n_features, step, step * n_features, n_jobs)
+    for i in np.flatnonzero(exact_rows):  # rare: normalized by the exact maximum
+        loglik = data_terms[i, :3] @ param_terms[:3]
+        loglik[i] = -np.inf
+        loglik -= loglik.max()
+        weights = np.exp(np.maximum(loglik, _LOG_WEIGHT_FLOOR))
+        weights[i] = 0.0
+        gamma_star[i], delta_star[i], total = weights @ targets
+        gamma_star[i] /= total
+        delta_star[i] /= total
     return gamma_star, delta_star
 
 
-def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None):
+def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None, n_jobs=1):
     """Location/scale estimates of one site from its standardized moments.
 
     Parameters
@@ -396,6 +473,8 @@ def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None):
     usable : ndarray of bool or None
         Features that take part (zero-variance features get gamma 0 and delta 1 and are left
         out of the priors).
+    n_jobs : int, default=1
+        Threads of the non-parametric EB (a positive int, already resolved).
 
     Returns
     -------
@@ -425,7 +504,7 @@ def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None):
             g_star, d_star = parametric_eb(n, g, d, s, est.gamma_bar, est.t2,
                                            est.a_prior, est.b_prior)
     else:
-        g_star, d_star = nonparametric_eb(n, g, d, s)
+        g_star, d_star = nonparametric_eb(n, g, d, s, n_jobs=n_jobs)
     est.gamma_star[usable] = g_star
     est.delta_star[usable] = d_star
     return est
@@ -437,7 +516,7 @@ def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None):
 
 
 def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=None,
-           inverse=False, out=None):
+           inverse=False, out=None, n_jobs=1):
     """Harmonize rows (or undo it with ``inverse=True``) with fitted estimates.
 
     ``x* = (s - gamma*_b) / sqrt(delta*_b) * sigma + alpha + z @ beta``. With the location
@@ -446,8 +525,8 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
     ``c_b = gamma*_b * sigma`` for the inverse), so each block of features costs one row
     gather, one product with the data and one matrix product with the per-site design
     ``[onehot_b * (1, z)]``. Computed block by block into ``out`` (same dtype as ``X`` by
-    default). Zero-variance features and the rows in ``passthrough_rows`` (the reference
-    site's) are copied unchanged.
+    default), on ``n_jobs`` threads. Zero-variance features and the rows in
+    ``passthrough_rows`` (the reference site's) are copied unchanged.
     """
     n_samples, n_features = X.shape
     n_batches = gamma_star.shape[0]
@@ -489,5 +568,5 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
             result[:, keep] = values[:, keep]
 
     step = _feature_step(n_samples, n_features=n_features)
-    _run_blocks(adjust_block, n_features, step, 2 * n_samples * step)
+    _run_blocks(adjust_block, n_features, step, 2 * n_samples * step, n_jobs)
     return out
