@@ -97,6 +97,11 @@ def cmd_harmonize(args):
     if args.save_model:
         combat.estimates_.save(args.save_model)
         print(f"model saved -> {args.save_model}")
+    if args.report:
+        from kwneuro_sk.report import harmonization_report
+
+        harmonization_report(combat, _split_keep(frame, args.keep), harmonized).save(args.report)
+        print(f"report -> {args.report}")
     return 0
 
 
@@ -218,6 +223,8 @@ def build_parser():
     harm.add_argument("-o", "--output", required=True, metavar="OUT.csv")
     harm.add_argument("--save-model", metavar="MODEL",
                       help="save the fitted model to this file (for 'apply')")
+    harm.add_argument("--report", metavar="REPORT.html",
+                      help="also write a self-contained HTML report (needs matplotlib)")
     harm.set_defaults(func=cmd_harmonize)
 
     apply = sub.add_parser(
