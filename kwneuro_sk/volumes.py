@@ -1,27 +1,30 @@
-"""Voxel-wise ComBat on NIfTI images: ``harmonize_volumes`` and the estimates it returns.
+"""Voxel-wise ComBat on 3-D images: :func:`harmonize_volumes` and :func:`apply_volumes`.
 
-The in-mask voxels of every volume are read once into one float32 matrix (subjects x voxels,
-the orientation of :class:`~kwneuro_sk.CombatHarmonizer`), harmonized, and written back into
-float32 images that keep each input's affine and header.
+The in-mask voxels of every volume are read once into one matrix (subjects x voxels, the
+orientation of :class:`~kwneuro_sk.CombatHarmonizer`), harmonized, and written back into images
+of the input's kind (nibabel images keep each input's header; kwneuro volume resources come
+back as in-memory resources with the input's metadata). Reading, space checks and their errors
+are those of :mod:`kwneuro_sk.images`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from kwneuro_sk import images
 from kwneuro_sk.combat.estimates import CombatEstimates
-from kwneuro_sk.combat.harmonizer import CombatHarmonizer, _column_list
+from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 
-__all__ = ["CombatEstimates", "harmonize_volumes"]
+__all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
 
 
 def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None,
                       continuous_cols=None, eb=True, parametric=True, mean_only=False,
-                      ref_batch=None, preserve_out_of_mask=False):
+                      ref_batch=None, preserve_out_of_mask=False, dtype=np.float32):
     """Remove site effects voxel by voxel from 3-D images with ComBat.
 
     Every voxel where ``mask > 0`` is a feature; each volume is a subject. The site and
@@ -29,37 +32,44 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     options, and the returned :class:`CombatEstimates` can harmonize new subjects later
     (:meth:`CombatEstimates.apply_volumes`), also after :meth:`CombatEstimates.save`.
 
+    The signature is that of ``kwneuro.harmonize.harmonize_volumes`` (kwneuro 1.0.0): code
+    written for it runs with only the import changed.
+
     Parameters
     ----------
-    volumes : sequence of str, path-like or nibabel images
-        At least 2 three-dimensional images on one voxel grid (same shape).
+    volumes : sequence of str, path-like, nibabel images or kwneuro volume resources
+        At least 2 three-dimensional images in one space (same shape and affine).
     covars : pandas.DataFrame
         One row per volume, in the order of ``volumes``, holding ``batch_col`` and the
         covariate columns.
     batch_col : hashable
         Column of ``covars`` with the site (scanner) of each volume; at least 2 sites.
-    mask : str, path-like or nibabel image
-        3-D image of the volumes' shape; voxels > 0 are harmonized.
+    mask : str, path-like, nibabel image or kwneuro volume resource
+        3-D image in the volumes' space; voxels > 0 are harmonized.
     categorical_cols, continuous_cols : str or list of str, default=None
         Covariates of ``covars`` whose effects are preserved.
     eb, parametric, mean_only, ref_batch
         ComBat options, as in :class:`~kwneuro_sk.CombatHarmonizer`.
     preserve_out_of_mask : bool, default=False
-        Keep the input values outside the mask (as float32) instead of setting them to 0.
+        Keep the input values outside the mask instead of setting them to 0.
+    dtype : {numpy.float32, numpy.float64}, default=numpy.float32
+        Data type of the computation's input matrix and of the output images. float32 halves
+        the memory; float64 gives kwneuro's (neuroCombat's) numbers to double precision.
 
     Returns
     -------
-    harmonized : list of nibabel images
-        One per input volume, float32 data (never rounded to the input's integer type), with
-        the input's affine and header.
+    harmonized : list of images
+        One per input volume, of ``dtype`` (never rounded to the input's integer type): nibabel
+        images with the input's affine and header for paths and nibabel images;
+        in-memory kwneuro volume resources (with the input's metadata) for resources.
     estimates : CombatEstimates
-        The fitted model; ``info["volumes"]`` holds the site column, mask and affine.
+        The fitted model; ``info["volumes"]`` holds the site column, mask, affine and shape.
 
     Notes
     -----
     Numbers equal neuroCombat's on the matrix of in-mask voxels (to float32 rounding of the
-    output). Memory: one float32 matrix of in-mask voxels x subjects for the input and one for
-    the result, plus the output images; the files are read once.
+    output with the default ``dtype``). Memory: one matrix of in-mask voxels x subjects for the
+    input and one for the result, plus the output images; each file is read once.
 
     Examples
     --------
@@ -77,16 +87,15 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     >>> bool(abs(np.mean(means[:5]) - np.mean(means[5:])) < 0.5)
     True
     """
-    images = _load_volumes(volumes)
-    mask_array, mask_img = _load_mask(mask, images[0].shape)
-    covars = _check_covars(covars, len(images), batch_col,
-                           _column_list(categorical_cols, "categorical_cols")
-                           + _column_list(continuous_cols, "continuous_cols"))
+    dtype = _output_dtype(dtype)
+    sources = _open_volumes(volumes, minimum=2)
+    mask_array, mask_img = _load_mask(mask, sources[0])
+    covars = _check_covars(covars, len(sources), batch_col)
     sites = pd.unique(covars[batch_col])
     if len(sites) < 2:
         raise ValueError(f"harmonize_volumes needs volumes from at least 2 sites in column "
-                         f"{batch_col!r}; all {len(images)} are from site {sites[0]!r}")
-    X, outputs = _read_in_mask(images, mask_array, preserve_out_of_mask)
+                         f"{batch_col!r}; all {len(sources)} are from site {sites[0]!r}")
+    X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
     combat = CombatHarmonizer(categorical_cols=categorical_cols, continuous_cols=continuous_cols,
                               eb=eb, parametric=parametric, mean_only=mean_only,
                               ref_batch=ref_batch)
@@ -94,30 +103,45 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     del X
     estimates = combat.estimates_
     estimates.info["volumes"] = {"batch_col": batch_col, "mask": mask_array,
-                                 "affine": np.asarray(mask_img.affine, dtype=np.float64),
+                                 "affine": images.grid_of(mask_img)[1],
                                  "shape": list(mask_array.shape)}
-    return _images(images, outputs, harmonized, mask_array), estimates
+    return _outputs(sources, kept, harmonized, mask_array), estimates
 
 
-def _apply_volumes(estimates, volumes, covars, *, unseen_batch, preserve_out_of_mask):
-    """:meth:`CombatEstimates.apply_volumes` (documented there)."""
-    grid = estimates.info.get("volumes")
+def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
+                  preserve_out_of_mask=False, dtype=np.float32):
+    """Harmonize new subjects' volumes with estimates made by :func:`harmonize_volumes`.
+
+    The same as :meth:`CombatEstimates.apply_volumes` (documented there).
+
+    Parameters
+    ----------
+    estimates : CombatEstimates
+    volumes, covars, unseen_batch, preserve_out_of_mask, dtype
+        As in :meth:`CombatEstimates.apply_volumes`.
+
+    Returns
+    -------
+    list of images
+    """
+    grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
     if grid is None:
         raise ValueError("these estimates were not made by harmonize_volumes (no mask in "
                          "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
                          ".transform(...) for feature matrices")
+    dtype = _output_dtype(dtype)
     combat = CombatHarmonizer.from_estimates(estimates).set_params(unseen_batch=unseen_batch)
     mask_array = np.asarray(grid["mask"], dtype=bool)
-    batch_col = grid["batch_col"]
-    images = _load_volumes(volumes, minimum=1)
-    if images[0].shape != mask_array.shape:
-        raise ValueError(f"volume 0 has shape {images[0].shape} but the fitted mask has shape "
-                         f"{mask_array.shape}")
-    categorical, continuous = combat._covariate_columns()
-    covars = _check_covars(covars, len(images), batch_col, categorical + continuous)
-    X, outputs = _read_in_mask(images, mask_array, preserve_out_of_mask)
-    harmonized = combat.transform(X, batch=covars[batch_col], covariates=covars)
-    return _images(images, outputs, harmonized, mask_array)
+    fitted_grid = (tuple(int(n) for n in grid["shape"]), np.asarray(grid["affine"], float))
+    if mask_array.shape != fitted_grid[0] or int(mask_array.sum()) != combat.n_features_in_:
+        raise ValueError("invalid ComBat model: info['volumes'] has a mask that does not match "
+                         f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
+                         "voxels")
+    sources = _open_volumes(volumes, minimum=1, reference=(fitted_grid, "the fitted mask"))
+    covars = _check_covars(covars, len(sources), grid["batch_col"])
+    X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
+    harmonized = combat.transform(X, batch=covars[grid["batch_col"]], covariates=covars)
+    return _outputs(sources, kept, harmonized, mask_array)
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,83 +149,108 @@ def _apply_volumes(estimates, volumes, covars, *, unseen_batch, preserve_out_of_
 # ------------------------------------------------------------------------------------------
 
 
-def _load_image(img, what):
-    if isinstance(img, (str, os.PathLike)):
-        try:
-            return nib.load(img)
-        except FileNotFoundError as exc:
-            raise ValueError(f"{what}: file {os.fspath(img)!r} not found") from exc
-    if isinstance(img, nib.spatialimages.SpatialImage):
-        return img
-    raise TypeError(f"{what} must be a file path or a nibabel image; got {type(img).__name__}")
+@dataclass
+class _Volume:
+    """One input volume: its name in messages, the image (header read, data not yet) and, for
+    kwneuro resources, the in-memory resource that is the template of the output."""
+
+    name: str
+    image: object
+    resource: object = None
 
 
-def _load_volumes(volumes, minimum=2):
-    """Image objects (headers only for paths) for every volume, all 3-D of one shape."""
-    if isinstance(volumes, (str, os.PathLike, nib.spatialimages.SpatialImage)):
+def _output_dtype(dtype):
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be numpy.float32 or numpy.float64; got {dtype!r}") from exc
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be numpy.float32 or numpy.float64; got {resolved}")
+    return resolved
+
+
+def _open_volumes(volumes, *, minimum, reference=None):
+    """Every volume opened (headers only for paths), 3-D, all in one space: that of volume 0,
+    or ``reference`` ((shape, affine), name) when given."""
+    if images.is_image(volumes):
         raise TypeError("volumes must be a sequence of images or paths (one per subject); got "
                         "a single image")
-    images = [_load_image(v, f"volume {i}") for i, v in enumerate(volumes)]
-    if len(images) < minimum:
-        raise ValueError(f"need at least {minimum} volume(s); got {len(images)}")
-    for i, img in enumerate(images):
+    sources = []
+    for i, source in enumerate(volumes):
+        name = f"volume {i}" + (f" ({os.fspath(source)!r})"
+                                if isinstance(source, (str, os.PathLike)) else "")
+        resource = images.loaded_resource(source) if images.is_volume_resource(source) else None
+        img = images.load_image(source if resource is None else resource, name=name)
         if len(img.shape) != 3:
-            raise ValueError(f"volume {i} has shape {img.shape}; volumes must be 3-D")
-        if img.shape != images[0].shape:
-            raise ValueError(f"volume {i} has shape {img.shape} but volume 0 has shape "
-                             f"{images[0].shape}; all volumes must be on one grid")
-    return images
+            raise ValueError(f"{name} has shape {img.shape}; volumes must be 3-D")
+        sources.append(_Volume(name, img, resource))
+    if len(sources) < minimum:
+        raise ValueError(f"need at least {minimum} volume(s); got {len(sources)}")
+    grid, grid_name = reference or (images.grid_of(sources[0].image), "volume 0")
+    for volume in sources:
+        if images.grid_of(volume.image)[0] != grid[0]:
+            raise ValueError(f"{volume.name} has shape {volume.image.shape} but {grid_name} has "
+                             f"shape {grid[0]}; all volumes must be on one grid")
+        images.check_same_space(images.grid_of(volume.image), grid, name=volume.name,
+                                reference_name=grid_name)
+    return sources
 
 
-def _load_mask(mask, shape):
-    mask_img = _load_image(mask, "mask")
-    if mask_img.shape != shape:
-        raise ValueError(f"mask has shape {mask_img.shape} but the volumes have shape {shape}")
-    mask_array = np.asarray(mask_img.dataobj) > 0
+def _load_mask(mask, first):
+    source = images.loaded_resource(mask)
+    mask_img = images.load_image(source, name="mask")
+    grid = images.grid_of(first.image)
+    if tuple(mask_img.shape) != grid[0]:
+        raise ValueError(f"mask has shape {mask_img.shape} but the volumes have shape "
+                         f"{grid[0]}")
+    images.check_same_space(images.grid_of(mask_img), grid, name="mask",
+                            reference_name=first.name)
+    mask_array = images.read_data(mask_img, name="mask") > 0
     if not mask_array.any():
         raise ValueError("mask has no voxels > 0; nothing to harmonize")
     return mask_array, mask_img
 
 
-def _check_covars(covars, n_volumes, batch_col, covariate_cols):
+def _check_covars(covars, n_volumes, batch_col):
     if not isinstance(covars, pd.DataFrame):
         raise TypeError(f"covars must be a pandas DataFrame; got {type(covars).__name__}")
     if len(covars) != n_volumes:
         raise ValueError(f"covars has {len(covars)} rows for {n_volumes} volumes; give one row "
                          "per volume, in the same order")
-    if batch_col in covariate_cols:
-        raise ValueError(f"batch_col {batch_col!r} is also named as a covariate")
-    missing = [c for c in [batch_col, *covariate_cols] if c not in covars.columns]
-    if missing:
-        raise ValueError(f"column(s) {missing} not found in covars (columns: "
+    if batch_col not in covars.columns:
+        raise ValueError(f"column(s) {[batch_col]} not found in covars (columns: "
                          f"{list(covars.columns)})")
     return covars.reset_index(drop=True)
 
 
-def _read_in_mask(images, mask, preserve_out_of_mask):
-    """Read each image once: in-mask voxels into a float32 (subjects x voxels) matrix, and the
-    float32 output volume (zeros, or the input values to keep outside the mask)."""
-    X = np.empty((len(images), int(mask.sum())), dtype=np.float32)
-    outputs = []
-    for i, img in enumerate(images):
-        # a copy when it becomes an output, so that in-memory inputs are never changed
-        data = (np.array if preserve_out_of_mask else np.asarray)(img.dataobj, dtype=np.float32)
+def _read_in_mask(sources, mask, preserve_out_of_mask, dtype):
+    """Read each volume once: its in-mask voxels into a (subjects x voxels) matrix, and, with
+    ``preserve_out_of_mask``, the whole volume as the start of its output."""
+    X = np.empty((len(sources), int(mask.sum())), dtype=dtype)
+    kept = []
+    for i, volume in enumerate(sources):
+        data = images.read_data(volume.image, name=volume.name)
         X[i] = data[mask]
         if not np.isfinite(X[i]).all():
-            raise ValueError(f"volume {i} has {int((~np.isfinite(X[i])).sum())} NaN or "
+            raise ValueError(f"{volume.name} has {int((~np.isfinite(X[i])).sum())} NaN or "
                              "infinite voxel(s) inside the mask; ComBat needs finite values "
                              "(fix the volume or exclude those voxels from the mask)")
-        outputs.append(data if preserve_out_of_mask else None)
-    return X, outputs
+        # a new array when kept, so that in-memory inputs are never changed
+        kept.append(data.astype(dtype, copy=True) if preserve_out_of_mask else None)
+    return X, kept
 
 
-def _images(images, outputs, harmonized, mask):
-    """One float32 image per input, with its affine and header, harmonized inside the mask."""
+def _outputs(sources, kept, harmonized, mask):
+    """One image per input, of the input's kind, harmonized inside the mask."""
     result = []
-    for img, data, values in zip(images, outputs, harmonized):
+    for volume, data, values in zip(sources, kept, harmonized):
         if data is None:
             data = np.zeros(mask.shape, dtype=harmonized.dtype)
         data[mask] = values
+        if volume.resource is not None:
+            result.append(images.resource_like(volume.resource, data))
+            continue
+        img = volume.image
         out = type(img)(data, img.affine, img.header)
         out.set_data_dtype(data.dtype)
         result.append(out)

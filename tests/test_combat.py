@@ -513,3 +513,31 @@ def test_mixed_type_site_labels():
     with pytest.raises(TypeError, match="one sortable type"):
         CombatHarmonizer().fit(np.random.default_rng(0).normal(size=(6, 3)),
                                batch=["a", 1, "a", 1, "b", "b"])
+
+
+def test_get_feature_names_out_checks_input_features():
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(20, 3)), columns=["a", "b", "c"])
+    X["site"] = np.repeat(["s1", "s2"], 10)
+    combat = CombatHarmonizer("site").fit(X)
+    assert combat.get_feature_names_out(["a", "b", "c", "site"]).tolist() == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="input_features is not equal to feature_names_in_"):
+        combat.get_feature_names_out(["a", "b", "x", "site"])
+    arrays = CombatHarmonizer().fit(X[["a", "b", "c"]].to_numpy(), batch=X["site"])
+    assert arrays.get_feature_names_out().tolist() == ["x0", "x1", "x2"]
+    assert arrays.get_feature_names_out(["p", "q", "r"]).tolist() == ["p", "q", "r"]
+    with pytest.raises(ValueError, match="input_features should have length equal to"):
+        arrays.get_feature_names_out(["p", "q"])
+
+
+def test_estimates_are_built_once_and_share_the_fitted_arrays():
+    rng = np.random.default_rng(4)
+    combat = CombatHarmonizer().fit(rng.normal(size=(20, 3)), batch=np.repeat([1, 2], 10))
+    assert combat.estimates_ is combat.estimates_
+    assert combat.estimates_.estimates["gamma_star"] is combat.gamma_star_
+    assert combat.estimates_.info["batches"].tolist() == [1, 2]
+
+
+def test_float32_is_preserved_in_tags():
+    tags = CombatHarmonizer().__sklearn_tags__()
+    assert tags.transformer_tags.preserves_dtype == ["float64", "float32"]

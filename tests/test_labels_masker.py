@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 
 import kwneuro_sk.maskers.labels as labels_module
 from kwneuro_sk import LabelsMasker
-from kwneuro_sk.maskers import _images
+from kwneuro_sk import images as _images
 
 STRATEGIES = ["mean", "median", "sum", "minimum", "maximum", "variance", "standard_deviation"]
 SHAPE = (10, 12, 9)
@@ -251,7 +251,7 @@ def test_not_an_image(atlas_img, tmp_path):
     fake_gz.write_text("not gzip either")
     with pytest.raises(ValueError, match="fake.nii.gz.*not a readable"):
         masker.transform([fake_gz])
-    with pytest.raises(TypeError, match="path, os.PathLike or nibabel image"):
+    with pytest.raises(TypeError, match="path, os.PathLike, nibabel image or kwneuro volume resource"):
         masker.transform([42])
     with pytest.raises(TypeError, match="numeric array"):
         masker.transform(np.zeros(SHAPE))

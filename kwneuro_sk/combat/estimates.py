@@ -11,6 +11,27 @@ import numpy as np
 _FORMAT = "kwneuro_sk.CombatEstimates"
 _VERSION = 1
 
+# The fitted arrays of a ComBat model, named as the harmonizer's attributes without the
+# trailing underscore, with their shapes in terms of the model's sizes.
+FITTED_ARRAYS = {
+    "grand_mean": ("features",),
+    "var_pooled": ("features",),
+    "beta": ("covariates", "features"),
+    "gamma_hat": ("batches", "features"),
+    "delta_hat": ("batches", "features"),
+    "gamma_star": ("batches", "features"),
+    "delta_star": ("batches", "features"),
+    "gamma_bar": ("batches",),
+    "t2": ("batches",),
+    "a_prior": ("batches",),
+    "b_prior": ("batches",),
+    "zero_variance_features": ("features",),
+}
+# Keys of ``info`` every model has.
+INFO_KEYS = ("batches", "n_samples_per_batch", "ref_batch", "feature_names", "covariate_names",
+             "batch_col", "categorical_cols", "continuous_cols", "categories", "eb",
+             "parametric", "mean_only", "unseen_batch", "n_features_in", "feature_names_in")
+
 
 @dataclass
 class CombatEstimates:
@@ -25,7 +46,8 @@ class CombatEstimates:
         ``gamma_star``, ``delta_star``, ``gamma_bar``, ``t2``, ``a_prior``, ``b_prior``,
         ``zero_variance_features``.
     info : dict
-        Everything else: ``batches``, ``n_samples_per_batch``, ``ref_batch``, ``feature_names``,
+        Everything else: ``batches``, ``n_samples_per_batch``, ``ref_batch``, ``feature_names``
+        (``None`` when the features had no column names: ``x0, x1, ...``),
         ``covariate_names``, the covariate columns and categories, the options ``eb``,
         ``parametric``, ``mean_only``, ``unseen_batch``, and ``n_features_in`` /
         ``feature_names_in``. Estimates made by :func:`~kwneuro_sk.harmonize_volumes` also hold
@@ -110,8 +132,125 @@ class CombatEstimates:
                 raise ValueError(f"{os.fspath(path)!r} holds format "
                                  f"{manifest.get('format')!r} version {manifest.get('version')}"
                                  f"; this kwneuro_sk reads {_FORMAT!r} version {_VERSION}")
-            return cls(estimates=_decode(manifest["estimates"], npz),
-                       info=_decode(manifest["info"], npz))
+            loaded = cls(estimates=_decode(manifest["estimates"], npz),
+                         info=_decode(manifest["info"], npz))
+        return loaded.check(source=os.fspath(path))
+
+    def check(self, source=None):
+        """Check that the estimates form a usable model; raise ValueError naming the field.
+
+        Called by :meth:`load` and :meth:`CombatHarmonizer.from_estimates`, so a damaged or
+        edited model file fails there, not as a numpy error or NaN output later.
+
+        Parameters
+        ----------
+        source : str, default=None
+            Where the estimates came from (a file name), for the messages.
+        """
+        where = f" in {source!r}" if source else ""
+
+        def fail(field, problem):
+            raise ValueError(f"invalid ComBat model{where}: {field} {problem}")
+
+        if not isinstance(self.estimates, dict) or not isinstance(self.info, dict):
+            fail("estimates/info", "must be dicts")
+        for key in INFO_KEYS:
+            if key not in self.info:
+                fail(f"info[{key!r}]", "is missing")
+        for key in FITTED_ARRAYS:
+            if key not in self.estimates:
+                fail(f"estimates[{key!r}]", "is missing")
+        info = self.info
+        sizes = {"batches": len(info["batches"]), "features": None,
+                 "covariates": len(info["covariate_names"])}
+        sizes["features"] = np.shape(self.estimates["grand_mean"])[0] if np.ndim(
+            self.estimates["grand_mean"]) == 1 else fail("estimates['grand_mean']",
+                                                         "must be 1-D")
+        for key, dims in FITTED_ARRAYS.items():
+            value = np.asarray(self.estimates[key])
+            expected = tuple(sizes[d] for d in dims)
+            if value.shape != expected:
+                fail(f"estimates[{key!r}]", f"has shape {value.shape}; expected {expected} "
+                     f"({' x '.join(dims)})")
+            kind = "b" if key == "zero_variance_features" else "f"
+            if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu"):
+                fail(f"estimates[{key!r}]", f"has dtype {value.dtype}")
+        for key in ("grand_mean", "var_pooled", "beta", "gamma_star", "delta_star"):
+            if not np.isfinite(self.estimates[key]).all():
+                fail(f"estimates[{key!r}]", "has NaN or infinite values")
+        if (np.asarray(self.estimates["delta_star"]) <= 0).any():
+            fail("estimates['delta_star']", "has values <= 0 (site variances must be > 0)")
+        if (np.asarray(self.estimates["var_pooled"]) < 0).any():
+            fail("estimates['var_pooled']", "has negative values")
+        if len(info["n_samples_per_batch"]) != sizes["batches"]:
+            fail("info['n_samples_per_batch']", "has not one count per site")
+        names = info["feature_names"]
+        if names is not None and len(names) != sizes["features"]:
+            fail("info['feature_names']", f"has {len(names)} names for {sizes['features']} "
+                 "features")
+        if len(info["categories"]) != len(info["categorical_cols"]):
+            fail("info['categories']", "has not one list of levels per categorical column")
+        n_encoded = sum(len(c) - 1 for c in info["categories"]) + len(info["continuous_cols"])
+        if n_encoded != sizes["covariates"]:
+            fail("info['covariate_names']", f"has {sizes['covariates']} names for "
+                 f"{n_encoded} encoded covariate columns")
+        for key in ("eb", "parametric", "mean_only"):
+            if not isinstance(info[key], (bool, np.bool_)):
+                fail(f"info[{key!r}]", f"must be true or false; got {info[key]!r}")
+        if info["unseen_batch"] not in ("error", "adapt"):
+            fail("info['unseen_batch']", f"must be 'error' or 'adapt'; got "
+                 f"{info['unseen_batch']!r}")
+        return self
+
+    def to_neurocombat(self):
+        """The estimates under neuroCombat's keys and shapes, for code that reads them.
+
+        neuroCombat 0.2.12 (and so kwneuro 1.0.0's ``harmonize_volumes``) returns its
+        estimates as a dict; this gives the same keys for the same quantities:
+
+        ====================================================  ==================================
+        neuroCombat key (shape)                               kwneuro_sk
+        ====================================================  ==================================
+        ``batches`` (n_batches,)                              ``info["batches"]``
+        ``var.pooled`` (n_features, 1)                        ``var_pooled``
+        ``stand.mean`` (n_features, 1)                        ``grand_mean``
+        ``gamma.star``, ``delta.star`` (n_batches, n_feat.)   ``gamma_star``, ``delta_star``
+        ``gamma_hat``, ``delta_hat`` (n_batches, n_feat.)     ``gamma_hat``, ``delta_hat``
+        ``gamma_bar``, ``t2``, ``a_prior``, ``b_prior``       the priors, one per site
+        ====================================================  ==================================
+
+        neuroCombat's ``stand.mean`` holds the grand mean once per training subject and its
+        ``mod.mean`` the covariate term of each training subject; here ``stand.mean`` has one
+        column and ``mod.mean`` is replaced by the covariate coefficients ``beta``
+        (n_covariates, n_features), from which any subject's covariate term is
+        ``z @ beta``. Zero-variance features have ``var.pooled`` 0 here (neuroCombat puts a
+        placeholder there). Arrays are copies.
+
+        Returns
+        -------
+        dict
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> rng = np.random.default_rng(0)
+        >>> est = CombatHarmonizer().fit(rng.normal(size=(20, 4)),
+        ...                              batch=np.repeat(["a", "b"], 10)).estimates_
+        >>> nc = est.to_neurocombat()
+        >>> nc["gamma.star"].shape, nc["var.pooled"].shape, nc["stand.mean"].shape
+        ((2, 4), (4, 1), (4, 1))
+        """
+        e = self.estimates
+        out = {"batches": np.array(self.info["batches"], copy=True),
+               "var.pooled": np.array(e["var_pooled"], dtype=np.float64)[:, None],
+               "stand.mean": np.array(e["grand_mean"], dtype=np.float64)[:, None],
+               "gamma.star": np.array(e["gamma_star"], copy=True),
+               "delta.star": np.array(e["delta_star"], copy=True),
+               "beta": np.array(e["beta"], copy=True)}
+        for key in ("gamma_hat", "delta_hat", "gamma_bar", "t2", "a_prior", "b_prior"):
+            out[key] = np.array(e[key], copy=True)
+        return out
 
     def apply_volumes(self, volumes, covars, *, unseen_batch="error",
                       preserve_out_of_mask=False):
@@ -151,9 +290,11 @@ class CombatEstimates:
         >>> bool(np.allclose(again.get_fdata(), out[0].get_fdata()))
         True
         """
-        from kwneuro_sk.volumes import _apply_volumes
+        # The one reference from the model to the image layer: the public function does the
+        # work, this method is its spelling on the estimates.
+        from kwneuro_sk.volumes import apply_volumes
 
-        return _apply_volumes(self, volumes, covars, unseen_batch=unseen_batch,
+        return apply_volumes(self, volumes, covars, unseen_batch=unseen_batch,
                              preserve_out_of_mask=preserve_out_of_mask)
 
 

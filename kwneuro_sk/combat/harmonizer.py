@@ -7,43 +7,18 @@ covariates into the arrays it needs, validates them once, and keeps the fitted s
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import is_numeric_dtype
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.preprocessing import OneHotEncoder
 from sklearn.utils._param_validation import StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import (_check_feature_names_in, check_array, check_is_fitted,
+                                      validate_data)
 
 from kwneuro_sk.combat import model
-from kwneuro_sk.combat.estimates import CombatEstimates
-
-
-@dataclass
-class _Rows:
-    """One call's input, split into features, site labels and covariates."""
-
-    features: np.ndarray  # (n_samples, n_features) float32 or float64
-    sites: np.ndarray  # (n_samples,) labels
-    covariates: pd.DataFrame  # (n_samples, n_covariate_columns), positional index
-
-
-def _column_list(cols, name):
-    if cols is None:
-        return []
-    if isinstance(cols, str) or not np.iterable(cols):
-        return [cols]
-    cols = list(cols)
-    if len(set(cols)) != len(cols):
-        raise ValueError(f"{name} has repeated column names: {cols}")
-    return cols
-
-
-def _format(labels):
-    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v)
-                           for v in labels) + "]"
+from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
+from kwneuro_sk.combat._inputs import feature_columns, read_rows
+from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 
 
 class CombatHarmonizer(TransformerMixin, BaseEstimator):
@@ -114,6 +89,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     gamma_bar_, t2_, a_prior_, b_prior_ : ndarray of shape (n_batches,)
         EB priors per site, estimated across features: mean and variance of ``gamma_hat``;
         inverse-gamma shape and scale for ``delta_hat`` (NaN when not used).
+    estimates_ : CombatEstimates
+        The fitted model as plain data, for :meth:`CombatEstimates.save` and
+        :meth:`from_estimates`. Its arrays are the arrays above (not copies).
     n_features_in_ : int
         Number of columns of ``X`` seen in fit (site and covariate columns included).
     feature_names_in_ : ndarray of str
@@ -266,13 +244,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
             raise ValueError(f"inverse_transform expects the {n_out} harmonized features "
-                             f"{_format(self.get_feature_names_out())}; "
+                             f"{format_labels(self.get_feature_names_out())}; "
                              f"got {rows.features.shape[1]} columns")
         idx = self._batch_indices(rows.sites)
         if (idx < 0).any():
             raise ValueError("inverse_transform needs sites seen in fit; unseen: "
-                             f"{_format(pd.unique(rows.sites[idx < 0]))}")
-        return model.adjust(rows.features, self._encode_covariates(rows.covariates), idx,
+                             f"{format_labels(pd.unique(rows.sites[idx < 0]))}")
+        return model.adjust(rows.features, self._covariates.transform(rows.covariates), idx,
                             self._standardization(), self.gamma_star_, self.delta_star_,
                             passthrough_rows=self._reference_rows(idx), inverse=True)
 
@@ -282,43 +260,28 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         input_features : array-like of str, default=None
-            Ignored; present for API consistency.
+            Input column names, checked as scikit-learn does: they must equal
+            ``feature_names_in_`` when that is set, and number ``n_features_in_``. Without
+            column names in fit, the output names are ``input_features`` (less the site and
+            covariate columns) or ``x0, x1, ...``.
 
         Returns
         -------
         feature_names_out : ndarray of str objects
         """
         check_is_fitted(self, "grand_mean_")
+        names = _check_feature_names_in(self, input_features, generate_names=False)
+        if input_features is not None and self._feature_names_out is None:
+            meta = set(self._metadata_columns()) | {self.batch_col}
+            return np.asarray([str(n) for n in names if n not in meta], dtype=object)
         if self._feature_names_out is None:
             return np.asarray([f"x{i}" for i in range(len(self.grand_mean_))], dtype=object)
         return self._feature_names_out.copy()
 
-    @property
-    def estimates_(self):
-        """The fitted model as :class:`~kwneuro_sk.CombatEstimates`."""
-        check_is_fitted(self)
-        estimates = {name: np.array(getattr(self, name + "_")) for name in (
-            "grand_mean", "var_pooled", "beta", "gamma_hat", "delta_hat", "gamma_star",
-            "delta_star", "gamma_bar", "t2", "a_prior", "b_prior", "zero_variance_features")}
-        categorical, continuous = self._covariate_columns()
-        info = {
-            "batches": self.batches_.copy(),
-            "n_samples_per_batch": self.n_samples_per_batch_.copy(),
-            "ref_batch": self.ref_batch,
-            "feature_names": self.get_feature_names_out(),
-            "covariate_names": self.covariate_names_.copy(),
-            "batch_col": self.batch_col,
-            "categorical_cols": categorical,
-            "continuous_cols": continuous,
-            "categories": [list(c) for c in self._encoder.categories_] if categorical else [],
-            "eb": self.eb,
-            "parametric": self.parametric,
-            "mean_only": self.mean_only,
-            "unseen_batch": self.unseen_batch,
-            "n_features_in": self.n_features_in_,
-            "feature_names_in": getattr(self, "feature_names_in_", None),
-        }
-        return CombatEstimates(estimates=estimates, info=info)
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
 
     @classmethod
     def from_estimates(cls, estimates):
@@ -348,32 +311,25 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         >>> bool(np.array_equal(rebuilt.transform(X, batch=site), fitted.transform(X, batch=site)))
         True
         """
+        estimates.check()
         info = estimates.info
         combat = cls(batch_col=info["batch_col"],
                      categorical_cols=list(info["categorical_cols"]) or None,
                      continuous_cols=list(info["continuous_cols"]) or None, eb=info["eb"],
                      parametric=info["parametric"], mean_only=info["mean_only"],
                      ref_batch=info["ref_batch"], unseen_batch=info["unseen_batch"])
-        for name, value in estimates.estimates.items():
-            setattr(combat, name + "_", np.asarray(value))
+        for name in FITTED_ARRAYS:
+            setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
         combat.batches_ = np.asarray(info["batches"])
         combat.n_samples_per_batch_ = np.asarray(info["n_samples_per_batch"])
-        combat.covariate_names_ = np.asarray(info["covariate_names"], dtype=object)
-        combat._feature_names_out = np.asarray(info["feature_names"], dtype=object)
         combat.n_features_in_ = int(info["n_features_in"])
         if info["feature_names_in"] is not None:
             combat.feature_names_in_ = np.asarray(info["feature_names_in"], dtype=object)
-        combat._encoder = None
-        categorical = list(info["categorical_cols"])
-        if categorical:
-            levels = [list(c) for c in info["categories"]]
-            n_rows = max(len(c) for c in levels)  # every level of every column at least once
-            frame = pd.DataFrame({col: pd.Series([c[i % len(c)] for i in range(n_rows)],
-                                                 dtype=object)
-                                  for col, c in zip(categorical, levels)})
-            combat._encoder = OneHotEncoder(
-                categories=[np.asarray(c, dtype=object) for c in levels], drop="first",
-                sparse_output=False, dtype=np.float64).fit(frame)
+        combat._covariates = CovariateEncoding.from_state(info)
+        combat.covariate_names_ = combat._covariates.names
+        names = info["feature_names"]
+        combat._feature_names_out = None if names is None else np.asarray(names, dtype=object)
+        combat.estimates_ = estimates
         return combat
 
     # ---------------------------------------------------------------------------------------
@@ -386,20 +342,23 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                                                          return_counts=True)
         except TypeError as exc:
             raise TypeError("site labels must be of one sortable type (all strings or all "
-                            f"numbers); got {_format(pd.unique(rows.sites))}") from exc
+                            f"numbers); got {format_labels(pd.unique(rows.sites))}") from exc
         self.n_samples_per_batch_ = counts
         n_batches = len(self.batches_)
         if n_batches < 2:
             raise ValueError(f"ComBat needs at least two sites; all rows (n_samples="
-                             f"{len(rows.sites)}) are from site {_format(self.batches_)}")
+                             f"{len(rows.sites)}) are from site {format_labels(self.batches_)}")
         ref = self._reference_index()
         if not self.mean_only and (counts < 2).any():
             raise ValueError(
-                f"site(s) {_format(self.batches_[counts < 2])} have a single row, so their "
-                "variance cannot be estimated; use mean_only=True to adjust only the site "
+                f"site(s) {format_labels(self.batches_[counts < 2])} have a single row, so "
+                "their variance cannot be estimated; use mean_only=True to adjust only the site "
                 "means, or drop or merge those sites")
 
-        Z = self._fit_covariates(rows.covariates)
+        categorical, continuous = self._covariate_columns()
+        self._covariates = CovariateEncoding.fit(rows.covariates, categorical, continuous)
+        self.covariate_names_ = self._covariates.names
+        Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
         standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
                                                              n_batches, Z, ref=ref)
@@ -423,10 +382,19 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if ref is not None:
             self.gamma_star_[ref] = 0.0
             self.delta_star_[ref] = 1.0
+        self.estimates_ = CombatEstimates(
+            estimates={name: getattr(self, name + "_") for name in FITTED_ARRAYS},
+            info={"batches": self.batches_, "n_samples_per_batch": self.n_samples_per_batch_,
+                  "ref_batch": self.ref_batch, "feature_names": self._feature_names_out,
+                  "covariate_names": self.covariate_names_, "batch_col": self.batch_col,
+                  **self._covariates.state(), "eb": self.eb, "parametric": self.parametric,
+                  "mean_only": self.mean_only, "unseen_batch": self.unseen_batch,
+                  "n_features_in": self.n_features_in_,
+                  "feature_names_in": getattr(self, "feature_names_in_", None)})
         return self
 
     def _transform(self, rows):
-        Z = self._encode_covariates(rows.covariates)
+        Z = self._covariates.transform(rows.covariates)
         idx = self._batch_indices(rows.sites)
         gamma_star, delta_star = self.gamma_star_, self.delta_star_
         unseen = idx < 0
@@ -434,8 +402,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             new_sites = pd.unique(rows.sites[unseen])
             if self.unseen_batch == "error":
                 raise ValueError(
-                    f"site(s) {_format(new_sites)} were not seen in fit (fitted sites: "
-                    f"{_format(self.batches_)}); set unseen_batch='adapt' to estimate a new "
+                    f"site(s) {format_labels(new_sites)} were not seen in fit (fitted sites: "
+                    f"{format_labels(self.batches_)}); set unseen_batch='adapt' to estimate a new "
                     "site's location and scale from its rows in the transform call")
             gamma_star, delta_star, idx = self._adapt(rows, Z, idx, new_sites)
         return model.adjust(rows.features, Z, idx, self._standardization(), gamma_star,
@@ -474,7 +442,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         position = pd.Index(self.batches_).get_indexer([self.ref_batch])[0]
         if position < 0:
             raise ValueError(f"ref_batch={self.ref_batch!r} is not among the sites "
-                             f"{_format(self.batches_)}")
+                             f"{format_labels(self.batches_)}")
         return int(position)
 
     def _reference_rows(self, idx):
@@ -485,77 +453,26 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return pd.Index(self.batches_).get_indexer(sites)
 
     # ---------------------------------------------------------------------------------------
-    # covariates
+    # covariates and input handling (the parsing itself lives in _inputs / _covariates)
     # ---------------------------------------------------------------------------------------
 
     def _covariate_columns(self):
-        categorical = _column_list(self.categorical_cols, "categorical_cols")
-        continuous = _column_list(self.continuous_cols, "continuous_cols")
-        both = set(categorical) & set(continuous)
-        if both:
-            raise ValueError(f"columns {sorted(both)} are in both categorical_cols and "
-                             "continuous_cols")
-        if self.batch_col is not None and self.batch_col in categorical + continuous:
-            raise ValueError(f"batch_col {self.batch_col!r} is also named as a covariate")
-        return categorical, continuous
-
-    def _fit_covariates(self, covariates):
-        categorical, continuous = self._covariate_columns()
-        names = []
-        self._encoder = None
-        if categorical:
-            self._encoder = OneHotEncoder(drop="first", sparse_output=False, dtype=np.float64)
-            try:
-                self._encoder.fit(covariates[categorical].astype(object))
-            except TypeError as exc:
-                raise TypeError("categorical covariate levels must be of one sortable type "
-                                f"per column: {exc}") from exc
-            names.extend(self._encoder.get_feature_names_out(
-                [str(c) for c in categorical]).tolist())
-        names.extend(str(c) for c in continuous)
-        self.covariate_names_ = np.asarray(names, dtype=object)
-        return self._encode_covariates(covariates)
-
-    def _encode_covariates(self, covariates):
-        categorical, continuous = self._covariate_columns()
-        parts = [np.empty((len(covariates), 0))]
-        if categorical:
-            values = covariates[categorical].astype(object)
-            for col, cats in zip(categorical, self._encoder.categories_):
-                unknown = pd.unique(values[col][~values[col].isin(cats)])
-                if unknown.size:
-                    raise ValueError(f"categorical covariate {col!r} has level(s) "
-                                     f"{_format(unknown)} not seen in fit (seen: "
-                                     f"{_format(cats)})")
-            parts.append(self._encoder.transform(values))
-        if continuous:
-            parts.append(covariates[continuous].to_numpy(dtype=np.float64))
-        return np.hstack(parts)
+        return covariate_columns(self.batch_col, self.categorical_cols, self.continuous_cols)
 
     def _check_design(self, batch_idx, n_batches, Z):
         design = model.design_matrix(batch_idx, n_batches, Z)
         if np.linalg.matrix_rank(design) == design.shape[1]:
             return
-        # Name the first covariate whose columns add no new direction.
-        categorical, continuous = self._covariate_columns()
-        widths = ([len(c) - 1 for c in self._encoder.categories_] if categorical else [])
-        widths += [1] * len(continuous)
-        stop = n_batches
-        for col, width in zip(categorical + continuous, widths):
-            stop += width
-            if np.linalg.matrix_rank(design[:, :stop]) < stop:
-                raise ValueError(
-                    f"covariate {col!r} is confounded with site (or with the covariates "
-                    "before it): the design matrix [site one-hot | covariates] is "
-                    "rank-deficient, so its effect cannot be told apart from the site effect. "
-                    "Remove it from categorical_cols/continuous_cols, or check that each site "
-                    "has more than one value of it.")
+        col = self._covariates.confounded_column(design, n_batches)
+        if col is not None:
+            raise ValueError(
+                f"covariate {col!r} is confounded with site (or with the covariates "
+                "before it): the design matrix [site one-hot | covariates] is "
+                "rank-deficient, so its effect cannot be told apart from the site effect. "
+                "Remove it from categorical_cols/continuous_cols, or check that each site "
+                "has more than one value of it.")
         raise ValueError("the design matrix [site one-hot | covariates] is rank-deficient: "
                          f"{design.shape[0]} rows for {design.shape[1]} columns")
-
-    # ---------------------------------------------------------------------------------------
-    # input handling
-    # ---------------------------------------------------------------------------------------
 
     def _read_rows(self, X, batch, covariates, *, reset):
         if self.batch_col is None and not isinstance(X, pd.DataFrame):
@@ -566,136 +483,18 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         validate_data(self, X, reset=reset, skip_check_array=True)
         rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
         if reset:
-            self._feature_names_out = self._names_of_features(X)
+            self._feature_names_out = (
+                np.asarray([str(c) for c in feature_columns(X, self.batch_col,
+                                                            self._metadata_columns())],
+                           dtype=object) if isinstance(X, pd.DataFrame) else None)
         return rows
-
-    def _names_of_features(self, X):
-        if isinstance(X, pd.DataFrame):
-            meta = self._metadata_columns() if self.batch_col is not None else set()
-            return np.asarray([str(c) for c in X.columns if c not in meta], dtype=object)
-        return None  # unnamed columns: x0, x1, ... made when asked for
 
     def _metadata_columns(self):
         categorical, continuous = self._covariate_columns()
-        return {self.batch_col, *categorical, *continuous}
+        return categorical + continuous
 
     def _split(self, X, batch, covariates, *, from_columns):
-        """Split the input of one call into features, sites and covariates, validated."""
         categorical, continuous = self._covariate_columns()
-        cov_cols = categorical + continuous
-        if from_columns:
-            if batch is not None or covariates is not None:
-                given = "batch" if batch is not None else "covariates"
-                raise ValueError(
-                    f"{given}= was given as a keyword while batch_col={self.batch_col!r} says "
-                    "sites and covariates are columns of X; give them one way: drop the "
-                    "keyword, or set batch_col=None")
-            if not isinstance(X, pd.DataFrame):
-                raise TypeError(
-                    f"batch_col={self.batch_col!r} needs X as a pandas DataFrame holding the "
-                    f"site column; got {type(X).__name__}. If a preceding step turned X into "
-                    "an array, call its set_output(transform='pandas'); or pass the sites "
-                    "with batch= and batch_col=None")
-            missing = [c for c in [self.batch_col, *cov_cols] if c not in X.columns]
-            if missing:
-                raise ValueError(self._missing_columns_message(missing, X.columns))
-            meta = self._metadata_columns()
-            features = X[[c for c in X.columns if c not in meta]]
-            sites = X[self.batch_col]
-            cov_frame = X[cov_cols]
-        else:
-            if batch is None:
-                raise ValueError(
-                    "CombatHarmonizer needs the site of each row: set batch_col to the site "
-                    "column of a DataFrame X, or pass batch=")
-            features = X
-            sites = batch
-            if cov_cols:
-                if not isinstance(covariates, pd.DataFrame):
-                    raise TypeError(
-                        f"covariates= must be a pandas DataFrame holding {cov_cols}; got "
-                        f"{type(covariates).__name__}")
-                missing = [c for c in cov_cols if c not in covariates.columns]
-                if missing:
-                    raise ValueError(f"covariate column(s) {missing} not found in covariates= "
-                                     f"(columns: {list(covariates.columns)})")
-                cov_frame = covariates[cov_cols]
-            else:  # only the columns named in categorical_cols/continuous_cols are used
-                cov_frame = pd.DataFrame(index=range(np.shape(X)[0]))
-
-        features = self._feature_array(features)
-        n_samples = features.shape[0]
-        sites = self._site_labels(sites, n_samples)
-        cov_frame = self._covariate_frame(cov_frame, n_samples, categorical, continuous)
-        return _Rows(features, sites, cov_frame)
-
-    def _missing_columns_message(self, missing, columns):
-        msg = (f"column(s) {missing} not found in X (columns: {list(columns)}). "
-               "CombatHarmonizer reads the site and covariate columns from X")
-        renamed = [c for c in columns if any(str(c).endswith("__" + str(m)) for m in missing)]
-        if renamed:
-            msg += (f"; X has {renamed}: a ColumnTransformer prefixed the names, so set "
-                    "verbose_feature_names_out=False on it")
-        else:
-            msg += ("; if a preceding step dropped them, keep them with "
-                    "ColumnTransformer(..., remainder='passthrough', "
-                    "verbose_feature_names_out=False).set_output(transform='pandas')")
-        return msg
-
-    @staticmethod
-    def _feature_array(features):
-        if isinstance(features, pd.DataFrame):
-            bad = [c for c in features.columns if not is_numeric_dtype(features[c])]
-            if bad:
-                raise ValueError(
-                    f"feature column(s) {bad} are not numeric; name site and covariate "
-                    "columns in batch_col/categorical_cols/continuous_cols, or drop them")
-            names = list(features.columns)
-        else:
-            names = None
-        array = check_array(features, dtype=(np.float64, np.float32), ensure_all_finite=False,
-                            input_name="X")
-        # A column sum is non-finite when the column holds NaN/inf (or overflows): only those
-        # columns are checked value by value, so no full-size mask is built.
-        with np.errstate(all="ignore"):
-            suspect = np.flatnonzero(~np.isfinite(array.sum(axis=0)))
-        bad = suspect[~np.isfinite(array[:, suspect]).all(axis=0)]
-        if bad.size:
-            labels = [names[i] for i in bad] if names is not None else bad.tolist()
-            raise ValueError(f"X has NaN or infinite values in feature column(s) {labels[:10]}"
-                             f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "
-                             "values (impute or drop them first)")
-        return array
-
-    @staticmethod
-    def _site_labels(sites, n_samples):
-        if isinstance(sites, pd.DataFrame) or np.ndim(sites) != 1:
-            raise ValueError("batch must be a 1-D sequence of site labels, one per row of X; "
-                             f"got shape {np.shape(sites)}")
-        sites = sites if isinstance(sites, pd.Series) else pd.Series(sites)
-        if len(sites) != n_samples:
-            raise ValueError(f"batch has {len(sites)} site labels for {n_samples} rows of X")
-        missing = pd.isna(sites).to_numpy()
-        if missing.any():
-            raise ValueError(f"site labels are missing (NaN/None) in row(s) "
-                             f"{np.flatnonzero(missing)[:10].tolist()}")
-        if isinstance(sites.dtype, pd.CategoricalDtype):
-            sites = sites.astype(sites.cat.categories.dtype)
-        return sites.to_numpy()
-
-    @staticmethod
-    def _covariate_frame(frame, n_samples, categorical, continuous):
-        if len(frame) != n_samples:
-            raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X")
-        frame = frame.reset_index(drop=True)
-        for col in frame.columns:
-            if frame[col].isna().any():
-                rows = np.flatnonzero(frame[col].isna().to_numpy())[:10].tolist()
-                raise ValueError(f"covariate {col!r} has missing values (NaN) in row(s) {rows}")
-        for col in continuous:
-            if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
-                raise ValueError(f"continuous covariate {col!r} is not numeric (dtype "
-                                 f"{frame[col].dtype}); list it in categorical_cols instead")
-            if not np.isfinite(frame[col].to_numpy(dtype=np.float64)).all():
-                raise ValueError(f"continuous covariate {col!r} has infinite values")
-        return frame
+        return read_rows(X, batch, covariates, batch_col=self.batch_col,
+                         covariate_cols=categorical + continuous, continuous=continuous,
+                         from_columns=from_columns)

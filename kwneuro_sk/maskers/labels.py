@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from kwneuro_sk.maskers import _images
+from kwneuro_sk import images as _images
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
 
