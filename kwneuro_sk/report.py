@@ -28,7 +28,7 @@ from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import plotting
@@ -243,19 +243,13 @@ def _rows_of(harmonizer, X, batch, covariates):
 
 
 def _encoded_covariates(harmonizer, cov):
-    categorical, continuous = harmonizer._covariate_columns()
-    parts = [np.empty((len(cov), 0))]
-    if categorical:
-        parts.append(OneHotEncoder(drop="first", sparse_output=False)
-                     .fit_transform(cov[categorical].astype(str)))
-    if continuous:
-        parts.append(cov[continuous].to_numpy(dtype=np.float64))
-    return np.hstack(parts)
+    """The covariate design ``Z`` of the rows, encoded as the harmonizer encodes it."""
+    return harmonizer._covariates.transform(cov)
 
 
 def _covariate_effects(harmonizer, after, sites, cov):
     """Covariate coefficients fitted by the harmonizer and re-estimated on harmonized data."""
-    Z = harmonizer._encode_covariates(cov)
+    Z = _encoded_covariates(harmonizer, cov)
     if Z.shape[1] == 0:
         return None
     onehot, _ = _site_onehot(sites)

@@ -283,7 +283,7 @@ unseen_batch
 
     def _residuals(self, rows, harmonized):
         """ComBat residuals ``x* - alpha - z @ beta`` of rows, in float64."""
-        Z = self._encode_covariates(rows.covariates)
+        Z = self._covariates.transform(rows.covariates)
         return harmonized.astype(np.float64) - self._standardization().location(Z)
 
     def _score_standardization(self):
