@@ -87,6 +87,7 @@ def cmd_harmonize(args):
         batch_col=args.batch_col, categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None, eb=args.eb, parametric=args.parametric,
         mean_only=args.mean_only, ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
+        smooth_cols=args.smooth or None, smooth_knots=args.smooth_knots,
     ).set_output(transform="pandas")
     harmonized = combat.fit_transform(_split_keep(frame, args.keep))
     out = frame.copy()
@@ -223,6 +224,10 @@ def build_parser():
     harm.add_argument("-o", "--output", required=True, metavar="OUT.csv")
     harm.add_argument("--save-model", metavar="MODEL",
                       help="save the fitted model to this file (for 'apply')")
+    harm.add_argument("--smooth", nargs="+", default=[], metavar="COL",
+                      help="continuous covariates modelled as smooth curves (ComBat-GAM)")
+    harm.add_argument("--smooth-knots", type=int, default=5, metavar="K",
+                      help="knots per smooth covariate (default 5)")
     harm.add_argument("--report", metavar="REPORT.html",
                       help="also write a self-contained HTML report (needs matplotlib)")
     harm.set_defaults(func=cmd_harmonize)

@@ -221,20 +221,20 @@ def _figure_png(fig):
 def _rows_of(harmonizer, X, batch, covariates):
     """Feature matrix (DataFrame), site labels and covariate frame of the rows given."""
     names = list(harmonizer.get_feature_names_out())
-    categorical, continuous = harmonizer._covariate_columns()
+    covariate_cols = list(harmonizer._metadata_columns())
     if harmonizer.batch_col is not None:
         if not isinstance(X, pd.DataFrame) or harmonizer.batch_col not in X.columns:
             raise ValueError(f"X must be a DataFrame holding the site column "
                              f"{harmonizer.batch_col!r}, as given to fit")
         features = X[names] if all(n in X.columns for n in names) else None
-        sites, cov = X[harmonizer.batch_col], X[categorical + continuous]
+        sites, cov = X[harmonizer.batch_col], X[covariate_cols]
     else:
         if batch is None:
             raise ValueError("batch= is needed: the harmonizer takes sites as a keyword")
         features = (X[names] if isinstance(X, pd.DataFrame)
                     else pd.DataFrame(np.asarray(X), columns=names))
         sites = batch
-        cov = (covariates[categorical + continuous] if categorical + continuous
+        cov = (covariates[covariate_cols] if covariate_cols
                else pd.DataFrame(index=range(len(features))))
     if features is None:
         raise ValueError(f"X lacks feature columns the harmonizer was fitted on: "

@@ -120,7 +120,7 @@ class CovBatHarmonizer(CombatHarmonizer):
     Parameters
     ----------
     batch_col, categorical_cols, continuous_cols, eb, parametric, mean_only, ref_batch, \
-unseen_batch
+unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         As in :class:`~kwneuro_sk.CombatHarmonizer`, for the ComBat step. ``mean_only`` and
         ``ref_batch`` also apply to the score step; a site unseen in fit gets score estimates
         from its own rows with ``unseen_batch="adapt"``.
@@ -189,10 +189,15 @@ unseen_batch
 
     def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
                  parametric=True, mean_only=False, ref_batch=None, unseen_batch="error",
-                 percent_var=0.95, n_components=None, std_var=True):
+                 smooth_cols=None, smooth_knots=5, smooth_degree=3,
+                 smooth_extrapolation="linear", percent_var=0.95, n_components=None,
+                 std_var=True):
         super().__init__(batch_col=batch_col, categorical_cols=categorical_cols,
                          continuous_cols=continuous_cols, eb=eb, parametric=parametric,
-                         mean_only=mean_only, ref_batch=ref_batch, unseen_batch=unseen_batch)
+                         mean_only=mean_only, ref_batch=ref_batch, unseen_batch=unseen_batch,
+                         smooth_cols=smooth_cols, smooth_knots=smooth_knots,
+                         smooth_degree=smooth_degree,
+                         smooth_extrapolation=smooth_extrapolation)
         self.percent_var = percent_var
         self.n_components = n_components
         self.std_var = std_var
