@@ -140,15 +140,15 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         Number of harmonized scores ``K``.
     pca_center_, pca_scale_ : ndarray of shape (n_features_out,)
         Mean and scale of the training residuals used before the projection.
-    components_ : ndarray of shape (n_components_, n_features_out)
+    components_ : ndarray of shape (K, n_features_out)
         Loadings of the harmonized principal components.
     explained_variance_ : ndarray of shape (min(n_samples, n_features_out),)
         Variance of every principal component score of the training residuals.
     explained_variance_ratio_ : ndarray of shape (min(n_samples, n_features_out),)
         Share of the total residual variance of each component.
-    score_grand_mean_, score_var_pooled_ : ndarray of shape (n_components_,)
+    score_grand_mean_, score_var_pooled_ : ndarray of shape (K,)
         Pooled mean and variance of the scores (score ComBat's ``alpha`` and ``sigma**2``).
-    score_gamma_hat_, score_delta_hat_ : ndarray of shape (n_batches, n_components_)
+    score_gamma_hat_, score_delta_hat_ : ndarray of shape (n_batches, K)
         Per-site location and scale of the standardized scores (no EB: these are used).
     ... :
         Every fitted attribute of :class:`~kwneuro_sk.CombatHarmonizer`, for the ComBat step
