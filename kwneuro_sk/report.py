@@ -162,7 +162,9 @@ def covariance_distance(features, sites):
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(400, 3))
     >>> sites = np.repeat(["a", "b"], 200)
-    >>> bool(covariance_distance(X, sites) < 0.3)
+    >>> same = covariance_distance(X, sites)  # sampling noise only
+    >>> X[200:, 1] += 2 * X[200:, 0]  # site b: features 0 and 1 correlated
+    >>> bool(covariance_distance(X, sites) > 3 * same)
     True
     """
     X = np.asarray(features, dtype=np.float64)
