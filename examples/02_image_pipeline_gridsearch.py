@@ -50,7 +50,9 @@ output.mkdir(parents=True, exist_ok=True)
 #    regions. The first run writes the images (a few seconds); later runs reuse them.
 # --------------------------------------------------------------------------------------------
 start = time.perf_counter()
-cohort = make_demo_cohort(n_subjects=60, random_state=0)
+# 60 subjects; tests/test_examples.py sets KWNEURO_SK_EXAMPLES_N_SUBJECTS lower to run quicker.
+n_subjects = int(os.environ.get("KWNEURO_SK_EXAMPLES_N_SUBJECTS", 60))
+cohort = make_demo_cohort(n_subjects=n_subjects, random_state=0)
 print(f"cohort: {len(cohort.images)} images, {len(cohort.labels)} atlas regions, "
       f"ready in {time.perf_counter() - start:.1f} s ({cohort.path})")
 

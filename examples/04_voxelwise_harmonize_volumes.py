@@ -48,9 +48,12 @@ output.mkdir(parents=True, exist_ok=True)
 # --------------------------------------------------------------------------------------------
 # 1. 60 simulated grey-matter images from 3 sites (MNI 2 mm), split 45 to fit, 15 held out.
 # --------------------------------------------------------------------------------------------
-cohort = make_demo_cohort(n_subjects=60, random_state=0)
+# 60 subjects; tests/test_examples.py sets KWNEURO_SK_EXAMPLES_N_SUBJECTS lower to run quicker.
+n_subjects = int(os.environ.get("KWNEURO_SK_EXAMPLES_N_SUBJECTS", 60))
+cohort = make_demo_cohort(n_subjects=n_subjects, random_state=0)
 covariates = cohort.covariates
-fit_rows, new_rows = train_test_split(covariates, test_size=15, stratify=covariates["site"],
+fit_rows, new_rows = train_test_split(covariates, test_size=n_subjects // 4,
+                                      stratify=covariates["site"],
                                       random_state=0)
 mask_img = load_mni152_brain_mask(resolution=2)  # ships with nilearn: no download
 mask = np.asarray(mask_img.dataobj) > 0

@@ -7,11 +7,18 @@ exit status 1 (usage errors: 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from kwneuro_sk.maskers._reduce import STRATEGIES
 
 PROG = "kwneuro-sk"
 
@@ -25,18 +32,93 @@ class CommandError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+# Cells pandas reads as missing by default; here they are missing only in number columns.
+_NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                      "nan", "null"})
+
+
+def _separator(path):
+    """Tab for .tsv/.tab files, comma otherwise (for reading and writing alike)."""
+    return "\t" if Path(path).suffix.lower() in {".tsv", ".tab"} else ","
+
+
 def _read_table(path):
+    """A CSV/TSV table with every cell as text, exactly as written (``007`` stays ``007``,
+    ``NA`` stays ``NA``); number columns are parsed later by :func:`_numbers`."""
     path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{path} is a directory, not a table file")
     if not path.is_file():
         raise CommandError(f"no such file: {path}")
-    sep = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
-    return pd.read_csv(path, sep=sep)
+    try:
+        frame = pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise CommandError(f"{path} is empty: expected a header line and one row per "
+                           "subject") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CommandError(f"{path} cannot be read as a "
+                           f"{'TSV' if _separator(path) == chr(9) else 'CSV'} table: "
+                           f"{' '.join(str(error).split())}") from None
+    if frame.empty:
+        raise CommandError(f"{path} has a header but no rows")
+    return frame
 
 
-def _write_table(frame, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+def _numbers(frame, columns, path, *, role="feature"):
+    """The named text columns parsed as numbers (missing-value spellings -> NaN), or an error
+    naming the columns, a line and its value."""
+    columns = list(columns)
+    try:  # fast path, in C: every cell a plain number (wide tables have thousands of columns)
+        block = frame[columns].to_numpy(dtype=object).astype(np.float64)
+        return pd.DataFrame(block, index=frame.index, columns=columns)
+    except ValueError:
+        pass  # an empty or missing-value cell, or text: column by column, naming the cell
+    out, bad = {}, []
+    for col in columns:
+        text = frame[col].str.strip()
+        values = pd.to_numeric(text.where(~text.isin(_NA_TEXT)), errors="coerce")
+        wrong = values.isna().to_numpy() & ~text.isin(_NA_TEXT).to_numpy()
+        if wrong.any():
+            row = int(wrong.argmax())
+            bad.append((col, row, frame[col].iloc[row]))
+        out[col] = values.astype(np.float64)
+    if bad:
+        col, row, value = bad[0]
+        names = [c for c, _, _ in bad]
+        hint = ("copy them unchanged with --keep, or name them with --batch-col/--categorical"
+                if role == "feature" else "give numbers, or use --categorical instead")
+        raise CommandError(f"{role} column(s) {names} are not numeric ({path} line {row + 2}, "
+                           f"column {col!r}: {value!r}); {hint}")
+    return pd.DataFrame(out, index=frame.index)
+
+
+def _labels(frame, columns, path, option):
+    """Site or categorical covariate columns as text labels; an empty or missing-value cell
+    (``""``, ``NA``, ...) is an error naming the column and line, not a label."""
+    for col in columns:
+        missing = frame[col].str.strip().isin(_NA_TEXT).to_numpy()
+        if missing.any():
+            row = int(missing.argmax())
+            raise CommandError(f"{option} column {col!r} has no value in {path} line "
+                               f"{row + 2} ({frame[col].iloc[row]!r}); every row needs one")
+    return frame[columns].astype(object)
+
+
+def _check_columns(frame, path, **options):
+    for option, cols in options.items():
+        cols = [cols] if isinstance(cols, str) else list(cols)
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise CommandError(f"{option} column(s) {missing} not found in {path} (columns: "
+                               f"{list(frame.columns)})")
+
+
+def _as_fitted_labels(text, labels):
+    """Text cells mapped to the fitted labels they spell (``'2'`` -> ``2`` for a model fitted
+    with integer sites); other cells stay text."""
+    by_text = {str(label): label for label in np.asarray(labels, dtype=object).tolist()}
+    return text.map(lambda value: by_text.get(value, value)).astype(object)
 
 
 def _match_label(value, labels):
@@ -50,12 +132,86 @@ def _match_label(value, labels):
                        f"{sorted(map(str, pd.unique(labels)))}")
 
 
-def _split_keep(frame, keep):
-    missing = [c for c in keep if c not in frame.columns]
-    if missing:
-        raise CommandError(f"--keep column(s) {missing} not found (columns: "
-                           f"{list(frame.columns)})")
-    return frame.drop(columns=keep)
+def _check_outputs(outputs, inputs):
+    """Check every output before anything is read, computed or written: not a directory, not
+    one of the inputs (resolved paths, so ``a/../in.csv`` and symlinks count), not another
+    output. ``outputs`` and ``inputs`` are {description: path}."""
+    seen = {}
+    for option, out in outputs.items():
+        if out is None:
+            continue
+        out_path = Path(out)
+        if out_path.is_dir():
+            raise CommandError(f"{option} {out} is a directory; give a file name")
+        resolved = out_path.resolve()
+        for what, source in inputs.items():
+            if source is None:
+                continue
+            same = Path(source).resolve() == resolved
+            if not same and out_path.exists() and Path(source).exists():
+                same = os.path.samefile(out_path, source)
+            if same:
+                raise CommandError(f"{option} {out} is the {what} {source}; write the "
+                                   "output to another file (inputs are never overwritten)")
+        if resolved in seen:
+            raise CommandError(f"{option} and {seen[resolved]} are the same file {out}")
+        seen[resolved] = option
+
+
+def _create_folders(outputs):
+    """Create the parent folders of every output (after the inputs were read, before the work
+    and before anything is written), or fail naming the output."""
+    for option, out in outputs.items():
+        if out is None:
+            continue
+        parent = Path(out).resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"cannot create the folder of {option} {out}: "
+                               f"{error.strerror or error}"
+                               f"{' (a file is in the way)' if _file_in_way(parent) else ''}"
+                               ) from None
+
+
+def _file_in_way(folder):
+    return any(p.is_file() for p in [folder, *folder.parents])
+
+
+class _Staged:
+    """Outputs written to temporary files next to their targets and renamed over them only
+    when every output is ready (os.replace): a failure leaves no partial or clobbered file."""
+
+    def __init__(self):
+        self.pending = []
+
+    def path_for(self, target):
+        target = Path(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.resolve().parent)
+        os.close(fd)
+        self.pending.append((tmp, target))
+        return tmp
+
+    def table(self, frame, target):
+        frame.to_csv(self.path_for(target), index=False, sep=_separator(target))
+
+    def commit(self):
+        from kwneuro_sk.combat.estimates import _default_file_mode
+
+        for tmp, target in self.pending:
+            os.chmod(tmp, _default_file_mode())  # mkstemp makes it private (0600)
+            os.replace(tmp, target)
+        self.pending = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for tmp, _ in self.pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return False
 
 
 def _progress(done, total, start):
@@ -79,24 +235,40 @@ def cmd_harmonize(args):
     """Fit ComBat on a feature table and write the harmonized table."""
     from kwneuro_sk import CombatHarmonizer
 
+    outputs = {"-o": args.output, "--save-model": args.save_model}
+    _check_outputs(outputs, {"input table": args.features})
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
         raise CommandError(f"--batch-col {args.batch_col!r} is not a column of "
                            f"{args.features} (columns: {list(frame.columns)})")
+    _check_columns(frame, args.features, **{"--categorical": args.categorical,
+                                            "--continuous": args.continuous,
+                                            "--keep": args.keep})
+    text = [args.batch_col, *args.categorical]
+    features = [c for c in frame.columns if c not in {*text, *args.continuous, *args.keep}]
+    X = pd.concat([_labels(frame, [args.batch_col], args.features, "--batch-col"),
+                   _labels(frame, args.categorical, args.features, "--categorical"),
+                   _numbers(frame, args.continuous, args.features, role="--continuous"),
+                   _numbers(frame, features, args.features)], axis=1)
+    X = X[[c for c in frame.columns if c in X.columns]]
+    _create_folders(outputs)
     combat = CombatHarmonizer(
         batch_col=args.batch_col, categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None, eb=args.eb, parametric=args.parametric,
         mean_only=args.mean_only, ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
         smooth_cols=args.smooth or None, smooth_knots=args.smooth_knots,
     ).set_output(transform="pandas")
-    harmonized = combat.fit_transform(_split_keep(frame, args.keep))
-    out = frame.copy()
-    out[list(harmonized.columns)] = harmonized.to_numpy()
-    _write_table(out, args.output)
+    harmonized = combat.fit_transform(X)
+    out = frame.copy()  # every other column written back exactly as read
+    out[features] = harmonized.to_numpy()
+    with _Staged() as staged:
+        staged.table(out, args.output)
+        if args.save_model:
+            combat.estimates_.save(staged.path_for(args.save_model))
+        staged.commit()
     print(f"harmonized {harmonized.shape[1]} features of {len(frame)} rows from "
           f"{len(combat.batches_)} sites -> {args.output}")
     if args.save_model:
-        combat.estimates_.save(args.save_model)
         print(f"model saved -> {args.save_model}")
     if args.report:
         from kwneuro_sk.report import harmonization_report
@@ -110,21 +282,45 @@ def cmd_apply(args):
     """Harmonize new rows with a model saved by ``harmonize --save-model``."""
     from kwneuro_sk import CombatEstimates, CombatHarmonizer
 
+    _check_outputs({"-o": args.output}, {"model": args.model, "input table": args.features})
+    if Path(args.model).is_dir():
+        raise CommandError(f"model {args.model} is a directory, not a model file")
     if not Path(args.model).is_file():
         raise CommandError(f"no such model file: {args.model}")
     combat = CombatHarmonizer.from_estimates(CombatEstimates.load(args.model))
     if args.adapt_new_sites:
         combat.set_params(unseen_batch="adapt")
+    columns = getattr(combat, "_columns_in", None)
+    if "volumes" in combat.estimates_.info:
+        raise CommandError(f"{args.model} was made by harmonize_volumes (a voxel-wise model); "
+                           "apply harmonizes tables: use CombatEstimates.apply_volumes in "
+                           "Python for images")
+    if combat.batch_col is None or columns is None:
+        raise CommandError(f"{args.model} was fitted with the sites given as batch= (not as a "
+                           "column of a table); apply needs a model saved by 'kwneuro-sk "
+                           "harmonize --save-model' or fitted with batch_col")
     frame = _read_table(args.features)
-    columns = list(getattr(combat, "feature_names_in_", []))
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise CommandError(f"{args.features} lacks column(s) {missing} that the model was "
                            "fitted with")
-    harmonized = combat.set_output(transform="pandas").transform(frame[columns])
+    info = combat.estimates_.info
+    text = {combat.batch_col: info["batches"],
+            **dict(zip(info["categorical_cols"], info["categories"]))}
+    continuous = list(info["continuous_cols"])
+    features = [c for c in columns if c not in text and c not in continuous]
+    for col in text:
+        _labels(frame, [col], args.features, "site" if col == combat.batch_col else "categorical")
+    parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
+    X = pd.concat([*parts, _numbers(frame, continuous, args.features, role="--continuous"),
+                   _numbers(frame, features, args.features)], axis=1)[columns]
+    _create_folders({"-o": args.output})
+    harmonized = combat.set_output(transform="pandas").transform(X)
     out = frame.copy()
-    out[list(harmonized.columns)] = harmonized.to_numpy()
-    _write_table(out, args.output)
+    out[features] = harmonized.to_numpy()
+    with _Staged() as staged:
+        staged.table(out, args.output)
+        staged.commit()
     print(f"harmonized {harmonized.shape[1]} features of {len(frame)} rows -> {args.output}")
     return 0
 
@@ -133,6 +329,7 @@ def cmd_extract(args):
     """Region values of each image with a labels atlas, one row per image."""
     from kwneuro_sk import LabelsMasker
 
+    inputs = {"atlas": args.atlas, "labels table": args.labels, "image table": args.from_csv}
     if args.from_csv:
         if args.images:
             raise CommandError("give images either as arguments or with --from-csv, not both")
@@ -140,6 +337,11 @@ def cmd_extract(args):
         if args.column not in table.columns:
             raise CommandError(f"--column {args.column!r} is not a column of {args.from_csv} "
                                f"(columns: {list(table.columns)})")
+        empty = table[args.column].str.strip() == ""
+        if empty.any():
+            row = int(empty.to_numpy().argmax())
+            raise CommandError(f"{args.from_csv} line {row + 2}: column {args.column!r} is "
+                               "empty; every row needs an image path")
         base = Path(args.from_csv).parent
         images = [str(p if Path(p).is_absolute() else base / p) for p in table[args.column]]
     elif args.images:
@@ -147,6 +349,8 @@ def cmd_extract(args):
         images = list(args.images)
     else:
         raise CommandError("no images: give image paths, or --from-csv CSV --column COLUMN")
+    _check_outputs({"-o": args.output}, {**inputs, **{f"image {p}": p for p in images}})
+    _create_folders({"-o": args.output})
 
     masker = LabelsMasker(args.atlas, labels=args.labels, strategy=args.strategy)
     masker.set_output(transform="pandas").fit()
@@ -160,7 +364,9 @@ def cmd_extract(args):
             _progress(min(i + chunk, len(images)), len(images), start)
     regions = pd.concat(parts, ignore_index=True)
     out = pd.concat([table.reset_index(drop=True), regions], axis=1)
-    _write_table(out, args.output)
+    with _Staged() as staged:
+        staged.table(out, args.output)
+        staged.commit()
     print(f"extracted {regions.shape[1]} regions ({args.strategy}) from {len(images)} images "
           f"-> {args.output}")
     return 0
@@ -250,9 +456,7 @@ def build_parser():
     extract.add_argument("images", nargs="*", metavar="IMAGE", help="3D images (.nii/.nii.gz)")
     extract.add_argument("--atlas", required=True, help="labels image")
     extract.add_argument("--labels", help="look-up table (TSV with index and name columns)")
-    extract.add_argument("--strategy", default="mean",
-                         choices=["mean", "median", "sum", "minimum", "maximum", "variance",
-                                  "standard_deviation"])
+    extract.add_argument("--strategy", default="mean", choices=STRATEGIES)
     extract.add_argument("--from-csv", metavar="CSV",
                          help="table whose --column holds the image paths; its other columns "
                          "are copied to the output")
@@ -263,6 +467,29 @@ def build_parser():
     return parser
 
 
+# The library's advice names Python parameters; on the command line they are options.
+_CLI_TERMS = [
+    (r"batch_col/categorical_cols/continuous_cols", "--batch-col/--categorical/--continuous"),
+    (r"categorical_cols/continuous_cols", "--categorical/--continuous"),
+    (r"mean_only=True", "--mean-only"),
+    (r"unseen_batch='adapt'", "--adapt-new-sites"),
+    (r"eb=False", "--no-eb"),
+    (r"Use LabelsMasker\.transform_imgs for 4D time series\.",
+     "Give one 3D image per subject (split 4D files first)."),
+    (r"(?<![\w'\[])categorical_cols(?![\w'])", "--categorical"),
+    (r"(?<![\w'\[])continuous_cols(?![\w'])", "--continuous"),
+    (r"(?<![\w'\[])batch_col(?![\w'=])", "--batch-col"),
+]
+
+
+def _one_line(message):
+    """An error message on one line, in command-line terms."""
+    text = " ".join(str(message).split())
+    for pattern, option in _CLI_TERMS:
+        text = re.sub(pattern, option, text)
+    return text
+
+
 def main(argv=None):
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -270,7 +497,11 @@ def main(argv=None):
         return args.func(args)
     except (CommandError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # permissions, full disk, ...: the file and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG} {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

@@ -27,8 +27,9 @@ one of them. The model (per subject ``i`` at site ``s`` and feature or region ``
 with ``u`` and ``v`` standard normal and ``rho = residual_network_correlation``. The network
 part ``b`` of the site offset models scanners whose grey/white contrast differs by brain
 network or lobe: its size is comparable to the diagnosis effect, so at a site whose
-default-mode regions come out darker every subject looks a little like a patient. The subject effect ``u`` shared by
-the regions of a network makes regions of one network correlated, as in real data, so
+default-mode regions come out darker every subject looks a little like a patient. The subject
+effect ``u`` shared by the regions of a network makes regions of one network correlated, as in
+real data, so
 averaging many regions does not make the diagnosis trivially easy. ComBat, fitted feature by
 feature, sees ``e`` as a residual of standard deviation ``residual_sd``: its ``gamma`` is the
 whole ``site_offset`` (up to a shift shared by all sites) and its ``delta`` is
@@ -41,14 +42,15 @@ the age and diagnosis effects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import numbers
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import nibabel as nib
@@ -56,6 +58,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from sklearn.utils._param_validation import Interval, validate_params
 
 __all__ = [
     "DemoCohort",
@@ -132,6 +135,18 @@ class SimulatedEffects:
         subject); residuals of different networks are independent.
     reference_age : float
         Age at which the age effect is zero.
+
+    Examples
+    --------
+    >>> from kwneuro_sk.datasets import make_site_features
+    >>> data, effects = make_site_features(n_subjects=60, n_features=4, return_effects=True)
+    >>> effects.feature_names
+    ['feature_00', 'feature_01', 'feature_02', 'feature_03']
+    >>> effects.diagnosis_features  # the features the diagnosis lowers
+    ['feature_02']
+    >>> site_part = data[effects.feature_names] - effects.biological_mean(data)
+    >>> site_part.groupby(data["site"]).mean().round(2).shape  # site offsets, plus noise
+    (3, 4)
     """
 
     baseline: pd.Series
@@ -269,6 +284,7 @@ class DemoCohort:
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params({"data_dir": [str, os.PathLike, None]}, prefer_skip_nested_validation=True)
 def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """Folder where kwneuro_sk caches the data it generates.
 
@@ -292,10 +308,6 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     '/tmp/my_data'
     """
     if data_dir is not None:
-        if not isinstance(data_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"data_dir must be a path (str or os.PathLike) or None, got {type(data_dir).__name__}."
-            )
         return Path(data_dir).expanduser()
     from_env = os.environ.get(DATA_DIR_ENV)
     if from_env:
@@ -309,6 +321,18 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(base) / "kwneuro_sk"
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "n_features": [Interval(Integral, 1, None, closed="left")],
+        "n_sites": [Interval(Integral, 1, None, closed="left")],
+        # numpy's Generator stream (not scikit-learn's RandomState): the same seed must keep
+        # giving the same table, so check_random_state is not used here.
+        "random_state": [Interval(Integral, 0, None, closed="left"), np.random.Generator, None],
+        "return_effects": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def make_site_features(
     n_subjects: int = 300,
     n_features: int = 20,
@@ -358,10 +382,8 @@ def make_site_features(
     (3, 5)
     """
     n_subjects, n_sites = _check_design(n_subjects, n_sites)
-    n_features = _check_int(n_features, "n_features", minimum=1)
-    if not isinstance(return_effects, (bool, np.bool_)):
-        raise TypeError(f"return_effects must be a bool, got {type(return_effects).__name__}.")
-    rng = _check_rng(random_state)
+    n_features = int(n_features)
+    rng = np.random.default_rng(random_state)
 
     covariates = _simulate_covariates(n_subjects, n_sites, rng)
     width = max(2, len(str(n_features - 1)))
@@ -388,6 +410,17 @@ def make_site_features(
     return (data, effects) if return_effects else data
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "n_sites": [Interval(Integral, 1, None, closed="left")],
+        "data_dir": [str, os.PathLike, None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "roi_radius": [Interval(Real, 2.0, 15.0, closed="both")],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def make_demo_cohort(
     n_subjects: int = 120,
     n_sites: int = 3,
@@ -457,12 +490,7 @@ def make_demo_cohort(
     (3, 160)
     """
     n_subjects, n_sites = _check_design(n_subjects, n_sites)
-    random_state = _check_int(random_state, "random_state", minimum=0)
-    if isinstance(roi_radius, bool) or not isinstance(roi_radius, numbers.Real):
-        raise TypeError(f"roi_radius must be a number of mm, got {type(roi_radius).__name__}.")
-    roi_radius = float(roi_radius)
-    if not 2.0 <= roi_radius <= 15.0:
-        raise ValueError(f"roi_radius must be between 2 and 15 mm, got {roi_radius}.")
+    random_state, roi_radius = int(random_state), float(roi_radius)
 
     params = {
         "generator_version": _GENERATOR_VERSION,
@@ -639,15 +667,30 @@ def _noise_scale(sigma_voxels: float) -> float:
     return float(np.sqrt(np.sum(kernel**2)) ** 3)
 
 
-def _write_cohort(folder: Path, params: dict) -> None:
-    """Simulate and write every file of the cohort into folder; params.json is written last."""
+@functools.lru_cache(maxsize=1)
+def _templates() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2 mm grey-matter map, brain mask and affine, read-only.
+
+    Kept for the process: nilearn resamples the grey-matter map on every load (half a second),
+    and every cohort starts from the same templates.
+    """
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template
 
     gm_img = load_mni152_gm_template(resolution=2)
     mask_img = load_mni152_brain_mask(resolution=2)
-    affine = gm_img.affine
-    mask = np.asarray(mask_img.dataobj) > 0
-    gm = np.asarray(gm_img.get_fdata(), dtype=np.float64)
+    arrays = (
+        np.asarray(gm_img.get_fdata(), dtype=np.float64),
+        np.asarray(mask_img.dataobj) > 0,
+        np.array(gm_img.affine, dtype=np.float64),
+    )
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def _write_cohort(folder: Path, params: dict) -> None:
+    """Simulate and write every file of the cohort into folder; params.json is written last."""
+    gm, mask, affine = _templates()
 
     atlas, table = _make_atlas(mask, affine, params["roi_radius"])
     n_regions = len(table)
@@ -698,7 +741,8 @@ def _write_cohort(folder: Path, params: dict) -> None:
     site_index = pd.Index(effects.site_offset.index).get_indexer(covariates["site"])
     image_names = [f"{subject}_gm.nii.gz" for subject in covariates["subject"]]
 
-    for row, rng in enumerate(np.random.default_rng(s) for s in subject_seed.spawn(len(covariates))):
+    subject_rngs = (np.random.default_rng(s) for s in subject_seed.spawn(len(covariates)))
+    for row, rng in enumerate(subject_rngs):
         subject = covariates.iloc[row]
         s = site_index[row]
         region_values = (
@@ -754,7 +798,9 @@ def _load_cohort(folder: Path) -> DemoCohort:
     covariates = pd.read_csv(
         folder / "covariates.tsv",
         sep="\t",
-        dtype={"subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str},
+        dtype={
+            "subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str
+        },
     )
     covariates["image"] = [str(folder / name) for name in covariates["image"]]
     effects = SimulatedEffects.from_dict(json.loads((folder / "effects.json").read_text()))
@@ -774,29 +820,14 @@ def _load_cohort(folder: Path) -> DemoCohort:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, *, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return int(value)
-
-
 def _check_design(n_subjects, n_sites) -> tuple[int, int]:
-    n_sites = _check_int(n_sites, "n_sites", minimum=1)
-    n_subjects = _check_int(n_subjects, "n_subjects", minimum=2)
+    """Both already validated as integers; here only what ties them together."""
     if n_subjects < 2 * n_sites:
         raise ValueError(
             f"n_subjects must be at least 2 per site (2 * n_sites = {2 * n_sites}), "
             f"got {n_subjects}."
         )
-    return n_subjects, n_sites
-
-
-def _check_rng(random_state) -> np.random.Generator:
-    if random_state is None or isinstance(random_state, np.random.Generator):
-        return np.random.default_rng(random_state)
-    return np.random.default_rng(_check_int(random_state, "random_state", minimum=0))
+    return int(n_subjects), int(n_sites)
 
 
 def _require_columns(frame, columns, name):

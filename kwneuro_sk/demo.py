@@ -9,17 +9,24 @@ from the features.
 
 from __future__ import annotations
 
+import os
 import time
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import (LeaveOneGroupOut, StratifiedKFold, cross_val_score,
-                                     cross_validate)
+from sklearn.model_selection import (
+    LeaveOneGroupOut,
+    StratifiedKFold,
+    cross_val_score,
+    cross_validate,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import Interval, validate_params
 
 from kwneuro_sk.combat import CombatHarmonizer
 from kwneuro_sk.datasets import make_demo_cohort
@@ -51,6 +58,17 @@ def _summary(scores):
     return f"{np.mean(scores):.2f} ± {np.std(scores):.2f}"
 
 
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "data_dir": [str, os.PathLike, None],
+        "output_dir": [str, os.PathLike],
+        "figure": ["boolean"],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "verbose": ["boolean"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", figure=True,
              random_state=0, verbose=True):
     """Run the demo and print its table.
@@ -84,7 +102,7 @@ def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", fig
     >>> import tempfile
     >>> from kwneuro_sk.demo import run_demo
     >>> folder = tempfile.mkdtemp()
-    >>> scores = run_demo(30, data_dir=folder, output_dir=folder, figure=False, verbose=False)
+    >>> scores = run_demo(15, data_dir=folder, output_dir=folder, figure=False, verbose=False)
     >>> list(scores.index)
     ['no harmonization', 'ComBat inside the pipeline']
     >>> scores.columns.tolist()[-1]
@@ -155,8 +173,11 @@ def _figures(table, regions, sites, site_scores, chance, output_dir, say):
     except ImportError:
         say('(figures skipped: pip install "kwneuro_sk[plotting]" to draw them)')
         return
-    from kwneuro_sk.plotting import (plot_combat_estimates, plot_site_distributions,
-                                     plot_site_predictability)
+    from kwneuro_sk.plotting import (
+        plot_combat_estimates,
+        plot_site_distributions,
+        plot_site_predictability,
+    )
 
     combat = CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"])
     harmonized = combat.set_output(transform="pandas").fit_transform(table)

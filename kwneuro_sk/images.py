@@ -27,11 +27,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import SpatialImage
+from nibabel.spatialimages import HeaderDataError, SpatialImage
+from nibabel.wrapstruct import WrapStructError
 from nilearn.image import resample_img, smooth_img
 
 IMAGE_TYPES = (str, os.PathLike, SpatialImage)
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile)
+_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+                WrapStructError, HeaderDataError)
 
 
 def is_volume_resource(obj) -> bool:
@@ -134,19 +136,16 @@ def load_image(source, *, name="image") -> SpatialImage:
         return source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if os.path.isdir(path):
-            raise ValueError(f"{name} {path!r} is a directory, not an image file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{name} file not found: {path!r}")
+        _check_file(path, name)
         try:
-            if path.endswith(".nii.gz"):
+            if path.endswith(".nii.gz") or (path.endswith(".nii") and _is_gzip(path)):
                 img = _load_compressed_nifti(path)
                 if img is not None:
                     return img
             return nib.load(path)
         except _READ_ERRORS as error:
             raise ValueError(
-                f"{name} {path!r} is not a readable neuroimaging file "
+                f"{_named(name, path)} is not a readable neuroimaging file "
                 f"({type(error).__name__}: {error})"
             ) from error
     if is_volume_resource(source):
@@ -194,12 +193,77 @@ def _load_compressed_nifti(path):
     which then go through ``nibabel.load``.
     """
     with open(path, "rb") as f:
-        raw = gzip.decompress(f.read())
+        raw = f.read()
+    return _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def _named(name, path):
+    """``name`` followed by the quoted path, unless the name already shows it."""
+    return name if repr(path) in name else f"{name} {path!r}"
+
+
+def _nifti_from_bytes(raw, *, compressed):
+    """A NIfTI-1/2 single-file image parsed from the bytes of a file, or None when the bytes
+    are not one (other formats go through ``nibabel.load``)."""
+    if compressed:
+        raw = gzip.decompress(raw)
     sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
     for size, image_class in ((348, nib.Nifti1Image), (540, nib.Nifti2Image)):
         if size in sizeof_hdr:
             return image_class.from_bytes(raw)
     return None
+
+
+def is_nifti_path(source) -> bool:
+    """Whether a path names a single-file NIfTI image (.nii or .nii.gz)."""
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(
+        (".nii", ".nii.gz"))
+
+
+def _check_file(path, name):
+    """A directory is a ValueError naming it, a missing file a FileNotFoundError."""
+    if os.path.isdir(path):
+        raise ValueError(f"{_named(name, path)} is a directory, not an image file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} file not found: {path!r}")
+
+
+def read_file_bytes(source, *, name="image") -> bytes:
+    """The bytes of an image file, read once (missing: FileNotFoundError; a directory or an
+    unreadable file: ValueError naming it). With :func:`image_from_bytes` the same bytes can
+    be hashed (for a content-keyed cache) and decoded, without a second read."""
+    path = os.fspath(source)
+    _check_file(path, name)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise ValueError(f"{_named(name, path)} cannot be read ({type(error).__name__}: "
+                         f"{error})") from error
+
+
+def image_from_bytes(raw, source, *, name="image") -> SpatialImage:
+    """The image a .nii or .nii.gz file's bytes hold (see :func:`read_file_bytes`); the same
+    errors as :func:`load_image`."""
+    path = os.fspath(source)
+    try:
+        # gzip is recognised by its magic bytes, not the name (a misnamed file still reads)
+        img = _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
+    except _READ_ERRORS as error:
+        img, problem = None, f"{type(error).__name__}: {error}"
+    else:
+        problem = "not a NIfTI-1 or NIfTI-2 file"
+    if img is None:
+        raise ValueError(f"{_named(name, path)} is not a readable neuroimaging file ({problem})")
+    return img
 
 
 def volume_data(img, *, name="image", allow_4d=False) -> np.ndarray:

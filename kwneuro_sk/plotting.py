@@ -8,10 +8,13 @@ would any figure (``fig.savefig("combat.png")``).
 
 from __future__ import annotations
 
-import numbers
+import warnings
+from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
+from sklearn.feature_selection import f_classif
+from sklearn.utils._param_validation import Interval, validate_params
 
 __all__ = ["plot_combat_estimates", "plot_site_distributions", "plot_site_predictability"]
 
@@ -32,6 +35,18 @@ def _pyplot():
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params(
+    {
+        "before": ["array-like"],
+        "after": ["array-like"],
+        "sites": ["array-like"],
+        "features": ["array-like", str, Integral, None],
+        "max_features": [Interval(Integral, 1, None, closed="left")],
+        "bins": [Interval(Integral, 1, None, closed="left")],
+        "figsize": ["array-like", None],
+    },
+    prefer_skip_nested_validation=True,
+)
 def plot_site_distributions(
     before,
     after,
@@ -97,11 +112,9 @@ def plot_site_distributions(
         )
     sites = _as_labels(sites, before.shape[0], "sites")
     site_names, site_index = np.unique(sites, return_inverse=True)
-    max_features = _check_positive_int(max_features, "max_features")
-    bins = _check_positive_int(bins, "bins")
 
     if features is None:
-        columns = np.argsort(-_anova_f(before, site_index))[:max_features]
+        columns = np.argsort(-_site_f_statistic(before, site_index))[:max_features]
     else:
         columns = _feature_positions(features, names)
 
@@ -137,6 +150,15 @@ def plot_site_distributions(
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params(
+    {
+        "harmonizer_or_estimates": "no_validation",
+        "show_hat": ["boolean"],
+        "max_features": [Interval(Integral, 1, None, closed="left")],
+        "figsize": ["array-like", None],
+    },
+    prefer_skip_nested_validation=True,
+)
 def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True,
                           max_features: int = 2000, figsize=None):
     """The fitted site effects of ComBat: gamma* (location) and delta* (scale) per site.
@@ -183,11 +205,6 @@ def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True,
     ['gamma (location)', 'delta (scale)']
     """
     plt = _pyplot()
-    if not isinstance(show_hat, (bool, np.bool_)):
-        raise TypeError(f"show_hat must be a bool, got {type(show_hat).__name__}.")
-    if isinstance(max_features, bool) or not isinstance(max_features, (int, np.integer)) \
-            or max_features < 1:
-        raise ValueError(f"max_features must be a positive integer, got {max_features!r}.")
     sites, estimates = _combat_arrays(harmonizer_or_estimates)
     n_sites = len(sites)
     n_features = estimates["gamma_star"].shape[1]
@@ -261,6 +278,17 @@ def _combat_arrays(source):
 # --------------------------------------------------------------------------------------------
 
 
+@validate_params(
+    {
+        "scores": [dict, pd.Series, pd.DataFrame],
+        "chance": [Interval(Real, None, None, closed="neither"), None],
+        "metric": [str],
+        "title": [str],
+        "ax": "no_validation",
+        "figsize": ["array-like", None],
+    },
+    prefer_skip_nested_validation=True,
+)
 def plot_site_predictability(
     scores,
     *,
@@ -313,11 +341,6 @@ def plot_site_predictability(
     """
     plt = _pyplot()
     folds = _score_table(scores)
-    if chance is not None:
-        if isinstance(chance, bool) or not isinstance(chance, numbers.Real):
-            raise TypeError(f"chance must be a number or None, got {type(chance).__name__}.")
-        if not np.isfinite(chance):
-            raise ValueError(f"chance must be finite, got {chance}.")
 
     if ax is None:
         fig, ax = plt.subplots(
@@ -409,11 +432,11 @@ def _as_labels(labels, n_samples, name) -> np.ndarray:
 
 
 def _feature_positions(features, names) -> list[int]:
-    if isinstance(features, (str, numbers.Integral)):
+    if isinstance(features, (str, Integral)):
         features = [features]
     positions = []
     for feature in features:
-        if isinstance(feature, numbers.Integral) and not isinstance(feature, bool):
+        if isinstance(feature, Integral) and not isinstance(feature, bool):
             if not -len(names) <= feature < len(names):
                 raise ValueError(f"features: position {feature} is out of range ({len(names)}).")
             positions.append(int(feature) % len(names))
@@ -426,28 +449,15 @@ def _feature_positions(features, names) -> list[int]:
     return positions
 
 
-def _anova_f(values, groups) -> np.ndarray:
-    """One-way ANOVA F statistic per column (between-group over within-group variance)."""
-    n_groups = groups.max() + 1
-    if n_groups < 2:
+def _site_f_statistic(values, groups) -> np.ndarray:
+    """One-way ANOVA F statistic of the sites per column (NaN filled with the column mean)."""
+    if groups.max() < 1:
         return np.zeros(values.shape[1])
     filled = np.where(np.isfinite(values), values, np.nanmean(values, axis=0))
-    counts = np.bincount(groups, minlength=n_groups)[:, None]
-    sums = np.zeros((n_groups, values.shape[1]))
-    np.add.at(sums, groups, filled)
-    means = sums / counts
-    between = (counts * (means - filled.mean(axis=0)) ** 2).sum(axis=0) / (n_groups - 1)
-    within = ((filled - means[groups]) ** 2).sum(axis=0) / max(len(groups) - n_groups, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.nan_to_num(between / within)
-
-
-def _check_positive_int(value, name) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}.")
-    return int(value)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", UserWarning)  # constant features: F is NaN, then 0
+        f_statistic, _ = f_classif(filled, groups)
+    return np.nan_to_num(f_statistic)
 
 
 def _site_colors(plt, n_sites):

@@ -130,6 +130,20 @@ def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
     Returns
     -------
     list of images
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, nibabel as nib
+    >>> from kwneuro_sk import harmonize_volumes
+    >>> from kwneuro_sk.volumes import apply_volumes
+    >>> rng = np.random.default_rng(0)
+    >>> covars = pd.DataFrame({"site": np.repeat(["a", "b"], 5)})
+    >>> imgs = [nib.Nifti1Image(rng.normal(size=(4, 4, 4)), np.eye(4)) for _ in range(10)]
+    >>> mask = nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.uint8), np.eye(4))
+    >>> out, est = harmonize_volumes(imgs, covars, "site", mask)
+    >>> (again,) = apply_volumes(est, imgs[:1], covars.iloc[:1])
+    >>> bool(np.array_equal(again.get_fdata(), out[0].get_fdata()))
+    True
     """
     grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
     if grid is None:

@@ -1,6 +1,8 @@
 """The kwneuro-sk command line: every command runs, gives the library's numbers, fails clearly."""
 
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -93,7 +95,11 @@ def test_apply_unseen_site(features_csv, tmp_path, capsys):
     assert "['siteNEW'] were not seen in fit" in capsys.readouterr().err
     assert main(["apply", str(model), str(tmp_path / "new.csv"), "-o",
                  str(tmp_path / "n.csv"), "--adapt-new-sites"]) == 0
-    assert np.isfinite(pd.read_csv(tmp_path / "n.csv").filter(like="feature_")).all().all()
+    adapted = pd.read_csv(tmp_path / "n.csv").filter(like="feature_").to_numpy()
+    combat = CombatHarmonizer("site", ["sex"], ["age"], unseen_batch="adapt")
+    combat.fit(data.drop(columns=["subject", "diagnosis"]))
+    expected = combat.transform(new.drop(columns=["subject", "diagnosis"]))
+    np.testing.assert_allclose(adapted, expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -106,6 +112,8 @@ def test_apply_unseen_site(features_csv, tmp_path, capsys):
      "--ref-batch 'site9' is not among the sites"),
     (["apply", "nomodel.npz", "{csv}", "-o", "o.csv"], "no such model file"),
     (["extract", "--atlas", "atlas.nii.gz", "-o", "o.csv"], "no images"),
+    (["demo", "--n-subjects", "1", "--no-figure"],
+     "'n_subjects' parameter of run_demo must be an int in the range [2, inf)"),
 ])
 def test_errors_exit_nonzero_with_a_message(features_csv, tmp_path, monkeypatch, capsys,
                                             args, message):
@@ -180,8 +188,8 @@ def test_extract_missing_image_named(images, capsys):
     assert "nope.nii.gz" in capsys.readouterr().err
 
 
-def test_demo_prints_the_table(tmp_path, capsys):
-    assert main(["demo", "--n-subjects", "30", "--data-dir", str(tmp_path / "data"),
+def test_demo_prints_the_table(tmp_path, capsys, demo_data_dir, demo_n_subjects):
+    assert main(["demo", "--n-subjects", str(demo_n_subjects), "--data-dir", str(demo_data_dir),
                  "--output-dir", str(tmp_path / "out"), "--no-figure"]) == 0
     out = capsys.readouterr().out
     assert "ComBat inside the pipeline" in out and "site left out" in out
@@ -200,3 +208,251 @@ def test_demo_prints_the_table(tmp_path, capsys):
     # the raw regions tell the sites apart; after ComBat much less so
     site = means[("site, 5-fold", "balanced accuracy")]
     assert site["no harmonization"] > 0.8 and site["ComBat inside the pipeline"] < 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: verbatim text columns, inputs never overwritten, atomic outputs, one-line errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_table(tmp_path):
+    """A table whose non-feature cells change if parsed: zero-padded IDs, 'NA', '1.50'."""
+    data = make_site_features(n_subjects=30, n_features=4, random_state=2)
+    data["subject"] = [f"{i:03d}" for i in range(30)]
+    data["note"] = ["NA", "01", "", "1.50", "n/a"] * 6
+    return data
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t"), (".tab", "\t")])
+def test_harmonize_keeps_text_columns_verbatim(tmp_path, text_table, suffix, sep):
+    path = tmp_path / f"in{suffix}"
+    text_table.to_csv(path, index=False, sep=sep)
+    out = tmp_path / f"out{suffix}"
+    assert main(["harmonize", str(path), *HARMONIZE, "note", "-o", str(out)]) == 0
+    lines_in = path.read_text().splitlines()
+    lines_out = out.read_text().splitlines()
+    assert lines_out[0] == lines_in[0]  # same header, same separator
+    header = lines_in[0].split(sep)
+    for line_in, line_out in zip(lines_in[1:], lines_out[1:]):
+        cells_in, cells_out = line_in.split(sep), line_out.split(sep)
+        for column in ("subject", "note", "site", "sex", "age", "diagnosis"):
+            i = header.index(column)
+            assert cells_out[i] == cells_in[i], column
+    result = pd.read_csv(out, sep=sep, dtype=str, keep_default_na=False)
+    assert result["subject"].tolist()[:3] == ["000", "001", "002"]
+    assert result["note"].tolist()[:5] == ["NA", "01", "", "1.50", "n/a"]
+    features = [c for c in text_table.columns if c.startswith("feature_")]
+    expected = CombatHarmonizer("site", ["sex"], ["age"]).fit_transform(
+        text_table.drop(columns=["subject", "diagnosis", "note"]))
+    np.testing.assert_allclose(result[features].astype(float), expected, rtol=1e-12)
+
+
+def test_extract_from_csv_keeps_other_columns_verbatim(images):
+    table = images / "ids.csv"
+    table.write_text("id,img,group\n007,sub00.nii.gz,NA\n01,sub01.nii.gz,1.50\n")
+    out = images / "regions.csv"
+    assert main(["extract", "--atlas", str(images / "atlas.nii.gz"), "--from-csv", str(table),
+                 "--column", "img", "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("id,img,group,")
+    assert lines[1].startswith("007,sub00.nii.gz,NA,")
+    assert lines[2].startswith("01,sub01.nii.gz,1.50,")
+
+
+def _cli_error(capsys, args):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("make_args, clobbered", [
+    (lambda d: ["harmonize", str(d / "f.csv"), *HARMONIZE, "-o", str(d / "f.csv")], "f.csv"),
+    (lambda d: ["harmonize", str(d / "f.csv"), *HARMONIZE, "-o",
+                str(d / "sub" / ".." / "f.csv")], "f.csv"),
+    (lambda d: ["harmonize", str(d / "f.csv"), *HARMONIZE, "-o", str(d / "link.csv")],
+     "f.csv"),
+    (lambda d: ["harmonize", str(d / "f.csv"), *HARMONIZE, "-o", str(d / "o.csv"),
+                "--save-model", str(d / "f.csv")], "f.csv"),
+    (lambda d: ["apply", str(d / "m.npz"), str(d / "f.csv"), "-o", str(d / "m.npz")], "m.npz"),
+    (lambda d: ["apply", str(d / "m.npz"), str(d / "f.csv"), "-o", str(d / "f.csv")], "f.csv"),
+    (lambda d: ["extract", str(d / "sub00.nii.gz"), "--atlas", str(d / "atlas.nii.gz"), "-o",
+                str(d / "atlas.nii.gz")], "atlas.nii.gz"),
+    (lambda d: ["extract", str(d / "sub00.nii.gz"), "--atlas", str(d / "atlas.nii.gz"),
+                "--labels", str(d / "labels.tsv"), "-o", str(d / "labels.tsv")], "labels.tsv"),
+    (lambda d: ["extract", "--atlas", str(d / "atlas.nii.gz"), "--from-csv",
+                str(d / "subjects.csv"), "--column", "img", "-o", str(d / "subjects.csv")],
+     "subjects.csv"),
+    (lambda d: ["extract", str(d / "sub00.nii.gz"), "--atlas", str(d / "atlas.nii.gz"), "-o",
+                str(d / "sub00.nii.gz")], "sub00.nii.gz"),
+])
+def test_output_equal_to_an_input_refused(images, features_csv, capsys, make_args, clobbered):
+    d = images
+    _, data = features_csv
+    data.to_csv(d / "f.csv", index=False)
+    (d / "sub").mkdir()
+    (d / "link.csv").symlink_to(d / "f.csv")
+    assert main(["harmonize", str(d / "f.csv"), *HARMONIZE, "-o", str(d / "h.csv"),
+                 "--save-model", str(d / "m.npz")]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    err = _cli_error(capsys, make_args(d))
+    assert clobbered in err and "inputs are never overwritten" in err
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before
+
+
+def test_outputs_get_their_folders(features_csv, tmp_path):
+    path, _ = features_csv
+    out, model = tmp_path / "a" / "b" / "out.csv", tmp_path / "c" / "model.npz"
+    assert main(["harmonize", str(path), *HARMONIZE, "-o", str(out), "--save-model",
+                 str(model)]) == 0
+    assert out.is_file() and model.is_file()
+
+
+@pytest.mark.parametrize("output, model, message", [
+    ("{d}", None, "is a directory; give a file name"),
+    ("{d}/afile/out.csv", None, "cannot create the folder of -o"),
+    ("{d}/out.csv", "{d}/afile/m.npz", "cannot create the folder of --save-model"),
+    ("{d}/out.csv", "{d}/out.csv", "are the same file"),
+])
+def test_bad_output_paths_fail_before_writing(features_csv, tmp_path, capsys, output, model,
+                                              message):
+    path, _ = features_csv
+    (tmp_path / "afile").write_text("x")
+    args = ["harmonize", str(path), *HARMONIZE, "-o", output.format(d=tmp_path)]
+    if model:
+        args += ["--save-model", model.format(d=tmp_path)]
+    assert message in _cli_error(capsys, args)
+    assert not (tmp_path / "out.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "features.csv"]
+
+
+def test_failed_command_leaves_existing_outputs_untouched(features_csv, tmp_path, monkeypatch,
+                                                          capsys):
+    from kwneuro_sk import CombatEstimates
+
+    path, _ = features_csv
+    out, model = tmp_path / "out.csv", tmp_path / "m.npz"
+    out.write_text("previous results\n")
+
+    def failing_save(self, target):
+        raise ValueError(f"cannot save the model to {target}")
+
+    monkeypatch.setattr(CombatEstimates, "save", failing_save)
+    _cli_error(capsys, ["harmonize", str(path), *HARMONIZE, "-o", str(out), "--save-model",
+                        str(model)])
+    assert out.read_text() == "previous results\n"
+    assert not model.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.csv", "out.csv"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty: expected a header line"),
+    ("subject,site,sex,age,diagnosis,feature_0\n", "has a header but no rows"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,30,0,1.5\ns2,b,M,31,1,abc\n",
+     "table.csv line 3, column 'feature_0': 'abc'); copy them unchanged with --keep"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,old,0,1.5\ns2,b,M,31,1,2\n",
+     "table.csv line 2, column 'age': 'old'); give numbers"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,30,0,1.5\ns2,,M,31,1,2\n",
+     "--batch-col column 'site' has no value in"),
+    ("subject,site,sex,age,diagnosis,feature_0\ns1,a,F,30,0,1.5\ns2,b,NA,31,1,2\n",
+     "table.csv line 3 ('NA'); every row needs one"),
+])
+def test_bad_tables_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "table.csv").write_text(content)
+    err = _cli_error(capsys, ["harmonize", str(tmp_path / "table.csv"), *HARMONIZE, "-o",
+                              str(tmp_path / "o.csv")])
+    assert "table.csv" in err and message in err
+
+
+def test_extract_empty_image_cell_and_bad_labels_table(images, capsys):
+    (images / "holes.csv").write_text("id,img\n1,sub00.nii.gz\n2,\n")
+    err = _cli_error(capsys, ["extract", "--atlas", str(images / "atlas.nii.gz"), "--from-csv",
+                              str(images / "holes.csv"), "--column", "img", "-o",
+                              str(images / "o.csv")])
+    assert "holes.csv line 3: column 'img' is empty" in err
+    (images / "bad.tsv").write_text("index\tname\n1\tleft\nB\tright\n")
+    err = _cli_error(capsys, ["extract", str(images / "sub00.nii.gz"), "--atlas",
+                              str(images / "atlas.nii.gz"), "--labels", str(images / "bad.tsv"),
+                              "-o", str(images / "o.csv")])
+    assert "bad.tsv" in err and "column 'index'" in err and "row 1 has 'B'" in err
+    (images / "empty.csv").write_text("")
+    err = _cli_error(capsys, ["extract", "--atlas", str(images / "atlas.nii.gz"), "--from-csv",
+                              str(images / "empty.csv"), "-o", str(images / "o.csv")])
+    assert "empty.csv is empty" in err
+    assert not (images / "o.csv").exists()
+
+
+def test_advice_in_command_line_terms(features_csv, tmp_path, capsys):
+    path, data = features_csv
+    data.assign(site=["lonely"] + list(data["site"][1:])).to_csv(tmp_path / "one.csv",
+                                                                 index=False)
+    err = _cli_error(capsys, ["harmonize", str(tmp_path / "one.csv"), *HARMONIZE, "-o",
+                              str(tmp_path / "o.csv")])
+    assert "['lonely'] have a single row" in err and "use --mean-only" in err
+    assert "mean_only" not in err
+    model = tmp_path / "m.npz"
+    assert main(["harmonize", str(path), *HARMONIZE, "-o", str(tmp_path / "h.csv"),
+                 "--save-model", str(model)]) == 0
+    data.assign(site="siteNEW").to_csv(tmp_path / "new.csv", index=False)
+    err = _cli_error(capsys, ["apply", str(model), str(tmp_path / "new.csv"), "-o",
+                              str(tmp_path / "n.csv")])
+    assert "--adapt-new-sites" in err and "unseen_batch" not in err
+    assert "ColumnTransformer" not in err
+
+
+def test_apply_maps_text_to_integer_sites_of_a_python_model(tmp_path):
+    """A model fitted in Python with integer sites applies to a CSV, where sites are text."""
+    data = make_site_features(n_subjects=30, n_features=3, random_state=3)
+    data["site"] = data["site"].str[-1].astype(int)
+    X = data.drop(columns=["subject", "diagnosis"])
+    combat = CombatHarmonizer("site", ["sex"], ["age"]).fit(X)
+    combat.estimates_.save(tmp_path / "m.npz")
+    data.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["apply", str(tmp_path / "m.npz"), str(tmp_path / "new.csv"), "-o",
+                 str(tmp_path / "o.csv")]) == 0
+    result = pd.read_csv(tmp_path / "o.csv")
+    features = [c for c in data.columns if c.startswith("feature_")]
+    np.testing.assert_allclose(result[features], combat.transform(X), rtol=1e-12)
+
+
+def test_outputs_have_the_usual_permissions(features_csv, tmp_path):
+    """Staged outputs are not left private to the user (mkstemp creates files as 0600)."""
+    path, _ = features_csv
+    umask = os.umask(0o022)
+    try:
+        assert main(["harmonize", str(path), *HARMONIZE, "-o", str(tmp_path / "o.csv"),
+                     "--save-model", str(tmp_path / "m.npz")]) == 0
+    finally:
+        os.umask(umask)
+    for name in ("o.csv", "m.npz"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+
+
+def test_failing_input_creates_no_output_folder(tmp_path, capsys):
+    err = _cli_error(capsys, ["harmonize", str(tmp_path / "missing.csv"), "--batch-col", "site",
+                              "-o", str(tmp_path / "new" / "out.csv")])
+    assert "missing.csv" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_apply_refuses_a_voxel_model_and_a_keyword_model(features_csv, tmp_path, capsys):
+    from kwneuro_sk import harmonize_volumes
+
+    path, data = features_csv
+    rng = np.random.default_rng(0)
+    imgs = [nib.Nifti1Image(rng.normal(size=(3, 3, 3)), np.eye(4)) for _ in range(4)]
+    mask = nib.Nifti1Image(np.ones((3, 3, 3), dtype=np.uint8), np.eye(4))
+    _, est = harmonize_volumes(imgs, pd.DataFrame({"site": ["a", "b"] * 2}), "site", mask)
+    est.save(tmp_path / "voxels.npz")
+    err = _cli_error(capsys, ["apply", str(tmp_path / "voxels.npz"), str(path), "-o",
+                              str(tmp_path / "o.csv")])
+    assert "voxels.npz was made by harmonize_volumes" in err
+    features = data.filter(like="feature_").to_numpy()
+    CombatHarmonizer().fit(features, batch=data["site"].to_numpy()).estimates_.save(
+        tmp_path / "kw.npz")
+    err = _cli_error(capsys, ["apply", str(tmp_path / "kw.npz"), str(path), "-o",
+                              str(tmp_path / "o.csv")])
+    assert "kw.npz was fitted with the sites given as batch=" in err

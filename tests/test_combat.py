@@ -3,6 +3,7 @@
 import contextlib
 import io
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,8 +13,8 @@ from sklearn.exceptions import NotFittedError
 
 from kwneuro_sk import CombatHarmonizer
 
-# neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24.
-np.int = int
+# neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24 (see conftest.py).
+pytestmark = pytest.mark.usefixtures("numpy_int_alias")
 
 COVARIATE_SETS = {
     "none": ([], []),
@@ -241,8 +242,26 @@ def test_covariate_effects_are_preserved():
     combat.fit(X, batch=covars["site"], covariates=covars)
     assert list(combat.covariate_names_) == ["sex_M", "diagnosis_patient",
                                              "diagnosis_prodromal", "age"]
-    # Simulated effects: sex_M +0.4, patient +0.3, prodromal 0, age +0.03 per year.
-    np.testing.assert_allclose(combat.beta_.mean(axis=1), [0.4, 0.3, 0.0, 0.03], atol=0.15)
+    # beta_ is the least-squares fit of X on site indicators and covariates (Johnson 2007).
+    design = np.column_stack([
+        pd.get_dummies(covars["site"]).to_numpy(dtype=float),
+        covars["sex"] == "M",
+        covars["diagnosis"] == "patient",
+        covars["diagnosis"] == "prodromal",
+        covars["age"],
+    ]).astype(float)
+    coefficients = np.linalg.lstsq(design, X, rcond=None)[0]
+    np.testing.assert_allclose(combat.beta_, coefficients[3:], rtol=1e-10, atol=1e-12)
+    # Simulated effects: sex_M +0.4, patient +0.3, prodromal 0, age +0.03 per year. The
+    # tolerances are about 3 standard errors of the mean over the 30 features (noise sd ~1.25,
+    # 82 subjects): the age slope is checked to 15 % of its size.
+    truth = np.array([0.4, 0.3, 0.0, 0.03])
+    tolerance = np.array([0.15, 0.18, 0.19, 0.0045])
+    assert np.all(np.abs(combat.beta_.mean(axis=1) - truth) < tolerance)
+    # and the harmonized data still carry them
+    harmonized = combat.transform(X, batch=covars["site"], covariates=covars)
+    kept = np.linalg.lstsq(design, harmonized, rcond=None)[0][3:].mean(axis=1)
+    assert np.all(np.abs(kept - truth) < tolerance)
 
 
 @pytest.mark.parametrize("eb", [True, False])
@@ -389,8 +408,13 @@ def test_single_row_site_suggests_mean_only(frame):
     frame.loc[0, "site"] = "lonely"
     with pytest.raises(ValueError, match=r"\['lonely'\] have a single row.*mean_only=True"):
         CombatHarmonizer("site").fit(frame)
-    out = CombatHarmonizer("site", mean_only=True).fit_transform(frame)
-    assert np.isfinite(out).all()
+    combat = CombatHarmonizer("site", mean_only=True)
+    out = combat.fit_transform(frame)
+    # with mean_only the lone row's site needs no variance: neuroCombat gives the same numbers
+    features = frame[list(combat.get_feature_names_out())].to_numpy()
+    with np.errstate(all="ignore"):  # neuroCombat still computes that site's variance
+        expected = run_neurocombat(features, frame[["site"]], mean_only=True)["data"].T
+    assert relative_difference(out, expected) < 1e-8
 
 
 def test_only_one_site(frame):
@@ -506,7 +530,12 @@ def test_eb_needs_two_features():
     with pytest.raises(ValueError, match="at least 2 features.*eb=False"):
         CombatHarmonizer().fit(X, batch=sites)
     out = CombatHarmonizer(eb=False).fit_transform(X, batch=sites)
-    assert np.isfinite(out).all()
+    # without EB each site is moved exactly onto the pooled mean and standard deviation
+    site_means = pd.DataFrame(out).groupby(sites).mean().to_numpy().ravel()
+    np.testing.assert_allclose(site_means, [X.mean(), X.mean()], rtol=1e-12)
+    site_sds = pd.DataFrame(out).groupby(sites).std().to_numpy().ravel()
+    np.testing.assert_allclose(site_sds[0], site_sds[1], rtol=1e-12)
+    assert abs(pd.DataFrame(X).groupby(sites).mean().diff().iloc[1, 0]) > 10  # it was apart
 
 
 def test_mixed_type_site_labels():
@@ -541,3 +570,145 @@ def test_estimates_are_built_once_and_share_the_fitted_arrays():
 def test_float32_is_preserved_in_tags():
     tags = CombatHarmonizer().__sklearn_tags__()
     assert tags.transformer_tags.preserves_dtype == ["float64", "float32"]
+
+
+# --------------------------------------------------------------------------------------------
+# columns by name, boolean features, indexes of the keyword route (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+def _named_cohort(columns, seed=3):
+    rng = np.random.default_rng(seed)
+    site = np.repeat(["a", "b", "c"], 12)
+    X = pd.DataFrame(rng.normal(size=(36, len(columns))) * [1, 5, 20, 0.1][:len(columns)]
+                     + np.repeat([0.0, 3.0, -2.0], 12)[:, None], columns=columns)
+    return X, site
+
+
+@pytest.mark.parametrize("columns", [[10, 20, 30, 40], [0, 1, 2, 3], [("roi", 1), ("roi", 2),
+                                                                       ("roi", 3), ("roi", 4)]])
+def test_reordered_columns_refused_keyword_route(columns):
+    """Integer or tuple column names are matched by name: the same columns in another order
+    are refused (they used to be harmonized with another column's parameters)."""
+    X, site = _named_cohort(columns)
+    combat = CombatHarmonizer().fit(X, batch=site)
+    with pytest.raises(ValueError, match=r"columns seen in fit in another order \(column 0 "
+                       rf"is {re.escape(repr(columns[3]))}"):
+        combat.transform(X[columns[::-1]], batch=site)
+    with pytest.raises(ValueError, match=rf"missing \[{re.escape(repr(columns[1]))}\]"):
+        combat.transform(X.drop(columns=columns[1]), batch=site)
+    # the right order gives the numbers of the array route
+    expected = CombatHarmonizer().fit(X.to_numpy(), batch=site).transform(X.to_numpy(),
+                                                                           batch=site)
+    np.testing.assert_allclose(combat.transform(X, batch=site), expected, rtol=1e-12)
+
+
+def test_reordered_columns_refused_columns_route_with_mixed_names():
+    X, site = _named_cohort([1, 2, 3, 4])
+    X["site"] = site  # integer feature names beside a text site column
+    combat = CombatHarmonizer("site").fit(X)
+    assert combat.n_features_in_ == 5 and not hasattr(combat, "feature_names_in_")
+    with pytest.raises(ValueError, match="in another order"):
+        combat.transform(X[[2, 1, 3, 4, "site"]])
+    with pytest.raises(ValueError, match=r"not seen in fit \[5\]"):
+        combat.transform(X.rename(columns={4: 5}))
+    np.testing.assert_allclose(combat.transform(X), CombatHarmonizer().fit_transform(
+        X[[1, 2, 3, 4]].to_numpy(), batch=site), rtol=1e-12)
+
+
+def test_str_columns_checked_as_scikit_learn_does():
+    """String names keep scikit-learn's own checks and messages (its estimator check
+    check_dataframe_column_names_consistency expects them)."""
+    X, site = _named_cohort(["w", "x", "y", "z"])
+    combat = CombatHarmonizer().fit(X, batch=site)
+    for bad, message in [(["z", "y", "x", "w"], "Feature names must be in the same order"),
+                         (["a", "b", "c", "d"], "Feature names unseen at fit time"),
+                         (["w", "x"], "Feature names seen at fit time, yet now missing")]:
+        X_bad = pd.DataFrame(X.to_numpy()[:, :len(bad)], columns=bad)
+        with pytest.raises(ValueError, match="The feature names should match those that "
+                           f"were passed during fit.\n{message}"):
+            combat.transform(X_bad, batch=site)
+    # fitted with text names, given integer names: refused by name too, not by position
+    with pytest.raises(ValueError, match=r"missing \['w', 'x', 'y', 'z'\]"):
+        combat.transform(X.set_axis([0, 1, 2, 3], axis=1), batch=site)
+
+
+def test_column_names_survive_save_and_load(tmp_path):
+    from kwneuro_sk import CombatEstimates
+
+    X, site = _named_cohort([7, 8, 9, 10])
+    X[("meta", "site")] = site
+    combat = CombatHarmonizer(("meta", "site")).fit(X)
+    combat.estimates_.save(tmp_path / "m.npz")
+    loaded = CombatEstimates.load(tmp_path / "m.npz")
+    assert loaded.info["batch_col"] == ("meta", "site")
+    rebuilt = CombatHarmonizer.from_estimates(loaded)
+    np.testing.assert_array_equal(rebuilt.transform(X), combat.transform(X))
+    with pytest.raises(ValueError, match="in another order"):
+        rebuilt.transform(X[[10, 9, 8, 7, ("meta", "site")]])
+
+
+@pytest.mark.parametrize("dtype", [bool, "boolean"])
+def test_boolean_feature_column_named(dtype):
+    X, site = _named_cohort(["f1", "f2", "f3"])
+    X["diagnosis"] = pd.array(np.tile([True, False], 18), dtype=dtype)
+    with pytest.raises(ValueError, match=r"feature column\(s\) \['diagnosis'\] are not numeric"):
+        CombatHarmonizer().fit(X, batch=site)
+    with pytest.raises(ValueError, match=r"\['diagnosis'\] are not numeric"):
+        CombatHarmonizer("site").fit(X.assign(site=site))
+
+
+def test_boolean_feature_array_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="boolean dtype"):
+        CombatHarmonizer().fit(rng.random((20, 3)) > 0.5, batch=np.repeat(["a", "b"], 10))
+
+
+@pytest.mark.parametrize("shift", ["X", "batch", "covariates"])
+def test_keyword_route_indexes_must_agree(shift):
+    X, site = _named_cohort(["f1", "f2", "f3"])
+    covariates = pd.DataFrame({"age": np.linspace(20, 70, 36)})
+    labels = np.arange(36) * 2 + 1  # labelled rows, as after selecting subjects of a table
+    objects = {"X": X.set_axis(labels), "batch": pd.Series(site, index=labels),
+               "covariates": covariates.set_axis(labels)}
+    objects[shift] = objects[shift].set_axis(np.arange(36) + 100)
+    name = shift if shift == "X" else f"{shift}="
+    with pytest.raises(ValueError, match=rf"have different indexes \(row 0 is labelled "
+                       rf".*100 in {name}"):
+        CombatHarmonizer(continuous_cols="age").fit(
+            objects["X"], batch=objects["batch"], covariates=objects["covariates"])
+
+
+def test_keyword_route_shuffled_batch_refused_equal_indexes_accepted():
+    X, site = _named_cohort(["f1", "f2", "f3"])
+    X.index = np.arange(36) * 2  # any index, as long as they agree
+    shuffled = pd.Series(site, index=X.index).sample(frac=1, random_state=0)
+    with pytest.raises(ValueError, match="different indexes"):
+        CombatHarmonizer().fit(X, batch=shuffled)
+    np.testing.assert_allclose(
+        CombatHarmonizer().fit_transform(X, batch=shuffled.sort_index()),
+        CombatHarmonizer().fit_transform(X.to_numpy(), batch=site), rtol=1e-12)
+
+
+def test_inverse_transform_matches_harmonized_columns_by_name():
+    X, site = _named_cohort([10, 20, 30, 40])
+    combat = CombatHarmonizer().fit(X, batch=site).set_output(transform="pandas")
+    Xh = combat.transform(X, batch=site)
+    assert list(Xh.columns) == ["10", "20", "30", "40"]
+    np.testing.assert_allclose(combat.inverse_transform(Xh, batch=site), X, rtol=1e-10)
+    with pytest.raises(ValueError, match="harmonized features in another order"):
+        combat.inverse_transform(Xh[["40", "30", "20", "10"]], batch=site)
+
+
+def test_keyword_route_default_index_pairs_by_position():
+    """A default index (0..n-1) has no row labels: a DataFrame made from an array, or the pandas
+    output of a pipeline step given an array, pairs by position with labelled batch=/covariates=
+    (the pattern of metadata routing in cross-validation)."""
+    X, site = _named_cohort(["f1", "f2", "f3"])
+    labels = np.arange(36) * 3 + 7
+    got = CombatHarmonizer(continuous_cols="age").fit_transform(
+        X, batch=pd.Series(site, index=labels),
+        covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}, index=labels))
+    expected = CombatHarmonizer(continuous_cols="age").fit_transform(
+        X.to_numpy(), batch=site, covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}))
+    np.testing.assert_array_equal(got, expected)

@@ -17,8 +17,8 @@ from scipy.special import logsumexp
 from kwneuro_sk import CombatHarmonizer
 from kwneuro_sk.combat import model
 
-# neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24.
-np.int = int
+# neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24 (see conftest.py).
+pytestmark = pytest.mark.usefixtures("numpy_int_alias")
 
 
 def make_cohort(n_features=40, seed=0):

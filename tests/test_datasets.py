@@ -161,7 +161,7 @@ def test_sites_are_confounded_with_age_and_diagnosis():
         ({"n_subjects": 10.0}, TypeError, "n_subjects"),
         ({"n_sites": 0}, ValueError, "n_sites"),
         ({"n_features": 0}, ValueError, "n_features"),
-        ({"n_features": True}, TypeError, "n_features"),
+        ({"n_features": "3"}, TypeError, "n_features"),
         ({"random_state": "seed"}, TypeError, "random_state"),
         ({"return_effects": 1}, TypeError, "return_effects"),
     ],
@@ -296,8 +296,9 @@ def test_region_means_follow_the_model(cohort):
     assert corr[same].mean() > 0.2 and abs(corr[different].mean()) < 0.05
 
 
-def test_site_is_predictable_and_diagnosis_present(tmp_path):
-    cohort = make_demo_cohort(n_subjects=30, data_dir=tmp_path, random_state=2)
+def test_site_is_predictable_and_diagnosis_present(demo_data_dir, demo_n_subjects):
+    # the session's demo cohort (30 subjects, seed 0), shared with the demo and the examples
+    cohort = make_demo_cohort(n_subjects=demo_n_subjects, data_dir=demo_data_dir, random_state=0)
     X = region_means(cohort)
     cov = cohort.covariates
     from sklearn.model_selection import cross_val_score

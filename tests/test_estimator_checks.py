@@ -1,4 +1,4 @@
-"""scikit-learn's estimator checks for CombatHarmonizer.
+"""scikit-learn's estimator checks for CombatHarmonizer and LabelsMasker.
 
 The checks fit on a numeric array and nothing else. CombatHarmonizer needs the site of every
 row, so the bare estimator cannot pass the checks that fit: it raises a ValueError asking for
@@ -7,15 +7,24 @@ test-only subclass) derives a site from each row's own first value, so the check
 estimator that needs nothing but X. The site of a row depends only on that row, so the
 invariance checks (sample order, subsets, one row at a time) keep their meaning. Every check
 passes for it, for each option combination below.
+
+LabelsMasker takes images (paths or nibabel images), one per row, and its tags say so: with
+them scikit-learn skips every check. ``_ArrayTaggedMasker`` (test-only) is the same masker with
+tags that claim 2-D array input, so that the checks run. Those about parameters, cloning,
+``repr``, tags and unfitted errors pass; each check that feeds a numeric array to ``fit`` or
+``transform`` is listed below with why it cannot apply, and
+``test_masker_rejects_the_arrays_of_the_checks`` shows that the masker fails them with its own
+error asking for images, not by accident.
 """
 
 import warnings
 
+import nibabel as nib
 import numpy as np
 import pytest
-from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
 
-from kwneuro_sk import CombatHarmonizer
+from kwneuro_sk import CombatHarmonizer, LabelsMasker
 
 _NEEDS_SITES = ("fits on a numeric X without sites; CombatHarmonizer must raise and ask for "
                 "them (batch_col or batch=). Run with sites in _RowSiteHarmonizer.")
@@ -119,3 +128,105 @@ def test_bare_estimator_asks_for_sites():
     X = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(ValueError, match="needs the site of each row.*batch_col.*batch="):
         CombatHarmonizer().fit(X)
+
+
+# ------------------------------------------------------------------------------------------
+# LabelsMasker
+# ------------------------------------------------------------------------------------------
+
+
+class _ArrayTaggedMasker(LabelsMasker):
+    """LabelsMasker whose tags claim 2-D array input, so scikit-learn runs its checks."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = True
+        tags.input_tags.string = False
+        return tags
+
+
+def _tiny_atlas():
+    return nib.Nifti1Image(np.arange(8, dtype=np.int16).reshape(2, 2, 2) % 3, np.eye(4))
+
+
+_ARRAY_IS_NOT_IMAGES = ("feeds a numeric array as X; X must be images (one per row), so the "
+                        "masker raises a TypeError asking for images.")
+_FIT_READS_ONLY_THE_ATLAS = ("fit reads only labels_img and mask_img, never the subject images "
+                             "(X is only type-checked), so it cannot reject their values at fit.")
+
+_MASKER_EXPECTED_FAILURES = {name: _ARRAY_IS_NOT_IMAGES for name in [
+    "check_fit_score_takes_y",
+    "check_estimators_overwrite_params",
+    "check_dont_overwrite_parameters",
+    "check_estimators_fit_returns_self",
+    "check_readonly_memmap_input",
+    "check_n_features_in_after_fitting",
+    "check_estimators_dtypes",
+    "check_complex_data",
+    "check_pipeline_consistency",
+    "check_estimators_pickle",
+    "check_f_contiguous_array_estimator",
+    "check_transformer_general",
+    "check_transformer_preserve_dtypes",
+    "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance",
+    "check_fit2d_1sample",
+    "check_fit2d_1feature",
+    "check_dict_unchanged",
+    "check_fit_idempotent",
+    "check_fit_check_is_fitted",
+    "check_n_features_in",
+    "check_fit1d",
+    "check_fit2d_predict1d",
+]}
+_MASKER_EXPECTED_FAILURES.update({
+    "check_dtype_object": "feeds a 2-D object array; X must be a 1-D collection of images, "
+                          "so the masker raises a ValueError about its shape.",
+    "check_transformer_data_not_an_array": "feeds an array-like wrapper of numbers; X must be "
+                                           "images, so the masker raises a TypeError.",
+    "check_positive_only_tag_during_fit": _ARRAY_IS_NOT_IMAGES + " (read by the check as a "
+                                          "rejection of negative values)",
+    "check_estimator_sparse_tag": "feeds a sparse matrix; the masker's TypeError asks for "
+                                  "images rather than naming sparse input.",
+    "check_estimator_sparse_array": "feeds a sparse array; the masker's TypeError asks for "
+                                    "images rather than naming sparse input.",
+    "check_estimator_sparse_matrix": "feeds a sparse matrix; the masker's TypeError asks for "
+                                     "images rather than naming sparse input.",
+    "check_estimators_empty_data_messages": _FIT_READS_ONLY_THE_ATLAS + " (an empty array is "
+                                            "rejected as an array, with a TypeError)",
+    "check_estimators_nan_inf": _FIT_READS_ONLY_THE_ATLAS,
+})
+
+
+@parametrize_with_checks([_ArrayTaggedMasker(_tiny_atlas(), strategy="median", detrend=True)],
+                         expected_failed_checks=lambda est: _MASKER_EXPECTED_FAILURES)
+def test_labels_masker_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_masker_rejects_the_arrays_of_the_checks():
+    # Every expected failure above is the masker refusing an array, not a crash inside it.
+    results = check_estimator(_ArrayTaggedMasker(_tiny_atlas()), on_fail=None, on_skip=None,
+                              expected_failed_checks=_MASKER_EXPECTED_FAILURES)
+    failed = {r["check_name"]: r["exception"] for r in results if r["status"] == "xfail"}
+    assert set(failed) == set(_MASKER_EXPECTED_FAILURES)
+    for name, reason in _MASKER_EXPECTED_FAILURES.items():
+        message = str(failed[name])
+        if reason.startswith(_ARRAY_IS_NOT_IMAGES) and "sparse" not in name:
+            # the masker's own TypeError, or the check's report of it
+            assert ("expected images" in message and isinstance(failed[name], TypeError)
+                    or "raised TypeError" in message), (name, message)
+    passed = {r["check_name"] for r in results if r["status"] == "passed"}
+    assert {"check_get_params_invariance", "check_set_params", "check_estimator_cloneable",
+            "check_no_attributes_set_in_init", "check_parameters_default_constructible",
+            "check_estimators_unfitted"} <= passed
+    with pytest.raises(TypeError, match="expected images"):
+        LabelsMasker(_tiny_atlas()).fit(np.zeros((3, 2)))
+
+
+def test_dataframe_column_names_consistency():
+    """scikit-learn's column-name check (not yielded by parametrize_with_checks here): string
+    names keep scikit-learn's messages although other labels are checked by kwneuro_sk."""
+    from sklearn.utils.estimator_checks import check_dataframe_column_names_consistency
+
+    check_dataframe_column_names_consistency("CombatHarmonizer", _RowSiteHarmonizer())

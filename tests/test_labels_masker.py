@@ -1,8 +1,8 @@
 """Tests of kwneuro_sk.maskers.LabelsMasker."""
 
-import doctest
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from nilearn.maskers import MultiNiftiLabelsMasker, NiftiLabelsMasker
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import Ridge
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 
 import kwneuro_sk.maskers.labels as labels_module
@@ -251,7 +251,8 @@ def test_not_an_image(atlas_img, tmp_path):
     fake_gz.write_text("not gzip either")
     with pytest.raises(ValueError, match="fake.nii.gz.*not a readable"):
         masker.transform([fake_gz])
-    with pytest.raises(TypeError, match="path, os.PathLike, nibabel image or kwneuro volume resource"):
+    expected = "path, os.PathLike, nibabel image or kwneuro volume resource"
+    with pytest.raises(TypeError, match=expected):
         masker.transform([42])
     with pytest.raises(TypeError, match="numeric array"):
         masker.transform(np.zeros(SHAPE))
@@ -347,17 +348,30 @@ def test_column_transformer_with_pandas_output(atlas_img, img_paths):
 
 
 def test_grid_search_over_strategy(atlas_img, rng, tmp_path):
-    paths = []
-    for i in range(6):
+    # y is the sum of each image's region offsets; 10 % of the voxels are wild outliers, so the
+    # region medians recover the offsets and the means do not: the search must pick "median".
+    atlas = np.asanyarray(atlas_img.dataobj)
+    paths, y = [], []
+    for i in range(12):
+        offsets = rng.normal(size=7)
+        data = offsets[atlas] + rng.normal(scale=0.1, size=SHAPE)
+        outliers = rng.random(SHAPE) < 0.1
+        data[outliers] = rng.choice([-50.0, 50.0], size=outliers.sum())
         path = tmp_path / f"g{i}.nii.gz"
-        _random_img(rng).to_filename(path)
+        nib.Nifti1Image(data.astype(np.float32), AFFINE).to_filename(path)
         paths.append(str(path))
-    y = rng.normal(size=6)
-    pipe = make_pipeline(LabelsMasker(atlas_img), Ridge())
-    search = GridSearchCV(pipe, {"labelsmasker__strategy": ["mean", "median"]}, cv=2)
+        y.append(offsets[1:].sum())
+    y = np.array(y)
+    pipe = make_pipeline(LabelsMasker(atlas_img), Ridge(alpha=1e-3))
+    search = GridSearchCV(pipe, {"labelsmasker__strategy": ["mean", "median"]}, cv=3)
     search.fit(paths, y)
-    assert search.best_params_["labelsmasker__strategy"] in {"mean", "median"}
-    assert search.predict(paths[:2]).shape == (2,)
+    assert search.best_params_ == {"labelsmasker__strategy": "median"}
+    for strategy, score in zip(["mean", "median"], search.cv_results_["mean_test_score"]):
+        by_hand = cross_val_score(clone(pipe).set_params(labelsmasker__strategy=strategy),
+                                  paths, y, cv=3)
+        assert score == pytest.approx(by_hand.mean(), rel=1e-12)
+    assert search.cv_results_["mean_test_score"][1] > 0.95
+    np.testing.assert_allclose(search.predict(paths[:2]), y[:2], atol=0.2)
 
 
 def test_clone_and_pickle(atlas_img, img_paths):
@@ -376,6 +390,55 @@ def test_n_jobs_gives_the_same_rows(atlas_img, img_paths):
     np.testing.assert_array_equal(parallel, serial)
 
 
+class _CountingThreads(joblib._parallel_backends.ThreadingBackend):
+    """Threading backend that counts the tasks submitted to it (test-only)."""
+
+    submitted = 0
+
+    def submit(self, func, callback=None):
+        type(self).submitted += 1
+        return super().submit(func, callback=callback)
+
+
+def test_parallel_config_backend_and_n_jobs_are_used(atlas_img, img_paths):
+    joblib.register_parallel_backend("kwneuro_sk_counting", _CountingThreads)
+    expected = LabelsMasker(atlas_img).fit_transform(img_paths)
+    _CountingThreads.submitted = 0
+    with joblib.parallel_config(backend="kwneuro_sk_counting", n_jobs=2):
+        out = LabelsMasker(atlas_img).fit_transform(img_paths)  # n_jobs=None: the context's
+    np.testing.assert_array_equal(out, expected)
+    assert _CountingThreads.submitted == 4  # 4 images, 4 * n_jobs chunks at most
+    _CountingThreads.submitted = 0
+    with joblib.parallel_config(backend="kwneuro_sk_counting", n_jobs=2):
+        LabelsMasker(atlas_img, n_jobs=1).fit_transform(img_paths)  # explicit 1: serial
+    assert _CountingThreads.submitted == 0
+
+
+def test_plan_for_a_new_grid_is_built_once_by_concurrent_threads(atlas_img, rng, monkeypatch):
+    import time
+
+    builds = []
+    real_build = labels_module.build_plan
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.05)  # let the other threads arrive while the first one builds
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(labels_module, "build_plan", slow_build)
+    masker = LabelsMasker(atlas_img, n_jobs=4).fit()
+    builds.clear()
+    other = [_random_img(rng, OTHER_SHAPE, OTHER_AFFINE) for _ in range(8)]
+    out = masker.transform(other)
+    assert len(builds) == 1
+    np.testing.assert_array_equal(out, LabelsMasker(atlas_img).fit().transform(other))
+    # the lock survives pickling: a restored masker builds plans for new grids too
+    restored = pickle.loads(pickle.dumps(masker))
+    third = [_random_img(rng, (5, 6, 5), np.diag([4.0, 4.0, 4.0, 1.0]))]
+    np.testing.assert_array_equal(restored.transform(third),
+                                  LabelsMasker(atlas_img).fit().transform(third))
+
+
 def test_verbose_reports_progress(atlas_img, img_paths, capsys):
     LabelsMasker(atlas_img, verbose=2).fit_transform(img_paths)
     assert "[LabelsMasker] 4/4 images" in capsys.readouterr().err
@@ -389,19 +452,23 @@ def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_pa
     masker = LabelsMasker(atlas_img, memory=joblib.Memory(tmp_path / "cache", verbose=0)).fit()
     first = masker.transform([str(path)])
 
-    loads = []
-    real_load = _images.load_image
-    monkeypatch.setattr(_images, "load_image",
-                        lambda source, **kw: loads.append(source) or real_load(source, **kw))
+    loads, reads = [], []
+    real_decode, real_read = _images.image_from_bytes, _images.read_file_bytes
+    monkeypatch.setattr(_images, "image_from_bytes", lambda raw, source, **kw: loads.append(
+        source) or real_decode(raw, source, **kw))
+    monkeypatch.setattr(_images, "read_file_bytes", lambda source, **kw: reads.append(
+        source) or real_read(source, **kw))
     np.testing.assert_array_equal(masker.transform([str(path)]), first)
-    assert loads == []  # served from the cache
+    assert loads == []  # served from the cache: the bytes are read and hashed, not decoded
+    assert reads == [str(path)]
 
     new_img = _random_img(rng)
     new_img.to_filename(path)
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second = masker.transform([str(path)])
-    assert loads == [str(path)]
+    assert loads == [str(path)]  # decoded from the one read, not read again
+    assert reads == [str(path)] * 2
     np.testing.assert_allclose(second, LabelsMasker(atlas_img).fit_transform([new_img]))
     assert not np.allclose(second, first)
 
@@ -427,21 +494,111 @@ def test_inverse_transform_shapes_and_round_trip(atlas_img):
 
 
 # ----------------------------------------------------------------- 4D time series
-def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng):
+CLEANING = [
+    dict(detrend=True, standardize="zscore_sample", low_pass=0.1, t_r=2.0),
+    dict(standardize="psc", high_pass=0.02, t_r=2.0, clean_args={"filter": "cosine"}),
+    dict(detrend=True, standardize_confounds=False),
+]
+
+
+def _runs(rng, n_runs=2, n_scans=20):
     # float64 data: nilearn keeps float32 signals in float32 through cleaning.
-    runs = [nib.Nifti1Image(rng.normal(size=SHAPE + (20,)) + 3, AFFINE) for _ in range(2)]
-    confounds = [rng.normal(size=(20, 2)) for _ in range(2)]
-    clean = dict(detrend=True, standardize="zscore_sample", low_pass=0.1, t_r=2.0)
-    ours = LabelsMasker(atlas_img).fit().transform_imgs(runs, confounds, **clean)
+    runs = [nib.Nifti1Image(rng.normal(size=SHAPE + (n_scans,)) + 3 + 0.05 * np.arange(n_scans),
+                            AFFINE) for _ in range(n_runs)]
+    return runs, [rng.normal(size=(n_scans, 2)) for _ in range(n_runs)]
+
+
+@pytest.mark.parametrize("cleaning", CLEANING, ids=["bandpass-zscore", "cosine-psc", "detrend"])
+def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng, cleaning):
+    runs, confounds = _runs(rng)
+    ours = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = MultiNiftiLabelsMasker(atlas_img, **clean).fit().transform_imgs(
+        ref = MultiNiftiLabelsMasker(atlas_img, **cleaning).fit().transform_imgs(
             runs, confounds=confounds
         )
+        raw = LabelsMasker(atlas_img).fit().transform_imgs(runs, confounds)
     assert [o.shape for o in ours] == [(20, 6), (20, 6)]
-    for mine, theirs in zip(ours, ref):
+    for mine, theirs, uncleaned in zip(ours, ref, raw):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-9)
+        assert not np.allclose(mine, uncleaned)  # the cleaning did something
 
+
+def test_transform_imgs_without_cleaning_is_the_region_means_of_each_volume(atlas_img, rng):
+    runs, _ = _runs(rng, n_runs=1, n_scans=5)
+    masker = LabelsMasker(atlas_img).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even nilearn's deprecation of standardize=False
+        (series,) = masker.transform_imgs(runs)
+    np.testing.assert_allclose(series, masker.transform(nib.four_to_three(runs[0])), rtol=1e-12)
+
+
+def test_transform_imgs_keywords_still_work_with_a_future_warning(atlas_img, rng):
+    runs, confounds = _runs(rng)
+    cleaning = CLEANING[0]
+    expected = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
+    masker = LabelsMasker(atlas_img).fit()
+    with pytest.warns(FutureWarning, match="detrend, standardize, low_pass, t_r to "
+                                           "transform_imgs is deprecated"):
+        old_style = masker.transform_imgs(runs, confounds, **cleaning)
+    for mine, theirs in zip(old_style, expected):
+        np.testing.assert_array_equal(mine, theirs)
+    assert masker.detrend is False  # the keyword did not change the masker
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="'low_pass'.*transform_imgs"):
+        masker.transform_imgs(runs, confounds, low_pass=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("detrend", True), ("standardize", "zscore_sample"), ("low_pass", 0.1),
+     ("high_pass", 0.01), ("clean_args", {"filter": "cosine"})],
+)
+def test_transform_refuses_to_clean_across_subjects(atlas_img, imgs, param, value):
+    masker = LabelsMasker(atlas_img, t_r=2.0, **{param: value}).fit()
+    with pytest.raises(ValueError, match=f"{param}=.*transform_imgs.*no time axis"):
+        masker.transform(imgs)
+    # t_r and standardize_confounds alone clean nothing
+    np.testing.assert_array_equal(
+        LabelsMasker(atlas_img, t_r=2.0, standardize_confounds=False).fit_transform(imgs),
+        LabelsMasker(atlas_img).fit_transform(imgs),
+    )
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("detrend", "yes"), ("standardize", "zscore"), ("low_pass", 0.0), ("high_pass", -0.1),
+     ("t_r", 0), ("clean_args", [("filter", "cosine")]), ("standardize_confounds", None)],
+)
+def test_cleaning_parameters_validated_at_fit(atlas_img, param, value):
+    masker = LabelsMasker(atlas_img, **{param: value})
+    assert getattr(masker, param) == value  # stored unchanged
+    with pytest.raises(ValueError, match=f"'{param}' parameter of LabelsMasker"):
+        masker.fit()
+
+
+def test_cleaning_parameters_are_cloned_and_tuned_by_grid_search(atlas_img, rng):
+    """GridSearchCV sets the cleaning parameters on clones and transform_imgs uses them."""
+    runs, _ = _runs(rng, n_runs=4, n_scans=30)
+    masker = LabelsMasker(atlas_img, t_r=2.0, clean_args={"filter": "butterworth"})
+    cloned = clone(masker)
+    assert cloned.get_params()["t_r"] == 2.0
+    assert cloned.get_params()["clean_args"] == {"filter": "butterworth"}
+
+    def smoothness(estimator, X, y=None):
+        # minus the mean squared scan-to-scan change of the cleaned time series
+        return -np.mean([np.mean(np.diff(ts, axis=0) ** 2) for ts in estimator.transform_imgs(X)])
+
+    grid = {"low_pass": [None, 0.05], "detrend": [False, True]}
+    search = GridSearchCV(masker, grid, scoring=smoothness, cv=2).fit(runs)
+    folds = [(runs[2:], runs[:2]), (runs[:2], runs[2:])]  # KFold(2): (train, test)
+    expected = [
+        np.mean([smoothness(clone(masker).set_params(**params).fit(train), test)
+                 for train, test in folds])
+        for params in search.cv_results_["params"]
+    ]
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], expected, rtol=1e-12)
+    assert search.best_params_ == search.cv_results_["params"][int(np.argmax(expected))]
+    assert search.best_estimator_.low_pass == 0.05
 
 def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
     masker = LabelsMasker(atlas_img).fit()
@@ -449,9 +606,48 @@ def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
         masker.transform_imgs(imgs[:2], confounds=[None])
 
 
-def test_docstring_example_runs():
-    result = doctest.testmod(labels_module, raise_on_error=False)
-    assert result.attempted > 0 and result.failed == 0
+def _constant_img(value, shape=(5, 6, 4), affine=None):
+    return nib.Nifti1Image(np.full(shape, value, dtype=np.float32),
+                           np.eye(4) if affine is None else affine)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_memory_cache_not_fooled_by_same_size_and_restored_mtime(tmp_path, suffix):
+    """A file rewritten in place with the same size and its time stamps put back gives the
+    new values: the cache key is the content, not path/size/mtime."""
+    atlas = np.zeros((5, 6, 4), dtype=np.int16)
+    atlas[:2], atlas[3:] = 1, 2
+    atlas_img = nib.Nifti1Image(atlas, np.eye(4))
+    path = tmp_path / f"sub{suffix}"
+    _constant_img(1.0).to_filename(path)
+    stat = os.stat(path)
+    masker = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit()
+    np.testing.assert_array_equal(masker.transform([str(path)]), [[1.0, 1.0]])
+    _constant_img(2.0).to_filename(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    if suffix == ".nii":
+        assert os.stat(path).st_size == stat.st_size
+    assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    np.testing.assert_array_equal(masker.transform([str(path)]), [[2.0, 2.0]])
+
+
+def test_memory_cache_follows_a_re_pointed_symlink(tmp_path):
+    atlas = np.zeros((5, 6, 4), dtype=np.int16)
+    atlas[:2], atlas[3:] = 1, 2
+    masker = LabelsMasker(nib.Nifti1Image(atlas, np.eye(4)), memory=tmp_path / "cache").fit()
+    for value in (1.0, 5.0):
+        _constant_img(value).to_filename(tmp_path / f"v{int(value)}.nii")
+    stat = os.stat(tmp_path / "v1.nii")
+    os.utime(tmp_path / "v5.nii", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    link = tmp_path / "current.nii"
+    link.symlink_to(tmp_path / "v1.nii")
+    np.testing.assert_array_equal(masker.transform([str(link)]), [[1.0, 1.0]])
+    link.unlink()
+    link.symlink_to(tmp_path / "v5.nii")
+    np.testing.assert_array_equal(masker.transform([str(link)]), [[5.0, 5.0]])
+    # the content key also serves a copy under another name from the cache
+    shutil.copy(tmp_path / "v5.nii", tmp_path / "copy.nii")
+    np.testing.assert_array_equal(masker.transform([str(tmp_path / "copy.nii")]), [[5.0, 5.0]])
 
 
 def test_memory_as_a_path(atlas_img, img_paths, tmp_path):
@@ -508,5 +704,6 @@ def test_int64_atlas_and_int64_mask(atlas_img, imgs):
         nib.Nifti1Image(atlas, AFFINE, dtype=np.int64),
         mask_img=nib.Nifti1Image(mask, AFFINE, dtype=np.int64),
     )
-    np.testing.assert_allclose(masker.fit_transform(imgs), LabelsMasker(atlas_img).fit_transform(imgs))
+    np.testing.assert_allclose(masker.fit_transform(imgs),
+                               LabelsMasker(atlas_img).fit_transform(imgs))
     assert masker.inverse_transform(np.ones(6)).shape == SHAPE

@@ -14,9 +14,16 @@ import sklearn
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import (GridSearchCV, GroupKFold, LeaveOneGroupOut,
-                                     RandomizedSearchCV, StratifiedKFold, cross_val_score,
-                                     cross_validate)
+from sklearn.metrics import get_scorer
+from sklearn.model_selection import (
+    GridSearchCV,
+    GroupKFold,
+    LeaveOneGroupOut,
+    RandomizedSearchCV,
+    StratifiedKFold,
+    cross_val_score,
+    cross_validate,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_html_repr
@@ -95,9 +102,25 @@ def test_named_scorers_columns_route(cohort, scoring):
     X, y = cohort
     scores = cross_val_score(harmonized_classifier(), X, y, cv=SKF, scoring=scoring,
                              error_score="raise")
-    assert scores.shape == (4,) and np.isfinite(scores).all()
-    if scoring == "roc_auc":
-        assert scores.mean() > 0.8
+    # The scorer reached predict/predict_proba with the site columns of the test rows: the
+    # same numbers as fitting each fold by hand and calling the metric on its predictions.
+    metric = get_scorer(scoring)._score_func
+    sign = get_scorer(scoring)._sign
+    expected = []
+    for train, test in SKF.split(X, y):
+        pipe = harmonized_classifier().fit(X.iloc[train], y[train])
+        if scoring == "balanced_accuracy":
+            prediction = pipe.predict(X.iloc[test])
+        elif scoring == "neg_log_loss":
+            prediction = pipe.predict_proba(X.iloc[test])
+        else:
+            prediction = pipe.predict_proba(X.iloc[test])[:, 1]
+        expected.append(sign * metric(y[test], prediction))
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    # and the diagnosis (0.8 sd on 5 of 12 features) is found well above chance
+    floor = {"roc_auc": 0.8, "balanced_accuracy": 0.7, "neg_log_loss": -0.6,
+             "average_precision": 0.8}
+    assert scores.mean() > floor[scoring]
 
 
 def test_harmonization_improves_cross_validated_auc(cohort):
@@ -206,7 +229,8 @@ def test_array_from_preceding_step_says_set_output(cohort):
     X, y = cohort
     to_array = ColumnTransformer([("scale", StandardScaler(), FEATURES)],
                                  remainder="passthrough")
-    with pytest.raises(TypeError, match=r"DataFrame.*got ndarray.*set_output\(transform='pandas'\)"):
+    expected = r"DataFrame.*got ndarray.*set_output\(transform='pandas'\)"
+    with pytest.raises(TypeError, match=expected):
         make_pipeline(to_array, CombatHarmonizer(**META)).fit(X)
 
 
@@ -309,7 +333,8 @@ def test_adapt_matches_training_sites_moments(eb):
 def test_adapt_by_hand_without_eb():
     X, _, _, _ = make_cohort(seed=4, n_sites=3, n_per_site=30)
     new = (X["site"] == "site2").to_numpy()
-    combat = CombatHarmonizer("site", eb=False, unseen_batch="adapt").fit(X[~new][FEATURES + ["site"]])
+    combat = CombatHarmonizer("site", eb=False, unseen_batch="adapt")
+    combat.fit(X[~new][FEATURES + ["site"]])
     values = X.loc[new, FEATURES].to_numpy()
     sigma = np.sqrt(combat.var_pooled_)
     s = (values - combat.grand_mean_) / sigma
@@ -337,10 +362,10 @@ def test_leave_site_out_with_any_scorer(cohort, cv, scoring):
     scores = cross_val_score(harmonized_classifier(unseen_batch="adapt"), X, y, cv=cv,
                              groups=groups, scoring=scoring, error_score="raise")
     assert scores.shape == (cv.get_n_splits(X, y, groups),)
-    assert np.isfinite(scores).all()
-    if scoring == "roc_auc":
-        raw = cross_val_score(raw_classifier(), X, y, cv=cv, groups=groups, scoring=scoring)
-        assert scores.mean() > 0.8 and scores.mean() > raw.mean()
+    raw = cross_val_score(raw_classifier(), X, y, cv=cv, groups=groups, scoring=scoring)
+    # the held-out site is adapted, not refused, and harmonizing still helps (0.5 is chance)
+    assert scores.mean() > {"roc_auc": 0.8, "balanced_accuracy": 0.7}[scoring]
+    assert scores.mean() > raw.mean()
 
 
 def test_leave_site_out_with_default_unseen_batch_fails_clearly(cohort):
@@ -384,3 +409,9 @@ def test_clone_and_pickle_round_trip(cohort):
 def test_html_repr_shows_changed_parameters():
     html = estimator_html_repr(harmonized_classifier(mean_only=True))
     assert "CombatHarmonizer" in html and "mean_only" in html
+
+
+def test_numpy_int_alias_does_not_leak_from_the_parity_tests():
+    # test_combat*.py and test_volumes.py give neuroCombat np.int through a fixture, for one
+    # test at a time; set at import time it would still be here (this module runs after them).
+    assert not hasattr(np, "int")

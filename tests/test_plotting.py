@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.feature_selection import f_classif
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -52,7 +53,8 @@ def test_distributions_layout(fitted):
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 6
     for k, ax in enumerate(fig.axes):
-        assert ax.get_title().endswith("before harmonization" if k % 2 == 0 else "after harmonization")
+        stage = "before" if k % 2 == 0 else "after"
+        assert ax.get_title().endswith(f"{stage} harmonization")
         assert len(step_patches(ax)) == 3  # one histogram per site
     legend = fig.axes[1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["site1", "site2", "site3"]
@@ -64,6 +66,11 @@ def test_distributions_pick_the_most_site_affected_features(fitted):
     shifted["feature_03"] += np.where(data["site"] == "site2", 5.0, 0.0)
     fig = plot_site_distributions(shifted, after, data["site"], max_features=1)
     assert fig.axes[0].get_title().startswith("feature_03")
+    # in general: the largest one-way ANOVA F of the sites, in decreasing order
+    f_statistic, _ = f_classif(before, data["site"])
+    expected = list(before.columns[np.argsort(-f_statistic)[:3]])
+    fig = plot_site_distributions(before, after, data["site"], max_features=3)
+    assert [ax.get_title().split(":")[0] for ax in fig.axes[::2]] == expected
 
 
 def test_distributions_named_and_positional_features(fitted):

@@ -11,6 +11,9 @@ from neuroCombat import neuroCombat
 
 from kwneuro_sk import CombatEstimates, CombatHarmonizer, harmonize_volumes
 
+# neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24 (see conftest.py).
+pytestmark = pytest.mark.usefixtures("numpy_int_alias")
+
 SHAPE = (7, 6, 5)
 SITES = ["siteA", "siteB", "siteC"]
 SIZES = [8, 7, 6]
@@ -50,7 +53,6 @@ def _in_mask(images, mask):
 
 
 def _neurocombat(X, covars, **kwargs):
-    np.int = int  # neuroCombat's ref_batch path uses the alias removed in NumPy 1.24
     with contextlib.redirect_stdout(io.StringIO()):
         return neuroCombat(dat=X.T.astype(np.float64), covars=covars.reset_index(drop=True),
                            batch_col="site", **kwargs)["data"].T

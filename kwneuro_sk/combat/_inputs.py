@@ -9,10 +9,11 @@ positional index, raising errors that name the offending column, row or argument
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import is_numeric_dtype
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.utils.validation import check_array
 
 
@@ -78,6 +79,7 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
             raise ValueError(
                 "CombatHarmonizer needs the site of each row: set batch_col to the site "
                 "column of a DataFrame X, or pass batch=")
+        check_same_index(X=X, batch=batch, covariates=covariates)
         features = X
         sites = batch
         if covariate_cols:
@@ -100,6 +102,97 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
     return Rows(features, sites, cov_frame)
 
 
+def check_same_index(**objects):
+    """Raise when pandas objects given together (X, batch=, covariates=) have different
+    indexes: their rows are paired by position, so a different index means a different order
+    or a different selection of subjects. Nothing is aligned silently.
+
+    A default index (0, 1, ..., n-1) carries no row labels (it is what a DataFrame made from an
+    array, or the pandas output of a pipeline step given an array, has), so it is not compared:
+    only labelled indexes must agree."""
+    indexed = [(name, obj.index) for name, obj in objects.items()
+               if isinstance(obj, (pd.Series, pd.DataFrame)) and not _is_default_index(obj.index)]
+    for (name_a, index_a), (name_b, index_b) in pairwise(indexed):
+        if index_a.equals(index_b):
+            continue
+        if len(index_a) != len(index_b):
+            continue  # reported as a row-count mismatch, with the counts
+        position = int(np.flatnonzero(np.asarray(index_a != index_b))[0])
+        raise ValueError(
+            f"{_argument(name_a)} and {_argument(name_b)} have different indexes (row "
+            f"{position} is labelled {_label(index_a[position])} in {_argument(name_a)} and "
+            f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
+            "position, so give them the same index (for example .reset_index(drop=True) on "
+            "each, after putting the rows in the same order) or pass numpy arrays")
+
+
+def _is_default_index(index):
+    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
+
+
+def _label(value):
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _argument(name):
+    return name if name == "X" else f"{name}="
+
+
+def check_same_columns(columns, fitted_columns):
+    """Raise unless a DataFrame's columns are those seen in fit, in the same order.
+
+    Columns are matched by name (any hashable, integers included), never by position: a
+    DataFrame with the fitted columns in another order is refused rather than harmonized with
+    another column's parameters.
+    """
+    columns = list(columns)
+    if len(columns) == len(fitted_columns) and all(
+            _same_label(a, b) for a, b in zip(columns, fitted_columns)):
+        return
+    fitted = pd.Index(fitted_columns, dtype=object, tupleize_cols=False)
+    given = pd.Index(columns, dtype=object, tupleize_cols=False)
+    missing = [c for c in fitted_columns if c not in given]
+    unexpected = [c for c in columns if c not in fitted]
+    if missing or unexpected:
+        parts = ([f"missing {_preview(missing)}"] if missing else []) + (
+            [f"not seen in fit {_preview(unexpected)}"] if unexpected else [])
+        raise ValueError(f"X has other columns than in fit: {'; '.join(parts)}. Give X the "
+                         f"columns seen in fit, in their order: {_preview(fitted_columns)}")
+    position = next(i for i, (a, b) in enumerate(zip(columns, fitted_columns))
+                    if not _same_label(a, b))
+    raise ValueError(
+        f"X has the columns seen in fit in another order (column {position} is "
+        f"{_label(columns[position])}, in fit it was {_label(fitted_columns[position])}); "
+        "columns are matched by name, so reorder them as in fit, e.g. X[fitted_columns] "
+        f"with fitted_columns = {_preview(fitted_columns)}")
+
+
+def check_harmonized_order(columns, names_out):
+    """inverse_transform: harmonized columns named as ``get_feature_names_out()`` (as text,
+    the way ``set_output(transform="pandas")`` names them) but in another order are refused;
+    columns with other names are taken by position, as arrays are."""
+    given = [str(c) for c in columns]
+    expected = [str(c) for c in names_out]
+    if given != expected and sorted(given) == sorted(expected):
+        position = next(i for i, (a, b) in enumerate(zip(given, expected)) if a != b)
+        raise ValueError(
+            f"X has the harmonized features in another order (column {position} is "
+            f"{given[position]!r}, get_feature_names_out() has {expected[position]!r}); "
+            "columns are matched by name, so reorder them as get_feature_names_out()")
+
+
+def _same_label(a, b):
+    """Column labels equal as pandas compares them (1 == 1.0), but True is not 1."""
+    booleans = (bool, np.bool_)
+    return isinstance(a, booleans) == isinstance(b, booleans) and bool(a == b)
+
+
+def _preview(labels, n=10):
+    labels = list(labels)
+    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v)
+                           for v in labels[:n]) + (", ..." if len(labels) > n else "") + "]"
+
+
 def _missing_columns_message(missing, columns):
     msg = (f"column(s) {missing} not found in X (columns: {list(columns)}). "
            "CombatHarmonizer reads the site and covariate columns from X")
@@ -117,13 +210,16 @@ def _missing_columns_message(missing, columns):
 def feature_array(features):
     """The feature matrix as float32/float64, finite, with columns named in errors."""
     if isinstance(features, pd.DataFrame):
-        bad = [c for c in features.columns if not is_numeric_dtype(features[c])]
+        bad = [c for c in features.columns if not is_numeric_dtype(features[c])
+               or is_bool_dtype(features[c])]
         if bad:
             raise ValueError(
-                f"feature column(s) {bad} are not numeric; name site and covariate "
-                "columns in batch_col/categorical_cols/continuous_cols, or drop them")
+                f"feature column(s) {bad} are not numeric (text, categories or true/false "
+                "values); name site and covariate columns in batch_col/categorical_cols/"
+                "continuous_cols, or drop them")
         names = list(features.columns)
     else:
+        check_not_bool(features)
         names = None
     array = check_array(features, dtype=(np.float64, np.float32), ensure_all_finite=False,
                         input_name="X")
@@ -138,6 +234,15 @@ def feature_array(features):
                          f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "
                          "values (impute or drop them first)")
     return array
+
+
+def check_not_bool(X):
+    """Refuse a boolean feature matrix: true/false values are labels, not measurements."""
+    dtype = getattr(X, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind == "b":
+        raise ValueError("X has a boolean dtype; ComBat harmonizes measurements, not "
+                         "true/false values (pass a diagnosis or group as a covariate, or "
+                         "convert X to numbers first if that is really meant)")
 
 
 def site_labels(sites, n_samples):

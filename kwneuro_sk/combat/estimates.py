@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 _FORMAT = "kwneuro_sk.CombatEstimates"
 _VERSION = 1
@@ -108,12 +113,31 @@ class CombatEstimates:
             "info": _encode(dict(self.info), arrays, "info"),
         }
         arrays["__manifest__"] = np.array(json.dumps(manifest))
-        with open(os.fspath(path), "wb") as file:
-            np.savez(file, **arrays)
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"cannot save the model to {path!r}: it is a directory")
+        # Written to a temporary file next to the target, then renamed over it: an existing
+        # model is never left half-written.
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, **arrays)
+            os.chmod(tmp, _default_file_mode())  # mkstemp makes it private (0600)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path):
-        """Read estimates written by :meth:`save`.
+        """Read estimates written by :meth:`save`, trusting nothing in the file.
+
+        Nothing is unpickled (``allow_pickle=False``; object arrays are refused). A file that
+        is not a model written by :meth:`save` (a pickle, a CSV, a truncated archive, an
+        edited manifest, another format version) and a model that fails :meth:`check` raise
+        a ValueError naming the file and the field.
 
         Parameters
         ----------
@@ -122,19 +146,31 @@ class CombatEstimates:
         Returns
         -------
         CombatEstimates
+
+        Raises
+        ------
+        FileNotFoundError
+            The file does not exist.
+        ValueError
+            Anything else wrong with the file, naming it and the bad field.
         """
-        with np.load(os.fspath(path), allow_pickle=False) as npz:
-            if "__manifest__" not in npz.files:
-                raise ValueError(f"{os.fspath(path)!r} is not a file written by "
-                                 "CombatEstimates.save (no manifest)")
-            manifest = json.loads(str(npz["__manifest__"]))
-            if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
-                raise ValueError(f"{os.fspath(path)!r} holds format "
-                                 f"{manifest.get('format')!r} version {manifest.get('version')}"
-                                 f"; this kwneuro_sk reads {_FORMAT!r} version {_VERSION}")
-            loaded = cls(estimates=_decode(manifest["estimates"], npz),
-                         info=_decode(manifest["info"], npz))
-        return loaded.check(source=os.fspath(path))
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"model {path!r} is a directory, not a file written by "
+                             "CombatEstimates.save")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file not found: {path!r}")
+        with _open_npz(path) as npz:
+            manifest = _read_manifest(npz, path)
+            try:
+                loaded = cls(estimates=_decode(manifest["estimates"], npz, "estimates"),
+                             info=_decode(manifest["info"], npz, "info"))
+            except _BadField as error:
+                raise ValueError(f"invalid ComBat model in {path!r}: {error}") from None
+            except RecursionError:
+                raise ValueError(f"invalid ComBat model in {path!r}: the manifest is nested "
+                                 "too deeply") from None
+        return loaded.check(source=path)
 
     def check(self, source=None):
         """Check that the estimates form a usable model; raise ValueError naming the field.
@@ -161,37 +197,71 @@ class CombatEstimates:
             if key not in self.estimates:
                 fail(f"estimates[{key!r}]", "is missing")
         info = self.info
-        sizes = {"batches": len(info["batches"]), "features": None,
-                 "covariates": len(info["covariate_names"])}
-        sizes["features"] = np.shape(self.estimates["grand_mean"])[0] if np.ndim(
-            self.estimates["grand_mean"]) == 1 else fail("estimates['grand_mean']",
-                                                         "must be 1-D")
-        for key, dims in FITTED_ARRAYS.items():
-            value = np.asarray(self.estimates[key])
-            expected = tuple(sizes[d] for d in dims)
-            if value.shape != expected:
-                fail(f"estimates[{key!r}]", f"has shape {value.shape}; expected {expected} "
-                     f"({' x '.join(dims)})")
-            kind = "b" if key == "zero_variance_features" else "f"
-            if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu"):
-                fail(f"estimates[{key!r}]", f"has dtype {value.dtype}")
-        for key in ("grand_mean", "var_pooled", "beta", "gamma_star", "delta_star"):
-            if not np.isfinite(self.estimates[key]).all():
-                fail(f"estimates[{key!r}]", "has NaN or infinite values")
-        if (np.asarray(self.estimates["delta_star"]) <= 0).any():
-            fail("estimates['delta_star']", "has values <= 0 (site variances must be > 0)")
-        if (np.asarray(self.estimates["var_pooled"]) < 0).any():
-            fail("estimates['var_pooled']", "has negative values")
-        if len(info["n_samples_per_batch"]) != sizes["batches"]:
-            fail("info['n_samples_per_batch']", "has not one count per site")
-        names = info["feature_names"]
-        if names is not None and len(names) != sizes["features"]:
-            fail("info['feature_names']", f"has {len(names)} names for {sizes['features']} "
-                 "features")
+
+        # ---- sites
+        batches = _array_field(info["batches"], "info['batches']", fail)
+        if batches.ndim != 1 or batches.size < 2:
+            fail("info['batches']", f"must list at least 2 sites; got shape {batches.shape}")
+        if batches.dtype.kind not in "biufUSO":
+            fail("info['batches']", f"has dtype {batches.dtype}")
+        try:
+            unique = pd.unique(pd.Series(batches, dtype=object))
+        except TypeError:
+            fail("info['batches']", "holds unhashable site labels")
+        if len(unique) != batches.size:
+            fail("info['batches']", "has repeated site labels")
+        counts = _array_field(info["n_samples_per_batch"], "info['n_samples_per_batch']", fail)
+        if counts.shape != batches.shape or counts.dtype.kind not in "iuf" or not (
+                np.isfinite(counts).all() and (counts >= 1).all()
+                and (counts == np.round(counts)).all()):
+            fail("info['n_samples_per_batch']", "must hold one count >= 1 per site; got "
+                 f"{_preview(counts)}")
+        if info["ref_batch"] is not None:
+            try:
+                known = info["ref_batch"] in set(unique.tolist())
+            except TypeError:
+                known = False
+            if not known:
+                fail("info['ref_batch']", f"{info['ref_batch']!r} is not among the sites")
+
+        # ---- options
+        for key in ("eb", "parametric", "mean_only"):
+            if not isinstance(info[key], (bool, np.bool_)):
+                fail(f"info[{key!r}]", f"must be true or false; got {info[key]!r}")
+        if info["unseen_batch"] not in ("error", "adapt"):
+            fail("info['unseen_batch']", f"must be 'error' or 'adapt'; got "
+                 f"{info['unseen_batch']!r}")
+        try:
+            hash(info["batch_col"])
+        except TypeError:
+            fail("info['batch_col']", f"must be a column name; got {info['batch_col']!r}")
+
+        # ---- covariates
+        for key in ("categorical_cols", "continuous_cols", "categories"):
+            if not isinstance(info[key], (list, tuple)):
+                fail(f"info[{key!r}]", f"must be a list; got {type(info[key]).__name__}")
+        for key in ("categorical_cols", "continuous_cols"):
+            for col in info[key]:
+                try:
+                    hash(col)
+                except TypeError:
+                    fail(f"info[{key!r}]", f"holds {col!r}, which is not a column name")
         if len(info["categories"]) != len(info["categorical_cols"]):
             fail("info['categories']", "has not one list of levels per categorical column")
+        for col, levels in zip(info["categorical_cols"], info["categories"]):
+            if not isinstance(levels, (list, tuple, np.ndarray)) or len(levels) < 1:
+                fail("info['categories']", f"has no list of levels for {col!r}")
+            if not all(isinstance(v, (str, int, float, bool, np.generic)) for v in levels):
+                fail("info['categories']", f"has levels of {col!r} that are not labels "
+                     "(text or numbers)")
+            if len(set(levels)) != len(levels):
+                fail("info['categories']", f"has repeated levels for {col!r}")
+        covariate_names = _array_field(info["covariate_names"], "info['covariate_names']",
+                                       fail)
+        if covariate_names.ndim != 1:
+            fail("info['covariate_names']", "must be a list of names")
         n_encoded = sum(len(c) - 1 for c in info["categories"]) + len(info["continuous_cols"])
-        if info.get("smooth_cols"):
+        if info.get("smooth_cols"):  # ComBat-GAM: B-spline knots of each smooth covariate
             knots = info.get("smooth_knots")
             degree = info.get("smooth_degree")
             if (not isinstance(knots, list) or len(knots) != len(info["smooth_cols"])
@@ -205,15 +275,69 @@ class CombatEstimates:
             if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
                 fail("info['smooth_extrapolation']", "must be 'linear', 'constant' or 'error'")
             n_encoded += sum(len(k) + int(degree) - 2 for k in knots)
-        if n_encoded != sizes["covariates"]:
-            fail("info['covariate_names']", f"has {sizes['covariates']} names for "
+        if n_encoded != covariate_names.size:
+            fail("info['covariate_names']", f"has {covariate_names.size} names for "
                  f"{n_encoded} encoded covariate columns")
-        for key in ("eb", "parametric", "mean_only"):
-            if not isinstance(info[key], (bool, np.bool_)):
-                fail(f"info[{key!r}]", f"must be true or false; got {info[key]!r}")
-        if info["unseen_batch"] not in ("error", "adapt"):
-            fail("info['unseen_batch']", f"must be 'error' or 'adapt'; got "
-                 f"{info['unseen_batch']!r}")
+
+        # ---- fitted arrays: shapes, dtypes, ranges
+        grand_mean = _array_field(self.estimates["grand_mean"], "estimates['grand_mean']",
+                                  fail)
+        if grand_mean.ndim != 1 or grand_mean.size < 1:
+            fail("estimates['grand_mean']", f"must be 1-D and non-empty; got shape "
+                 f"{grand_mean.shape}")
+        sizes = {"batches": batches.size, "features": grand_mean.size,
+                 "covariates": covariate_names.size}
+        arrays = {}
+        for key, dims in FITTED_ARRAYS.items():
+            value = _array_field(self.estimates[key], f"estimates[{key!r}]", fail)
+            expected = tuple(sizes[d] for d in dims)
+            if value.shape != expected:
+                fail(f"estimates[{key!r}]", f"has shape {value.shape}; expected {expected} "
+                     f"({' x '.join(dims)})")
+            kind = "b" if key == "zero_variance_features" else "f"
+            if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu"):
+                fail(f"estimates[{key!r}]", f"has dtype {value.dtype}")
+            arrays[key] = value
+        for key in ("grand_mean", "var_pooled", "beta", "gamma_star", "delta_star"):
+            if not np.isfinite(arrays[key]).all():
+                fail(f"estimates[{key!r}]", "has NaN or infinite values")
+        if (arrays["delta_star"] <= 0).any():
+            fail("estimates['delta_star']", "has values <= 0 (site variances must be > 0)")
+        for key in ("var_pooled", "delta_hat", "t2"):
+            if (arrays[key] < 0).any():  # NaN (not estimated) compares False
+                fail(f"estimates[{key!r}]", "has negative values (variances must be >= 0)")
+        for key in ("a_prior", "b_prior"):
+            if (arrays[key] <= 0).any():
+                fail(f"estimates[{key!r}]", "has values <= 0")
+        for key in ("gamma_hat", "delta_hat", "gamma_bar", "t2", "a_prior", "b_prior"):
+            if np.isinf(arrays[key]).any():
+                fail(f"estimates[{key!r}]", "has infinite values")
+
+        # ---- feature and column names
+        names = info["feature_names"]
+        if names is not None:
+            names = _array_field(names, "info['feature_names']", fail)
+            if names.shape != (sizes["features"],):
+                fail("info['feature_names']", f"has {names.size} names for "
+                     f"{sizes['features']} features")
+            if not all(isinstance(v, str) for v in names.tolist()):
+                fail("info['feature_names']", "must hold the feature names as text")
+        n_in = info["n_features_in"]
+        if not isinstance(n_in, (int, np.integer)) or isinstance(n_in, (bool, np.bool_)) or (
+                n_in < sizes["features"]):
+            fail("info['n_features_in']", f"must be an integer >= the {sizes['features']} "
+                 f"features; got {n_in!r}")
+        for key in ("feature_names_in", "columns_in"):
+            value = info.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != n_in:
+                fail(f"info[{key!r}]", f"must list the {n_in} columns seen in fit")
+            if key == "feature_names_in" and not all(isinstance(v, str) for v in value):
+                fail(f"info[{key!r}]", "must hold column names as text")
+
+        if "volumes" in info:
+            _check_volumes(info["volumes"], sizes["features"], fail)
         return self
 
     def to_neurocombat(self):
@@ -322,7 +446,10 @@ def _encode(value, arrays, where):
     if isinstance(value, dict):
         return {"__dict__": [[_encode(k, arrays, where), _encode(v, arrays, f"{where}.{k}")]
                              for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # kept apart from lists: a tuple column name stays a tuple
+        return {"__tuple__": [_encode(v, arrays, f"{where}[{i}]")
+                              for i, v in enumerate(value)]}
+    if isinstance(value, list):
         return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.ndarray):
         as_objects = value.dtype == object
@@ -343,12 +470,156 @@ def _encode(value, arrays, where):
                     "supported (arrays, numbers, strings, lists, dicts and None are)")
 
 
-def _decode(value, npz):
+def _default_file_mode():
+    """The mode ``open(path, "w")`` would give a new file (0666 less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _BadField(Exception):
+    """A field of a model file that cannot be decoded (reported as ValueError by load)."""
+
+
+_LOAD_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _open_npz(path):
+    """``numpy.load`` of a model file, never unpickling; anything but an .npz archive is a
+    ValueError naming the file and what it looks like."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    kind = ("empty" if not head else "a NumPy .npy array" if head.startswith(b"\x93NUMPY")
+            else "a pickle" if head[:1] == b"\x80" else "a gzip file"
+            if head.startswith(b"\x1f\x8b") else "a zip archive"
+            if head.startswith(b"PK") else "not an .npz archive")
+    problem = (f"the file is {kind}" if kind != "a zip archive"
+               else "the zip archive is truncated or corrupt")
+    if kind in ("empty", "a NumPy .npy array", "a pickle", "a gzip file",
+                "not an .npz archive"):
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
+                         f"{problem}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _LOAD_ERRORS:
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
+                         f"{problem}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # pragma: no cover - caught by the magic
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: not an .npz "
+                         "archive")  # noqa: TRY004 - a bad file, not a bad argument type
+    return npz
+
+
+def _read_manifest(npz, path):
+    """The JSON manifest of a model file, checked for its format and version."""
+    def bad(problem):
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
+                         f"{problem}")
+
+    if "__manifest__" not in npz.files:
+        bad("no manifest (the __manifest__ member is missing)")
+    try:
+        member = npz["__manifest__"]
+    except _LOAD_ERRORS:
+        bad("the manifest cannot be read (truncated, corrupt, or an object array, which is "
+            "never unpickled)")
+    if member.ndim != 0 or member.dtype.kind != "U":
+        bad(f"the manifest is not one JSON text (dtype {member.dtype}, shape {member.shape})")
+    try:
+        manifest = json.loads(str(member))
+    except ValueError as error:
+        bad(f"the manifest is not valid JSON ({error})")
+    except RecursionError:
+        bad("the manifest is nested too deeply")
+    if not isinstance(manifest, dict):
+        bad(f"the manifest is a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        bad(f"manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this kwneuro_sk reads {_FORMAT!r} version {_VERSION}")
+    for key in ("estimates", "info"):
+        if key not in manifest:
+            bad(f"the manifest has no {key!r} field")
+    return manifest
+
+
+def _decode(value, npz, where):
+    """Inverse of :func:`_encode`; a malformed entry raises _BadField naming it."""
     if isinstance(value, list):
-        return [_decode(v, npz) for v in value]
+        return [_decode(v, npz, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
         if "__array__" in value:
-            array = npz[value["__array__"]]
-            return array.astype(object) if value["object"] else array
-        return {_decode(k, npz): _decode(v, npz) for k, v in value["__dict__"]}
+            key = value["__array__"]
+            if not isinstance(key, str) or key not in npz.files or key == "__manifest__":
+                raise _BadField(f"{where} refers to array member {key!r}, which is not in the "
+                                "file")
+            try:
+                array = npz[key]
+            except _LOAD_ERRORS:
+                raise _BadField(f"{where} (member {key!r}) cannot be read: truncated, corrupt, "
+                                "or an object array (never unpickled)") from None
+            if array.dtype.kind not in "biufcUS":
+                raise _BadField(f"{where} has unsupported dtype {array.dtype}")
+            return array.astype(object) if value.get("object") is True else array
+        if "__tuple__" in value and isinstance(value["__tuple__"], list):
+            return tuple(_decode(v, npz, f"{where}[{i}]")
+                         for i, v in enumerate(value["__tuple__"]))
+        items = value.get("__dict__")
+        if not isinstance(items, list) or not all(
+                isinstance(kv, list) and len(kv) == 2 for kv in items):
+            raise _BadField(f"{where} is not an encoded dict")
+        out = {}
+        for k, v in items:
+            key = _decode(k, npz, where)
+            try:
+                hash(key)
+            except TypeError:
+                raise _BadField(f"{where} has an unhashable key {key!r}") from None
+            out[key] = _decode(v, npz, f"{where}[{key!r}]")
+        return out
     return value
+
+
+def _array_field(value, field, fail):
+    """``value`` as a numpy array, or a failure naming the field (ragged, unhashable...)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        fail(field, "is not an array")
+    if array.dtype == object:
+        array = np.asarray(value, dtype=object)
+    return array
+
+
+def _preview(values, n=5):
+    values = np.asarray(values).ravel().tolist()
+    return str(values[:n])[:-1] + (", ...]" if len(values) > n else "]")
+
+
+def _check_volumes(volumes, n_features, fail):
+    """``info['volumes']`` of harmonize_volumes: mask, affine and shape agree with the model."""
+    if not isinstance(volumes, dict):
+        fail("info['volumes']", "must be a dict")
+    for key in ("batch_col", "mask", "affine", "shape"):
+        if key not in volumes:
+            fail(f"info['volumes'][{key!r}]", "is missing")
+    shape = volumes["shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+            for n in shape):
+        fail("info['volumes']['shape']", f"must be 3 positive integers; got {shape!r}")
+    mask = _array_field(volumes["mask"], "info['volumes']['mask']", fail)
+    if mask.dtype.kind not in "biu" or mask.shape != tuple(int(n) for n in shape):
+        fail("info['volumes']['mask']", f"must be a boolean array of shape {tuple(shape)}; "
+             f"got {mask.dtype} of shape {mask.shape}")
+    if int(np.count_nonzero(mask)) != n_features:
+        fail("info['volumes']['mask']", f"has {int(np.count_nonzero(mask))} voxels for a "
+             f"model of {n_features} features")
+    affine = _array_field(volumes["affine"], "info['volumes']['affine']", fail)
+    if affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.isfinite(
+            affine).all():
+        fail("info['volumes']['affine']", f"must be a finite 4 x 4 array; got shape "
+             f"{affine.shape}")
+    try:
+        hash(volumes["batch_col"])
+    except TypeError:
+        fail("info['volumes']['batch_col']", "must be a column name")

@@ -18,7 +18,8 @@ from sklearn.utils.validation import (_check_feature_names_in, check_array, chec
 
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
-from kwneuro_sk.combat._inputs import feature_columns, read_rows
+from kwneuro_sk.combat._inputs import (check_harmonized_order, check_not_bool,
+                                       check_same_columns, feature_columns, read_rows)
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 
 
@@ -112,7 +113,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     n_features_in_ : int
         Number of columns of ``X`` seen in fit (site and covariate columns included).
     feature_names_in_ : ndarray of str
-        Column names of ``X`` seen in fit, when they are all strings.
+        Column names of ``X`` seen in fit, when they are all strings. Column labels of any
+        other type are kept too (and saved with :attr:`estimates_`), so that ``transform``
+        matches DataFrame columns by name in every case.
 
     See Also
     --------
@@ -232,9 +235,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : DataFrame or array-like of shape (n_samples, n_columns)
-            Same columns as in fit.
+            Same columns as in fit. DataFrame columns are matched by name, whatever their
+            type (str, int, tuple): the fitted columns in another order, or other columns,
+            raise a ValueError naming them. Arrays are taken by position.
         batch : array-like of shape (n_samples,), default=None
-            Site of each row, when ``batch_col`` is None.
+            Site of each row, when ``batch_col`` is None. When ``X``, ``batch`` and
+            ``covariates`` are pandas objects, their indexes must be equal (rows are paired
+            by position; a ValueError names the first differing row label).
         covariates : DataFrame, default=None
             Covariate columns, when ``batch_col`` is None.
 
@@ -267,6 +274,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         from_columns = (self.batch_col is not None and isinstance(X, pd.DataFrame)
                         and self.batch_col in X.columns)
+        if isinstance(X, pd.DataFrame) and self._feature_names_out is not None:
+            given = (feature_columns(X, self.batch_col, self._metadata_columns())
+                     if from_columns else list(X.columns))
+            check_harmonized_order(given, self._feature_names_out)
         rows = self._split(X, batch, covariates, from_columns=from_columns)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
@@ -357,6 +368,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         combat.n_features_in_ = int(info["n_features_in"])
         if info["feature_names_in"] is not None:
             combat.feature_names_in_ = np.asarray(info["feature_names_in"], dtype=object)
+        columns = info.get("columns_in", info["feature_names_in"])
+        combat._columns_in = None if columns is None else list(columns)
         combat._covariates = CovariateEncoding.from_state(info)
         combat.covariate_names_ = combat._covariates.names
         names = info["feature_names"]
@@ -424,7 +437,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                   **self._covariates.state(), "eb": self.eb, "parametric": self.parametric,
                   "mean_only": self.mean_only, "unseen_batch": self.unseen_batch,
                   "n_features_in": self.n_features_in_,
-                  "feature_names_in": getattr(self, "feature_names_in_", None)})
+                  "feature_names_in": getattr(self, "feature_names_in_", None),
+                  "columns_in": self._columns_in})
         return self
 
     def _transform(self, rows):
@@ -514,14 +528,31 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                          f"{design.shape[0]} rows for {design.shape[1]} columns")
 
     def _read_rows(self, X, batch, covariates, *, reset):
-        if self.batch_col is None and not isinstance(X, pd.DataFrame):
-            # Arrays and array-likes get scikit-learn's own messages (1-D, sparse, complex,
-            # empty) before anything else is looked at.
-            X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
-                            input_name="X")
-        validate_data(self, X, reset=reset, skip_check_array=True)
+        if isinstance(X, pd.DataFrame):
+            # Columns are matched by name, whatever their type: scikit-learn checks string
+            # names (feature_names_in_, with its own messages); the labels seen in fit are
+            # kept and checked here when either side has integers, tuples or mixed types.
+            fitted_columns = None if reset else getattr(self, "_columns_in", None)
+            if fitted_columns is not None and not (
+                    all(isinstance(c, str) for c in fitted_columns)
+                    and all(isinstance(c, str) for c in X.columns)):
+                check_same_columns(X.columns, fitted_columns)
+            if not all(isinstance(c, str) for c in X.columns):
+                X_checked = X.set_axis(range(X.shape[1]), axis=1)
+                validate_data(self, X_checked, reset=reset, skip_check_array=True)
+            else:
+                validate_data(self, X, reset=reset, skip_check_array=True)
+        else:
+            if self.batch_col is None:
+                # Arrays and array-likes get scikit-learn's own messages (1-D, sparse,
+                # complex, empty) before anything else is looked at.
+                check_not_bool(X)
+                X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
+                                input_name="X")
+            validate_data(self, X, reset=reset, skip_check_array=True)
         rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
         if reset:
+            self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
             self._feature_names_out = (
                 np.asarray([str(c) for c in feature_columns(X, self.batch_col,
                                                             self._metadata_columns())],

@@ -67,7 +67,14 @@ def _read_lut(labels) -> pd.DataFrame:
         path = os.fspath(labels)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"labels look-up table not found: {path!r}")
-        lut = pd.read_csv(path, sep="\t")
+        try:
+            lut = pd.read_csv(path, sep="\t")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"labels look-up table {path!r} cannot be read as a TSV table: "
+                f"{' '.join(str(error).split())}"
+            ) from None
+        lut.attrs["source"] = f"labels look-up table {path!r}"
     missing = {"index", "name"} - set(lut.columns)
     if missing:
         raise ValueError(
@@ -77,7 +84,16 @@ def _read_lut(labels) -> pd.DataFrame:
 
 
 def _names_from_lut(lut, atlas_ids) -> dict:
-    by_index = dict(zip(pd.to_numeric(lut["index"]).tolist(), lut["name"].astype(str)))
+    index = pd.to_numeric(lut["index"], errors="coerce")
+    bad = index.isna().to_numpy()
+    if bad.any():
+        row = int(bad.argmax())
+        where = lut.attrs.get("source", "the labels look-up table")
+        raise ValueError(
+            f"{where}: column 'index' must hold label values (numbers); row {row} has "
+            f"{lut['index'].iloc[row]!r}"
+        )
+    by_index = dict(zip(index.tolist(), lut["name"].astype(str)))
     names, unnamed = {}, []
     for value in atlas_ids.tolist():
         if value in by_index:

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import threading
 import warnings
 from numbers import Integral, Real
 
 import joblib
+import nilearn
 import numpy as np
 from nibabel.spatialimages import SpatialImage
 from nilearn.signal import clean
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils._param_validation import (
+    HasMethods,
+    Interval,
+    StrOptions,
+    validate_parameter_constraints,
+)
+from sklearn.utils.fixes import parse_version
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from kwneuro_sk import images as _images
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
+
+# "Do not standardize" in nilearn.signal.clean: None since nilearn 0.13 (False deprecated there),
+# only False before.
+_NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
 
 
 class LabelsMasker(TransformerMixin, BaseEstimator):
@@ -63,14 +76,42 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         How the voxels of a region are summarized. Variance is the population variance, as in
         nilearn (``scipy.ndimage.variance``).
     memory : str, os.PathLike or joblib.Memory, default=None
-        Cache of per-image results, for images given as paths. The key holds the file's path,
-        size and modification time, the parameters and the fitted atlas, so a changed file is
-        recomputed. ``None`` disables caching.
-    n_jobs : int, default=1
-        Number of images processed in parallel with joblib (threads by default; reading and
-        reducing release the GIL). ``-1`` uses all cores.
+        Cache of per-image results, for images given as paths. The key holds a hash of the
+        file's content (the bytes read anyway: each file is still read once), the parameters
+        and the fitted atlas, so a file rewritten in place (even with the same size and time
+        stamp) or a re-pointed symlink is recomputed, and a renamed or copied file is found.
+        ``None`` disables caching.
+    n_jobs : int, default=None
+        Number of images processed at the same time. Every image goes through
+        :class:`joblib.Parallel` (threads by default: reading and reducing release the GIL), so
+        a ``with joblib.parallel_config(backend=..., n_jobs=...)`` block chooses the backend
+        (threads, processes, a dask cluster). ``None`` means 1 unless a
+        :func:`joblib.parallel_config` context sets ``n_jobs``; ``-1`` uses all cores. With one
+        job the images are processed one after the other in this thread, with no pool.
     verbose : int, default=0
         Print progress to stderr when positive.
+    standardize : {"zscore_sample", "psc"}, bool or None, default=None
+        Standardization of each region's time series, as in :func:`nilearn.signal.clean`.
+        ``None`` (or False) does not standardize.
+    standardize_confounds : bool, default=True
+        Z-score the confounds before regressing them out, as in :func:`nilearn.signal.clean`.
+    detrend : bool, default=False
+        Remove the linear trend of each region's time series.
+    low_pass : float, default=None
+        Low-pass cutoff frequency in Hz (needs ``t_r``).
+    high_pass : float, default=None
+        High-pass cutoff frequency in Hz (needs ``t_r``).
+    t_r : float, default=None
+        Repetition time in seconds (sampling period of the volumes).
+    clean_args : dict, default=None
+        Further keyword arguments of :func:`nilearn.signal.clean` (e.g. ``{"filter":
+        "cosine"}``, ``butterworth__`` options).
+
+        The signal-cleaning parameters (``standardize`` to ``clean_args``) have nilearn's
+        meaning and defaults. They apply along the time axis of 4D images, in
+        :meth:`transform_imgs`. :meth:`transform` gives one row per subject from 3D images,
+        which have no time axis; it raises a ValueError when cleaning is asked for rather than
+        cleaning across subjects.
 
     Attributes
     ----------
@@ -117,6 +158,13 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         "memory": [str, os.PathLike, HasMethods(["cache"]), None],
         "n_jobs": [Integral, None],
         "verbose": ["verbose"],
+        "standardize": [StrOptions({"zscore_sample", "psc"}), "boolean", None],
+        "standardize_confounds": ["boolean"],
+        "detrend": ["boolean"],
+        "low_pass": [Interval(Real, 0, None, closed="neither"), None],
+        "high_pass": [Interval(Real, 0, None, closed="neither"), None],
+        "t_r": [Interval(Real, 0, None, closed="neither"), None],
+        "clean_args": [dict, None],
     }
 
     def __init__(
@@ -129,8 +177,16 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         resampling_target="data",
         strategy="mean",
         memory=None,
-        n_jobs=1,
+        n_jobs=None,
         verbose=0,
+        *,
+        standardize=None,
+        standardize_confounds=True,
+        detrend=False,
+        low_pass=None,
+        high_pass=None,
+        t_r=None,
+        clean_args=None,
     ):
         self.labels_img = labels_img
         self.labels = labels
@@ -142,6 +198,13 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self.memory = memory
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.standardize = standardize
+        self.standardize_confounds = standardize_confounds
+        self.detrend = detrend
+        self.low_pass = low_pass
+        self.high_pass = high_pass
+        self.t_r = t_r
+        self.clean_args = clean_args
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -201,6 +264,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self.region_ids_ = region_ids
         self.region_names_ = unique_names([names[v] for v in region_ids.tolist()], region_ids)
         self._atlas_grid = atlas_grid
+        self._plan_lock = threading.Lock()
         self._plans = {
             _images.grid_key(atlas_grid): build_plan(
                 atlas.ravel(order="F"),
@@ -250,6 +314,14 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             float64; NaN where a region has no (finite) voxel in an image.
         """
         check_is_fitted(self)
+        cleaning = [name for name, value in self._cleaning_requested().items() if value]
+        if cleaning:
+            raise ValueError(
+                f"{cleaning[0]}={getattr(self, cleaning[0])!r} cleans the time series of 4D "
+                "images, with LabelsMasker.transform_imgs. transform gives one row per subject "
+                "from 3D images, which have no time axis: it does not clean across subjects. "
+                f"Leave {', '.join(cleaning)} at the default to use transform."
+            )
         sources = _images.as_image_list(X)
         if not sources:
             raise ValueError("X contains no images.")
@@ -264,17 +336,19 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         imgs_list,
         confounds=None,
         *,
-        detrend=False,
-        standardize=False,
-        standardize_confounds=True,
-        low_pass=None,
-        high_pass=None,
-        t_r=None,
+        detrend="deprecated",
+        standardize="deprecated",
+        standardize_confounds="deprecated",
+        low_pass="deprecated",
+        high_pass="deprecated",
+        t_r="deprecated",
     ):
         """Extract region time series from 4D images, with nilearn's signal cleaning.
 
         The counterpart of nilearn's ``MultiNiftiLabelsMasker.transform_imgs``: each 4D image
-        gives an ``(n_scans, n_regions)`` array, cleaned by :func:`nilearn.signal.clean`.
+        gives an ``(n_scans, n_regions)`` array, cleaned by :func:`nilearn.signal.clean` with
+        the masker's ``standardize``, ``standardize_confounds``, ``detrend``, ``low_pass``,
+        ``high_pass``, ``t_r`` and ``clean_args``.
 
         Parameters
         ----------
@@ -284,7 +358,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             One confounds entry per image (``None`` entries allowed), passed to
             :func:`nilearn.signal.clean`.
         detrend, standardize, standardize_confounds, low_pass, high_pass, t_r
-            As in :func:`nilearn.signal.clean`.
+            Deprecated since 0.2, removed in 0.3: set them on the masker
+            (``LabelsMasker(..., detrend=True)`` or ``masker.set_params(detrend=True)``),
+            where they can be cloned and tuned. Given here, they override the masker's value
+            for this call, with a FutureWarning.
 
         Returns
         -------
@@ -292,6 +369,36 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             One array per image.
         """
         check_is_fitted(self)
+        overrides = {
+            name: value
+            for name, value in dict(
+                detrend=detrend,
+                standardize=standardize,
+                standardize_confounds=standardize_confounds,
+                low_pass=low_pass,
+                high_pass=high_pass,
+                t_r=t_r,
+            ).items()
+            if not (isinstance(value, str) and value == "deprecated")
+        }
+        if overrides:
+            warnings.warn(
+                f"Passing {', '.join(overrides)} to transform_imgs is deprecated since "
+                "kwneuro_sk 0.2 and will be removed in 0.3. Set them on the masker instead: "
+                f"LabelsMasker(..., {next(iter(overrides))}=...) or masker.set_params(...).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            validate_parameter_constraints(
+                {name: self._parameter_constraints[name] for name in overrides},
+                overrides,
+                caller_name="LabelsMasker.transform_imgs",
+            )
+        cleaning = {**self._clean_params(), **overrides}
+        if cleaning["standardize"] is None:
+            cleaning["standardize"] = _NO_STANDARDIZE
+        clean_args = {} if self.clean_args is None else dict(self.clean_args)
+
         sources = _images.as_image_list(imgs_list, name="imgs_list")
         if confounds is None:
             confounds = [None] * len(sources)
@@ -305,18 +412,30 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         results = self._map(sources, allow_4d=True)
         for image_signals, image_confounds in zip(results, confounds):
             outputs.append(
-                clean(
-                    image_signals,
-                    detrend=detrend,
-                    standardize=standardize,
-                    standardize_confounds=standardize_confounds,
-                    confounds=image_confounds,
-                    low_pass=low_pass,
-                    high_pass=high_pass,
-                    t_r=t_r,
-                )
+                clean(image_signals, confounds=image_confounds, **cleaning, **clean_args)
             )
         return outputs
+
+    def _clean_params(self):
+        """The masker's arguments of :func:`nilearn.signal.clean` (``clean_args`` aside)."""
+        return {
+            "detrend": self.detrend,
+            "standardize": self.standardize,
+            "standardize_confounds": self.standardize_confounds,
+            "low_pass": self.low_pass,
+            "high_pass": self.high_pass,
+            "t_r": self.t_r,
+        }
+
+    def _cleaning_requested(self):
+        """Which cleaning steps are on (``t_r`` and ``standardize_confounds`` alone do nothing)."""
+        return {
+            "detrend": bool(self.detrend),
+            "standardize": self.standardize not in (None, False),
+            "low_pass": self.low_pass is not None,
+            "high_pass": self.high_pass is not None,
+            "clean_args": bool(self.clean_args),
+        }
 
     def inverse_transform(self, signals):
         """Paint region values back into the atlas.
@@ -374,55 +493,67 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     def _map(self, sources, *, allow_4d):
         """Yield the (n_vols, n_regions) signals of each source, in order.
 
-        Serial by default. With ``n_jobs`` the sources are split into a few contiguous chunks
-        per worker; each worker holds one image at a time. Threads are preferred: reading
-        (zlib) and the NumPy reductions release the GIL, and threads share the fitted masker
-        instead of pickling it (``joblib.parallel_config`` can choose processes instead).
+        Every source goes through :class:`joblib.Parallel`, so that ``n_jobs=None`` follows a
+        :func:`joblib.parallel_config` context and its backend. With one job, joblib runs the
+        tasks one by one in this thread (one task per image, no pool). With more, the sources
+        are split into a few contiguous chunks per worker; each worker holds one image at a
+        time. Threads are preferred: reading (zlib) and the NumPy reductions release the GIL,
+        and threads share the fitted masker instead of pickling it.
         """
         memory = self.memory
         memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
         if memory.location is None or allow_4d:
             memory = None
         n_jobs = joblib.effective_n_jobs(self.n_jobs)
-        if n_jobs == 1 or len(sources) == 1:
-            for index, source in enumerate(sources):
-                yield self._signals(source, index, allow_4d, memory)
-                self._report(index + 1, len(sources))
-            return
-        chunks = np.array_split(np.arange(len(sources)), min(len(sources), 4 * n_jobs))
+        n_tasks = len(sources) if n_jobs == 1 else min(len(sources), 4 * n_jobs)
+        chunks = np.array_split(np.arange(len(sources)), n_tasks)
         tasks = (
             joblib.delayed(_signals_of_chunk)(
                 self, [sources[i] for i in chunk], int(chunk[0]), allow_4d, memory
             )
             for chunk in chunks
         )
-        parallel = joblib.Parallel(
-            n_jobs=n_jobs, return_as="generator", prefer="threads", verbose=self.verbose
-        )
+        parallel = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator", prefer="threads")
+        done = 0
         for chunk_signals in parallel(tasks):
             yield from chunk_signals
+            done += len(chunk_signals)
+            self._report(done, len(sources))
 
     def _signals(self, source, index, allow_4d, memory):
-        """Signals of one image, through the ``memory`` cache for paths when there is one."""
+        """Signals of one image, through the ``memory`` cache for paths when there is one.
+
+        The cache is keyed on the file's content, never on its name or time stamps: the
+        bytes of a .nii/.nii.gz file are read once, hashed, and decoded only on a cache miss
+        (no second read); other formats are keyed on their decoded voxels and affine.
+        """
         if memory is None or not isinstance(source, (str, os.PathLike)):
             return self._image_signals(source, index, allow_4d)
-        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index"])
-        return cached(self._cache_key(source, index), self, source, index)
+        name = f"image {_images.describe(source, index)}"
+        if _images.is_nifti_path(source):
+            raw = _images.read_file_bytes(source, name=name)
+            content = hashlib.blake2b(raw, digest_size=20).hexdigest()
+
+            def decode():
+                return _images.image_from_bytes(raw, source, name=name)
+        else:
+            img = _images.load_image(source, name=name)
+            data = _images.read_data(img, name=name)
+            content = joblib.hash((data, np.asarray(img.affine), img.shape))
+            img = _images.as_nifti(data, img.affine)
+
+            def decode():
+                return img
+        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index", "decode"])
+        return cached(self._cache_key(content), self, source, index, decode)
 
     def _report(self, done, total):
         if self.verbose and (self.verbose > 1 or done == total or done % max(1, total // 10) == 0):
             print(f"[LabelsMasker] {done}/{total} images", file=sys.stderr)
 
-    def _cache_key(self, source, index):
-        path = os.path.abspath(os.fspath(source))
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {os.fspath(source)!r}") from None
+    def _cache_key(self, content):
         return (
-            path,
-            stat.st_size,
-            stat.st_mtime_ns,
+            content,
             self.strategy,
             self.smoothing_fwhm,
             self.resampling_target,
@@ -430,26 +561,49 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         )
 
     def _plan_for(self, grid):
-        """Region plan on an image grid: atlas and mask resampled by nearest neighbour."""
-        key = _images.grid_key(grid)
-        if key not in self._plans:
-            atlas = _images.resample_to_grid(self.labels_img_, grid, interpolation="nearest")
-            mask_flat = None
-            if self.mask_img_ is not None:
-                mask = _images.resample_to_grid(self.mask_img_, grid, interpolation="nearest")
-                mask_flat = np.asanyarray(mask.dataobj).astype(bool).ravel(order="F")
-            self._plans[key] = build_plan(
-                np.asanyarray(atlas.dataobj).ravel(order="F"),
-                self.region_ids_,
-                self.background_label,
-                mask_flat,
-            )
-        return self._plans[key]
+        """Region plan on an image grid: atlas and mask resampled by nearest neighbour.
 
-    def _image_signals(self, source, index, allow_4d):
+        Built once per grid. Threads of one ``transform`` share the masker, so the build is
+        done under a lock: the first thread builds, the others wait for its plan.
+        """
+        key = _images.grid_key(grid)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        with self._plan_lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                atlas = _images.resample_to_grid(self.labels_img_, grid, interpolation="nearest")
+                mask_flat = None
+                if self.mask_img_ is not None:
+                    mask = _images.resample_to_grid(
+                        self.mask_img_, grid, interpolation="nearest"
+                    )
+                    mask_flat = np.asanyarray(mask.dataobj).astype(bool).ravel(order="F")
+                plan = build_plan(
+                    np.asanyarray(atlas.dataobj).ravel(order="F"),
+                    self.region_ids_,
+                    self.background_label,
+                    mask_flat,
+                )
+                self._plans[key] = plan
+        return plan
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ gives __dict__ itself
+        state.pop("_plan_lock", None)  # a lock cannot be pickled; a new one is made on load
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if hasattr(self, "_plans"):
+            self._plan_lock = threading.Lock()
+
+    def _image_signals(self, source, index, allow_4d, img=None):
         """(n_vols, n_regions) signals of one image: load once, align, smooth, reduce."""
         name = f"image {_images.describe(source, index)}"
-        img = _images.load_image(source, name=name)
+        if img is None:
+            img = _images.load_image(source, name=name)
         data = _images.volume_data(img, name=name, allow_4d=allow_4d)
         grid = _images.grid_of(img)
         if _images.same_grid(grid, self._atlas_grid):
@@ -483,9 +637,9 @@ def _signals_of_chunk(masker, sources, first_index, allow_4d, memory):
     ]
 
 
-def _cached_signals(key, masker, source, index):
-    """Cached per-image signals; only ``key`` (path, size, mtime, parameters) is hashed."""
-    return masker._image_signals(source, index, False)
+def _cached_signals(key, masker, source, index, decode):
+    """Cached per-image signals; only ``key`` (content hash, parameters, atlas) is hashed."""
+    return masker._image_signals(source, index, False, img=decode())
 
 
 def _region_values(atlas, background_label) -> np.ndarray:
