@@ -235,7 +235,7 @@ def cmd_harmonize(args):
     """Fit ComBat on a feature table and write the harmonized table."""
     from kwneuro_sk import CombatHarmonizer
 
-    outputs = {"-o": args.output, "--save-model": args.save_model}
+    outputs = {"-o": args.output, "--save-model": args.save_model, "--report": args.report}
     _check_outputs(outputs, {"input table": args.features})
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
@@ -243,12 +243,15 @@ def cmd_harmonize(args):
                            f"{args.features} (columns: {list(frame.columns)})")
     _check_columns(frame, args.features, **{"--categorical": args.categorical,
                                             "--continuous": args.continuous,
+                                            "--smooth": args.smooth,
                                             "--keep": args.keep})
     text = [args.batch_col, *args.categorical]
-    features = [c for c in frame.columns if c not in {*text, *args.continuous, *args.keep}]
+    features = [c for c in frame.columns
+                if c not in {*text, *args.continuous, *args.smooth, *args.keep}]
     X = pd.concat([_labels(frame, [args.batch_col], args.features, "--batch-col"),
                    _labels(frame, args.categorical, args.features, "--categorical"),
                    _numbers(frame, args.continuous, args.features, role="--continuous"),
+                   _numbers(frame, args.smooth, args.features, role="--smooth"),
                    _numbers(frame, features, args.features)], axis=1)
     X = X[[c for c in frame.columns if c in X.columns]]
     _create_folders(outputs)
@@ -273,7 +276,7 @@ def cmd_harmonize(args):
     if args.report:
         from kwneuro_sk.report import harmonization_report
 
-        harmonization_report(combat, _split_keep(frame, args.keep), harmonized).save(args.report)
+        harmonization_report(combat, X, harmonized).save(args.report)
         print(f"report -> {args.report}")
     return 0
 

@@ -11,14 +11,19 @@ from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import (GridSearchCV, LeaveOneGroupOut, StratifiedKFold,
-                                     cross_val_predict, cross_val_score)
+from sklearn.model_selection import (
+    GridSearchCV,
+    LeaveOneGroupOut,
+    StratifiedKFold,
+    cross_val_predict,
+    cross_val_score,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from test_estimator_checks import _row_sites
 
 from kwneuro_sk import CombatHarmonizer, CovBatHarmonizer
 from kwneuro_sk.combat.covbat import n_components_for_variance, residual_pca
-from test_estimator_checks import _row_sites
 
 REFERENCE = Path(__file__).parent / "data" / "covbat_reference.npz"
 

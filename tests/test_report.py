@@ -13,8 +13,12 @@ from sklearn.exceptions import NotFittedError
 from kwneuro_sk import CombatHarmonizer, CovBatHarmonizer
 from kwneuro_sk.cli import main
 from kwneuro_sk.datasets import make_site_features
-from kwneuro_sk.report import (covariance_distance, harmonization_report, site_predictability,
-                               site_variance_explained)
+from kwneuro_sk.report import (
+    covariance_distance,
+    harmonization_report,
+    site_predictability,
+    site_variance_explained,
+)
 
 matplotlib.use("Agg")
 sys.path.insert(0, str(Path(__file__).parent))

@@ -23,7 +23,6 @@ from sklearn.utils._param_validation import Interval
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 
-
 # --------------------------------------------------------------------------------------------
 # The math, as pure functions on arrays
 # --------------------------------------------------------------------------------------------
