@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
 from kwneuro_sk.combat import model
@@ -122,7 +123,7 @@ def back_project(harmonized, scores, adjusted_scores, pca):
     keeps the part of a new row outside the training components unchanged.
     """
     k = scores.shape[1]
-    return harmonized + ((adjusted_scores - scores) @ pca.components[:k]) * pca.scale
+    return harmonized + (adjusted_scores - scores) @ (pca.components[:k] * pca.scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +257,31 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_transform(self, X, y=None, *, batch=None, covariates=None):
+        """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``,
+        without computing the ComBat step twice).
+
+        Parameters
+        ----------
+        X, y, batch, covariates
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        X_harmonized : ndarray of shape (n_samples, n_features_out)
+        """
+        rows = self._read_rows(X, batch, covariates, reset=True)
+        harmonized, residuals = self._fit_steps(rows)
+        return self._adjust_scores(rows, harmonized, residuals)
+
     def _fit(self, rows):
+        self._fit_steps(rows)
+        return self
+
+    def _fit_steps(self, rows):
+        """Fit ComBat, the PCA and the score ComBat; return the rows' ComBat output and
+        residuals."""
         super()._fit(rows)
         harmonized = super()._transform(rows)
         residuals = self._residuals(rows, harmonized)
@@ -294,11 +319,14 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         ref = self._reference_index()
         if ref is not None:
             self.score_gamma_hat_[ref], self.score_delta_hat_[ref] = 0.0, 1.0
-        return self
+        return harmonized, residuals
 
     def _transform(self, rows):
         harmonized = super()._transform(rows)
-        residuals = self._residuals(rows, harmonized)
+        return self._adjust_scores(rows, harmonized, self._residuals(rows, harmonized))
+
+    def _adjust_scores(self, rows, harmonized, residuals):
+        """Score ComBat of rows from their ComBat output and residuals, projected back."""
         pca = ResidualPCA(self.pca_center_, self.pca_scale_, self.components_,
                           self.explained_variance_[:self.n_components_])
         scores = pc_scores(residuals, pca, self.n_components_)
@@ -310,13 +338,17 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         standardization = self._score_standardization()
         adjusted = model.adjust(scores, np.empty((len(scores), 0)), idx, standardization,
                                 gamma, delta, passthrough_rows=self._reference_rows(idx))
-        out = back_project(harmonized.astype(np.float64), scores, adjusted, pca)
+        out = back_project(harmonized, scores, adjusted, pca)
         return out.astype(harmonized.dtype, copy=False)
 
     def _residuals(self, rows, harmonized):
         """ComBat residuals ``x* - alpha - z @ beta`` of rows, in float64."""
         Z = self._covariates.transform(rows.covariates)
-        return harmonized.astype(np.float64) - self._standardization().location(Z)
+        residuals = np.subtract(harmonized, self._standardization().grand_mean,
+                                dtype=np.float64)
+        if Z.shape[1]:
+            residuals -= Z @ self.beta_
+        return residuals
 
     def _score_standardization(self):
         return model.StandardizationModel(self.score_grand_mean_,
