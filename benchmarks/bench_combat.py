@@ -325,5 +325,110 @@ def main(argv=None):
         sys.exit(f"results differ from neuroCombat beyond 1e-8 (1e-6 for float32): {disagree}")
 
 
+# --------------------------------------------------------------------------------------------
+# Issue 13: GAM (smooth_cols) vs neuroHarmonize, CovBat vs the original algorithm
+# (run with --gam-covbat; the cases above are untouched)
+# --------------------------------------------------------------------------------------------
+
+
+def run_neuroharmonize_gam(X, covars):
+    from neuroHarmonize import harmonizationLearn
+
+    frame = pd.DataFrame({"SITE": covars["site"], "AGE": covars["age"]})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return harmonizationLearn(X, frame, smooth_terms=["AGE"])[1]
+
+
+def run_ours_gam(X, covars):
+    combat = CombatHarmonizer(smooth_cols=["age"])
+    return combat.fit_transform(X, batch=covars["site"], covariates=covars)
+
+
+def gam_row(n, g, g_peer, repeats):
+    """Ours at n x g; neuroHarmonize (one statsmodels GAM per feature, O(G)) measured at
+    n x g_peer and extrapolated linearly in G."""
+    print(f"running GAM {n} x {g:,} ...", file=sys.stderr, flush=True)
+    X, covars = make_cohort(n, g, seed=5)
+    ours_time, _ = best_time(lambda: run_ours_gam(X, covars), repeats)
+    ours_peak = peak_memory(lambda: run_ours_gam(X, covars))
+    small = np.ascontiguousarray(X[:, :g_peer])
+    peer_time, _ = best_time(lambda: run_neuroharmonize_gam(small, covars), 1)
+    peer_peak = peak_memory(lambda: run_neuroharmonize_gam(small, covars))
+    extrapolated = peer_time * g / g_peer
+    return dict(case=f"GAM (smooth age) {n} x {g:,}", ours=f"{ours_time:.3f}",
+                peer=f"~{extrapolated:.0f} (measured {peer_time:.1f} s at {g_peer:,})",
+                ratio=f"~{extrapolated / ours_time:.0f}x",
+                ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+                peer_mem=f"{peer_peak / small.nbytes:.2f}x (at {g_peer:,})")
+
+
+def run_covbat_reference(X, covars, percent_var=0.95):
+    """CovBat as first published (Chen et al. 2022; the CovBat_Harmonization code): neuroCombat,
+    PCA (prcomp-style SVD of the standardized residuals), neuroCombat without EB of the leading
+    scores, projection back."""
+    from neuroCombat import neuroCombat
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = neuroCombat(dat=X.T, covars=covars, batch_col="site", continuous_cols=["age"])
+        est = out["estimates"]
+        location = (est["stand.mean"] + est["mod.mean"]).T
+        residuals = out["data"].T - location
+        center, scale = residuals.mean(axis=0), residuals.std(axis=0, ddof=1)
+        _, singular, vt = np.linalg.svd((residuals - center) / scale, full_matrices=False)
+        share = np.cumsum(singular**2) / np.sum(singular**2)
+        k = int(np.flatnonzero(share > percent_var)[0]) + 1
+        scores = ((residuals - center) / scale) @ vt[:k].T
+        adjusted = neuroCombat(dat=scores.T, covars=covars[["site"]], batch_col="site",
+                               eb=False)["data"].T
+    return residuals + ((adjusted - scores) @ vt[:k]) * scale + center + location - center
+
+
+def run_ours_covbat(X, covars):
+    from kwneuro_sk import CovBatHarmonizer
+
+    covbat = CovBatHarmonizer(continuous_cols=["age"])
+    return covbat.fit_transform(X, batch=covars["site"], covariates=covars)
+
+
+def covbat_row(n, g, repeats):
+    print(f"running CovBat {n} x {g:,} ...", file=sys.stderr, flush=True)
+    X, covars = make_cohort(n, g, seed=6)
+    ours_time, ours_out = best_time(lambda: run_ours_covbat(X, covars), repeats)
+    ours_peak = peak_memory(lambda: run_ours_covbat(X, covars))
+    peer_time, peer_out = best_time(lambda: run_covbat_reference(X, covars), 1)
+    peer_peak = peak_memory(lambda: run_covbat_reference(X, covars))
+    diff = relative_difference(ours_out, peer_out)
+    return dict(case=f"CovBat {n} x {g:,}", ours=f"{ours_time:.3f}", peer=f"{peer_time:.2f}",
+                ratio=f"{peer_time / ours_time:.0f}x", diff=f"{diff:.1e}",
+                ours_mem=f"{ours_peak / X.nbytes:.2f}x", peer_mem=f"{peer_peak / X.nbytes:.2f}x")
+
+
+def main_gam_covbat(argv=None):
+    parser = argparse.ArgumentParser(description="GAM and CovBat rows (issue 13)")
+    parser.add_argument("--gam-covbat", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="100 x 5,000 instead of 300 x 50,000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-features", type=int, default=300,
+                        help="features neuroHarmonize's GAM is timed on (default 300)")
+    args = parser.parse_args(argv)
+    n, g = (100, 5_000) if args.quick else (300, 50_000)
+    print(describe_machine())
+    print()
+    rows = [gam_row(n, g, min(args.peer_features, g), args.repeats),
+            covbat_row(n, g, args.repeats)]
+    for row in rows:
+        row.setdefault("diff", "-")
+    print("GAM: ours vs neuroHarmonize 2.5.2 smooth_terms (extrapolated linearly in features); "
+          "CovBat: ours vs neuroCombat + PCA + score neuroCombat (the original algorithm). "
+          "Wall time in seconds; peak = tracemalloc peak / input array size")
+    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("peer", "peer (s)"),
+                       ("ratio", "speed-up"), ("diff", "max rel diff"),
+                       ("ours_mem", "ours peak"), ("peer_mem", "peer peak")])
+    if float(rows[1]["diff"]) > 1e-8:
+        sys.exit(f"CovBat differs from the original algorithm: {rows[1]['diff']}")
+
+
 if __name__ == "__main__":
-    main()
+    main_gam_covbat() if "--gam-covbat" in sys.argv else main()

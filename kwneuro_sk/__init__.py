@@ -1,9 +1,10 @@
 """kwneuro_sk: multi-site neuroimaging harmonization and region extraction for scikit-learn."""
 
-from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer
+from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer, CovBatHarmonizer
 from kwneuro_sk.maskers import LabelsMasker
 from kwneuro_sk.volumes import harmonize_volumes
 
 __version__ = "0.1.0"
 
-__all__ = ["CombatEstimates", "CombatHarmonizer", "LabelsMasker", "harmonize_volumes"]
+__all__ = ["CombatEstimates", "CombatHarmonizer", "CovBatHarmonizer", "LabelsMasker",
+           "harmonize_volumes"]

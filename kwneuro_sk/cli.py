@@ -235,7 +235,7 @@ def cmd_harmonize(args):
     """Fit ComBat on a feature table and write the harmonized table."""
     from kwneuro_sk import CombatHarmonizer
 
-    outputs = {"-o": args.output, "--save-model": args.save_model}
+    outputs = {"-o": args.output, "--save-model": args.save_model, "--report": args.report}
     _check_outputs(outputs, {"input table": args.features})
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
@@ -243,12 +243,15 @@ def cmd_harmonize(args):
                            f"{args.features} (columns: {list(frame.columns)})")
     _check_columns(frame, args.features, **{"--categorical": args.categorical,
                                             "--continuous": args.continuous,
+                                            "--smooth": args.smooth,
                                             "--keep": args.keep})
     text = [args.batch_col, *args.categorical]
-    features = [c for c in frame.columns if c not in {*text, *args.continuous, *args.keep}]
+    features = [c for c in frame.columns
+                if c not in {*text, *args.continuous, *args.smooth, *args.keep}]
     X = pd.concat([_labels(frame, [args.batch_col], args.features, "--batch-col"),
                    _labels(frame, args.categorical, args.features, "--categorical"),
                    _numbers(frame, args.continuous, args.features, role="--continuous"),
+                   _numbers(frame, args.smooth, args.features, role="--smooth"),
                    _numbers(frame, features, args.features)], axis=1)
     X = X[[c for c in frame.columns if c in X.columns]]
     _create_folders(outputs)
@@ -256,6 +259,7 @@ def cmd_harmonize(args):
         batch_col=args.batch_col, categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None, eb=args.eb, parametric=args.parametric,
         mean_only=args.mean_only, ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
+        smooth_cols=args.smooth or None, smooth_knots=args.smooth_knots,
     ).set_output(transform="pandas")
     harmonized = combat.fit_transform(X)
     out = frame.copy()  # every other column written back exactly as read
@@ -269,6 +273,11 @@ def cmd_harmonize(args):
           f"{len(combat.batches_)} sites -> {args.output}")
     if args.save_model:
         print(f"model saved -> {args.save_model}")
+    if args.report:
+        from kwneuro_sk.report import harmonization_report
+
+        harmonization_report(combat, X, harmonized).save(args.report)
+        print(f"report -> {args.report}")
     return 0
 
 
@@ -424,6 +433,12 @@ def build_parser():
     harm.add_argument("-o", "--output", required=True, metavar="OUT.csv")
     harm.add_argument("--save-model", metavar="MODEL",
                       help="save the fitted model to this file (for 'apply')")
+    harm.add_argument("--smooth", nargs="+", default=[], metavar="COL",
+                      help="continuous covariates modelled as smooth curves (ComBat-GAM)")
+    harm.add_argument("--smooth-knots", type=int, default=5, metavar="K",
+                      help="knots per smooth covariate (default 5)")
+    harm.add_argument("--report", metavar="REPORT.html",
+                      help="also write a self-contained HTML report (needs matplotlib)")
     harm.set_defaults(func=cmd_harmonize)
 
     apply = sub.add_parser(

@@ -24,7 +24,8 @@ __all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
 
 def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None,
                       continuous_cols=None, eb=True, parametric=True, mean_only=False,
-                      ref_batch=None, preserve_out_of_mask=False, dtype=np.float32):
+                      ref_batch=None, preserve_out_of_mask=False, dtype=np.float32,
+                      smooth_cols=None, smooth_knots=5):
     """Remove site effects voxel by voxel from 3-D images with ComBat.
 
     Every voxel where ``mask > 0`` is a feature; each volume is a subject. The site and
@@ -55,6 +56,11 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     dtype : {numpy.float32, numpy.float64}, default=numpy.float32
         Data type of the computation's input matrix and of the output images. float32 halves
         the memory; float64 gives kwneuro's (neuroCombat's) numbers to double precision.
+    smooth_cols : str or list of str, default=None
+        Covariates of ``covars`` modelled as smooth curves (ComBat-GAM, B-splines), as in
+        :class:`~kwneuro_sk.CombatHarmonizer`; the knots are stored in the estimates.
+    smooth_knots : int, default=5
+        Knots of each smooth covariate, as in :class:`~kwneuro_sk.CombatHarmonizer`.
 
     Returns
     -------
@@ -98,7 +104,8 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
     combat = CombatHarmonizer(categorical_cols=categorical_cols, continuous_cols=continuous_cols,
                               eb=eb, parametric=parametric, mean_only=mean_only,
-                              ref_batch=ref_batch)
+                              ref_batch=ref_batch, smooth_cols=smooth_cols,
+                              smooth_knots=smooth_knots)
     harmonized = combat.fit_transform(X, batch=covars[batch_col], covariates=covars)
     del X
     estimates = combat.estimates_

@@ -2,5 +2,6 @@
 
 from kwneuro_sk.combat.estimates import CombatEstimates
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
+from kwneuro_sk.combat.covbat import CovBatHarmonizer
 
-__all__ = ["CombatEstimates", "CombatHarmonizer"]
+__all__ = ["CombatEstimates", "CombatHarmonizer", "CovBatHarmonizer"]

@@ -3,14 +3,17 @@
 :class:`CovariateEncoding` is learned on the training rows (the levels of each categorical
 covariate) and turns any covariate table into the numeric columns ``Z`` of the design
 ``[site one-hot | Z]``: categorical covariates one-hot encoded with the first (sorted) level as
-reference, continuous covariates as they are. Its state is plain data (column names and
-levels), so a saved model restores it exactly, without refitting anything.
+reference, continuous covariates as they are, and smooth covariates (ComBat-GAM) as a
+B-spline basis (scikit-learn's ``SplineTransformer``) whose knots are placed at quantiles of the
+training values. Its state is plain data (column names, levels and knot positions), so a saved
+model restores it exactly, without refitting anything.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.preprocessing import SplineTransformer
 
 
 def column_list(cols, name):
@@ -31,16 +34,66 @@ def format_labels(labels):
                            for v in labels) + "]"
 
 
-def covariate_columns(batch_col, categorical_cols, continuous_cols):
-    """The categorical and continuous column lists, checked against each other and the site."""
+def covariate_columns(batch_col, categorical_cols, continuous_cols, smooth_cols=None):
+    """The categorical and continuous column lists, checked against each other and the site.
+
+    With ``smooth_cols`` given (not None), the smooth column list is returned third.
+    """
     categorical = column_list(categorical_cols, "categorical_cols")
     continuous = column_list(continuous_cols, "continuous_cols")
-    both = [c for c in categorical if c in continuous]
-    if both:
-        raise ValueError(f"columns {both} are in both categorical_cols and continuous_cols")
-    if batch_col is not None and batch_col in categorical + continuous:
+    smooth = column_list(smooth_cols, "smooth_cols")
+    lists = [("categorical_cols", categorical), ("continuous_cols", continuous),
+             ("smooth_cols", smooth)]
+    for i, (name_a, a) in enumerate(lists):
+        for name_b, b in lists[i + 1:]:
+            both = [c for c in a if c in b]
+            if both:
+                raise ValueError(f"columns {both} are in both {name_a} and {name_b}")
+    if batch_col is not None and batch_col in categorical + continuous + smooth:
         raise ValueError(f"batch_col {batch_col!r} is also named as a covariate")
-    return categorical, continuous
+    if smooth_cols is None:
+        return categorical, continuous
+    return categorical, continuous, smooth
+
+
+# --------------------------------------------------------------------------------------------
+# Smooth covariates: a B-spline basis with knots at quantiles of the training values
+# --------------------------------------------------------------------------------------------
+
+
+def spline_knots(values, n_knots, column):
+    """``n_knots`` knots at evenly spaced quantiles of the training ``values`` (first and last
+    at the minimum and maximum), as ``SplineTransformer(knots="quantile")`` places them."""
+    knots = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0, 1, n_knots))
+    if np.any(np.diff(knots) <= 0):
+        raise ValueError(
+            f"smooth covariate {column!r} has too few distinct values "
+            f"({len(np.unique(values))}) for smooth_knots={n_knots}: quantile knots coincide; "
+            "lower smooth_knots or model it in continuous_cols")
+    return knots
+
+
+def spline_basis(values, knots, degree, extrapolation, column):
+    """B-spline basis of ``values`` on ``knots`` (n_rows, n_knots + degree - 2).
+
+    The last basis function is dropped (``include_bias=False``): the basis functions sum to
+    one, which the site intercepts already span. Beyond the knots the basis follows
+    ``extrapolation``: ``"linear"`` continues each function's slope at the boundary,
+    ``"constant"`` holds its boundary value, ``"error"`` raises.
+    """
+    knots = np.asarray(knots, dtype=np.float64)
+    spline = SplineTransformer(knots=knots[:, None], degree=int(degree),
+                               extrapolation=extrapolation, include_bias=False)
+    spline.fit(knots[:, None])
+    values = np.asarray(values, dtype=np.float64)[:, None]
+    if extrapolation == "error":
+        outside = (values[:, 0] < knots[0]) | (values[:, 0] > knots[-1])
+        if outside.any():
+            raise ValueError(
+                f"smooth covariate {column!r} has value(s) "
+                f"{format_labels(pd.unique(values[outside, 0])[:5])} outside the training range "
+                f"[{knots[0]:g}, {knots[-1]:g}] (smooth_extrapolation='error')")
+    return spline.transform(values)
 
 
 class CovariateEncoding:
@@ -56,14 +109,21 @@ class CovariateEncoding:
         Sorted levels of each categorical column (the first is the reference).
     """
 
-    def __init__(self, categorical, continuous, levels):
+    def __init__(self, categorical, continuous, levels, smooth=(), knots=(), degree=3,
+                 extrapolation="linear"):
         self.categorical = list(categorical)
         self.continuous = list(continuous)
         self.levels = [np.asarray(lv, dtype=object) for lv in levels]
+        self.smooth = list(smooth)
+        self.knots = [np.asarray(k, dtype=np.float64) for k in knots]
+        self.degree = int(degree)
+        self.extrapolation = extrapolation
 
     @classmethod
-    def fit(cls, frame, categorical, continuous):
-        """Learn the levels of each categorical column from the training covariates."""
+    def fit(cls, frame, categorical, continuous, smooth=(), *, n_knots=5, degree=3,
+            extrapolation="linear"):
+        """Learn the levels of each categorical column and the knots of each smooth column
+        from the training covariates."""
         levels = []
         for col in categorical:
             values = pd.unique(frame[col].astype(object))
@@ -72,7 +132,8 @@ class CovariateEncoding:
             except TypeError as exc:
                 raise TypeError(f"categorical covariate {col!r} mixes level types that cannot "
                                 f"be sorted: {format_labels(values)}") from exc
-        return cls(categorical, continuous, levels)
+        knots = [spline_knots(frame[col], n_knots, col) for col in smooth]
+        return cls(categorical, continuous, levels, smooth, knots, degree, extrapolation)
 
     @property
     def names(self):
@@ -81,15 +142,21 @@ class CovariateEncoding:
         names = [f"{col}_{level}" for col, lv in zip(self.categorical, self.levels)
                  for level in lv[1:]]
         names += [str(c) for c in self.continuous]
+        names += [f"{col}_spline{j}" for col, width in zip(self.smooth, self._smooth_widths())
+                  for j in range(width)]
         return np.asarray(names, dtype=object)
+
+    def _smooth_widths(self):
+        return [len(k) + self.degree - 2 for k in self.knots]
 
     def widths(self):
         """Number of encoded columns of each covariate, in the order of ``columns``."""
-        return [len(lv) - 1 for lv in self.levels] + [1] * len(self.continuous)
+        return ([len(lv) - 1 for lv in self.levels] + [1] * len(self.continuous)
+                + self._smooth_widths())
 
     @property
     def columns(self):
-        return self.categorical + self.continuous
+        return self.categorical + self.continuous + self.smooth
 
     def transform(self, frame):
         """The covariate design ``Z`` (n_rows, n_encoded) of a validated covariate table."""
@@ -107,6 +174,9 @@ class CovariateEncoding:
             parts.append(onehot[:, 1:])
         if self.continuous:
             parts.append(frame[self.continuous].to_numpy(dtype=np.float64))
+        for col, knots in zip(self.smooth, self.knots):
+            parts.append(spline_basis(frame[col].to_numpy(dtype=np.float64), knots, self.degree,
+                                      self.extrapolation, col))
         return np.hstack(parts)
 
     def confounded_column(self, design, n_batches):
@@ -121,10 +191,18 @@ class CovariateEncoding:
 
     def state(self):
         """The encoding as plain data (for :class:`~kwneuro_sk.CombatEstimates`)."""
-        return {"categorical_cols": list(self.categorical),
-                "continuous_cols": list(self.continuous),
-                "categories": [lv.tolist() for lv in self.levels]}
+        state = {"categorical_cols": list(self.categorical),
+                 "continuous_cols": list(self.continuous),
+                 "categories": [lv.tolist() for lv in self.levels]}
+        if self.smooth:  # only models with smooth covariates carry these keys
+            state.update({"smooth_cols": list(self.smooth),
+                          "smooth_knots": [k.copy() for k in self.knots],
+                          "smooth_degree": self.degree,
+                          "smooth_extrapolation": self.extrapolation})
+        return state
 
     @classmethod
     def from_state(cls, state):
-        return cls(state["categorical_cols"], state["continuous_cols"], state["categories"])
+        return cls(state["categorical_cols"], state["continuous_cols"], state["categories"],
+                   state.get("smooth_cols", ()), state.get("smooth_knots", ()),
+                   state.get("smooth_degree", 3), state.get("smooth_extrapolation", "linear"))

@@ -261,6 +261,20 @@ class CombatEstimates:
         if covariate_names.ndim != 1:
             fail("info['covariate_names']", "must be a list of names")
         n_encoded = sum(len(c) - 1 for c in info["categories"]) + len(info["continuous_cols"])
+        if info.get("smooth_cols"):  # ComBat-GAM: B-spline knots of each smooth covariate
+            knots = info.get("smooth_knots")
+            degree = info.get("smooth_degree")
+            if (not isinstance(knots, list) or len(knots) != len(info["smooth_cols"])
+                    or any(np.ndim(k) != 1 or len(k) < 2 or np.any(np.diff(k) <= 0)
+                           for k in knots)):
+                fail("info['smooth_knots']", "must hold one increasing array of at least 2 "
+                     "knots per smooth column")
+            if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) \
+                    or degree < 1:
+                fail("info['smooth_degree']", f"must be a positive integer; got {degree!r}")
+            if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
+                fail("info['smooth_extrapolation']", "must be 'linear', 'constant' or 'error'")
+            n_encoded += sum(len(k) + int(degree) - 2 for k in knots)
         if n_encoded != covariate_names.size:
             fail("info['covariate_names']", f"has {covariate_names.size} names for "
                  f"{n_encoded} encoded covariate columns")

@@ -14,7 +14,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import StrOptions
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import (_check_feature_names_in, check_array, check_is_fitted,
                                       validate_data)
 
@@ -67,6 +67,22 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         naming them, or estimate their location/scale (with the same EB shrinkage, priors from
         that site's own features) from the rows of that site in the call, holding the fitted
         covariate effects, grand mean and pooled variance fixed.
+    smooth_cols : str or list of str, default=None
+        Continuous covariates whose effects are preserved as smooth (nonlinear) curves, as in
+        ComBat-GAM (Pomponio et al. 2020): each is expanded into a cubic B-spline basis
+        (scikit-learn's :class:`~sklearn.preprocessing.SplineTransformer`) with knots at
+        quantiles of its training values; the basis columns enter the design like any other
+        covariate. Use it for age in lifespan cohorts whose sites cover different age ranges.
+    smooth_knots : int, default=5
+        Number of knots of each smooth covariate, boundary knots (training minimum and maximum)
+        included; the basis has ``smooth_knots + smooth_degree - 2`` columns. More knots allow
+        more wiggly curves.
+    smooth_degree : int, default=3
+        Polynomial degree of the B-splines (3: cubic).
+    smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
+        Values of new rows outside the training range of a smooth covariate: ``"linear"``
+        continues the fitted curve along its slope at the boundary, ``"constant"`` holds it at
+        its boundary value, ``"error"`` raises a ValueError naming the column.
     n_jobs : int, default=None
         Threads for the blocks of features in fit, transform and inverse_transform.
         ``None`` means 1 unless in a :func:`joblib.parallel_config` context; ``-1`` means
@@ -152,12 +168,17 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "mean_only": ["boolean"],
         "ref_batch": "no_validation",
         "unseen_batch": [StrOptions({"error", "adapt"})],
+        "smooth_cols": [str, "array-like", None],
+        "smooth_knots": [Interval(Integral, 2, None, closed="left")],
+        "smooth_degree": [Interval(Integral, 1, None, closed="left")],
+        "smooth_extrapolation": [StrOptions({"linear", "constant", "error"})],
         "n_jobs": [Integral, None],
     }
 
     def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
                  parametric=True, mean_only=False, ref_batch=None, unseen_batch="error",
-                 n_jobs=None):
+                 smooth_cols=None, smooth_knots=5, smooth_degree=3,
+                 smooth_extrapolation="linear", n_jobs=None):
         self.batch_col = batch_col
         self.categorical_cols = categorical_cols
         self.continuous_cols = continuous_cols
@@ -166,6 +187,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.mean_only = mean_only
         self.ref_batch = ref_batch
         self.unseen_batch = unseen_batch
+        self.smooth_cols = smooth_cols
+        self.smooth_knots = smooth_knots
+        self.smooth_degree = smooth_degree
+        self.smooth_extrapolation = smooth_extrapolation
         self.n_jobs = n_jobs
 
     # ---------------------------------------------------------------------------------------
@@ -343,6 +368,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                      continuous_cols=list(info["continuous_cols"]) or None, eb=info["eb"],
                      parametric=info["parametric"], mean_only=info["mean_only"],
                      ref_batch=info["ref_batch"], unseen_batch=info["unseen_batch"])
+        if info.get("smooth_cols"):
+            combat.set_params(smooth_cols=list(info["smooth_cols"]),
+                              smooth_knots=len(info["smooth_knots"][0]),
+                              smooth_degree=int(info["smooth_degree"]),
+                              smooth_extrapolation=info["smooth_extrapolation"])
         for name in FITTED_ARRAYS:
             setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
         combat.batches_ = np.asarray(info["batches"])
@@ -382,8 +412,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "their variance cannot be estimated; use mean_only=True to adjust only the site "
                 "means, or drop or merge those sites")
 
-        categorical, continuous = self._covariate_columns()
-        self._covariates = CovariateEncoding.fit(rows.covariates, categorical, continuous)
+        categorical, continuous, smooth = self._all_covariate_columns()
+        self._covariates = CovariateEncoding.fit(
+            rows.covariates, categorical, continuous, smooth, n_knots=self.smooth_knots,
+            degree=self.smooth_degree, extrapolation=self.smooth_extrapolation)
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
@@ -501,7 +533,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
 
     def _covariate_columns(self):
-        return covariate_columns(self.batch_col, self.categorical_cols, self.continuous_cols)
+        return self._all_covariate_columns()[:2]
+
+    def _all_covariate_columns(self):
+        """Categorical, continuous and smooth covariate columns."""
+        return covariate_columns(self.batch_col, self.categorical_cols, self.continuous_cols,
+                                 smooth_cols=[] if self.smooth_cols is None else self.smooth_cols)
 
     def _check_design(self, batch_idx, n_batches, Z):
         design = model.design_matrix(batch_idx, n_batches, Z)
@@ -551,11 +588,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return rows
 
     def _metadata_columns(self):
-        categorical, continuous = self._covariate_columns()
-        return categorical + continuous
+        categorical, continuous, smooth = self._all_covariate_columns()
+        return categorical + continuous + smooth
 
     def _split(self, X, batch, covariates, *, from_columns):
-        categorical, continuous = self._covariate_columns()
+        categorical, continuous, smooth = self._all_covariate_columns()
         return read_rows(X, batch, covariates, batch_col=self.batch_col,
-                         covariate_cols=categorical + continuous, continuous=continuous,
+                         covariate_cols=categorical + continuous + smooth,
+                         continuous=continuous + smooth,
                          from_columns=from_columns)

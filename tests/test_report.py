@@ -1,0 +1,156 @@
+"""The HTML harmonization report: produced, self-contained, holds the numbers it computes."""
+
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from kwneuro_sk import CombatHarmonizer, CovBatHarmonizer
+from kwneuro_sk.cli import main
+from kwneuro_sk.datasets import make_site_features
+from kwneuro_sk.report import (
+    covariance_distance,
+    harmonization_report,
+    site_predictability,
+    site_variance_explained,
+)
+
+matplotlib.use("Agg")
+sys.path.insert(0, str(Path(__file__).parent))
+from test_covbat import simulate_site_covariance  # noqa: E402
+
+NETWORK_REFERENCE = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_site_features(n_subjects=90, n_features=8, random_state=0).drop(
+        columns="subject")
+
+
+def _assert_self_contained(page):
+    assert page.startswith("<!DOCTYPE html>")
+    assert NETWORK_REFERENCE.search(page) is None
+    assert "http://" not in page and "https://" not in page
+    images = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    return images
+
+
+def test_combat_report_is_self_contained_and_holds_its_numbers(data, tmp_path):
+    combat = CombatHarmonizer("site", ["sex", "diagnosis"], ["age"]).fit(data)
+    report = harmonization_report(combat, data)
+    images = _assert_self_contained(report.html)
+    assert len(images) == 5  # distributions, estimates, variance, predictability, covariates
+    m = report.metrics
+    for key in ("site_r2_median_before", "site_r2_median_after", "site_accuracy_linear_before",
+                "site_accuracy_linear_after", "site_accuracy_quadratic_after"):
+        assert f"{m[key]:.3f}" in report.html, key
+    assert m["site_r2_median_after"] < 0.01 < m["site_r2_median_before"]
+    assert m["site_accuracy_linear_after"] < m["site_accuracy_linear_before"]
+    # ComBat keeps the covariate effects: coefficients re-estimated on the harmonized data
+    # follow the fitted ones (not exactly: the per-site scaling changes within-site slopes)
+    assert len(combat.covariate_names_) == 3
+    for name in combat.covariate_names_:
+        assert m[f"covariate_effect_correlation_{name}"] > 0.95
+        r = m[f"covariate_effect_correlation_{name}"]
+        assert f"<th>{name}</th><td>r = {r:.3f}</td>" in report.html
+    assert "covariance_distance_covbat" not in m
+    path = report.save(tmp_path / "report.html")
+    assert path.read_text(encoding="utf-8") == report.html
+
+
+def test_report_numbers_equal_the_measures_on_arrays(data):
+    combat = CombatHarmonizer("site", ["sex", "diagnosis"], ["age"]).fit(data)
+    after = combat.transform(data)
+    report = harmonization_report(combat, data, after)
+    before = data[combat.get_feature_names_out()].to_numpy()
+    Z = np.column_stack([data["sex"].eq("M"), data["diagnosis"].ne(sorted(
+        data["diagnosis"].unique())[0]), data["age"]]).astype(float)
+    r2 = site_variance_explained(before, data["site"], Z)
+    assert report.metrics["site_r2_median_before"] == pytest.approx(np.median(r2))
+    accuracy = site_predictability(after, data["site"]).mean()
+    assert report.metrics["site_accuracy_linear_after"] == pytest.approx(accuracy)
+
+
+def test_site_variance_explained_by_hand():
+    # two sites, one feature: site means 0.1 and 1.1 around a grand mean 0.6 -> SSB = 4 * 0.25
+    x = np.array([[0.0], [0.2], [1.0], [1.2]])
+    tss = ((x - x.mean()) ** 2).sum()
+    assert site_variance_explained(x, ["a", "a", "b", "b"])[0] == pytest.approx(1.0 / tss)
+    # a covariate that is the site itself leaves nothing to site
+    z = np.array([[0.0], [0.0], [1.0], [1.0]])
+    assert site_variance_explained(x, ["a", "a", "b", "b"], z)[0] == pytest.approx(0.0)
+
+
+def test_covariance_distance_equals_explicit_matrices():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 7))
+    X[:20, :3] += rng.normal(size=(20, 1)) * 2
+    sites = np.array(["a"] * 20 + ["b"] * 15 + ["c"] * 15)
+    scaled = X / X.std(axis=0)
+    covs = [np.cov(scaled[sites == s].T) for s in "abc"]
+    expected = np.mean([np.linalg.norm(covs[i] - covs[j]) for i in range(3) for j in range(i)])
+    assert covariance_distance(X, sites) == pytest.approx(expected, rel=1e-10)
+
+
+def test_covbat_report_has_covariance_section():
+    frame = simulate_site_covariance()
+    covbat = CovBatHarmonizer("site", continuous_cols="age").fit(frame)
+    report = harmonization_report(covbat, frame)
+    images = _assert_self_contained(report.html)
+    assert len(images) == 6
+    m = report.metrics
+    assert "Between-site covariance (CovBat)" in report.html
+    assert m["covariance_distance_covbat"] < 0.5 * m["covariance_distance_combat"]
+    assert m["covariance_distance_combat"] < m["covariance_distance_before"]
+    assert m["site_accuracy_quadratic_after"] < m["site_accuracy_quadratic_after_combat"]
+    for key in ("covariance_distance_before", "covariance_distance_combat",
+                "covariance_distance_covbat"):
+        assert f"{m[key]:.3f}" in report.html
+
+
+def test_keyword_route(data):
+    features = data[[c for c in data.columns if c.startswith("feature")]]
+    combat = CombatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"])
+    combat.fit(features, batch=data["site"], covariates=data[["sex", "age"]])
+    report = harmonization_report(combat, features, batch=data["site"],
+                                  covariates=data[["sex", "age"]])
+    _assert_self_contained(report.html)
+    with pytest.raises(ValueError, match="batch= is needed"):
+        harmonization_report(combat, features)
+
+
+def test_errors(data):
+    with pytest.raises(NotFittedError):
+        harmonization_report(CombatHarmonizer("site"), data)
+    combat = CombatHarmonizer("site", ["sex", "diagnosis"], ["age"]).fit(data)
+    with pytest.raises(ValueError, match="X_harmonized has shape"):
+        harmonization_report(combat, data, np.zeros((3, 3)))
+
+
+def test_cli_harmonize_report(tmp_path):
+    data = make_site_features(n_subjects=60, n_features=6, random_state=1)
+    path, out, page = tmp_path / "f.csv", tmp_path / "out.csv", tmp_path / "report.html"
+    data.to_csv(path, index=False)
+    assert main(["harmonize", str(path), "--batch-col", "site", "--categorical", "sex",
+                 "--continuous", "age", "--keep", "subject", "diagnosis", "-o", str(out),
+                 "--report", str(page)]) == 0
+    _assert_self_contained(page.read_text(encoding="utf-8"))
+    assert pd.read_csv(out).shape == data.shape
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kwneuro_sk.combat.covbat as covbat_module
+    import kwneuro_sk.report as report_module
+
+    for module in (report_module, covbat_module):
+        result = doctest.testmod(module, raise_on_error=False)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
