@@ -336,7 +336,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
-    def _fit(self, rows):
+    def _fit(self, rows, location_scale=None):
+        """Fit on ``rows``; ``location_scale(batch_idx, n_batches, Z, ref)``, when given,
+        replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
+        accumulated elsewhere: files, dask blocks)."""
         try:
             self.batches_, batch_idx, counts = np.unique(rows.sites, return_inverse=True,
                                                          return_counts=True)
@@ -360,8 +363,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
-        standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
-                                                             n_batches, Z, ref=ref)
+        if location_scale is None:
+            standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
+                                                                 n_batches, Z, ref=ref)
+        else:
+            standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
@@ -392,6 +398,27 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                   "n_features_in": self.n_features_in_,
                   "feature_names_in": getattr(self, "feature_names_in_", None)})
         return self
+
+    def _fit_from_statistics(self, location_scale, *, n_features, batch, covariates,
+                             feature_names_in=None, feature_names_out=None):
+        """Fit without a feature matrix in memory: sites and covariates are checked as in
+        :meth:`fit` (keyword route), the location/scale fit is ``location_scale`` (see
+        :meth:`_fit`). Used by streamed :func:`~kwneuro_sk.harmonize_volumes` and dask input."""
+        self._validate_params()
+        categorical, continuous = self._covariate_columns()
+        placeholder = np.broadcast_to(np.float32(0), (len(batch), 1))  # no memory
+        rows = read_rows(placeholder, batch, covariates, batch_col=None,
+                         covariate_cols=categorical + continuous, continuous=continuous,
+                         from_columns=False)
+        rows.features = None
+        self.n_features_in_ = int(n_features)
+        if feature_names_in is not None:
+            self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self._feature_names_out = (None if feature_names_out is None
+                                   else np.asarray(feature_names_out, dtype=object))
+        return self._fit(rows, location_scale)
 
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)
