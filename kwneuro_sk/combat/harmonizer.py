@@ -15,7 +15,7 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import (_check_feature_names_in, check_array, check_is_fitted,
                                       validate_data)
 
-from kwneuro_sk.combat import model
+from kwneuro_sk.combat import _dask, model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
 from kwneuro_sk.combat._inputs import feature_columns, read_rows
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
@@ -176,6 +176,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         -------
         self : CombatHarmonizer
         """
+        if _dask.is_dask(X):  # a tree reduction of sufficient statistics
+            return _dask.fit(self, X, batch, covariates)
         self._fit(self._read_rows(X, batch, covariates, reset=True))
         return self
 
@@ -192,6 +194,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         -------
         X_harmonized : ndarray of shape (n_samples, n_features_out)
         """
+        if _dask.is_dask(X):
+            _dask.fit(self, X, batch, covariates)
+            return _dask.transform(self, X, batch, covariates)
         rows = self._read_rows(X, batch, covariates, reset=True)
         self._fit(rows)
         return self._transform(rows)
@@ -217,6 +222,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             Only the feature columns, float32 for float32 input, float64 otherwise.
         """
         check_is_fitted(self)
+        if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
+            return _dask.transform(self, X, batch, covariates)
         return self._transform(self._read_rows(X, batch, covariates, reset=False))
 
     def inverse_transform(self, X, *, batch=None, covariates=None):
