@@ -17,6 +17,7 @@ before anything is read.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import uuid
@@ -188,14 +189,22 @@ class _Reader:
             whole.append(data.astype(self.dtype, copy=True) if keep_whole else None)
             headers.append((img.affine, img.header if isinstance(img, nib.Nifti1Image)
                             else None))
+            # A .nii.gz image parsed from bytes sits in a reference cycle with its buffer: free
+            # it now rather than at the next full collection, so memory stays one volume.
+            del img, data
+            gc.collect(1)
         return X, whole, headers
 
     def run(self, tasks, what):
         """Results of the tasks, in chunk order, with progress on stderr."""
-        parallel = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator",
-                                   prefer="threads")
+        if joblib.effective_n_jobs(self.n_jobs) == 1:
+            # one chunk after the other, here (joblib's generator may run ahead of its reader)
+            results = (function(*args, **kwargs) for function, args, kwargs in tasks)
+        else:
+            results = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator",
+                                      prefer="threads")(tasks)
         total, done = len(self.sources), 0
-        for chunk, result in zip(self.chunks, parallel(tasks)):
+        for chunk, result in zip(self.chunks, results):
             done += len(chunk)
             if self.verbose and (self.verbose > 1 or done == total
                                  or done * 10 // total > (done - len(chunk)) * 10 // total):
