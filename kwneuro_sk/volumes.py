@@ -90,7 +90,7 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     **Streaming** (``output_dir`` given) reads every file twice. The first pass accumulates,
     per site, the count, means and centred cross products of the in-mask values and the
     covariates, merged chunk by chunk with Chan's pairwise update
-    (:mod:`kwneuro_sk.combat.streaming`); the ComBat fit from them is the in-memory fit
+    (``kwneuro_sk.combat.streaming``); the ComBat fit from them is the in-memory fit
     (estimates equal to ~1e-12 relative). The second pass reads, harmonizes and writes one
     chunk of subjects at a time. Memory budget: about
     ``n_workers x (3 x chunk_size + 2) x n_voxels x 8`` bytes for the chunks in flight, plus

@@ -164,7 +164,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         ----------
         X : DataFrame or array-like of shape (n_samples, n_columns)
             Features; with ``batch_col`` set, a DataFrame that also holds the site and
-            covariate columns.
+            covariate columns. A ``dask.array.Array`` (rows chunked; sites and covariates as
+            ``batch=``/``covariates=``) or a ``dask.dataframe.DataFrame`` is fitted by a tree
+            reduction of per-block sufficient statistics, without gathering the rows; the
+            fitted attributes are numpy arrays equal to those of the in-memory fit (see
+            :ref:`large_cohorts`).
         y : None
             Ignored.
         batch : array-like of shape (n_samples,), default=None
@@ -219,7 +223,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_harmonized : ndarray of shape (n_samples, n_features_out)
-            Only the feature columns, float32 for float32 input, float64 otherwise.
+            Only the feature columns, float32 for float32 input, float64 otherwise. For a
+            dask array or DataFrame, a lazy collection of the same kind (one block at a time;
+            sites unseen in fit raise, also with ``unseen_batch="adapt"``).
         """
         check_is_fitted(self)
         if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
