@@ -308,3 +308,35 @@ def test_harmonizer_fit_from_statistics_equals_fit():
     np.testing.assert_allclose(combat.transform(X, batch=site, covariates=covars),
                                expected.transform(X, batch=site, covariates=covars),
                                rtol=1e-12)
+
+
+class StandInResource:
+    """kwneuro's in-memory volume resource surface, without kwneuro."""
+
+    def __init__(self, array, affine):
+        self.array, self.affine = array, affine
+
+    def get_array(self):
+        return self.array
+
+    def get_affine(self):
+        return self.affine
+
+    def get_metadata(self):
+        return {}
+
+    def load(self):
+        return self
+
+
+def test_streamed_volume_resources_are_written_as_files(cohort, tmp_path):
+    images, covars, mask_img, mask = cohort
+    resources = [StandInResource(np.asarray(img.dataobj), img.affine) for img in images]
+    expected, _ = harmonize_volumes(images, covars, "site", mask_img)
+    paths, _ = harmonize_volumes(resources, covars, "site",
+                                 StandInResource(mask.astype(np.uint8), AFFINE),
+                                 output_dir=tmp_path)
+    assert os.path.basename(paths[3]) == "sub-03_harmonized.nii.gz"
+    for want, path in zip(expected, paths):
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                      np.asarray(want.dataobj))
