@@ -17,6 +17,23 @@ peak resident memory (``ru_maxrss``):
   the two worker processes (``n_jobs=-1``). Peak RSS is given for the client process and the
   largest worker.
 
+Measured 2026-11-23 (2 cores, 24 GiB, one run each, machine shared with other jobs: load
+average ~5 during the 120 and 1,000 runs, low during 4,000; peak RSS of dask = largest worker,
+client in brackets)::
+
+    subjects method     wall (s) s/subject CPU (s) peak RSS
+         120 in-memory      15.0     0.125     9.6 1.20 GiB
+         120 streamed       20.5     0.171    13.5 0.52 GiB
+         120 streamed-2     28.1     0.234    14.2 0.62 GiB
+         120 dask           36.5     0.304    22.1 0.41 GiB (0.40)
+        1000 in-memory     129.8     0.130    87.5 8.06 GiB
+        1000 streamed      159.4     0.159   106.1 0.63 GiB
+        1000 streamed-2    158.3     0.158   109.4 0.97 GiB
+        1000 dask          222.6     0.223   152.9 0.62 GiB (0.62)
+        4000 streamed      481.9     0.120   408.2 0.64 GiB
+        4000 streamed-2    323.3     0.081   389.5 1.01 GiB
+        4000 dask          336.6     0.084   476.8 0.63 GiB (0.93)
+
 Usage::
 
     python benchmarks/bench_scale.py --n-subjects 120 1000 4000
