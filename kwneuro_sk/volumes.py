@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from kwneuro_sk import _streaming_volumes as _streaming
 from kwneuro_sk import images
 from kwneuro_sk.combat.estimates import CombatEstimates
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
@@ -25,7 +26,8 @@ __all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
 def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None,
                       continuous_cols=None, eb=True, parametric=True, mean_only=False,
                       ref_batch=None, preserve_out_of_mask=False, dtype=np.float32,
-                      smooth_cols=None, smooth_knots=5):
+                      smooth_cols=None, smooth_knots=5, output_dir=None, chunk_size=None,
+                      n_jobs=None, verbose=0):
     """Remove site effects voxel by voxel from 3-D images with ComBat.
 
     Every voxel where ``mask > 0`` is a feature; each volume is a subject. The site and
@@ -61,13 +63,27 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
         :class:`~kwneuro_sk.CombatHarmonizer`; the knots are stored in the estimates.
     smooth_knots : int, default=5
         Knots of each smooth covariate, as in :class:`~kwneuro_sk.CombatHarmonizer`.
+    output_dir : str or path-like, default=None
+        Stream: write every harmonized volume to this directory as a NIfTI file and return the
+        paths, in memory that does not grow with the number of subjects (see Notes). ``None``
+        keeps everything in memory and returns images.
+    chunk_size : int, default=None
+        Streaming only: subjects read and harmonized together. The default holds about
+        256 MiB of in-mask float64 values (``2**25 // n_voxels`` subjects, at least 1).
+    n_jobs : int, default=None
+        Streaming only: chunks processed in parallel through joblib (threads by default;
+        ``joblib.parallel_config(backend="dask")`` runs them on a dask cluster).
+    verbose : int, default=0
+        Streaming only: progress on stderr (each pass, every tenth of the volumes; more with
+        ``verbose > 1``).
 
     Returns
     -------
-    harmonized : list of images
+    harmonized : list of images, or list of str with ``output_dir``
         One per input volume, of ``dtype`` (never rounded to the input's integer type): nibabel
         images with the input's affine and header for paths and nibabel images;
-        in-memory kwneuro volume resources (with the input's metadata) for resources.
+        in-memory kwneuro volume resources (with the input's metadata) for resources. With
+        ``output_dir``, the paths of the written NIfTI files, in the order of ``volumes``.
     estimates : CombatEstimates
         The fitted model; ``info["volumes"]`` holds the site column, mask, affine and shape.
 
@@ -76,6 +92,26 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     Numbers equal neuroCombat's on the matrix of in-mask voxels (to float32 rounding of the
     output with the default ``dtype``). Memory: one matrix of in-mask voxels x subjects for the
     input and one for the result, plus the output images; each file is read once.
+
+    **Streaming** (``output_dir`` given) reads every file twice. The first pass accumulates,
+    per site, the count, means and centred cross products of the in-mask values and the
+    covariates, merged chunk by chunk with Chan's pairwise update
+    (``kwneuro_sk.combat.streaming``); the ComBat fit from them is the in-memory fit
+    (estimates equal to ~1e-12 relative). The second pass reads, harmonizes and writes one
+    chunk of subjects at a time. Memory budget: about
+    ``n_workers x (3 x chunk_size + 2) x n_voxels x 8`` bytes for the chunks in flight, plus
+    ``3 x n_sites x (n_covariates + 2) x n_voxels x 8`` bytes for the statistics and the
+    fitted model, independent of the number of subjects. Non-parametric EB works from the
+    same statistics (its cost, O(n_voxels**2) per site, is that of the in-memory path).
+
+    File names: a volume given as a path ``<dir>/<name>.nii[.gz]`` (or any other image
+    format) is written as ``<output_dir>/<name>_harmonized.nii.gz`` (``.nii`` for ``.nii``
+    inputs); an in-memory image or kwneuro resource as ``sub-<index>_harmonized.nii.gz``,
+    ``<index>`` being its position in ``volumes`` (zero-padded). Two volumes that would get the
+    same name, or an output that would replace an input file, raise a ValueError before
+    anything is read; other existing files of those names are replaced. Each file is written
+    to a temporary name in ``output_dir`` and renamed when complete, so an interrupted run
+    never leaves a truncated output under its final name.
 
     Examples
     --------
@@ -94,6 +130,15 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     True
     """
     dtype = _output_dtype(dtype)
+    if output_dir is not None:
+        return _streaming.harmonize(
+            volumes, covars, batch_col, mask, dtype=dtype, output_dir=output_dir,
+            chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose,
+            preserve_out_of_mask=preserve_out_of_mask,
+            options=dict(categorical_cols=categorical_cols, continuous_cols=continuous_cols,
+                         eb=eb, parametric=parametric, mean_only=mean_only,
+                         ref_batch=ref_batch, smooth_cols=smooth_cols,
+                         smooth_knots=smooth_knots))
     sources = _open_volumes(volumes, minimum=2)
     mask_array, mask_img = _load_mask(mask, sources[0])
     covars = _check_covars(covars, len(sources), batch_col)
@@ -116,7 +161,8 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
 
 
 def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
-                  preserve_out_of_mask=False, dtype=np.float32):
+                  preserve_out_of_mask=False, dtype=np.float32, output_dir=None,
+                  chunk_size=None, n_jobs=None, verbose=0):
     """Harmonize new subjects' volumes with estimates made by :func:`harmonize_volumes`.
 
     The same as :meth:`CombatEstimates.apply_volumes` (documented there).
@@ -126,10 +172,13 @@ def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
     estimates : CombatEstimates
     volumes, covars, unseen_batch, preserve_out_of_mask, dtype
         As in :meth:`CombatEstimates.apply_volumes`.
+    output_dir, chunk_size, n_jobs, verbose
+        Streaming, as in :func:`harmonize_volumes` (one pass over the files; sites unseen in
+        the fit with ``unseen_batch="adapt"`` need the in-memory path).
 
     Returns
     -------
-    list of images
+    list of images, or list of str with ``output_dir``
 
     Examples
     --------
@@ -158,6 +207,11 @@ def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
         raise ValueError("invalid ComBat model: info['volumes'] has a mask that does not match "
                          f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
                          "voxels")
+    if output_dir is not None:
+        return _streaming.apply(combat, volumes, covars, grid["batch_col"], mask_array,
+                                fitted_grid, dtype=dtype, output_dir=output_dir,
+                                chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose,
+                                preserve_out_of_mask=preserve_out_of_mask)
     sources = _open_volumes(volumes, minimum=1, reference=(fitted_grid, "the fitted mask"))
     covars = _check_covars(covars, len(sources), grid["batch_col"])
     X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)

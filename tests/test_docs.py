@@ -49,11 +49,13 @@ def test_api_page_documents_the_public_names(html):
 def test_user_guide_pages_exist_and_are_linked(html):
     index = (html / "index.html").read_text(encoding="utf-8")
     for page in ["why_harmonize", "sites_and_covariates", "new_sites", "model_selection",
-                 "image_features", "numerics", "command_line"]:
+                 "image_features", "numerics", "command_line", "large_cohorts"]:
         assert (html / "user_guide" / f"{page}.html").is_file(), page
         assert f"user_guide/{page}.html" in index, page
     assert "1e-8 relative" in _text(html / "user_guide" / "numerics.html")  # as tested
     assert "kwneuro-sk apply" in _text(html / "user_guide" / "command_line.html")
+    large = _text(html / "user_guide" / "large_cohorts.html")
+    assert "parallel_config" in large and "UK Biobank, worked out" in large
 
 
 def test_examples_page_shows_every_script(html):

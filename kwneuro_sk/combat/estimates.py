@@ -391,7 +391,8 @@ class CombatEstimates:
         return out
 
     def apply_volumes(self, volumes, covars, *, unseen_batch="error",
-                      preserve_out_of_mask=False):
+                      preserve_out_of_mask=False, output_dir=None, chunk_size=None, n_jobs=None,
+                      verbose=0):
         """Harmonize new subjects' volumes with these estimates (from ``harmonize_volumes``).
 
         Each volume is harmonized with its own covariates, exactly as it would have been in the
@@ -409,10 +410,17 @@ class CombatEstimates:
             :class:`~kwneuro_sk.CombatHarmonizer`).
         preserve_out_of_mask : bool, default=False
             Keep the input values outside the mask instead of 0.
+        output_dir : str or path-like, default=None
+            Stream: read, harmonize and write one chunk of volumes at a time into this
+            directory and return the written paths (naming rule and memory budget in
+            :func:`~kwneuro_sk.harmonize_volumes`). Sites unseen in the fit cannot be adapted
+            this way.
+        chunk_size, n_jobs, verbose
+            Streaming options, as in :func:`~kwneuro_sk.harmonize_volumes`.
 
         Returns
         -------
-        list of nibabel images
+        list of nibabel images, or list of str with ``output_dir``
             float32, with each input's affine and header.
 
         Examples
@@ -433,7 +441,8 @@ class CombatEstimates:
         from kwneuro_sk.volumes import apply_volumes
 
         return apply_volumes(self, volumes, covars, unseen_batch=unseen_batch,
-                             preserve_out_of_mask=preserve_out_of_mask)
+                             preserve_out_of_mask=preserve_out_of_mask, output_dir=output_dir,
+                             chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose)
 
 
 # ------------------------------------------------------------------------------------------

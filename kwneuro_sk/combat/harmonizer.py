@@ -18,7 +18,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import (_check_feature_names_in, check_array, check_is_fitted,
                                       validate_data)
 
-from kwneuro_sk.combat import model
+from kwneuro_sk.combat import _dask, model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
 from kwneuro_sk.combat._inputs import (check_harmonized_order, check_not_bool,
                                        check_same_columns, feature_columns, read_rows)
@@ -205,7 +205,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         ----------
         X : DataFrame or array-like of shape (n_samples, n_columns)
             Features; with ``batch_col`` set, a DataFrame that also holds the site and
-            covariate columns.
+            covariate columns. A ``dask.array.Array`` (rows chunked; sites and covariates as
+            ``batch=``/``covariates=``) or a ``dask.dataframe.DataFrame`` is fitted by a tree
+            reduction of per-block sufficient statistics, without gathering the rows; the
+            fitted attributes are numpy arrays equal to those of the in-memory fit (see
+            :ref:`large_cohorts`).
         y : None
             Ignored.
         batch : array-like of shape (n_samples,), default=None
@@ -217,6 +221,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         -------
         self : CombatHarmonizer
         """
+        if _dask.is_dask(X):  # a tree reduction of sufficient statistics
+            return _dask.fit(self, X, batch, covariates)
         self._fit(self._read_rows(X, batch, covariates, reset=True))
         return self
 
@@ -233,6 +239,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         -------
         X_harmonized : ndarray of shape (n_samples, n_features_out)
         """
+        if _dask.is_dask(X):
+            _dask.fit(self, X, batch, covariates)
+            return _dask.transform(self, X, batch, covariates)
         rows = self._read_rows(X, batch, covariates, reset=True)
         self._fit(rows)
         return self._transform(rows)
@@ -259,9 +268,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_harmonized : ndarray of shape (n_samples, n_features_out)
-            Only the feature columns, float32 for float32 input, float64 otherwise.
+            Only the feature columns, float32 for float32 input, float64 otherwise. For a
+            dask array or DataFrame, a lazy collection of the same kind (one block at a time;
+            sites unseen in fit raise, also with ``unseen_batch="adapt"``).
         """
         check_is_fitted(self)
+        if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
+            return _dask.transform(self, X, batch, covariates)
         return self._transform(self._read_rows(X, batch, covariates, reset=False))
 
     def inverse_transform(self, X, *, batch=None, covariates=None):
@@ -393,7 +406,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
-    def _fit(self, rows):
+    def _fit(self, rows, location_scale=None):
+        """Fit on ``rows``; ``location_scale(batch_idx, n_batches, Z, ref)``, when given,
+        replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
+        accumulated elsewhere: files, dask blocks)."""
         try:
             self.batches_, batch_idx, counts = np.unique(rows.sites, return_inverse=True,
                                                          return_counts=True)
@@ -419,9 +435,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
-        standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
-                                                             n_batches, Z, ref=ref,
-                                                             n_jobs=self._threads())
+        if location_scale is None:
+            standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
+                                                                 n_batches, Z, ref=ref,
+                                                                 n_jobs=self._threads())
+        else:
+            standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
@@ -461,6 +480,28 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 f"effects and are passed through unchanged: {format_labels(names[:5])}"
                 + (" ..." if names.size > 5 else ""), UserWarning, stacklevel=4)
         return self
+
+    def _fit_from_statistics(self, location_scale, *, n_features, batch, covariates,
+                             feature_names_in=None, feature_names_out=None, columns_in=None):
+        """Fit without a feature matrix in memory: sites and covariates are checked as in
+        :meth:`fit` (keyword route), the location/scale fit is ``location_scale`` (see
+        :meth:`_fit`). Used by streamed :func:`~kwneuro_sk.harmonize_volumes` and dask input."""
+        self._validate_params()
+        categorical, continuous = self._covariate_columns()
+        placeholder = np.broadcast_to(np.float32(0), (len(batch), 1))  # no memory
+        rows = read_rows(placeholder, batch, covariates, batch_col=None,
+                         covariate_cols=categorical + continuous, continuous=continuous,
+                         from_columns=False)
+        rows.features = None
+        self.n_features_in_ = int(n_features)
+        if feature_names_in is not None:
+            self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self._feature_names_out = (None if feature_names_out is None
+                                   else np.asarray(feature_names_out, dtype=object))
+        self._columns_in = None if columns_in is None else list(columns_in)
+        return self._fit(rows, location_scale)
 
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)

@@ -261,7 +261,7 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         var_scaled = resid_sq[ref] / counts[ref]
     sigma_scaled = np.sqrt(var_scaled)
     resolution = np.ldexp(_CONSTANT_RESOLUTION * np.finfo(np.float64).eps,
-                          magnitude - exponent)  # of the values, in scaled units
+                          magnitude - exponent)  # of the values (constant_resolution), scaled
     zero_variance = sigma_scaled <= resolution
     var_scaled[zero_variance] = 0.0
     sigma_scaled[zero_variance] = 0.0
@@ -279,6 +279,14 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
                                  np.ldexp(coef[n_batches:], exponent), var_pooled,
                                  zero_variance, sigma=np.ldexp(sigma_scaled, exponent))
     return model, mean, ss
+
+
+def constant_resolution(largest):
+    """The residual standard deviation at or below which a feature whose largest absolute
+    value is ``largest`` counts as constant: ``_CONSTANT_RESOLUTION * eps`` times the power of
+    two above ``largest`` (the rounding noise of its values)."""
+    magnitude = np.maximum(np.frexp(np.asarray(largest, dtype=np.float64))[1], -1022)
+    return np.ldexp(_CONSTANT_RESOLUTION * np.finfo(np.float64).eps, magnitude)
 
 
 def standardized_moments(X, Z, model, groups):

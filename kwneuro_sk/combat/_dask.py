@@ -1,0 +1,221 @@
+"""Dask input for :class:`~kwneuro_sk.CombatHarmonizer`: fit by a tree reduction, lazy transform.
+
+``fit`` on a ``dask.array.Array`` (rows = subjects, sites and covariates as keyword arguments)
+or a ``dask.dataframe.DataFrame`` (``batch_col`` route, or keywords) computes, for every block
+of rows, the per-site centred statistics of :mod:`kwneuro_sk.combat.streaming`, merges them
+pairwise up a balanced tree (one ``dask.compute``), and fits from the merged statistics: the
+fitted attributes are plain numpy and equal those of the numpy path to rounding. Only the site
+and covariate columns (one value per subject) are brought to the client.
+
+``transform`` of a dask input returns a lazy collection of the same kind: ``map_blocks`` over
+row blocks of an array, ``map_partitions`` over a DataFrame; each block is harmonized by the
+numpy path (row by row, so blocks give what the whole input gives). Sites unseen in ``fit`` are
+an error with ``unseen_batch="adapt"`` too: estimating a new site needs all its rows at once.
+
+dask is imported only here, and only when the input is a dask collection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from kwneuro_sk.combat import streaming
+from kwneuro_sk.combat._covariates import covariate_columns, format_labels
+from kwneuro_sk.combat._inputs import feature_columns
+
+
+def is_dask(obj) -> bool:
+    """Whether ``obj`` is a dask collection (checked without importing dask)."""
+    return type(obj).__module__.split(".")[0] in ("dask", "dask_expr")
+
+
+def _is_dataframe(obj):
+    import dask.dataframe as dd
+
+    return isinstance(obj, dd.DataFrame)
+
+
+def fit(combat, X, batch, covariates):
+    """Fit ``combat`` on a dask array or DataFrame (see the module docstring)."""
+    import dask
+
+    categorical, continuous = covariate_columns(combat.batch_col, combat.categorical_cols,
+                                                combat.continuous_cols)
+    names_in = names_out = None
+    if _is_dataframe(X):
+        columns = list(X.columns)
+        meta = [combat.batch_col, *categorical, *continuous] if combat.batch_col is not None \
+            else []
+        missing = [c for c in meta if c not in columns]
+        if missing:
+            raise ValueError(f"column(s) {missing} not found in X (columns: {columns})")
+        if meta and (batch is not None or covariates is not None):
+            raise ValueError(f"batch=/covariates= were given as keywords while batch_col="
+                             f"{combat.batch_col!r} says they are columns of X; give them "
+                             "one way")
+        features = feature_columns(X, combat.batch_col, categorical + continuous)
+        bad = [c for c in features if X[c].dtype.kind not in "biuf"]
+        if bad:
+            raise ValueError(f"feature column(s) {bad} are not numeric; name site and "
+                             "covariate columns in batch_col/categorical_cols/"
+                             "continuous_cols, or drop them")
+        if all(isinstance(c, str) for c in columns):
+            names_in = columns
+        names_out = [str(c) for c in features]
+        n_features_in = len(columns)
+        columns_in = list(columns)
+        if meta:
+            parts = dask.compute(*X[meta].to_delayed())
+            small = pd.concat(parts, ignore_index=True)
+            lengths = [len(p) for p in parts]
+            batch, covariates = small[combat.batch_col], small[categorical + continuous]
+        else:
+            lengths = list(dask.compute(*[dask.delayed(len)(p) for p in X.to_delayed()]))
+        blocks = [[part] for part in X[features].to_delayed()]
+        column_starts = [0]
+    else:
+        if combat.batch_col is not None:
+            raise TypeError(f"batch_col={combat.batch_col!r} needs X as a DataFrame holding "
+                            "the site column; for a dask array pass the sites with batch= "
+                            "and batch_col=None")
+        if X.ndim != 2:
+            raise ValueError(f"X must be a 2-D dask array (subjects x features); got "
+                             f"{X.ndim} dimension(s)")
+        if any(np.isnan(c) for c in X.chunks[0]):
+            raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() "
+                             "first")
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X must be numeric; got dtype {X.dtype}")
+        n_features_in = X.shape[1]
+        columns_in = None
+        lengths = list(X.chunks[0])
+        blocks = X.to_delayed().tolist()
+        column_starts = list(np.cumsum((0,) + X.chunks[1])[:-1])
+    if batch is None:
+        raise ValueError("CombatHarmonizer needs the site of each row: set batch_col to the "
+                         "site column of a dask DataFrame, or pass batch=")
+    offsets = np.cumsum([0] + lengths)
+
+    def chunks(batch_idx, n_batches, Z):
+        block_moments = dask.delayed(_block_moments, pure=True)
+        merge = dask.delayed(streaming.merge_moments, pure=True)
+        per_column = []
+        for j, start in enumerate(column_starts):
+            parts = [block_moments(row[j], batch_idx[offsets[i]:offsets[i + 1]], n_batches,
+                                   Z[offsets[i]:offsets[i + 1]], start)
+                     for i, row in enumerate(blocks)]
+            while len(parts) > 1:  # a balanced tree of pairwise merges
+                parts = [merge(parts[k], parts[k + 1]) if k + 1 < len(parts) else parts[k]
+                         for k in range(0, len(parts), 2)]
+            per_column.append(parts[0])
+        yield _concatenate_features(dask.compute(*per_column))
+
+    return combat._fit_from_statistics(streaming.location_scale_from_chunks(chunks),
+                                       n_features=n_features_in, batch=batch,
+                                       covariates=covariates, feature_names_in=names_in,
+                                       feature_names_out=names_out, columns_in=columns_in)
+
+
+def _block_moments(block, batch_idx, n_batches, Z, column_start):
+    values = np.asarray(block.to_numpy() if isinstance(block, pd.DataFrame) else block)
+    if values.shape[0] != len(batch_idx):
+        raise ValueError(f"a block of X has {values.shape[0]} rows where {len(batch_idx)} "
+                         "were expected")
+    with np.errstate(all="ignore"):
+        bad = np.flatnonzero(~np.isfinite(values.sum(axis=0)))
+    bad = bad[~np.isfinite(values[:, bad]).all(axis=0)] if bad.size else bad
+    if bad.size:
+        raise ValueError(f"X has NaN or infinite values in feature column(s) "
+                         f"{(bad + column_start)[:10].tolist()}; ComBat needs finite values "
+                         "(impute or drop them first)")
+    return streaming.chunk_moments(values, batch_idx, n_batches, Z)
+
+
+def _concatenate_features(parts):
+    """Statistics of column blocks (same rows) joined along the features."""
+    first = parts[0]
+    return streaming.SiteMoments(
+        n=first.n, zbar=first.zbar, czz=first.czz,
+        xbar=np.concatenate([p.xbar for p in parts], axis=-1),
+        czx=np.concatenate([p.czx for p in parts], axis=-1),
+        cxx=np.concatenate([p.cxx for p in parts], axis=-1),
+        max_abs=np.concatenate([p.max_abs for p in parts], axis=-1))
+
+
+def transform(combat, X, batch, covariates):
+    """Lazy harmonization of a dask array or DataFrame with a fitted ``combat``."""
+    if _is_dataframe(X):
+        return _transform_dataframe(combat, X, batch, covariates)
+    if combat.batch_col is not None:
+        raise TypeError(f"batch_col={combat.batch_col!r} needs X as a DataFrame holding the "
+                        "site column; for a dask array fit with batch= and batch_col=None")
+    if X.ndim != 2 or X.shape[1] != combat.n_features_in_:
+        raise ValueError(f"X has shape {X.shape}; CombatHarmonizer is expecting "
+                         f"{combat.n_features_in_} features")
+    if any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() first")
+    if batch is None:
+        raise ValueError("pass the site of each row of a dask array with batch=")
+    batch = np.asarray(batch)
+    if batch.shape != (X.shape[0],):
+        raise ValueError(f"batch has shape {batch.shape} for {X.shape[0]} rows of X")
+    _check_seen(combat, batch)
+    covariates = None if covariates is None else covariates.reset_index(drop=True)
+    dtype = np.float32 if X.dtype == np.float32 else np.float64
+    X = X.rechunk({1: -1})  # a whole row per block: the model is per feature, rows stay rows
+
+    def harmonize_block(block, block_info=None):
+        start, stop = block_info[0]["array-location"][0]
+        return combat.transform(block, batch=batch[start:stop],
+                                covariates=None if covariates is None
+                                else covariates.iloc[start:stop])
+
+    return X.map_blocks(harmonize_block, dtype=dtype,
+                        chunks=(X.chunks[0], (len(combat.grand_mean_),)))
+
+
+def _transform_dataframe(combat, X, batch, covariates):
+    import dask
+
+    names = list(combat.get_feature_names_out())
+    meta = pd.DataFrame({name: pd.Series(dtype=np.float64) for name in names})
+    if combat.batch_col is not None:
+        if combat.batch_col not in X.columns:
+            raise ValueError(f"column(s) {[combat.batch_col]} not found in X (columns: "
+                             f"{list(X.columns)})")
+
+        def harmonize_partition(part):
+            _check_seen(combat, part[combat.batch_col].to_numpy())
+            return pd.DataFrame(combat.transform(part), columns=names, index=part.index)
+
+        return X.map_partitions(harmonize_partition, meta=meta)
+    if batch is None:
+        raise ValueError("pass the site of each row with batch= (or fit with batch_col)")
+    batch = np.asarray(batch)
+    lengths = dask.compute(*[dask.delayed(len)(p) for p in X.to_delayed()])
+    offsets = np.cumsum((0,) + tuple(lengths))
+    if offsets[-1] != len(batch):
+        raise ValueError(f"batch has {len(batch)} site labels for {offsets[-1]} rows of X")
+    _check_seen(combat, batch)
+    covariates = None if covariates is None else covariates.reset_index(drop=True)
+
+    def harmonize_partition(part, partition_info=None):
+        i = partition_info["number"]
+        rows = slice(offsets[i], offsets[i + 1])
+        return pd.DataFrame(
+            combat.transform(part, batch=batch[rows],
+                             covariates=None if covariates is None else covariates.iloc[rows]),
+            columns=names, index=part.index)
+
+    return X.map_partitions(harmonize_partition, meta=meta)
+
+
+def _check_seen(combat, sites):
+    unseen = pd.unique(sites[pd.Index(combat.batches_).get_indexer(sites) < 0])
+    if len(unseen):
+        raise ValueError(
+            f"site(s) {format_labels(unseen)} were not seen in fit (fitted sites: "
+            f"{format_labels(combat.batches_)}); a dask input is harmonized block by block, so "
+            "new sites cannot be estimated from it (unseen_batch='adapt' needs the rows in "
+            "memory: compute them first)")
