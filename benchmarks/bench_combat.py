@@ -14,12 +14,12 @@ times, in the same run:
 For each case it prints our wall time as the median and range (min-max) of ``--repeats`` calls
 in this process, and separately the first call in each of ``--fresh`` new processes (imports
 done, nothing else run before: what a script calling ComBat once pays); neuroCombat's wall time
-(one run), the ratio of neuroCombat's time to our median, the largest element-wise relative difference between the two
-outputs, and the ``tracemalloc`` peak of each call (measured in a separate run, since tracing
-slows Python-level allocation) as a multiple of the input array's size. Then a scaling table,
-ours only: parametric ``fit_transform`` and ``transform`` (of the same rows as new rows) for
-10k, 50k, 200k features and 100, 300, 1000 subjects, with the time per value relative to the
-300 x 50,000 run (1.0 means linear growth).
+(one run), the ratio of neuroCombat's time to our median, the largest element-wise relative
+difference between the two outputs, and the ``tracemalloc`` peak of each call (measured in a
+separate run, since tracing slows Python-level allocation) as a multiple of the input array's
+size. Then a scaling table, ours only: parametric ``fit_transform`` and ``transform`` (of the
+same rows as new rows) for 10k, 50k, 200k features and 100, 300, 1000 subjects, with the time
+per value relative to the 300 x 50,000 run (1.0 means linear growth).
 
 Usage::
 
@@ -83,8 +83,9 @@ def run_neurocombat(X, covars, parametric):
     # neuroCombat prints progress and warns on its own divisions by zero.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = neuroCombat(dat=X.T, covars=covars, batch_col="site", continuous_cols=["age"],
-                          parametric=parametric)
+        out = neuroCombat(
+            dat=X.T, covars=covars, batch_col="site", continuous_cols=["age"], parametric=parametric
+        )
     return out["data"].T
 
 
@@ -115,9 +116,14 @@ def first_calls(n_subjects, n_features, seed, parametric, dtype, fresh):
     """Wall time of the first call of ours in each of ``fresh`` new processes."""
     times = []
     for _ in range(fresh):
-        command = [sys.executable, __file__, "--first-call",
-                   f"{n_subjects},{n_features},{seed},{int(parametric)},{dtype}",
-                   "--n-jobs", str(N_JOBS)]
+        command = [
+            sys.executable,
+            __file__,
+            "--first-call",
+            f"{n_subjects},{n_features},{seed},{int(parametric)},{dtype}",
+            "--n-jobs",
+            str(N_JOBS),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         times.append(float(done.stdout.split()[-1]))
     return np.array(times)
@@ -147,8 +153,7 @@ def relative_difference(ours, reference):
     return float(np.max(np.abs(ours - reference) / np.abs(reference)))
 
 
-def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, fresh=0,
-            seed=0):
+def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, fresh=0, seed=0):
     """One row of the comparison table: a dict of printable values, plus, under keys starting
     with ``_``, the peer's time and output and whether the numbers agree.
 
@@ -158,12 +163,19 @@ def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, f
     print(f"running {name} ...", file=sys.stderr, flush=True)
     times, ours_out = wall_times(lambda: run_ours(X, covars, parametric), repeats)
     ours_time = float(np.median(times))
-    firsts = (first_calls(*X.shape, seed, parametric, X.dtype.name, fresh) if fresh
-              else np.array([]))
+    firsts = first_calls(*X.shape, seed, parametric, X.dtype.name, fresh) if fresh else np.array([])
     ours_peak = peak_memory(lambda: run_ours(X, covars, parametric))
-    row = dict(case=name, ours=spread(times), first=spread(firsts) if fresh else "-",
-               ours_mem=f"{ours_peak / X.nbytes:.2f}x", peer="-", ratio="-", diff="-",
-               peer_mem="-", _agree=True)
+    row = dict(
+        case=name,
+        ours=spread(times),
+        first=spread(firsts) if fresh else "-",
+        ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+        peer="-",
+        ratio="-",
+        diff="-",
+        peer_mem="-",
+        _agree=True,
+    )
     if isinstance(peer, np.ndarray):
         diff = relative_difference(ours_out, peer)
         row.update(diff=f"{diff:.1e}", _agree=diff < 1e-6)
@@ -171,11 +183,16 @@ def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, f
         peer_time, peer_out = best_time(lambda: run_neurocombat(X, covars, parametric), 1)
         peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
         diff = relative_difference(ours_out, peer_out)
-        row.update(peer=f"{peer_time:.2f}",
-                   ratio=f"{peer_time / ours_time:.0f}x ({peer_time / times.max():.0f}-"
-                         f"{peer_time / times.min():.0f}x)",
-                   diff=f"{diff:.1e}", peer_mem=f"{peer_peak / X.nbytes:.2f}x",
-                   _agree=diff < 1e-8, _peer_time=peer_time, _peer_out=peer_out)
+        row.update(
+            peer=f"{peer_time:.2f}",
+            ratio=f"{peer_time / ours_time:.0f}x ({peer_time / times.max():.0f}-"
+            f"{peer_time / times.min():.0f}x)",
+            diff=f"{diff:.1e}",
+            peer_mem=f"{peer_peak / X.nbytes:.2f}x",
+            _agree=diff < 1e-8,
+            _peer_time=peer_time,
+            _peer_out=peer_out,
+        )
     elif extrapolate_from is not None:
         base_time, base_features = extrapolate_from
         peer_time = base_time * (X.shape[1] / base_features) ** 2
@@ -198,14 +215,24 @@ def scaling_rows(sizes, repeats):
     for n_subjects, n_features in sizes:
         X, covars = make_cohort(n_subjects, n_features, seed=1)
         combat = CombatHarmonizer(continuous_cols=["age"])
+        site = covars["site"]
         fit_time, _ = best_time(
-            lambda: combat.fit_transform(X, batch=covars["site"], covariates=covars), repeats)
+            lambda c=combat, X=X, s=site, z=covars: c.fit_transform(X, batch=s, covariates=z),
+            repeats,
+        )
         transform_time, _ = best_time(
-            lambda: combat.transform(X, batch=covars["site"], covariates=covars), repeats)
+            lambda c=combat, X=X, s=site, z=covars: c.transform(X, batch=s, covariates=z), repeats
+        )
         per_value[n_subjects, n_features] = (fit_time / X.size, transform_time / X.size)
-        rows.append(dict(n=n_subjects, g=n_features, fit=f"{fit_time:.3f}",
-                         transform=f"{transform_time:.3f}",
-                         ns=f"{1e9 * fit_time / X.size:.1f}"))
+        rows.append(
+            dict(
+                n=n_subjects,
+                g=n_features,
+                fit=f"{fit_time:.3f}",
+                transform=f"{transform_time:.3f}",
+                ns=f"{1e9 * fit_time / X.size:.1f}",
+            )
+        )
     return rows, per_value
 
 
@@ -214,9 +241,10 @@ def describe_machine():
         import neuroCombat  # noqa: F401
     except ImportError:
         sys.exit('neuroCombat is not installed: pip install -e ".[benchmark]"')
+    from importlib.metadata import version
+
     import scipy
     import sklearn
-    from importlib.metadata import version
 
     try:
         with open("/proc/meminfo") as f:
@@ -230,34 +258,54 @@ def describe_machine():
     except (OSError, StopIteration):
         pass
     try:
-        load = "load average %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg()
+        load = "load average {:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
     except OSError:
         load = "load unknown"
     from threadpoolctl import threadpool_info
 
-    blas = ", ".join(f"{i['internal_api']} {i.get('architecture', '')}".strip()
-                     for i in threadpool_info() if i["user_api"] == "blas")
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-                   if k in os.environ) or "OPENBLAS_CORETYPE unset"
-    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, "
-            f"{os.cpu_count()} cores, {memory}, {load}; BLAS {blas} ({env}); ours with "
-            f"n_jobs={N_JOBS}; "
-            f"Python {platform.python_version()}, numpy {np.__version__}, scipy "
-            f"{scipy.__version__}, scikit-learn {sklearn.__version__}, kwneuro_sk "
-            f"{version('kwneuro_sk')}, neuroCombat {version('neuroCombat')}")
+    blas = ", ".join(
+        f"{i['internal_api']} {i.get('architecture', '')}".strip()
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    )
+    env = (
+        " ".join(
+            f"{k}={os.environ[k]}"
+            for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+            if k in os.environ
+        )
+        or "OPENBLAS_CORETYPE unset"
+    )
+    return (
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, "
+        f"{os.cpu_count()} cores, {memory}, {load}; BLAS {blas} ({env}); ours with "
+        f"n_jobs={N_JOBS}; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, scipy "
+        f"{scipy.__version__}, scikit-learn {sklearn.__version__}, kwneuro_sk "
+        f"{version('kwneuro_sk')}, neuroCombat {version('neuroCombat')}"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes: a check that everything runs, not a measurement")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="runs of ours per timing, best kept (default 5)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: a check that everything runs, not a measurement",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs of ours per timing, best kept (default 5)"
+    )
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
-    parser.add_argument("--fresh", type=int, default=3,
-                        help="new processes whose first call is timed, per case (default 3)")
-    parser.add_argument("--n-jobs", type=int, default=1,
-                        help="CombatHarmonizer(n_jobs=...) for ours (default 1)")
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=3,
+        help="new processes whose first call is timed, per case (default 3)",
+    )
+    parser.add_argument(
+        "--n-jobs", type=int, default=1, help="CombatHarmonizer(n_jobs=...) for ours (default 1)"
+    )
     parser.add_argument("--first-call", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global N_JOBS
@@ -276,34 +324,84 @@ def main(argv=None):
     print(describe_machine())
     print()
     X, covars = make_cohort(n, g_param)
-    rows = [compare(f"parametric {n} x {g_param:,} float64", X, covars, True, args.repeats,
-                    True, fresh=args.fresh)]
+    rows = [
+        compare(
+            f"parametric {n} x {g_param:,} float64",
+            X,
+            covars,
+            True,
+            args.repeats,
+            True,
+            fresh=args.fresh,
+        )
+    ]
     reference = rows[0].pop("_peer_out")
-    rows.append(compare(f"parametric {n} x {g_param:,} float32", X.astype(np.float32), covars,
-                        True, args.repeats, reference, fresh=args.fresh))
+    rows.append(
+        compare(
+            f"parametric {n} x {g_param:,} float32",
+            X.astype(np.float32),
+            covars,
+            True,
+            args.repeats,
+            reference,
+            fresh=args.fresh,
+        )
+    )
     del X, reference
 
     X, covars = make_cohort(n, g_np, seed=2)
-    rows.append(compare(f"non-parametric {n} x {g_np:,}", X, covars, False, args.repeats, True,
-                        fresh=args.fresh, seed=2))
+    rows.append(
+        compare(
+            f"non-parametric {n} x {g_np:,}",
+            X,
+            covars,
+            False,
+            args.repeats,
+            True,
+            fresh=args.fresh,
+            seed=2,
+        )
+    )
     rows[-1].pop("_peer_out")
     X, covars = make_cohort(n, g_np_big, seed=3)
-    rows.append(compare(f"non-parametric {n} x {g_np_big:,}", X, covars, False, 1, False,
-                        extrapolate_from=(rows[-1]["_peer_time"], g_np)))
+    rows.append(
+        compare(
+            f"non-parametric {n} x {g_np_big:,}",
+            X,
+            covars,
+            False,
+            1,
+            False,
+            extrapolate_from=(rows[-1]["_peer_time"], g_np),
+        )
+    )
     del X
 
-    print(f"ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds: ours as "
-          f"median (min-max) of {args.repeats} calls in one process, 'first call' the first "
-          f"call in each of {args.fresh} fresh processes; neuroCombat one run; speed-up = "
-          "neuroCombat / our median (range over our calls); peak = tracemalloc peak / input "
-          "array size)")
-    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("first", "first call (s)"),
-                       ("peer", "neuroCombat (s)"),
-                       ("ratio", "speed-up"), ("diff", "max rel diff"),
-                       ("ours_mem", "ours peak"), ("peer_mem", "neuroCombat peak")])
-    print("float32 row: difference against neuroCombat's float64 output on the same values "
-          f"(float32 rounding). Extrapolated: neuroCombat's non-parametric time at {g_np:,} "
-          f"features times (G / {g_np:,})^2, since its cost is O(G^2 n).")
+    print(
+        f"ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds: ours as "
+        f"median (min-max) of {args.repeats} calls in one process, 'first call' the first "
+        f"call in each of {args.fresh} fresh processes; neuroCombat one run; speed-up = "
+        "neuroCombat / our median (range over our calls); peak = tracemalloc peak / input "
+        "array size)"
+    )
+    print_table(
+        rows,
+        [
+            ("case", "case"),
+            ("ours", "ours (s)"),
+            ("first", "first call (s)"),
+            ("peer", "neuroCombat (s)"),
+            ("ratio", "speed-up"),
+            ("diff", "max rel diff"),
+            ("ours_mem", "ours peak"),
+            ("peer_mem", "neuroCombat peak"),
+        ],
+    )
+    print(
+        "float32 row: difference against neuroCombat's float64 output on the same values "
+        f"(float32 rounding). Extrapolated: neuroCombat's non-parametric time at {g_np:,} "
+        f"features times (G / {g_np:,})^2, since its cost is O(G^2 n)."
+    )
 
     if not args.no_scaling:
         table, per_value = scaling_rows(sizes, args.repeats)
@@ -314,11 +412,22 @@ def main(argv=None):
             r["transform_rel"] = f"{transform_pv / ref[1]:.2f}"
             r["n"], r["g"] = f"{r['n']:,}", f"{r['g']:,}"
         print()
-        print(f"Scaling, parametric, ours only (per-value time relative to {sizes[1][0]} x "
-              f"{sizes[1][1]:,}; 1.00 = linear)")
-        print_table(table, [("n", "subjects"), ("g", "features"), ("fit", "fit_transform (s)"),
-                            ("ns", "ns / value"), ("fit_rel", "relative"),
-                            ("transform", "transform (s)"), ("transform_rel", "relative")])
+        print(
+            f"Scaling, parametric, ours only (per-value time relative to {sizes[1][0]} x "
+            f"{sizes[1][1]:,}; 1.00 = linear)"
+        )
+        print_table(
+            table,
+            [
+                ("n", "subjects"),
+                ("g", "features"),
+                ("fit", "fit_transform (s)"),
+                ("ns", "ns / value"),
+                ("fit_rel", "relative"),
+                ("transform", "transform (s)"),
+                ("transform_rel", "relative"),
+            ],
+        )
 
     disagree = [r["case"] for r in rows if not r["_agree"]]
     if disagree:
@@ -356,11 +465,14 @@ def gam_row(n, g, g_peer, repeats):
     peer_time, _ = best_time(lambda: run_neuroharmonize_gam(small, covars), 1)
     peer_peak = peak_memory(lambda: run_neuroharmonize_gam(small, covars))
     extrapolated = peer_time * g / g_peer
-    return dict(case=f"GAM (smooth age) {n} x {g:,}", ours=f"{ours_time:.3f}",
-                peer=f"~{extrapolated:.0f} (measured {peer_time:.1f} s at {g_peer:,})",
-                ratio=f"~{extrapolated / ours_time:.0f}x",
-                ours_mem=f"{ours_peak / X.nbytes:.2f}x",
-                peer_mem=f"{peer_peak / small.nbytes:.2f}x (at {g_peer:,})")
+    return dict(
+        case=f"GAM (smooth age) {n} x {g:,}",
+        ours=f"{ours_time:.3f}",
+        peer=f"~{extrapolated:.0f} (measured {peer_time:.1f} s at {g_peer:,})",
+        ratio=f"~{extrapolated / ours_time:.0f}x",
+        ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+        peer_mem=f"{peer_peak / small.nbytes:.2f}x (at {g_peer:,})",
+    )
 
 
 def run_covbat_reference(X, covars, percent_var=0.95):
@@ -380,8 +492,9 @@ def run_covbat_reference(X, covars, percent_var=0.95):
         share = np.cumsum(singular**2) / np.sum(singular**2)
         k = int(np.flatnonzero(share > percent_var)[0]) + 1
         scores = ((residuals - center) / scale) @ vt[:k].T
-        adjusted = neuroCombat(dat=scores.T, covars=covars[["site"]], batch_col="site",
-                               eb=False)["data"].T
+        adjusted = neuroCombat(dat=scores.T, covars=covars[["site"]], batch_col="site", eb=False)[
+            "data"
+        ].T
     return residuals + ((adjusted - scores) @ vt[:k]) * scale + center + location - center
 
 
@@ -400,9 +513,15 @@ def covbat_row(n, g, repeats):
     peer_time, peer_out = best_time(lambda: run_covbat_reference(X, covars), 1)
     peer_peak = peak_memory(lambda: run_covbat_reference(X, covars))
     diff = relative_difference(ours_out, peer_out)
-    return dict(case=f"CovBat {n} x {g:,}", ours=f"{ours_time:.3f}", peer=f"{peer_time:.2f}",
-                ratio=f"{peer_time / ours_time:.0f}x", diff=f"{diff:.1e}",
-                ours_mem=f"{ours_peak / X.nbytes:.2f}x", peer_mem=f"{peer_peak / X.nbytes:.2f}x")
+    return dict(
+        case=f"CovBat {n} x {g:,}",
+        ours=f"{ours_time:.3f}",
+        peer=f"{peer_time:.2f}",
+        ratio=f"{peer_time / ours_time:.0f}x",
+        diff=f"{diff:.1e}",
+        ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+        peer_mem=f"{peer_peak / X.nbytes:.2f}x",
+    )
 
 
 def main_gam_covbat(argv=None):
@@ -410,22 +529,36 @@ def main_gam_covbat(argv=None):
     parser.add_argument("--gam-covbat", action="store_true")
     parser.add_argument("--quick", action="store_true", help="100 x 5,000 instead of 300 x 50,000")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-features", type=int, default=300,
-                        help="features neuroHarmonize's GAM is timed on (default 300)")
+    parser.add_argument(
+        "--peer-features",
+        type=int,
+        default=300,
+        help="features neuroHarmonize's GAM is timed on (default 300)",
+    )
     args = parser.parse_args(argv)
     n, g = (100, 5_000) if args.quick else (300, 50_000)
     print(describe_machine())
     print()
-    rows = [gam_row(n, g, min(args.peer_features, g), args.repeats),
-            covbat_row(n, g, args.repeats)]
+    rows = [gam_row(n, g, min(args.peer_features, g), args.repeats), covbat_row(n, g, args.repeats)]
     for row in rows:
         row.setdefault("diff", "-")
-    print("GAM: ours vs neuroHarmonize 2.5.2 smooth_terms (extrapolated linearly in features); "
-          "CovBat: ours vs neuroCombat + PCA + score neuroCombat (the original algorithm). "
-          "Wall time in seconds; peak = tracemalloc peak / input array size")
-    print_table(rows, [("case", "case"), ("ours", "ours (s)"), ("peer", "peer (s)"),
-                       ("ratio", "speed-up"), ("diff", "max rel diff"),
-                       ("ours_mem", "ours peak"), ("peer_mem", "peer peak")])
+    print(
+        "GAM: ours vs neuroHarmonize 2.5.2 smooth_terms (extrapolated linearly in features); "
+        "CovBat: ours vs neuroCombat + PCA + score neuroCombat (the original algorithm). "
+        "Wall time in seconds; peak = tracemalloc peak / input array size"
+    )
+    print_table(
+        rows,
+        [
+            ("case", "case"),
+            ("ours", "ours (s)"),
+            ("peer", "peer (s)"),
+            ("ratio", "speed-up"),
+            ("diff", "max rel diff"),
+            ("ours_mem", "ours peak"),
+            ("peer_mem", "peer peak"),
+        ],
+    )
     if float(rows[1]["diff"]) > 1e-8:
         sys.exit(f"CovBat differs from the original algorithm: {rows[1]['diff']}")
 

@@ -34,9 +34,7 @@ import time
 import numpy as np
 
 MNI_SHAPE = (91, 109, 91)
-MNI_AFFINE = np.array(
-    [[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]]
-)
+MNI_AFFINE = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
 METHODS = ("kwneuro_sk", "nilearn", "nibabel_load")
 
 
@@ -103,8 +101,18 @@ def _worker(args):
 
 def _spawn(method, atlas_path, paths_file, out_path, n_jobs):
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", method, "--atlas", atlas_path,
-        "--paths-file", paths_file, "--out", out_path, "--n-jobs", str(n_jobs),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        method,
+        "--atlas",
+        atlas_path,
+        "--paths-file",
+        paths_file,
+        "--out",
+        out_path,
+        "--n-jobs",
+        str(n_jobs),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -125,8 +133,11 @@ def main(argv=None):
         return _worker(args)
 
     with tempfile.TemporaryDirectory() as directory:
-        print(f"Writing {args.n_images} MNI-grid float32 images and a {args.n_regions}-region "
-              "atlas ...", flush=True)
+        print(
+            f"Writing {args.n_images} MNI-grid float32 images and a {args.n_regions}-region "
+            "atlas ...",
+            flush=True,
+        )
         atlas_path, paths = make_data(directory, args.n_images, args.n_regions)
         paths_file = os.path.join(directory, "paths.txt")
         with open(paths_file, "w") as f:
@@ -147,23 +158,30 @@ def main(argv=None):
                     outputs[method] = np.load(out_path)
 
     ours, theirs = outputs["kwneuro_sk"], outputs["nilearn"]
-    assert ours.shape == theirs.shape == (args.n_images, args.n_regions), (ours.shape,
-                                                                            theirs.shape)
+    assert ours.shape == theirs.shape == (args.n_images, args.n_regions), (ours.shape, theirs.shape)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     print(f"\nkwneuro_sk and nilearn agree to 1e-6 relative on {ours.shape} signals.\n")
 
     load, load_cpu = results["nibabel_load"]["seconds"], results["nibabel_load"]["cpu"]
-    print(f"{'method':<14} {'seconds':>9} {'s/image':>9} {'vs load':>8} {'CPU s':>8} "
-          f"{'CPU vs load':>12} {'peak MB':>8}")
+    print(
+        f"{'method':<14} {'seconds':>9} {'s/image':>9} {'vs load':>8} {'CPU s':>8} "
+        f"{'CPU vs load':>12} {'peak MB':>8}"
+    )
     for method in METHODS:
         seconds, cpu, peak = (results[method][key] for key in ("seconds", "cpu", "peak_mb"))
-        print(f"{method:<14} {seconds:9.2f} {seconds / args.n_images:9.4f} "
-              f"{seconds / load:8.2f} {cpu:8.2f} {cpu / load_cpu:12.2f} {peak:8.0f}")
+        print(
+            f"{method:<14} {seconds:9.2f} {seconds / args.n_images:9.4f} "
+            f"{seconds / load:8.2f} {cpu:8.2f} {cpu / load_cpu:12.2f} {peak:8.0f}"
+        )
     speedup = results["nilearn"]["seconds"] / results["kwneuro_sk"]["seconds"]
-    print(f"\nkwneuro_sk is {speedup:.1f}x faster than nilearn's NiftiLabelsMasker and takes "
-          f"{results['kwneuro_sk']['seconds'] / load:.2f}x the nibabel load-only time.")
-    print(f"Best of {args.repeats} runs per method. Peak MB is each subprocess's maximum "
-          "resident memory, imports included.")
+    print(
+        f"\nkwneuro_sk is {speedup:.1f}x faster than nilearn's NiftiLabelsMasker and takes "
+        f"{results['kwneuro_sk']['seconds'] / load:.2f}x the nibabel load-only time."
+    )
+    print(
+        f"Best of {args.repeats} runs per method. Peak MB is each subprocess's maximum "
+        "resident memory, imports included."
+    )
 
 
 if __name__ == "__main__":

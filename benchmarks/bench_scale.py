@@ -90,7 +90,8 @@ def make_cohort(directory, n_subjects, n_distinct, seed=1):
     age = rng.uniform(20, 80, n_subjects).round()
     sex = rng.choice(["F", "M"], n_subjects)
     pd.DataFrame({"path": paths, "site": sites, "age": age, "sex": sex}).to_csv(
-        os.path.join(cohort, "covars.csv"), index=False)
+        os.path.join(cohort, "covars.csv"), index=False
+    )
     return cohort
 
 
@@ -120,18 +121,24 @@ def run(method, cohort, mask_path):
             nib.save(img, os.path.join(out, f"sub-{i:05d}_harmonized.nii.gz"))
     elif method.startswith("streamed"):
         n_jobs = 2 if method == "streamed-2" else 1
-        harmonize_volumes(paths, covars, "site", mask_path, output_dir=out, n_jobs=n_jobs,
-                          **OPTIONS)
+        harmonize_volumes(
+            paths, covars, "site", mask_path, output_dir=out, n_jobs=n_jobs, **OPTIONS
+        )
     else:
         import joblib
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             result["cluster start"] = time.perf_counter() - start
             with joblib.parallel_config(backend="dask"):
-                harmonize_volumes(paths, covars, "site", mask_path, output_dir=out, n_jobs=-1,
-                                  **OPTIONS)
+                harmonize_volumes(
+                    paths, covars, "site", mask_path, output_dir=out, n_jobs=-1, **OPTIONS
+                )
             workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             result["worker peak RSS"] = max(workers.values()) * 1024
             cpu = client.run(lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2]))
@@ -148,8 +155,12 @@ def run(method, cohort, mask_path):
 
 
 def _in_subprocess(method, cohort, mask_path):
-    out = subprocess.run([sys.executable, __file__, "--child", method, cohort, mask_path],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, cohort, mask_path],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -158,8 +169,12 @@ def main():
     parser.add_argument("--n-subjects", type=int, nargs="+", default=[120, 1000, 4000])
     parser.add_argument("--distinct", type=int, default=200, help="distinct volume files")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--max-in-memory", type=int, default=1000,
-                        help="largest cohort run in memory (it needs ~4 GiB per 1,000)")
+    parser.add_argument(
+        "--max-in-memory",
+        type=int,
+        default=1000,
+        help="largest cohort run in memory (it needs ~4 GiB per 1,000)",
+    )
     parser.add_argument("--directory", default=None, help="where to write (default: a tempdir)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,11 +186,17 @@ def main():
     try:
         start = time.perf_counter()
         make_distinct(directory, args.distinct)
-        print(f"wrote {args.distinct} distinct float32 MNI 2 mm .nii.gz volumes in "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"wrote {args.distinct} distinct float32 MNI 2 mm .nii.gz volumes in "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         mask_path = os.path.join(directory, "mask.nii.gz")
-        print(f"{'subjects':>8} {'method':<10} {'wall (s)':>9} {'s/subject':>10} "
-              f"{'CPU (s)':>8} {'peak RSS':>10}  detail", flush=True)
+        print(
+            f"{'subjects':>8} {'method':<10} {'wall (s)':>9} {'s/subject':>10} "
+            f"{'CPU (s)':>8} {'peak RSS':>10}  detail",
+            flush=True,
+        )
         for n in args.n_subjects:
             cohort = make_cohort(directory, n, args.distinct)
             for method in args.methods:
@@ -185,9 +206,14 @@ def main():
                 r = _in_subprocess(method, cohort, mask_path)
                 detail = ", ".join(
                     f"{k} {v / 2**20:.0f} MiB" if "RSS" in k else f"{k} {v:.1f} s"
-                    for k, v in r.items() if k not in ("wall", "cpu", "peak RSS"))
-                print(f"{n:>8} {method:<10} {r['wall']:9.1f} {r['wall'] / n:10.3f} "
-                      f"{r['cpu']:8.1f} {r['peak RSS'] / 2**30:6.2f} GiB  {detail}", flush=True)
+                    for k, v in r.items()
+                    if k not in ("wall", "cpu", "peak RSS")
+                )
+                print(
+                    f"{n:>8} {method:<10} {r['wall']:9.1f} {r['wall'] / n:10.3f} "
+                    f"{r['cpu']:8.1f} {r['peak RSS'] / 2**30:6.2f} GiB  {detail}",
+                    flush=True,
+                )
             shutil.rmtree(cohort)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

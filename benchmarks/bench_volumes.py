@@ -69,12 +69,17 @@ def make_data(directory, n_subjects, seed=0):
     paths = []
     for i in range(n_subjects):
         noise = rng.standard_normal(shape, dtype=np.float32)
-        data = (base + offset[sites[i]] + np.float32(0.002 * age[i] + 0.03 * (sex[i] == "M"))
-                + np.float32(0.05 * scale[sites[i]]) * noise)
+        data = (
+            base
+            + offset[sites[i]]
+            + np.float32(0.002 * age[i] + 0.03 * (sex[i] == "M"))
+            + np.float32(0.05 * scale[sites[i]]) * noise
+        )
         paths.append(os.path.join(directory, f"sub-{i:03d}.nii"))
         nib.save(nib.Nifti1Image(data, affine), paths[-1])
     pd.DataFrame({"path": paths, "site": sites, "age": age, "sex": sex}).to_csv(
-        os.path.join(directory, "covars.csv"), index=False)
+        os.path.join(directory, "covars.csv"), index=False
+    )
 
 
 def _maxrss_bytes():
@@ -105,8 +110,9 @@ def run(method, directory):
         X = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32)[mask] for p in paths])
         timings["read"] = time.perf_counter() - start
         with contextlib.redirect_stdout(io.StringIO()):
-            result = neuroCombat(dat=X.T.astype(np.float64), covars=covars, batch_col="site",
-                                 **OPTIONS)["data"]
+            result = neuroCombat(
+                dat=X.T.astype(np.float64), covars=covars, batch_col="site", **OPTIONS
+            )["data"]
         timings["neuroCombat"] = time.perf_counter() - start - timings["read"]
         timings["total"] = time.perf_counter() - start
     traced_peak = tracemalloc.get_traced_memory()[1]
@@ -117,21 +123,33 @@ def run(method, directory):
     else:
         harmonized = result.T
     np.save(os.path.join(directory, f"result-{method}.npy"), harmonized)
-    return {"timings": timings, "tracemalloc_peak": traced_peak, "rss_growth": rss_growth,
-            "maxrss": _maxrss_bytes()}
+    return {
+        "timings": timings,
+        "tracemalloc_peak": traced_peak,
+        "rss_growth": rss_growth,
+        "maxrss": _maxrss_bytes(),
+    }
 
 
 def _in_subprocess(method, directory):
-    out = subprocess.run([sys.executable, __file__, "--child", method, directory],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, directory],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-subjects", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per method; the best time and its memory are reported")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per method; the best time and its memory are reported",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,8 +159,10 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
         make_data(directory, args.n_subjects)
-        print(f"wrote {args.n_subjects} float32 MNI 2 mm volumes in "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"wrote {args.n_subjects} float32 MNI 2 mm volumes in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
         results = {}
         for method in METHODS:
             runs = [_in_subprocess(method, directory) for _ in range(args.repeats)]
@@ -150,18 +170,26 @@ def main():
         ours = np.load(os.path.join(directory, "result-kwneuro_sk.npy"))
         theirs = np.load(os.path.join(directory, "result-neuroCombat.npy"))
     rel = np.max(np.abs(ours - theirs) / np.abs(theirs))
-    print(f"{ours.shape[0]} subjects x {ours.shape[1]} in-mask voxels, 3 sites, sex + age; "
-          f"max relative difference {rel:.1e}")
-    print(f"{'method':<12} {'time (s)':>9} {'tracemalloc peak':>17} {'RSS growth':>11} "
-          f"{'peak RSS':>9}   detail")
+    print(
+        f"{ours.shape[0]} subjects x {ours.shape[1]} in-mask voxels, 3 sites, sex + age; "
+        f"max relative difference {rel:.1e}"
+    )
+    print(
+        f"{'method':<12} {'time (s)':>9} {'tracemalloc peak':>17} {'RSS growth':>11} "
+        f"{'peak RSS':>9}   detail"
+    )
     for method, r in results.items():
         detail = ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items() if k != "total")
-        print(f"{method:<12} {r['timings']['total']:9.1f} {r['tracemalloc_peak'] / 2**20:13.0f} MiB"
-              f" {r['rss_growth'] / 2**20:7.0f} MiB {r['maxrss'] / 2**20:5.0f} MiB   {detail}")
+        print(
+            f"{method:<12} {r['timings']['total']:9.1f} {r['tracemalloc_peak'] / 2**20:13.0f} MiB"
+            f" {r['rss_growth'] / 2**20:7.0f} MiB {r['maxrss'] / 2**20:5.0f} MiB   {detail}"
+        )
     ratio = results["neuroCombat"]["timings"]["total"] / results["kwneuro_sk"]["timings"]["total"]
     mem = results["neuroCombat"]["tracemalloc_peak"] / results["kwneuro_sk"]["tracemalloc_peak"]
-    print(f"kwneuro_sk is {ratio:.1f}x faster (reading included on both sides) and uses "
-          f"{mem:.1f}x less traced memory")
+    print(
+        f"kwneuro_sk is {ratio:.1f}x faster (reading included on both sides) and uses "
+        f"{mem:.1f}x less traced memory"
+    )
     if not rel < 1e-6:
         sys.exit(f"results differ: max relative difference {rel:.1e} >= 1e-6")
 

@@ -49,11 +49,14 @@ output.mkdir(parents=True, exist_ok=True)
 # --------------------------------------------------------------------------------------------
 # 1. Data: one row per subject; site, covariates and features side by side.
 # --------------------------------------------------------------------------------------------
-data, truth = make_site_features(n_subjects=300, n_features=20, n_sites=3,
-                                 random_state=0, return_effects=True)
+data, truth = make_site_features(
+    n_subjects=300, n_features=20, n_sites=3, random_state=0, return_effects=True
+)
 features = truth.feature_names
-print(f"{len(data)} subjects, {len(features)} features, sites: "
-      f"{data['site'].value_counts().sort_index().to_dict()}")
+print(
+    f"{len(data)} subjects, {len(features)} features, sites: "
+    f"{data['site'].value_counts().sort_index().to_dict()}"
+)
 
 # The harmonizer takes every column that is not the site or a covariate as a feature, so we
 # keep only site, covariates and features (no subject id, no diagnosis: the diagnosis is what
@@ -68,8 +71,11 @@ combat = CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["ag
 combat.set_output(transform="pandas")  # harmonized features keep their names
 train_h = combat.fit_transform(train)
 test_h = combat.transform(test)  # each row with its own site, age and sex
-print(f"fitted on {len(train)} rows, applied to {len(test)} held-out rows; "
-      f"output columns: {list(test_h.columns[:3])} ...")
+print(
+    f"fitted on {len(train)} rows, applied to {len(test)} held-out rows; "
+    f"output columns: {list(test_h.columns[:3])} ..."
+)
+
 
 # --------------------------------------------------------------------------------------------
 # 3. Can a classifier still tell the sites apart? Trained on the training rows, scored on the
@@ -84,9 +90,11 @@ def site_accuracy(X_train, X_test):
 raw_accuracy = site_accuracy(train[features], test[features])
 combat_accuracy = site_accuracy(train_h, test_h)
 age_accuracy = site_accuracy(train[["age"]], test[["age"]])
-print(f"site accuracy on held-out rows: raw features {raw_accuracy:.2f}, "
-      f"after ComBat {combat_accuracy:.2f}, age alone {age_accuracy:.2f}, "
-      f"chance {1 / 3:.2f}")
+print(
+    f"site accuracy on held-out rows: raw features {raw_accuracy:.2f}, "
+    f"after ComBat {combat_accuracy:.2f}, age alone {age_accuracy:.2f}, "
+    f"chance {1 / 3:.2f}"
+)
 
 # --------------------------------------------------------------------------------------------
 # 4. The estimates against the truth. ComBat standardizes each feature by its pooled residual
@@ -105,14 +113,18 @@ scale2 = truth.site_scale.loc[sites, features].to_numpy() ** 2
 true_delta = scale2 / (weights @ scale2)
 gamma_r = np.corrcoef(true_gamma.ravel(), fitted_gamma.ravel())[0, 1]
 delta_r = np.corrcoef(true_delta.ravel(), combat.delta_star_.ravel())[0, 1]
-print(f"gamma_star_ vs simulated site offsets: r = {gamma_r:.3f}, "
-      f"median |error| = {np.median(np.abs(fitted_gamma - true_gamma)):.4f} "
-      f"(feature units; site offsets have sd {true_gamma.std():.4f})")
+print(
+    f"gamma_star_ vs simulated site offsets: r = {gamma_r:.3f}, "
+    f"median |error| = {np.median(np.abs(fitted_gamma - true_gamma)):.4f} "
+    f"(feature units; site offsets have sd {true_gamma.std():.4f})"
+)
 print(f"delta_star_ vs simulated relative site variance: r = {delta_r:.3f}")
 for s, site in enumerate(sites):
-    print(f"  {site}: mean gamma* {fitted_gamma[s].mean():+.4f} "
-          f"(true {true_gamma[s].mean():+.4f}), "
-          f"mean delta* {combat.delta_star_[s].mean():.2f} (true {true_delta[s].mean():.2f})")
+    print(
+        f"  {site}: mean gamma* {fitted_gamma[s].mean():+.4f} "
+        f"(true {true_gamma[s].mean():+.4f}), "
+        f"mean delta* {combat.delta_star_[s].mean():.2f} (true {true_delta[s].mean():.2f})"
+    )
 
 # --------------------------------------------------------------------------------------------
 # 5. Save the model, load it elsewhere, harmonize the same rows: identical numbers.
@@ -121,8 +133,10 @@ model_file = output / "01_combat_estimates.npz"
 combat.estimates_.save(model_file)
 reloaded = CombatHarmonizer.from_estimates(CombatEstimates.load(model_file))
 difference = np.max(np.abs(reloaded.transform(test) - test_h.to_numpy()))
-print(f"saved to {model_file.name} ({model_file.stat().st_size / 1024:.0f} KiB); "
-      f"reloaded model max |difference| on held-out rows: {difference:.1e}")
+print(
+    f"saved to {model_file.name} ({model_file.stat().st_size / 1024:.0f} KiB); "
+    f"reloaded model max |difference| on held-out rows: {difference:.1e}"
+)
 
 # --------------------------------------------------------------------------------------------
 # Figures: the estimates per site, and a few features before and after (all rows).
@@ -130,5 +144,6 @@ print(f"saved to {model_file.name} ({model_file.stat().st_size / 1024:.0f} KiB);
 plot_combat_estimates(combat).savefig(output / "01_combat_estimates.png", dpi=100)
 all_h = pd.concat([train_h, test_h]).loc[table.index]
 plot_site_distributions(table[features], all_h, table["site"], max_features=3).savefig(
-    output / "01_site_distributions.png", dpi=100)
+    output / "01_site_distributions.png", dpi=100
+)
 print(f"figures written to {output}")

@@ -53,8 +53,10 @@ start = time.perf_counter()
 # 60 subjects; tests/test_examples.py sets KWNEURO_SK_EXAMPLES_N_SUBJECTS lower to run quicker.
 n_subjects = int(os.environ.get("KWNEURO_SK_EXAMPLES_N_SUBJECTS", 60))
 cohort = make_demo_cohort(n_subjects=n_subjects, random_state=0)
-print(f"cohort: {len(cohort.images)} images, {len(cohort.labels)} atlas regions, "
-      f"ready in {time.perf_counter() - start:.1f} s ({cohort.path})")
+print(
+    f"cohort: {len(cohort.images)} images, {len(cohort.labels)} atlas regions, "
+    f"ready in {time.perf_counter() - start:.1f} s ({cohort.path})"
+)
 
 X = cohort.covariates[["image", "site", "age", "sex"]]  # image paths next to the metadata
 y = (cohort.covariates["diagnosis"] == "patient").astype(int)
@@ -70,12 +72,14 @@ features = ColumnTransformer(
     remainder="passthrough",  # site, age and sex go on to ComBat
     verbose_feature_names_out=False,  # keep the names "site", "age", ... as they are
 ).set_output(transform="pandas")
-pipeline = Pipeline([
-    ("features", features),
-    ("combat", CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"])),
-    ("scale", StandardScaler()),
-    ("classifier", LogisticRegression(C=0.1, max_iter=2000)),
-])
+pipeline = Pipeline(
+    [
+        ("features", features),
+        ("combat", CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"])),
+        ("scale", StandardScaler()),
+        ("classifier", LogisticRegression(C=0.1, max_iter=2000)),
+    ]
+)
 
 # --------------------------------------------------------------------------------------------
 # 3. The search: region summary x ComBat flavour, scored by ROC AUC on 5 stratified folds.
@@ -84,27 +88,35 @@ pipeline = Pipeline([
 # "parametric" has nothing to switch.
 strategies = ["mean", "median"]
 grid = [
-    {"features__regions__strategy": strategies, "combat__eb": [True],
-     "combat__parametric": [True, False]},
+    {
+        "features__regions__strategy": strategies,
+        "combat__eb": [True],
+        "combat__parametric": [True, False],
+    },
     {"features__regions__strategy": strategies, "combat__eb": [False]},
 ]
-search = GridSearchCV(pipeline, grid, scoring="roc_auc",
-                      cv=StratifiedKFold(5, shuffle=True, random_state=0))
+search = GridSearchCV(
+    pipeline, grid, scoring="roc_auc", cv=StratifiedKFold(5, shuffle=True, random_state=0)
+)
 tick = time.perf_counter()
 search.fit(X, y)
 n_fits = len(search.cv_results_["params"]) * search.n_splits_
-print(f"\ngrid search: {n_fits} fits in {time.perf_counter() - tick:.1f} s "
-      "(each image read once per strategy thanks to the masker's cache)")
+print(
+    f"\ngrid search: {n_fits} fits in {time.perf_counter() - tick:.1f} s "
+    "(each image read once per strategy thanks to the masker's cache)"
+)
 
 results = pd.DataFrame(search.cv_results_)
-table = pd.DataFrame({
-    "strategy": results["param_features__regions__strategy"],
-    "eb": results["param_combat__eb"],
-    "parametric": results["param_combat__parametric"].fillna("-"),
-    "ROC AUC (mean)": results["mean_test_score"].round(3),
-    "ROC AUC (sd)": results["std_test_score"].round(3),
-    "rank": results["rank_test_score"],
-}).sort_values("rank")
+table = pd.DataFrame(
+    {
+        "strategy": results["param_features__regions__strategy"],
+        "eb": results["param_combat__eb"],
+        "parametric": results["param_combat__parametric"].fillna("-"),
+        "ROC AUC (mean)": results["mean_test_score"].round(3),
+        "ROC AUC (sd)": results["std_test_score"].round(3),
+        "rank": results["rank_test_score"],
+    }
+).sort_values("rank")
 print(table.to_string(index=False))
 print(f"best: {search.best_params_} with ROC AUC {search.best_score_:.3f}")
 table.to_csv(output / "02_grid_search.csv", index=False)

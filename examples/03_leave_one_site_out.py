@@ -49,14 +49,17 @@ output.mkdir(parents=True, exist_ok=True)
 # --------------------------------------------------------------------------------------------
 # 1. Six sites, 60 subjects each. Sites differ in mean age and in their share of patients.
 # --------------------------------------------------------------------------------------------
-data, truth = make_site_features(n_subjects=360, n_features=20, n_sites=6,
-                                 random_state=0, return_effects=True)
+data, truth = make_site_features(
+    n_subjects=360, n_features=20, n_sites=6, random_state=0, return_effects=True
+)
 features = truth.feature_names
 X = data[["site", "age", "sex", *features]]
 y = (data["diagnosis"] == "patient").astype(int)
 sites = data["site"]
-print(f"{len(X)} subjects from {sites.nunique()} sites; patients per site: "
-      f"{y.groupby(sites).mean().round(2).to_dict()}")
+print(
+    f"{len(X)} subjects from {sites.nunique()} sites; patients per site: "
+    f"{y.groupby(sites).mean().round(2).to_dict()}"
+)
 
 
 def classifier():
@@ -68,11 +71,14 @@ def classifier():
 # --------------------------------------------------------------------------------------------
 models = {
     "no harmonization": make_pipeline(
-        ColumnTransformer([("features", "passthrough", features)]), classifier()),
+        ColumnTransformer([("features", "passthrough", features)]), classifier()
+    ),
     "ComBat (adapt)": make_pipeline(
-        CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"],
-                         unseen_batch="adapt"),
-        classifier()),
+        CombatHarmonizer(
+            "site", categorical_cols=["sex"], continuous_cols=["age"], unseen_batch="adapt"
+        ),
+        classifier(),
+    ),
 }
 
 # What happens without "adapt": the left-out site is rejected, by name.
@@ -104,8 +110,12 @@ for metric in scoring:
 # --------------------------------------------------------------------------------------------
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), constrained_layout=True)
 for ax, metric in zip(axes, scoring):  # chance is 0.5 for both metrics
-    plot_site_predictability({name: table[metric] for name, table in folds.items()},
-                             chance=0.5, metric=metric, ax=ax,
-                             title=f"Diagnosis, site left out: {metric}")
+    plot_site_predictability(
+        {name: table[metric] for name, table in folds.items()},
+        chance=0.5,
+        metric=metric,
+        ax=ax,
+        title=f"Diagnosis, site left out: {metric}",
+    )
 fig.savefig(output / "03_leave_one_site_out.png", dpi=100)
 print(f"figure written to {output}")

@@ -52,29 +52,44 @@ output.mkdir(parents=True, exist_ok=True)
 n_subjects = int(os.environ.get("KWNEURO_SK_EXAMPLES_N_SUBJECTS", 60))
 cohort = make_demo_cohort(n_subjects=n_subjects, random_state=0)
 covariates = cohort.covariates
-fit_rows, new_rows = train_test_split(covariates, test_size=n_subjects // 4,
-                                      stratify=covariates["site"],
-                                      random_state=0)
+fit_rows, new_rows = train_test_split(
+    covariates, test_size=n_subjects // 4, stratify=covariates["site"], random_state=0
+)
 mask_img = load_mni152_brain_mask(resolution=2)  # ships with nilearn: no download
 mask = np.asarray(mask_img.dataobj) > 0
-print(f"{len(fit_rows)} images to fit, {len(new_rows)} held out; "
-      f"{mask.sum()} brain voxels of a {mask.shape} grid")
+print(
+    f"{len(fit_rows)} images to fit, {len(new_rows)} held out; "
+    f"{mask.sum()} brain voxels of a {mask.shape} grid"
+)
 
 # --------------------------------------------------------------------------------------------
 # 2. Fit and harmonize in one call.
 # --------------------------------------------------------------------------------------------
 tick = time.perf_counter()
 harmonized, estimates = harmonize_volumes(
-    fit_rows["image"].tolist(), fit_rows, "site", mask_img,
-    categorical_cols=["sex", "diagnosis"], continuous_cols=["age"])
-print(f"harmonize_volumes: {len(harmonized)} images x {mask.sum()} voxels "
-      f"in {time.perf_counter() - tick:.1f} s")
+    fit_rows["image"].tolist(),
+    fit_rows,
+    "site",
+    mask_img,
+    categorical_cols=["sex", "diagnosis"],
+    continuous_cols=["age"],
+)
+print(
+    f"harmonize_volumes: {len(harmonized)} images x {mask.sum()} voxels "
+    f"in {time.perf_counter() - tick:.1f} s"
+)
 
 
 def in_mask(images):
     """(n_images, n_voxels) matrix of the brain voxels of images given as paths or objects."""
-    return np.stack([np.asarray(nib.load(img).dataobj if isinstance(img, str) else img.dataobj,
-                                dtype=np.float32)[mask] for img in images])
+    return np.stack(
+        [
+            np.asarray(
+                nib.load(img).dataobj if isinstance(img, str) else img.dataobj, dtype=np.float32
+            )[mask]
+            for img in images
+        ]
+    )
 
 
 def site_deviations(values, sites):
@@ -95,17 +110,25 @@ biology = cohort.effects.biological_mean(fit_rows).mean(axis=1).groupby(sites).m
 offset, biology = offset - offset.mean(), biology - biology.mean()
 print("whole-brain mean of (site mean - overall mean), before -> after harmonization:")
 for s, site in enumerate(site_names):
-    print(f"  {site}: {before[s].mean():+.4f} -> {after[s].mean():+.4f}   "
-          f"simulated: site offset {offset[site]:+.4f}, biology {biology[site]:+.4f} "
-          f"(mean age {fit_rows['age'][sites == site].mean():.0f})")
+    print(
+        f"  {site}: {before[s].mean():+.4f} -> {after[s].mean():+.4f}   "
+        f"simulated: site offset {offset[site]:+.4f}, biology {biology[site]:+.4f} "
+        f"(mean age {fit_rows['age'][sites == site].mean():.0f})"
+    )
 whole_brain = {"before": before.mean(axis=1), "after": after.mean(axis=1)}
-gap = {stage: np.abs(means - biology[site_names].to_numpy()).max()
-       for stage, means in whole_brain.items()}
-print(f"largest |site deviation - simulated biology|: before {gap['before']:.4f}, "
-      f"after {gap['after']:.4f}")
+gap = {
+    stage: np.abs(means - biology[site_names].to_numpy()).max()
+    for stage, means in whole_brain.items()
+}
+print(
+    f"largest |site deviation - simulated biology|: before {gap['before']:.4f}, "
+    f"after {gap['after']:.4f}"
+)
 spread_before, spread_after = np.abs(before).mean(), np.abs(after).mean()
-print(f"mean |site mean - overall mean| over brain voxels: before {spread_before:.4f}, "
-      f"after {spread_after:.4f} ({spread_after / spread_before:.0%} of before)")
+print(
+    f"mean |site mean - overall mean| over brain voxels: before {spread_before:.4f}, "
+    f"after {spread_after:.4f} ({spread_after / spread_before:.0%} of before)"
+)
 
 # --------------------------------------------------------------------------------------------
 # 3. Save, load, harmonize the held-out subjects with the saved estimates.
@@ -120,10 +143,14 @@ difference = np.max(np.abs(in_mask(new_harmonized) - in_mask(same)))
 new_sites = new_rows["site"].to_numpy()
 _, new_before = site_deviations(in_mask(new_images), new_sites)
 _, new_after = site_deviations(in_mask(new_harmonized), new_sites)
-print(f"estimates saved to {model_file.name} ({model_file.stat().st_size / 2**20:.1f} MiB); "
-      f"loaded vs in-memory estimates max |difference|: {difference:.1e}")
-print(f"held-out subjects, mean |site mean - overall mean|: "
-      f"before {np.abs(new_before).mean():.4f}, after {np.abs(new_after).mean():.4f}")
+print(
+    f"estimates saved to {model_file.name} ({model_file.stat().st_size / 2**20:.1f} MiB); "
+    f"loaded vs in-memory estimates max |difference|: {difference:.1e}"
+)
+print(
+    f"held-out subjects, mean |site mean - overall mean|: "
+    f"before {np.abs(new_before).mean():.4f}, after {np.abs(new_after).mean():.4f}"
+)
 nib.save(new_harmonized[0], output / "04_first_held_out_harmonized.nii.gz")
 
 # --------------------------------------------------------------------------------------------
@@ -132,18 +159,25 @@ nib.save(new_harmonized[0], output / "04_first_held_out_harmonized.nii.gz")
 z = 45  # axial slice through the basal ganglia and cortex
 slice_mask = mask[:, :, z]
 limit = np.percentile(np.abs(before), 99)
-fig, axes = plt.subplots(2, len(site_names), figsize=(3 * len(site_names), 6.4),
-                         constrained_layout=True)
+fig, axes = plt.subplots(
+    2, len(site_names), figsize=(3 * len(site_names), 6.4), constrained_layout=True
+)
 for row, (stage, deviations) in enumerate((("before", before), ("after", after))):
     for s, site in enumerate(site_names):
         volume = np.full(mask.shape, np.nan, dtype=np.float32)
         volume[mask] = deviations[s]
-        shown = axes[row, s].imshow(np.rot90(np.where(slice_mask, volume[:, :, z], np.nan)),
-                                    cmap="RdBu_r", vmin=-limit, vmax=limit)
+        shown = axes[row, s].imshow(
+            np.rot90(np.where(slice_mask, volume[:, :, z], np.nan)),
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+        )
         axes[row, s].set_title(f"{site}, {stage}", fontsize="medium")
         axes[row, s].axis("off")
 fig.colorbar(shown, ax=axes, shrink=0.6, label="site mean - overall mean (GM probability)")
-fig.suptitle(f"Voxel-wise ComBat: per-site mean images, axial slice z={z}\n"
-             "(after: the sites' age difference remains, kept on purpose)")
+fig.suptitle(
+    f"Voxel-wise ComBat: per-site mean images, axial slice z={z}\n"
+    "(after: the sites' age difference remains, kept on purpose)"
+)
 fig.savefig(output / "04_site_means_before_after.png", dpi=100)
 print(f"figures and files written to {output}")

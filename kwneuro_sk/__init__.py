@@ -6,5 +6,10 @@ from kwneuro_sk.volumes import harmonize_volumes
 
 __version__ = "0.1.0"
 
-__all__ = ["CombatEstimates", "CombatHarmonizer", "CovBatHarmonizer", "LabelsMasker",
-           "harmonize_volumes"]
+__all__ = [
+    "CombatEstimates",
+    "CombatHarmonizer",
+    "CovBatHarmonizer",
+    "LabelsMasker",
+    "harmonize_volumes",
+]

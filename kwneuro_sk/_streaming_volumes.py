@@ -36,8 +36,20 @@ CHUNK_VALUES = 1 << 25
 SUFFIX = "_harmonized"
 
 
-def harmonize(volumes, covars, batch_col, mask, *, dtype, output_dir, chunk_size, n_jobs,
-              verbose, preserve_out_of_mask, options):
+def harmonize(
+    volumes,
+    covars,
+    batch_col,
+    mask,
+    *,
+    dtype,
+    output_dir,
+    chunk_size,
+    n_jobs,
+    verbose,
+    preserve_out_of_mask,
+    options,
+):
     """Streamed :func:`kwneuro_sk.harmonize_volumes` (arguments checked there)."""
     sources = _source_list(volumes, minimum=2)
     first = images.load_image(sources[0], name=_name(sources[0], 0))
@@ -47,30 +59,53 @@ def harmonize(volumes, covars, batch_col, mask, *, dtype, output_dir, chunk_size
     covars = _volumes._check_covars(covars, len(sources), batch_col)
     sites = covars[batch_col]
     if sites.nunique() < 2:
-        raise ValueError(f"harmonize_volumes needs volumes from at least 2 sites in column "
-                         f"{batch_col!r}; all {len(sources)} are from site {sites.iloc[0]!r}")
+        raise ValueError(
+            f"harmonize_volumes needs volumes from at least 2 sites in column "
+            f"{batch_col!r}; all {len(sources)} are from site {sites.iloc[0]!r}"
+        )
     targets = output_paths(sources, output_dir)
     reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
 
     def chunks(batch_idx, n_batches, Z):
-        tasks = (joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches,
-                                                Z[chunk])
-                 for chunk in reader.chunks)
+        tasks = (
+            joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
+            for chunk in reader.chunks
+        )
         return reader.run(tasks, "fit")
 
     combat = CombatHarmonizer(**options)
-    combat._fit_from_statistics(streaming.location_scale_from_chunks(chunks),
-                                n_features=int(mask_array.sum()), batch=sites,
-                                covariates=covars)
+    combat._fit_from_statistics(
+        streaming.location_scale_from_chunks(chunks),
+        n_features=int(mask_array.sum()),
+        batch=sites,
+        covariates=covars,
+    )
     estimates = combat.estimates_
-    estimates.info["volumes"] = {"batch_col": batch_col, "mask": mask_array,
-                                 "affine": grid[1], "shape": list(mask_array.shape)}
+    estimates.info["volumes"] = {
+        "batch_col": batch_col,
+        "mask": mask_array,
+        "affine": grid[1],
+        "shape": list(mask_array.shape),
+    }
     _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
     return targets, estimates
 
 
-def apply(combat, volumes, covars, batch_col, mask_array, grid, *, dtype, output_dir,
-          chunk_size, n_jobs, verbose, preserve_out_of_mask):
+def apply(
+    combat,
+    volumes,
+    covars,
+    batch_col,
+    mask_array,
+    grid,
+    *,
+    dtype,
+    output_dir,
+    chunk_size,
+    n_jobs,
+    verbose,
+    preserve_out_of_mask,
+):
     """Streamed :func:`kwneuro_sk.volumes.apply_volumes` (estimates checked there)."""
     sources = _source_list(volumes, minimum=1)
     covars = _volumes._check_covars(covars, len(sources), batch_col)
@@ -79,7 +114,8 @@ def apply(combat, volumes, covars, batch_col, mask_array, grid, *, dtype, output
         raise ValueError(
             f"site(s) {sorted(set(covars[batch_col][unseen]))} were not seen in the fit; "
             "unseen_batch='adapt' estimates them from all their volumes at once, which the "
-            "streamed path (output_dir) does not do: use output_dir=None for those volumes")
+            "streamed path (output_dir) does not do: use output_dir=None for those volumes"
+        )
     targets = output_paths(sources, output_dir)
     reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
     _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
@@ -107,7 +143,7 @@ def output_paths(sources, output_dir):
             extension = ".nii" if base.endswith(".nii") else ".nii.gz"
             for known in (".nii.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr", ".gz"):
                 if base.endswith(known):
-                    base = base[:-len(known)]
+                    base = base[: -len(known)]
                     break
             stem = base
         else:
@@ -117,12 +153,16 @@ def output_paths(sources, output_dir):
     for i, target in enumerate(targets):
         real = os.path.realpath(target)
         if real in seen:
-            raise ValueError(f"volumes {seen[real]} and {i} would both be written to "
-                             f"{target!r}; give the inputs distinct file names")
+            raise ValueError(
+                f"volumes {seen[real]} and {i} would both be written to "
+                f"{target!r}; give the inputs distinct file names"
+            )
         if real in inputs:
-            raise ValueError(f"volume {i} would be written to {target!r}, which is the input "
-                             f"volume {inputs[real]}; inputs are never overwritten: choose "
-                             "another output_dir")
+            raise ValueError(
+                f"volume {i} would be written to {target!r}, which is the input "
+                f"volume {inputs[real]}; inputs are never overwritten: choose "
+                "another output_dir"
+            )
         seen[real] = i
     return targets
 
@@ -134,18 +174,19 @@ def output_paths(sources, output_dir):
 
 def _source_list(volumes, *, minimum):
     if images.is_image(volumes):
-        raise TypeError("volumes must be a sequence of images or paths (one per subject); got "
-                        "a single image")
-    sources = [images.loaded_resource(v) if images.is_volume_resource(v) else v
-               for v in volumes]
+        raise TypeError(
+            "volumes must be a sequence of images or paths (one per subject); got a single image"
+        )
+    sources = [images.loaded_resource(v) if images.is_volume_resource(v) else v for v in volumes]
     if len(sources) < minimum:
         raise ValueError(f"need at least {minimum} volume(s); got {len(sources)}")
     return sources
 
 
 def _name(source, i):
-    return f"volume {i}" + (f" ({os.fspath(source)!r})"
-                            if isinstance(source, (str, os.PathLike)) else "")
+    return f"volume {i}" + (
+        f" ({os.fspath(source)!r})" if isinstance(source, (str, os.PathLike)) else ""
+    )
 
 
 class _Reader:
@@ -162,8 +203,9 @@ class _Reader:
         n_workers = joblib.effective_n_jobs(n_jobs)
         # Smaller chunks when that is what keeps every worker busy.
         chunk_size = max(1, min(int(chunk_size), -(-n // max(1, n_workers))))
-        self.chunks = [np.arange(start, min(start + chunk_size, n))
-                       for start in range(0, n, chunk_size)]
+        self.chunks = [
+            np.arange(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)
+        ]
         self.n_jobs, self.verbose = n_jobs, verbose
 
     def read(self, chunk, *, keep_whole=False):
@@ -177,18 +219,21 @@ class _Reader:
                 raise ValueError(f"{name} has shape {img.shape}; volumes must be 3-D")
             own = images.grid_of(img)
             if own[0] != self.grid[0]:
-                raise ValueError(f"{name} has shape {img.shape} but the mask has shape "
-                                 f"{self.grid[0]}; all volumes must be on one grid")
+                raise ValueError(
+                    f"{name} has shape {img.shape} but the mask has shape "
+                    f"{self.grid[0]}; all volumes must be on one grid"
+                )
             images.check_same_space(own, self.grid, name=name, reference_name="the mask")
             data = images.read_data(img, name=name)
             X[row] = data[self.mask]
             if not np.isfinite(X[row]).all():
-                raise ValueError(f"{name} has {int((~np.isfinite(X[row])).sum())} NaN or "
-                                 "infinite voxel(s) inside the mask; ComBat needs finite values "
-                                 "(fix the volume or exclude those voxels from the mask)")
+                raise ValueError(
+                    f"{name} has {int((~np.isfinite(X[row])).sum())} NaN or "
+                    "infinite voxel(s) inside the mask; ComBat needs finite values "
+                    "(fix the volume or exclude those voxels from the mask)"
+                )
             whole.append(data.astype(self.dtype, copy=True) if keep_whole else None)
-            headers.append((img.affine, img.header if isinstance(img, nib.Nifti1Image)
-                            else None))
+            headers.append((img.affine, img.header if isinstance(img, nib.Nifti1Image) else None))
             # A .nii.gz image parsed from bytes sits in a reference cycle with its buffer: free
             # it now rather than at the next full collection, so memory stays one volume.
             del img, data
@@ -201,13 +246,17 @@ class _Reader:
             # one chunk after the other, here (joblib's generator may run ahead of its reader)
             results = (function(*args, **kwargs) for function, args, kwargs in tasks)
         else:
-            results = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator",
-                                      prefer="threads")(tasks)
+            results = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator", prefer="threads")(
+                tasks
+            )
         total, done = len(self.sources), 0
         for chunk, result in zip(self.chunks, results):
             done += len(chunk)
-            if self.verbose and (self.verbose > 1 or done == total
-                                 or done * 10 // total > (done - len(chunk)) * 10 // total):
+            if self.verbose and (
+                self.verbose > 1
+                or done == total
+                or done * 10 // total > (done - len(chunk)) * 10 // total
+            ):
                 print(f"[harmonize_volumes] {what}: {done}/{total} volumes", file=sys.stderr)
             yield result
 
@@ -218,10 +267,18 @@ def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
 
 
 def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask):
-    tasks = (joblib.delayed(_write_chunk)(reader, chunk, combat, covars.iloc[chunk],
-                                          batch_col, [targets[i] for i in chunk],
-                                          preserve_out_of_mask)
-             for chunk in reader.chunks)
+    tasks = (
+        joblib.delayed(_write_chunk)(
+            reader,
+            chunk,
+            combat,
+            covars.iloc[chunk],
+            batch_col,
+            [targets[i] for i in chunk],
+            preserve_out_of_mask,
+        )
+        for chunk in reader.chunks
+    )
     for _ in reader.run(tasks, "harmonize"):
         pass
 

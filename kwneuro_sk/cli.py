@@ -33,9 +33,29 @@ class CommandError(Exception):
 
 
 # Cells pandas reads as missing by default; here they are missing only in number columns.
-_NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
-                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
-                      "nan", "null"})
+_NA_TEXT = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 
 
 def _separator(path):
@@ -54,12 +74,15 @@ def _read_table(path):
     try:
         frame = pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise CommandError(f"{path} is empty: expected a header line and one row per "
-                           "subject") from None
+        raise CommandError(
+            f"{path} is empty: expected a header line and one row per subject"
+        ) from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise CommandError(f"{path} cannot be read as a "
-                           f"{'TSV' if _separator(path) == chr(9) else 'CSV'} table: "
-                           f"{' '.join(str(error).split())}") from None
+        raise CommandError(
+            f"{path} cannot be read as a "
+            f"{'TSV' if _separator(path) == chr(9) else 'CSV'} table: "
+            f"{' '.join(str(error).split())}"
+        ) from None
     if frame.empty:
         raise CommandError(f"{path} has a header but no rows")
     return frame
@@ -86,10 +109,15 @@ def _numbers(frame, columns, path, *, role="feature"):
     if bad:
         col, row, value = bad[0]
         names = [c for c, _, _ in bad]
-        hint = ("copy them unchanged with --keep, or name them with --batch-col/--categorical"
-                if role == "feature" else "give numbers, or use --categorical instead")
-        raise CommandError(f"{role} column(s) {names} are not numeric ({path} line {row + 2}, "
-                           f"column {col!r}: {value!r}); {hint}")
+        hint = (
+            "copy them unchanged with --keep, or name them with --batch-col/--categorical"
+            if role == "feature"
+            else "give numbers, or use --categorical instead"
+        )
+        raise CommandError(
+            f"{role} column(s) {names} are not numeric ({path} line {row + 2}, "
+            f"column {col!r}: {value!r}); {hint}"
+        )
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -100,8 +128,10 @@ def _labels(frame, columns, path, option):
         missing = frame[col].str.strip().isin(_NA_TEXT).to_numpy()
         if missing.any():
             row = int(missing.argmax())
-            raise CommandError(f"{option} column {col!r} has no value in {path} line "
-                               f"{row + 2} ({frame[col].iloc[row]!r}); every row needs one")
+            raise CommandError(
+                f"{option} column {col!r} has no value in {path} line "
+                f"{row + 2} ({frame[col].iloc[row]!r}); every row needs one"
+            )
     return frame[columns].astype(object)
 
 
@@ -110,8 +140,9 @@ def _check_columns(frame, path, **options):
         cols = [cols] if isinstance(cols, str) else list(cols)
         missing = [c for c in cols if c not in frame.columns]
         if missing:
-            raise CommandError(f"{option} column(s) {missing} not found in {path} (columns: "
-                               f"{list(frame.columns)})")
+            raise CommandError(
+                f"{option} column(s) {missing} not found in {path} (columns: {list(frame.columns)})"
+            )
 
 
 def _as_fitted_labels(text, labels):
@@ -128,8 +159,9 @@ def _match_label(value, labels):
     for label in pd.unique(labels):
         if str(label) == value:
             return label
-    raise CommandError(f"--ref-batch {value!r} is not among the sites "
-                       f"{sorted(map(str, pd.unique(labels)))}")
+    raise CommandError(
+        f"--ref-batch {value!r} is not among the sites {sorted(map(str, pd.unique(labels)))}"
+    )
 
 
 def _check_outputs(outputs, inputs):
@@ -151,8 +183,10 @@ def _check_outputs(outputs, inputs):
             if not same and out_path.exists() and Path(source).exists():
                 same = os.path.samefile(out_path, source)
             if same:
-                raise CommandError(f"{option} {out} is the {what} {source}; write the "
-                                   "output to another file (inputs are never overwritten)")
+                raise CommandError(
+                    f"{option} {out} is the {what} {source}; write the "
+                    "output to another file (inputs are never overwritten)"
+                )
         if resolved in seen:
             raise CommandError(f"{option} and {seen[resolved]} are the same file {out}")
         seen[resolved] = option
@@ -168,10 +202,11 @@ def _create_folders(outputs):
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise CommandError(f"cannot create the folder of {option} {out}: "
-                               f"{error.strerror or error}"
-                               f"{' (a file is in the way)' if _file_in_way(parent) else ''}"
-                               ) from None
+            raise CommandError(
+                f"cannot create the folder of {option} {out}: "
+                f"{error.strerror or error}"
+                f"{' (a file is in the way)' if _file_in_way(parent) else ''}"
+            ) from None
 
 
 def _file_in_way(folder):
@@ -187,8 +222,9 @@ class _Staged:
 
     def path_for(self, target):
         target = Path(target)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=target.resolve().parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent
+        )
         os.close(fd)
         self.pending.append((tmp, target))
         return tmp
@@ -219,8 +255,9 @@ def _progress(done, total, start):
     width = 30
     filled = int(width * done / total)
     elapsed = time.perf_counter() - start
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images "
-                 f"{elapsed:5.1f} s")
+    stream.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images {elapsed:5.1f} s"
+    )
     if done == total:
         stream.write("\n")
     stream.flush()
@@ -239,27 +276,46 @@ def cmd_harmonize(args):
     _check_outputs(outputs, {"input table": args.features})
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
-        raise CommandError(f"--batch-col {args.batch_col!r} is not a column of "
-                           f"{args.features} (columns: {list(frame.columns)})")
-    _check_columns(frame, args.features, **{"--categorical": args.categorical,
-                                            "--continuous": args.continuous,
-                                            "--smooth": args.smooth,
-                                            "--keep": args.keep})
+        raise CommandError(
+            f"--batch-col {args.batch_col!r} is not a column of "
+            f"{args.features} (columns: {list(frame.columns)})"
+        )
+    _check_columns(
+        frame,
+        args.features,
+        **{
+            "--categorical": args.categorical,
+            "--continuous": args.continuous,
+            "--smooth": args.smooth,
+            "--keep": args.keep,
+        },
+    )
     text = [args.batch_col, *args.categorical]
-    features = [c for c in frame.columns
-                if c not in {*text, *args.continuous, *args.smooth, *args.keep}]
-    X = pd.concat([_labels(frame, [args.batch_col], args.features, "--batch-col"),
-                   _labels(frame, args.categorical, args.features, "--categorical"),
-                   _numbers(frame, args.continuous, args.features, role="--continuous"),
-                   _numbers(frame, args.smooth, args.features, role="--smooth"),
-                   _numbers(frame, features, args.features)], axis=1)
+    features = [
+        c for c in frame.columns if c not in {*text, *args.continuous, *args.smooth, *args.keep}
+    ]
+    X = pd.concat(
+        [
+            _labels(frame, [args.batch_col], args.features, "--batch-col"),
+            _labels(frame, args.categorical, args.features, "--categorical"),
+            _numbers(frame, args.continuous, args.features, role="--continuous"),
+            _numbers(frame, args.smooth, args.features, role="--smooth"),
+            _numbers(frame, features, args.features),
+        ],
+        axis=1,
+    )
     X = X[[c for c in frame.columns if c in X.columns]]
     _create_folders(outputs)
     combat = CombatHarmonizer(
-        batch_col=args.batch_col, categorical_cols=args.categorical or None,
-        continuous_cols=args.continuous or None, eb=args.eb, parametric=args.parametric,
-        mean_only=args.mean_only, ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
-        smooth_cols=args.smooth or None, smooth_knots=args.smooth_knots,
+        batch_col=args.batch_col,
+        categorical_cols=args.categorical or None,
+        continuous_cols=args.continuous or None,
+        eb=args.eb,
+        parametric=args.parametric,
+        mean_only=args.mean_only,
+        ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
+        smooth_cols=args.smooth or None,
+        smooth_knots=args.smooth_knots,
     ).set_output(transform="pandas")
     harmonized = combat.fit_transform(X)
     out = frame.copy()  # every other column written back exactly as read
@@ -269,8 +325,10 @@ def cmd_harmonize(args):
         if args.save_model:
             combat.estimates_.save(staged.path_for(args.save_model))
         staged.commit()
-    print(f"harmonized {harmonized.shape[1]} features of {len(frame)} rows from "
-          f"{len(combat.batches_)} sites -> {args.output}")
+    print(
+        f"harmonized {harmonized.shape[1]} features of {len(frame)} rows from "
+        f"{len(combat.batches_)} sites -> {args.output}"
+    )
     if args.save_model:
         print(f"model saved -> {args.save_model}")
     if args.report:
@@ -295,28 +353,41 @@ def cmd_apply(args):
         combat.set_params(unseen_batch="adapt")
     columns = getattr(combat, "_columns_in", None)
     if "volumes" in combat.estimates_.info:
-        raise CommandError(f"{args.model} was made by harmonize_volumes (a voxel-wise model); "
-                           "apply harmonizes tables: use CombatEstimates.apply_volumes in "
-                           "Python for images")
+        raise CommandError(
+            f"{args.model} was made by harmonize_volumes (a voxel-wise model); "
+            "apply harmonizes tables: use CombatEstimates.apply_volumes in "
+            "Python for images"
+        )
     if combat.batch_col is None or columns is None:
-        raise CommandError(f"{args.model} was fitted with the sites given as batch= (not as a "
-                           "column of a table); apply needs a model saved by 'kwneuro-sk "
-                           "harmonize --save-model' or fitted with batch_col")
+        raise CommandError(
+            f"{args.model} was fitted with the sites given as batch= (not as a "
+            "column of a table); apply needs a model saved by 'kwneuro-sk "
+            "harmonize --save-model' or fitted with batch_col"
+        )
     frame = _read_table(args.features)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise CommandError(f"{args.features} lacks column(s) {missing} that the model was "
-                           "fitted with")
+        raise CommandError(
+            f"{args.features} lacks column(s) {missing} that the model was fitted with"
+        )
     info = combat.estimates_.info
-    text = {combat.batch_col: info["batches"],
-            **dict(zip(info["categorical_cols"], info["categories"]))}
+    text = {
+        combat.batch_col: info["batches"],
+        **dict(zip(info["categorical_cols"], info["categories"])),
+    }
     continuous = list(info["continuous_cols"])
     features = [c for c in columns if c not in text and c not in continuous]
     for col in text:
         _labels(frame, [col], args.features, "site" if col == combat.batch_col else "categorical")
     parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
-    X = pd.concat([*parts, _numbers(frame, continuous, args.features, role="--continuous"),
-                   _numbers(frame, features, args.features)], axis=1)[columns]
+    X = pd.concat(
+        [
+            *parts,
+            _numbers(frame, continuous, args.features, role="--continuous"),
+            _numbers(frame, features, args.features),
+        ],
+        axis=1,
+    )[columns]
     _create_folders({"-o": args.output})
     harmonized = combat.set_output(transform="pandas").transform(X)
     out = frame.copy()
@@ -338,13 +409,17 @@ def cmd_extract(args):
             raise CommandError("give images either as arguments or with --from-csv, not both")
         table = _read_table(args.from_csv)
         if args.column not in table.columns:
-            raise CommandError(f"--column {args.column!r} is not a column of {args.from_csv} "
-                               f"(columns: {list(table.columns)})")
+            raise CommandError(
+                f"--column {args.column!r} is not a column of {args.from_csv} "
+                f"(columns: {list(table.columns)})"
+            )
         empty = table[args.column].str.strip() == ""
         if empty.any():
             row = int(empty.to_numpy().argmax())
-            raise CommandError(f"{args.from_csv} line {row + 2}: column {args.column!r} is "
-                               "empty; every row needs an image path")
+            raise CommandError(
+                f"{args.from_csv} line {row + 2}: column {args.column!r} is "
+                "empty; every row needs an image path"
+            )
         base = Path(args.from_csv).parent
         images = [str(p if Path(p).is_absolute() else base / p) for p in table[args.column]]
     elif args.images:
@@ -362,7 +437,7 @@ def cmd_extract(args):
     start = time.perf_counter()
     parts = []
     for i in range(0, len(images), chunk):
-        parts.append(masker.transform(images[i:i + chunk]))
+        parts.append(masker.transform(images[i : i + chunk]))
         if show:
             _progress(min(i + chunk, len(images)), len(images), start)
     regions = pd.concat(parts, ignore_index=True)
@@ -370,8 +445,10 @@ def cmd_extract(args):
     with _Staged() as staged:
         staged.table(out, args.output)
         staged.commit()
-    print(f"extracted {regions.shape[1]} regions ({args.strategy}) from {len(images)} images "
-          f"-> {args.output}")
+    print(
+        f"extracted {regions.shape[1]} regions ({args.strategy}) from {len(images)} images "
+        f"-> {args.output}"
+    )
     return 0
 
 
@@ -379,8 +456,12 @@ def cmd_demo(args):
     """Demo cohort -> LabelsMasker -> CombatHarmonizer -> classifier, cross-validated."""
     from kwneuro_sk.demo import run_demo
 
-    run_demo(n_subjects=args.n_subjects, data_dir=args.data_dir, output_dir=args.output_dir,
-             figure=not args.no_figure)
+    run_demo(
+        n_subjects=args.n_subjects,
+        data_dir=args.data_dir,
+        output_dir=args.output_dir,
+        figure=not args.no_figure,
+    )
     return 0
 
 
@@ -391,78 +472,141 @@ def cmd_demo(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Multi-site neuroimaging harmonization (ComBat) and region "
-        "extraction, built on scikit-learn.")
+        prog=PROG,
+        description="Multi-site neuroimaging harmonization (ComBat) and region "
+        "extraction, built on scikit-learn.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
-        "demo", help="simulate a multi-site cohort and show what harmonization does",
+        "demo",
+        help="simulate a multi-site cohort and show what harmonization does",
         description="Build a simulated cohort of MNI-grid images (no download), extract region "
         "values, and cross-validate a diagnosis classifier with and without ComBat inside the "
-        "pipeline, under StratifiedKFold and leave-one-site-out.")
+        "pipeline, under StratifiedKFold and leave-one-site-out.",
+    )
     demo.add_argument("--n-subjects", type=int, default=120, help="cohort size (default 120)")
-    demo.add_argument("--data-dir", help="where the cohort is cached (default: "
-                      "$KWNEURO_SK_DATA or the user cache folder)")
-    demo.add_argument("--output-dir", default="kwneuro_sk_demo",
-                      help="where the table and figures go (default ./kwneuro_sk_demo)")
+    demo.add_argument(
+        "--data-dir",
+        help="where the cohort is cached (default: $KWNEURO_SK_DATA or the user cache folder)",
+    )
+    demo.add_argument(
+        "--output-dir",
+        default="kwneuro_sk_demo",
+        help="where the table and figures go (default ./kwneuro_sk_demo)",
+    )
     demo.add_argument("--no-figure", action="store_true", help="do not draw figures")
     demo.set_defaults(func=cmd_demo)
 
     harm = sub.add_parser(
-        "harmonize", help="fit ComBat on a feature table and harmonize it",
+        "harmonize",
+        help="fit ComBat on a feature table and harmonize it",
         description="Fit ComBat on FEATURES (CSV or TSV: one row per subject; the site column, "
         "covariate columns and --keep columns are not harmonized, every other column is a "
-        "feature) and write the harmonized table.")
+        "feature) and write the harmonized table.",
+    )
     harm.add_argument("features", metavar="FEATURES.csv")
     harm.add_argument("--batch-col", required=True, help="name of the site column")
-    harm.add_argument("--categorical", nargs="+", default=[], metavar="COL",
-                      help="categorical covariates whose effects are kept")
-    harm.add_argument("--continuous", nargs="+", default=[], metavar="COL",
-                      help="continuous covariates whose effects are kept")
-    harm.add_argument("--keep", nargs="+", default=[], metavar="COL",
-                      help="columns copied to the output unchanged (e.g. subject IDs)")
-    harm.add_argument("--eb", action=argparse.BooleanOptionalAction, default=True,
-                      help="empirical Bayes shrinkage (default: --eb)")
+    harm.add_argument(
+        "--categorical",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="categorical covariates whose effects are kept",
+    )
+    harm.add_argument(
+        "--continuous",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="continuous covariates whose effects are kept",
+    )
+    harm.add_argument(
+        "--keep",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="columns copied to the output unchanged (e.g. subject IDs)",
+    )
+    harm.add_argument(
+        "--eb",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="empirical Bayes shrinkage (default: --eb)",
+    )
     kind = harm.add_mutually_exclusive_group()
-    kind.add_argument("--parametric", dest="parametric", action="store_true", default=True,
-                      help="parametric empirical Bayes (default)")
-    kind.add_argument("--non-parametric", dest="parametric", action="store_false",
-                      help="non-parametric empirical Bayes")
+    kind.add_argument(
+        "--parametric",
+        dest="parametric",
+        action="store_true",
+        default=True,
+        help="parametric empirical Bayes (default)",
+    )
+    kind.add_argument(
+        "--non-parametric",
+        dest="parametric",
+        action="store_false",
+        help="non-parametric empirical Bayes",
+    )
     harm.add_argument("--mean-only", action="store_true", help="adjust site means only")
     harm.add_argument("--ref-batch", metavar="SITE", help="reference site, left unchanged")
     harm.add_argument("-o", "--output", required=True, metavar="OUT.csv")
-    harm.add_argument("--save-model", metavar="MODEL",
-                      help="save the fitted model to this file (for 'apply')")
-    harm.add_argument("--smooth", nargs="+", default=[], metavar="COL",
-                      help="continuous covariates modelled as smooth curves (ComBat-GAM)")
-    harm.add_argument("--smooth-knots", type=int, default=5, metavar="K",
-                      help="knots per smooth covariate (default 5)")
-    harm.add_argument("--report", metavar="REPORT.html",
-                      help="also write a self-contained HTML report (needs matplotlib)")
+    harm.add_argument(
+        "--save-model", metavar="MODEL", help="save the fitted model to this file (for 'apply')"
+    )
+    harm.add_argument(
+        "--smooth",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="continuous covariates modelled as smooth curves (ComBat-GAM)",
+    )
+    harm.add_argument(
+        "--smooth-knots",
+        type=int,
+        default=5,
+        metavar="K",
+        help="knots per smooth covariate (default 5)",
+    )
+    harm.add_argument(
+        "--report",
+        metavar="REPORT.html",
+        help="also write a self-contained HTML report (needs matplotlib)",
+    )
     harm.set_defaults(func=cmd_harmonize)
 
     apply = sub.add_parser(
-        "apply", help="harmonize new rows with a saved model",
+        "apply",
+        help="harmonize new rows with a saved model",
         description="Harmonize the rows of NEW.csv with a model saved by 'harmonize "
         "--save-model'; each row is adjusted with its own site and covariates. Columns the "
-        "model was not fitted with are copied unchanged.")
+        "model was not fitted with are copied unchanged.",
+    )
     apply.add_argument("model", metavar="MODEL")
     apply.add_argument("features", metavar="NEW.csv")
     apply.add_argument("-o", "--output", required=True, metavar="OUT.csv")
-    apply.add_argument("--adapt-new-sites", action="store_true",
-                       help="estimate sites unseen in fit from their rows (default: error)")
+    apply.add_argument(
+        "--adapt-new-sites",
+        action="store_true",
+        help="estimate sites unseen in fit from their rows (default: error)",
+    )
     apply.set_defaults(func=cmd_apply)
 
     extract = sub.add_parser(
-        "extract", help="region values of images with a labels atlas",
-        description="One row per image, one column per region of the atlas.")
+        "extract",
+        help="region values of images with a labels atlas",
+        description="One row per image, one column per region of the atlas.",
+    )
     extract.add_argument("images", nargs="*", metavar="IMAGE", help="3D images (.nii/.nii.gz)")
     extract.add_argument("--atlas", required=True, help="labels image")
     extract.add_argument("--labels", help="look-up table (TSV with index and name columns)")
     extract.add_argument("--strategy", default="mean", choices=STRATEGIES)
-    extract.add_argument("--from-csv", metavar="CSV",
-                         help="table whose --column holds the image paths; its other columns "
-                         "are copied to the output")
+    extract.add_argument(
+        "--from-csv",
+        metavar="CSV",
+        help="table whose --column holds the image paths; its other columns "
+        "are copied to the output",
+    )
     extract.add_argument("--column", default="image", help="image column of --from-csv")
     extract.add_argument("-o", "--output", required=True, metavar="OUT.csv")
     extract.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -477,8 +621,10 @@ _CLI_TERMS = [
     (r"mean_only=True", "--mean-only"),
     (r"unseen_batch='adapt'", "--adapt-new-sites"),
     (r"eb=False", "--no-eb"),
-    (r"Use LabelsMasker\.transform_imgs for 4D time series\.",
-     "Give one 3D image per subject (split 4D files first)."),
+    (
+        r"Use LabelsMasker\.transform_imgs for 4D time series\.",
+        "Give one 3D image per subject (split 4D files first).",
+    ),
     (r"(?<![\w'\[])categorical_cols(?![\w'])", "--categorical"),
     (r"(?<![\w'\[])continuous_cols(?![\w'])", "--continuous"),
     (r"(?<![\w'\[])batch_col(?![\w'=])", "--batch-col"),

@@ -750,9 +750,8 @@ def _write_cohort(folder: Path, params: dict) -> None:
             + sex_fx * (subject["sex"] == "M")
             + dx_fx * (subject["diagnosis"] == "patient")
             + site_offset[s]
-            + site_scale[s] * with_background(
-                _residuals(effects, 1, rng)[0], rng.normal(0.0, effects.residual_sd)
-            )
+            + site_scale[s]
+            * with_background(_residuals(effects, 1, rng)[0], rng.normal(0.0, effects.residual_sd))
         )
         noise = ndimage.gaussian_filter(
             rng.standard_normal(mask_box.shape, dtype=np.float32), sigma, output=np.float32
@@ -799,7 +798,12 @@ def _load_cohort(folder: Path) -> DemoCohort:
         folder / "covariates.tsv",
         sep="\t",
         dtype={
-            "subject": str, "site": str, "age": float, "sex": str, "diagnosis": str, "image": str
+            "subject": str,
+            "site": str,
+            "age": float,
+            "sex": str,
+            "diagnosis": str,
+            "image": str,
         },
     )
     covariates["image"] = [str(folder / name) for name in covariates["image"]]

@@ -46,11 +46,15 @@ def _classifier():
 def _models(region_columns):
     """The pipelines compared; each receives the region columns next to site, age and sex."""
     no_harmonization = make_pipeline(
-        ColumnTransformer([("regions", StandardScaler(), region_columns)]), _classifier())
+        ColumnTransformer([("regions", StandardScaler(), region_columns)]), _classifier()
+    )
     combat = make_pipeline(
-        CombatHarmonizer("site", categorical_cols=["sex"], continuous_cols=["age"],
-                         unseen_batch="adapt"),
-        StandardScaler(), _classifier())
+        CombatHarmonizer(
+            "site", categorical_cols=["sex"], continuous_cols=["age"], unseen_batch="adapt"
+        ),
+        StandardScaler(),
+        _classifier(),
+    )
     return {"no harmonization": no_harmonization, "ComBat inside the pipeline": combat}
 
 
@@ -69,8 +73,15 @@ def _summary(scores):
     },
     prefer_skip_nested_validation=True,
 )
-def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", figure=True,
-             random_state=0, verbose=True):
+def run_demo(
+    n_subjects=120,
+    *,
+    data_dir=None,
+    output_dir="kwneuro_sk_demo",
+    figure=True,
+    random_state=0,
+    verbose=True,
+):
     """Run the demo and print its table.
 
     Parameters
@@ -112,32 +123,39 @@ def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", fig
     start = time.perf_counter()
     cohort = make_demo_cohort(n_subjects, data_dir=data_dir, random_state=random_state)
     covariates = cohort.covariates
-    say(f"Demo cohort: {len(cohort.images)} subjects from {covariates['site'].nunique()} "
+    say(
+        f"Demo cohort: {len(cohort.images)} subjects from {covariates['site'].nunique()} "
         f"sites, {len(cohort.labels)} regions (made in {time.perf_counter() - start:.1f} s),\n"
-        f"cached in {cohort.path}")
+        f"cached in {cohort.path}"
+    )
 
     tick = time.perf_counter()
-    masker = LabelsMasker(cohort.atlas, labels=cohort.labels_file).set_output(
-        transform="pandas")
+    masker = LabelsMasker(cohort.atlas, labels=cohort.labels_file).set_output(transform="pandas")
     regions = masker.fit().transform(cohort.images)
-    say(f"LabelsMasker: {regions.shape[1]} region means of {len(cohort.images)} images in "
+    say(
+        f"LabelsMasker: {regions.shape[1]} region means of {len(cohort.images)} images in "
         f"{time.perf_counter() - tick:.1f} s (each image read once;\nthe masker learns nothing "
-        "from the subjects, so extracting before cross-validation leaks nothing)")
+        "from the subjects, so extracting before cross-validation leaks nothing)"
+    )
 
-    table = pd.concat([covariates[METADATA].reset_index(drop=True),
-                       regions.reset_index(drop=True)], axis=1)
+    table = pd.concat(
+        [covariates[METADATA].reset_index(drop=True), regions.reset_index(drop=True)], axis=1
+    )
     diagnosis = (covariates["diagnosis"] == "patient").astype(int).to_numpy()
     sites = covariates["site"].to_numpy()
     kfold = StratifiedKFold(5, shuffle=True, random_state=random_state)
     rows = {}
     site_scores = {}
-    splits = {"diagnosis, 5-fold": (kfold, None),
-              "diagnosis, site left out": (LeaveOneGroupOut(), sites)}
+    splits = {
+        "diagnosis, 5-fold": (kfold, None),
+        "diagnosis, site left out": (LeaveOneGroupOut(), sites),
+    }
     for name, model in _models(list(regions.columns)).items():
         row = {}
         for split, (cv, groups) in splits.items():
-            result = cross_validate(model, table, diagnosis, groups=groups, cv=cv,
-                                    scoring=DIAGNOSIS_SCORING)
+            result = cross_validate(
+                model, table, diagnosis, groups=groups, cv=cv, scoring=DIAGNOSIS_SCORING
+            )
             for metric in DIAGNOSIS_SCORING:
                 row[split, metric] = _summary(result[f"test_{metric}"])
         site = cross_val_score(model, table, sites, cv=kfold, scoring="balanced_accuracy")
@@ -153,12 +171,14 @@ def run_demo(n_subjects=120, *, data_dir=None, output_dir="kwneuro_sk_demo", fig
     scores.to_csv(output_dir / "demo_scores.csv")
     say("")
     say(scores.T.to_string())
-    say(f"Mean ± sd over folds; chance: diagnosis 0.50, site {chance:.2f} (sites also differ "
+    say(
+        f"Mean ± sd over folds; chance: diagnosis 0.50, site {chance:.2f} (sites also differ "
         "in mean age,\nwhich ComBat keeps, so the site stays somewhat predictable).\n"
         "ComBat is refitted on each training fold; leaving a site out, it adapts to the unseen "
         "site\nfrom that site's own rows. A site offset shifts every subject of a site alike: "
         "it moves them\nacross the decision threshold (balanced accuracy) more than it reorders "
-        "them (ROC AUC).")
+        "them (ROC AUC)."
+    )
     if figure:
         _figures(table, regions, sites, site_scores, chance, output_dir, say)
     say(f"\nDone in {time.perf_counter() - start:.1f} s; results in {output_dir}/")
@@ -185,7 +205,8 @@ def _figures(table, regions, sites, site_scores, chance, output_dir, say):
         "site_distributions.png": plot_site_distributions(regions, harmonized, sites),
         "combat_estimates.png": plot_combat_estimates(combat),
         "site_predictability.png": plot_site_predictability(
-            site_scores, chance=chance, metric="balanced accuracy"),
+            site_scores, chance=chance, metric="balanced accuracy"
+        ),
     }
     for name, fig in figures.items():
         fig.savefig(output_dir / name, dpi=100, bbox_inches="tight")

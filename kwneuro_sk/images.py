@@ -32,15 +32,25 @@ from nibabel.wrapstruct import WrapStructError
 from nilearn.image import resample_img, smooth_img
 
 IMAGE_TYPES = (str, os.PathLike, SpatialImage)
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-                WrapStructError, HeaderDataError)
+_READ_ERRORS = (
+    ImageFileError,
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    gzip.BadGzipFile,
+    WrapStructError,
+    HeaderDataError,
+)
 
 
 def is_volume_resource(obj) -> bool:
     """Whether ``obj`` is a kwneuro volume resource (duck-typed on its public methods)."""
-    return (not isinstance(obj, IMAGE_TYPES)
-            and callable(getattr(obj, "get_array", None))
-            and callable(getattr(obj, "get_affine", None)))
+    return (
+        not isinstance(obj, IMAGE_TYPES)
+        and callable(getattr(obj, "get_array", None))
+        and callable(getattr(obj, "get_affine", None))
+    )
 
 
 def loaded_resource(resource):
@@ -68,8 +78,9 @@ def resource_like(template, data):
             extra[key] = value
     header.set_data_dtype(data.dtype)
     header.set_data_shape(data.shape)
-    return type(template)(array=data, affine=np.array(template.get_affine()),
-                          metadata={**dict(header), **extra})
+    return type(template)(
+        array=data, affine=np.array(template.get_affine()), metadata={**dict(header), **extra}
+    )
 
 
 def is_image(obj) -> bool:
@@ -162,11 +173,13 @@ def _resource_image(resource, name):
         array = np.asanyarray(resource.get_array())
         affine = np.asarray(resource.get_affine(), dtype=np.float64)
     except _READ_ERRORS as error:
-        raise ValueError(f"{name}: could not read the volume resource "
-                         f"({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{name}: could not read the volume resource ({type(error).__name__}: {error})"
+        ) from error
     if affine.shape != (4, 4):
-        raise ValueError(f"{name}: the volume resource's affine has shape {affine.shape}; "
-                         "expected (4, 4)")
+        raise ValueError(
+            f"{name}: the volume resource's affine has shape {affine.shape}; expected (4, 4)"
+        )
     return nib.Nifti1Image(array, affine)
 
 
@@ -174,11 +187,12 @@ def read_data(img, *, name="image", dtype=None) -> np.ndarray:
     """The voxel array of a loaded image, read now; a truncated or corrupt file is a ValueError
     naming it (nibabel reads the data of an opened file only on this call)."""
     try:
-        data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj,
-                                                                           dtype=dtype)
+        data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
     except _READ_ERRORS as error:
-        raise ValueError(f"{name}: the image data could not be read; the file may be "
-                         f"truncated or corrupt ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{name}: the image data could not be read; the file may be "
+            f"truncated or corrupt ({type(error).__name__}: {error})"
+        ) from error
     if data.dtype.kind not in "biuf":
         raise TypeError(f"{name} has non-numeric data of dtype {data.dtype}.")
     return data
@@ -225,7 +239,8 @@ def _nifti_from_bytes(raw, *, compressed):
 def is_nifti_path(source) -> bool:
     """Whether a path names a single-file NIfTI image (.nii or .nii.gz)."""
     return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(
-        (".nii", ".nii.gz"))
+        (".nii", ".nii.gz")
+    )
 
 
 def _check_file(path, name):
@@ -246,8 +261,9 @@ def read_file_bytes(source, *, name="image") -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as error:
-        raise ValueError(f"{_named(name, path)} cannot be read ({type(error).__name__}: "
-                         f"{error})") from error
+        raise ValueError(
+            f"{_named(name, path)} cannot be read ({type(error).__name__}: {error})"
+        ) from error
 
 
 def image_from_bytes(raw, source, *, name="image") -> SpatialImage:

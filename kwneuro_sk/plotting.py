@@ -134,8 +134,13 @@ def plot_site_distributions(
             for s, site in enumerate(site_names):
                 x = data[site_index == s, column]
                 ax.hist(
-                    x[np.isfinite(x)], bins=edges, density=True, histtype="step",
-                    linewidth=1.5, color=colors[s], label=str(site),
+                    x[np.isfinite(x)],
+                    bins=edges,
+                    density=True,
+                    histtype="step",
+                    linewidth=1.5,
+                    color=colors[s],
+                    label=str(site),
                 )
             ax.set_title(f"{names[column]}: {stage} harmonization", fontsize="medium")
             ax.set_yticks([])
@@ -159,8 +164,9 @@ def plot_site_distributions(
     },
     prefer_skip_nested_validation=True,
 )
-def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True,
-                          max_features: int = 2000, figsize=None):
+def plot_combat_estimates(
+    harmonizer_or_estimates, *, show_hat: bool = True, max_features: int = 2000, figsize=None
+):
     """The fitted site effects of ComBat: gamma* (location) and delta* (scale) per site.
 
     One point per feature at each site. Filled points are the empirical-Bayes estimates
@@ -224,11 +230,19 @@ def plot_combat_estimates(harmonizer_or_estimates, *, show_hat: bool = True,
         for s in range(n_sites):
             if hat is not None:
                 ax.scatter(
-                    s + jitter, hat[s], s=14, facecolors="none", edgecolors="0.55",
-                    linewidths=0.8, label=f"{name} hat (least squares)" if s == 0 else None,
+                    s + jitter,
+                    hat[s],
+                    s=14,
+                    facecolors="none",
+                    edgecolors="0.55",
+                    linewidths=0.8,
+                    label=f"{name} hat (least squares)" if s == 0 else None,
                 )
             ax.scatter(
-                s + jitter, star[s], s=14, color="C0",
+                s + jitter,
+                star[s],
+                s=14,
+                color="C0",
                 label=f"{name}* (empirical Bayes)" if s == 0 else None,
             )
         ax.axhline(no_effect, color="0.3", linestyle="--", linewidth=1)
@@ -352,16 +366,26 @@ def plot_site_predictability(
     means = [np.mean(values) for values in folds.values()]
     errors = [np.std(values) if len(values) > 1 else 0.0 for values in folds.values()]
     bars = ax.bar(
-        positions, means, yerr=errors, capsize=4, width=0.6,
-        color=[f"C{k % 10}" for k in positions], alpha=0.75,
+        positions,
+        means,
+        yerr=errors,
+        capsize=4,
+        width=0.6,
+        color=[f"C{k % 10}" for k in positions],
+        alpha=0.75,
     )
     for position, values in zip(positions, folds.values()):
         if len(values) > 1:
             ax.scatter(np.full(len(values), position), values, s=12, color="black", zorder=3)
     for bar, mean in zip(bars, means):  # the mean, written at the foot of its bar
         ax.annotate(
-            f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 4),
-            textcoords="offset points", ha="center", va="bottom", fontsize="small",
+            f"{mean:.2f}",
+            (bar.get_x() + bar.get_width() / 2, 0),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize="small",
         )
     if chance is not None:
         ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")

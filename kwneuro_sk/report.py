@@ -33,8 +33,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import plotting
 
-__all__ = ["HarmonizationReport", "covariance_distance", "harmonization_report",
-           "site_predictability", "site_variance_explained"]
+__all__ = [
+    "HarmonizationReport",
+    "covariance_distance",
+    "harmonization_report",
+    "site_predictability",
+    "site_variance_explained",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +132,11 @@ def site_predictability(features, sites, *, classifier="linear", cv=5, random_st
         estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     elif classifier == "quadratic":
         n_components = max(1, min(10, X.shape[1], X.shape[0] // 4))
-        estimator = make_pipeline(StandardScaler(), PCA(n_components, random_state=0),
-                                  QuadraticDiscriminantAnalysis(reg_param=0.1))
+        estimator = make_pipeline(
+            StandardScaler(),
+            PCA(n_components, random_state=0),
+            QuadraticDiscriminantAnalysis(reg_param=0.1),
+        )
     else:
         estimator = classifier
     smallest = int(pd.Series(sites).value_counts().min())
@@ -176,8 +184,11 @@ def covariance_distance(features, sites):
         rows = X[index == k]
         centred.append((rows - rows.mean(axis=0)) / np.sqrt(len(rows) - 1))
     gram = [[np.sum((a @ b.T) ** 2) for b in centred] for a in centred]
-    distances = [np.sqrt(max(gram[i][i] + gram[j][j] - 2 * gram[i][j], 0.0))
-                 for i in range(len(centred)) for j in range(i)]
+    distances = [
+        np.sqrt(max(gram[i][i] + gram[j][j] - 2 * gram[i][j], 0.0))
+        for i in range(len(centred))
+        for j in range(i)
+    ]
     return float(np.mean(distances))
 
 
@@ -226,21 +237,29 @@ def _rows_of(harmonizer, X, batch, covariates):
     covariate_cols = list(harmonizer._metadata_columns())
     if harmonizer.batch_col is not None:
         if not isinstance(X, pd.DataFrame) or harmonizer.batch_col not in X.columns:
-            raise ValueError(f"X must be a DataFrame holding the site column "
-                             f"{harmonizer.batch_col!r}, as given to fit")
+            raise ValueError(
+                f"X must be a DataFrame holding the site column "
+                f"{harmonizer.batch_col!r}, as given to fit"
+            )
         features = X[names] if all(n in X.columns for n in names) else None
         sites, cov = X[harmonizer.batch_col], X[covariate_cols]
     else:
         if batch is None:
             raise ValueError("batch= is needed: the harmonizer takes sites as a keyword")
-        features = (X[names] if isinstance(X, pd.DataFrame)
-                    else pd.DataFrame(np.asarray(X), columns=names))
+        features = (
+            X[names] if isinstance(X, pd.DataFrame) else pd.DataFrame(np.asarray(X), columns=names)
+        )
         sites = batch
-        cov = (covariates[covariate_cols] if covariate_cols
-               else pd.DataFrame(index=range(len(features))))
+        cov = (
+            covariates[covariate_cols]
+            if covariate_cols
+            else pd.DataFrame(index=range(len(features)))
+        )
     if features is None:
-        raise ValueError(f"X lacks feature columns the harmonizer was fitted on: "
-                         f"{[n for n in names if n not in X.columns][:10]}")
+        raise ValueError(
+            f"X lacks feature columns the harmonizer was fitted on: "
+            f"{[n for n in names if n not in X.columns][:10]}"
+        )
     return features.reset_index(drop=True), np.asarray(sites), cov.reset_index(drop=True)
 
 
@@ -257,12 +276,13 @@ def _covariate_effects(harmonizer, after, sites, cov):
     onehot, _ = _site_onehot(sites)
     design = np.hstack([onehot, Z])
     coef = np.linalg.lstsq(design, np.asarray(after, dtype=np.float64), rcond=None)[0]
-    return np.asarray(harmonizer.beta_), coef[onehot.shape[1]:]
+    return np.asarray(harmonizer.beta_), coef[onehot.shape[1] :]
 
 
 def _table(rows):
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in rows)
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
     return f"<table>{cells}</table>"
 
 
@@ -284,8 +304,17 @@ p.note { color: #555; font-size: .9em; }
 """
 
 
-def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covariates=None,
-                         cv=5, max_features=3, title="Harmonization report"):
+def harmonization_report(
+    harmonizer,
+    X,
+    X_harmonized=None,
+    *,
+    batch=None,
+    covariates=None,
+    cv=5,
+    max_features=3,
+    title="Harmonization report",
+):
     """Build a self-contained HTML report of a fitted harmonizer on some rows.
 
     Parameters
@@ -338,40 +367,64 @@ def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covari
     check_is_fitted(harmonizer, "gamma_star_")
     before, sites, cov = _rows_of(harmonizer, X, batch, covariates)
     if X_harmonized is None:
-        kwargs = {} if harmonizer.batch_col is not None else {"batch": batch,
-                                                               "covariates": covariates}
+        kwargs = (
+            {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
+        )
         X_harmonized = harmonizer.transform(X, **kwargs)
     after = np.asarray(X_harmonized, dtype=np.float64)
     if after.shape != before.shape:
-        raise ValueError(f"X_harmonized has shape {after.shape}; the {before.shape[1]} "
-                         f"features of {before.shape[0]} rows were expected")
+        raise ValueError(
+            f"X_harmonized has shape {after.shape}; the {before.shape[1]} "
+            f"features of {before.shape[0]} rows were expected"
+        )
     after_frame = pd.DataFrame(after, columns=before.columns)
     site_names, counts = np.unique(sites.astype(str), return_counts=True)
     chance = 1.0 / len(site_names)
     Z = _encoded_covariates(harmonizer, cov)
     is_covbat = isinstance(harmonizer, CovBatHarmonizer)
     method = "CovBat" if is_covbat else "ComBat"
-    metrics = {"n_samples": len(sites), "n_features": before.shape[1],
-               "n_sites": len(site_names), "chance": chance}
+    metrics = {
+        "n_samples": len(sites),
+        "n_features": before.shape[1],
+        "n_sites": len(site_names),
+        "chance": chance,
+    }
     sections = []
 
     # 1. distributions
-    fig = plotting.plot_site_distributions(before, after_frame, sites,
-                                           max_features=max_features)
-    sections.append(("Per-site distributions",
-                     "The features with the largest site differences before harmonization "
-                     "(one-way ANOVA F): one histogram per site, before and after.",
-                     _figure_png(fig), ""))
+    fig = plotting.plot_site_distributions(before, after_frame, sites, max_features=max_features)
+    sections.append(
+        (
+            "Per-site distributions",
+            "The features with the largest site differences before harmonization "
+            "(one-way ANOVA F): one histogram per site, before and after.",
+            _figure_png(fig),
+            "",
+        )
+    )
 
     # 2. fitted site effects
     fig = plotting.plot_combat_estimates(harmonizer)
-    table = _table([(f"site {s} (n={n})",
-                     f"mean gamma* {np.mean(g):+.3f}, mean delta* {np.mean(d):.3f}")
-                    for s, n, g, d in zip(harmonizer.batches_, harmonizer.n_samples_per_batch_,
-                                          harmonizer.gamma_star_, harmonizer.delta_star_)])
-    sections.append(("Fitted site effects (gamma*, delta*)",
-                     "Location (gamma*) and scale (delta*) of each site, in standardized units; "
-                     "no site effect is gamma = 0, delta = 1.", _figure_png(fig), table))
+    table = _table(
+        [
+            (f"site {s} (n={n})", f"mean gamma* {np.mean(g):+.3f}, mean delta* {np.mean(d):.3f}")
+            for s, n, g, d in zip(
+                harmonizer.batches_,
+                harmonizer.n_samples_per_batch_,
+                harmonizer.gamma_star_,
+                harmonizer.delta_star_,
+            )
+        ]
+    )
+    sections.append(
+        (
+            "Fitted site effects (gamma*, delta*)",
+            "Location (gamma*) and scale (delta*) of each site, in standardized units; "
+            "no site effect is gamma = 0, delta = 1.",
+            _figure_png(fig),
+            table,
+        )
+    )
 
     # 3. variance explained by site
     r2_before = site_variance_explained(before, sites, Z)
@@ -389,22 +442,39 @@ def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covari
     ax.set_ylabel("share of variance explained by site")
     ax.set_ylim(bottom=0)
     ax.legend()
-    table = _table([("median / max before", f"{_fmt(metrics['site_r2_median_before'])} / "
-                                            f"{_fmt(metrics['site_r2_max_before'])}"),
-                    ("median / max after", f"{_fmt(metrics['site_r2_median_after'])} / "
-                                           f"{_fmt(metrics['site_r2_max_after'])}")])
-    sections.append(("Variance explained by site, per feature",
-                     "(RSS without site - RSS with site) / total sum of squares, with the "
-                     "covariates in both models.", _figure_png(fig), table))
+    table = _table(
+        [
+            (
+                "median / max before",
+                f"{_fmt(metrics['site_r2_median_before'])} / {_fmt(metrics['site_r2_max_before'])}",
+            ),
+            (
+                "median / max after",
+                f"{_fmt(metrics['site_r2_median_after'])} / {_fmt(metrics['site_r2_max_after'])}",
+            ),
+        ]
+    )
+    sections.append(
+        (
+            "Variance explained by site, per feature",
+            "(RSS without site - RSS with site) / total sum of squares, with the "
+            "covariates in both models.",
+            _figure_png(fig),
+            table,
+        )
+    )
 
     # 4. site predictability
     scores = {}
-    inputs = [("before", "before", before.to_numpy(dtype=np.float64)),
-              ("after " + method, "after", after)]
+    inputs = [
+        ("before", "before", before.to_numpy(dtype=np.float64)),
+        ("after " + method, "after", after),
+    ]
     if is_covbat:
         combat_only = CombatHarmonizer.from_estimates(harmonizer.estimates_)
-        kwargs = {} if harmonizer.batch_col is not None else {"batch": batch,
-                                                               "covariates": covariates}
+        kwargs = (
+            {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
+        )
         after_combat = np.asarray(combat_only.transform(X, **kwargs), dtype=np.float64)
         inputs.insert(1, ("after ComBat", "after_combat", after_combat))
     kinds = ("linear", "quadratic")
@@ -417,23 +487,37 @@ def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covari
             scores[kind][label] = folds
             metrics[f"site_accuracy_{kind}_{key}"] = float(folds.mean())
             rows.append((f"{kind}, {label}", _fmt(folds.mean())))
-        plotting.plot_site_predictability(scores[kind], chance=chance,
-                                          metric="balanced accuracy", ax=ax,
-                                          title=f"{kind} classifier")
-    sections.append(("Site predictability (cross-validated)",
-                     f"Balanced accuracy of predicting the site ({len(site_names)} sites, chance "
-                     f"{chance:.2f}) with {cv}-fold stratified cross-validation: logistic "
-                     "regression (linear: site means) and quadratic discriminant analysis on "
-                     "10 principal components (quadratic: site covariances too).",
-                     _figure_png(fig), _table(rows)))
+        plotting.plot_site_predictability(
+            scores[kind],
+            chance=chance,
+            metric="balanced accuracy",
+            ax=ax,
+            title=f"{kind} classifier",
+        )
+    sections.append(
+        (
+            "Site predictability (cross-validated)",
+            f"Balanced accuracy of predicting the site ({len(site_names)} sites, chance "
+            f"{chance:.2f}) with {cv}-fold stratified cross-validation: logistic "
+            "regression (linear: site means) and quadratic discriminant analysis on "
+            "10 principal components (quadratic: site covariances too).",
+            _figure_png(fig),
+            _table(rows),
+        )
+    )
 
     # 5. covariate effects
     effects = _covariate_effects(harmonizer, after, sites, cov)
     if effects is not None:
         fitted, re_estimated = effects
         names = list(harmonizer.covariate_names_)
-        fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names) + 0.5, 3.3),
-                                 constrained_layout=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1,
+            len(names),
+            figsize=(3.3 * len(names) + 0.5, 3.3),
+            constrained_layout=True,
+            squeeze=False,
+        )
         rows = []
         for k, (ax, name) in enumerate(zip(axes[0], names)):
             x, y = fitted[k], re_estimated[k]
@@ -446,12 +530,17 @@ def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covari
             ax.set_xlabel("fitted (before harmonization)")
             ax.set_ylabel("re-estimated after")
             rows.append((name, f"r = {corr:.3f}"))
-        sections.append(("Covariate effects kept",
-                         "Per feature, each covariate's coefficient fitted by the harmonizer "
-                         "on the data before harmonization (x) against the coefficient "
-                         "re-estimated on the harmonized data (y), both with site intercepts. "
-                         "On the diagonal: the effect is preserved.",
-                         _figure_png(fig), _table(rows)))
+        sections.append(
+            (
+                "Covariate effects kept",
+                "Per feature, each covariate's coefficient fitted by the harmonizer "
+                "on the data before harmonization (x) against the coefficient "
+                "re-estimated on the harmonized data (y), both with site intercepts. "
+                "On the diagonal: the effect is preserved.",
+                _figure_png(fig),
+                _table(rows),
+            )
+        )
 
     # 6. covariance between sites
     if is_covbat:
@@ -463,39 +552,64 @@ def harmonization_report(harmonizer, X, X_harmonized=None, *, batch=None, covari
         ax.bar(list(distance), list(distance.values()), color=["C3", "C1", "C0"], alpha=0.8)
         ax.set_ylabel("mean Frobenius distance")
         ax.set_title("between-site covariance distance", fontsize="medium")
-        sections.append(("Between-site covariance (CovBat)",
-                         f"Mean over site pairs of the Frobenius distance between the sites' "
-                         f"covariance matrices (features scaled to unit variance). CovBat "
-                         f"harmonized {harmonizer.n_components_} principal component scores.",
-                         _figure_png(fig),
-                         _table([(k, _fmt(v)) for k, v in distance.items()])))
+        sections.append(
+            (
+                "Between-site covariance (CovBat)",
+                f"Mean over site pairs of the Frobenius distance between the sites' "
+                f"covariance matrices (features scaled to unit variance). CovBat "
+                f"harmonized {harmonizer.n_components_} principal component scores.",
+                _figure_png(fig),
+                _table([(k, _fmt(v)) for k, v in distance.items()]),
+            )
+        )
 
     options = {k: v for k, v in harmonizer.get_params().items() if v is not None}
-    summary = _table([
-        ("method", method),
-        ("rows / features / sites", f"{len(sites)} / {before.shape[1]} / {len(site_names)}"),
-        ("rows per site", ", ".join(f"{s}: {n}" for s, n in zip(site_names, counts))),
-        ("covariates", ", ".join(harmonizer.covariate_names_) or "none"),
-        ("options", ", ".join(f"{k}={v!r}" for k, v in options.items())),
-        ("site share of variance, median (before -> after)",
-         f"{_fmt(metrics['site_r2_median_before'])} -> {_fmt(metrics['site_r2_median_after'])}"),
-        ("site prediction, linear (before -> after; chance)",
-         f"{_fmt(metrics['site_accuracy_linear_before'])} -> "
-         f"{_fmt(metrics['site_accuracy_linear_after'])}; {chance:.2f}"),
-        ("site prediction, quadratic (before -> after)",
-         f"{_fmt(metrics['site_accuracy_quadratic_before'])} -> "
-         f"{_fmt(metrics['site_accuracy_quadratic_after'])}"),
-    ] + ([("between-site covariance distance (before -> ComBat -> CovBat)",
-           f"{_fmt(metrics['covariance_distance_before'])} -> "
-           f"{_fmt(metrics['covariance_distance_combat'])} -> "
-           f"{_fmt(metrics['covariance_distance_covbat'])}")] if is_covbat else []))
+    summary = _table(
+        [
+            ("method", method),
+            ("rows / features / sites", f"{len(sites)} / {before.shape[1]} / {len(site_names)}"),
+            ("rows per site", ", ".join(f"{s}: {n}" for s, n in zip(site_names, counts))),
+            ("covariates", ", ".join(harmonizer.covariate_names_) or "none"),
+            ("options", ", ".join(f"{k}={v!r}" for k, v in options.items())),
+            (
+                "site share of variance, median (before -> after)",
+                f"{_fmt(metrics['site_r2_median_before'])} -> "
+                f"{_fmt(metrics['site_r2_median_after'])}",
+            ),
+            (
+                "site prediction, linear (before -> after; chance)",
+                f"{_fmt(metrics['site_accuracy_linear_before'])} -> "
+                f"{_fmt(metrics['site_accuracy_linear_after'])}; {chance:.2f}",
+            ),
+            (
+                "site prediction, quadratic (before -> after)",
+                f"{_fmt(metrics['site_accuracy_quadratic_before'])} -> "
+                f"{_fmt(metrics['site_accuracy_quadratic_after'])}",
+            ),
+        ]
+        + (
+            [
+                (
+                    "between-site covariance distance (before -> ComBat -> CovBat)",
+                    f"{_fmt(metrics['covariance_distance_before'])} -> "
+                    f"{_fmt(metrics['covariance_distance_combat'])} -> "
+                    f"{_fmt(metrics['covariance_distance_covbat'])}",
+                )
+            ]
+            if is_covbat
+            else []
+        )
+    )
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", summary]
     for heading, text, png, extra in sections:
         body.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p>")
         body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{png}">')
         body.append(extra)
     body.append('<p class="note">Generated by kwneuro_sk.report.harmonization_report.</p>')
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-            + "\n".join(body) + "</body></html>\n")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
     return HarmonizationReport(page, metrics)

@@ -23,11 +23,27 @@ from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 __all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
 
 
-def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None,
-                      continuous_cols=None, eb=True, parametric=True, mean_only=False,
-                      ref_batch=None, preserve_out_of_mask=False, dtype=np.float32,
-                      smooth_cols=None, smooth_knots=5, output_dir=None, chunk_size=None,
-                      n_jobs=None, verbose=0):
+def harmonize_volumes(
+    volumes,
+    covars,
+    batch_col,
+    mask,
+    *,
+    categorical_cols=None,
+    continuous_cols=None,
+    eb=True,
+    parametric=True,
+    mean_only=False,
+    ref_batch=None,
+    preserve_out_of_mask=False,
+    dtype=np.float32,
+    smooth_cols=None,
+    smooth_knots=5,
+    output_dir=None,
+    chunk_size=None,
+    n_jobs=None,
+    verbose=0,
+):
     """Remove site effects voxel by voxel from 3-D images with ComBat.
 
     Every voxel where ``mask > 0`` is a feature; each volume is a subject. The site and
@@ -132,37 +148,72 @@ def harmonize_volumes(volumes, covars, batch_col, mask, *, categorical_cols=None
     dtype = _output_dtype(dtype)
     if output_dir is not None:
         return _streaming.harmonize(
-            volumes, covars, batch_col, mask, dtype=dtype, output_dir=output_dir,
-            chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose,
+            volumes,
+            covars,
+            batch_col,
+            mask,
+            dtype=dtype,
+            output_dir=output_dir,
+            chunk_size=chunk_size,
+            n_jobs=n_jobs,
+            verbose=verbose,
             preserve_out_of_mask=preserve_out_of_mask,
-            options=dict(categorical_cols=categorical_cols, continuous_cols=continuous_cols,
-                         eb=eb, parametric=parametric, mean_only=mean_only,
-                         ref_batch=ref_batch, smooth_cols=smooth_cols,
-                         smooth_knots=smooth_knots))
+            options=dict(
+                categorical_cols=categorical_cols,
+                continuous_cols=continuous_cols,
+                eb=eb,
+                parametric=parametric,
+                mean_only=mean_only,
+                ref_batch=ref_batch,
+                smooth_cols=smooth_cols,
+                smooth_knots=smooth_knots,
+            ),
+        )
     sources = _open_volumes(volumes, minimum=2)
     mask_array, mask_img = _load_mask(mask, sources[0])
     covars = _check_covars(covars, len(sources), batch_col)
     sites = pd.unique(covars[batch_col])
     if len(sites) < 2:
-        raise ValueError(f"harmonize_volumes needs volumes from at least 2 sites in column "
-                         f"{batch_col!r}; all {len(sources)} are from site {sites[0]!r}")
+        raise ValueError(
+            f"harmonize_volumes needs volumes from at least 2 sites in column "
+            f"{batch_col!r}; all {len(sources)} are from site {sites[0]!r}"
+        )
     X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
-    combat = CombatHarmonizer(categorical_cols=categorical_cols, continuous_cols=continuous_cols,
-                              eb=eb, parametric=parametric, mean_only=mean_only,
-                              ref_batch=ref_batch, smooth_cols=smooth_cols,
-                              smooth_knots=smooth_knots)
+    combat = CombatHarmonizer(
+        categorical_cols=categorical_cols,
+        continuous_cols=continuous_cols,
+        eb=eb,
+        parametric=parametric,
+        mean_only=mean_only,
+        ref_batch=ref_batch,
+        smooth_cols=smooth_cols,
+        smooth_knots=smooth_knots,
+    )
     harmonized = combat.fit_transform(X, batch=covars[batch_col], covariates=covars)
     del X
     estimates = combat.estimates_
-    estimates.info["volumes"] = {"batch_col": batch_col, "mask": mask_array,
-                                 "affine": images.grid_of(mask_img)[1],
-                                 "shape": list(mask_array.shape)}
+    estimates.info["volumes"] = {
+        "batch_col": batch_col,
+        "mask": mask_array,
+        "affine": images.grid_of(mask_img)[1],
+        "shape": list(mask_array.shape),
+    }
     return _outputs(sources, kept, harmonized, mask_array), estimates
 
 
-def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
-                  preserve_out_of_mask=False, dtype=np.float32, output_dir=None,
-                  chunk_size=None, n_jobs=None, verbose=0):
+def apply_volumes(
+    estimates,
+    volumes,
+    covars,
+    *,
+    unseen_batch="error",
+    preserve_out_of_mask=False,
+    dtype=np.float32,
+    output_dir=None,
+    chunk_size=None,
+    n_jobs=None,
+    verbose=0,
+):
     """Harmonize new subjects' volumes with estimates made by :func:`harmonize_volumes`.
 
     The same as :meth:`CombatEstimates.apply_volumes` (documented there).
@@ -196,22 +247,36 @@ def apply_volumes(estimates, volumes, covars, *, unseen_batch="error",
     """
     grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
     if grid is None:
-        raise ValueError("these estimates were not made by harmonize_volumes (no mask in "
-                         "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
-                         ".transform(...) for feature matrices")
+        raise ValueError(
+            "these estimates were not made by harmonize_volumes (no mask in "
+            "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
+            ".transform(...) for feature matrices"
+        )
     dtype = _output_dtype(dtype)
     combat = CombatHarmonizer.from_estimates(estimates).set_params(unseen_batch=unseen_batch)
     mask_array = np.asarray(grid["mask"], dtype=bool)
     fitted_grid = (tuple(int(n) for n in grid["shape"]), np.asarray(grid["affine"], float))
     if mask_array.shape != fitted_grid[0] or int(mask_array.sum()) != combat.n_features_in_:
-        raise ValueError("invalid ComBat model: info['volumes'] has a mask that does not match "
-                         f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
-                         "voxels")
+        raise ValueError(
+            "invalid ComBat model: info['volumes'] has a mask that does not match "
+            f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
+            "voxels"
+        )
     if output_dir is not None:
-        return _streaming.apply(combat, volumes, covars, grid["batch_col"], mask_array,
-                                fitted_grid, dtype=dtype, output_dir=output_dir,
-                                chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose,
-                                preserve_out_of_mask=preserve_out_of_mask)
+        return _streaming.apply(
+            combat,
+            volumes,
+            covars,
+            grid["batch_col"],
+            mask_array,
+            fitted_grid,
+            dtype=dtype,
+            output_dir=output_dir,
+            chunk_size=chunk_size,
+            n_jobs=n_jobs,
+            verbose=verbose,
+            preserve_out_of_mask=preserve_out_of_mask,
+        )
     sources = _open_volumes(volumes, minimum=1, reference=(fitted_grid, "the fitted mask"))
     covars = _check_covars(covars, len(sources), grid["batch_col"])
     X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
@@ -248,12 +313,14 @@ def _open_volumes(volumes, *, minimum, reference=None):
     """Every volume opened (headers only for paths), 3-D, all in one space: that of volume 0,
     or ``reference`` ((shape, affine), name) when given."""
     if images.is_image(volumes):
-        raise TypeError("volumes must be a sequence of images or paths (one per subject); got "
-                        "a single image")
+        raise TypeError(
+            "volumes must be a sequence of images or paths (one per subject); got a single image"
+        )
     sources = []
     for i, source in enumerate(volumes):
-        name = f"volume {i}" + (f" ({os.fspath(source)!r})"
-                                if isinstance(source, (str, os.PathLike)) else "")
+        name = f"volume {i}" + (
+            f" ({os.fspath(source)!r})" if isinstance(source, (str, os.PathLike)) else ""
+        )
         resource = images.loaded_resource(source) if images.is_volume_resource(source) else None
         img = images.load_image(source if resource is None else resource, name=name)
         if len(img.shape) != 3:
@@ -264,10 +331,13 @@ def _open_volumes(volumes, *, minimum, reference=None):
     grid, grid_name = reference or (images.grid_of(sources[0].image), "volume 0")
     for volume in sources:
         if images.grid_of(volume.image)[0] != grid[0]:
-            raise ValueError(f"{volume.name} has shape {volume.image.shape} but {grid_name} has "
-                             f"shape {grid[0]}; all volumes must be on one grid")
-        images.check_same_space(images.grid_of(volume.image), grid, name=volume.name,
-                                reference_name=grid_name)
+            raise ValueError(
+                f"{volume.name} has shape {volume.image.shape} but {grid_name} has "
+                f"shape {grid[0]}; all volumes must be on one grid"
+            )
+        images.check_same_space(
+            images.grid_of(volume.image), grid, name=volume.name, reference_name=grid_name
+        )
     return sources
 
 
@@ -276,10 +346,8 @@ def _load_mask(mask, first):
     mask_img = images.load_image(source, name="mask")
     grid = images.grid_of(first.image)
     if tuple(mask_img.shape) != grid[0]:
-        raise ValueError(f"mask has shape {mask_img.shape} but the volumes have shape "
-                         f"{grid[0]}")
-    images.check_same_space(images.grid_of(mask_img), grid, name="mask",
-                            reference_name=first.name)
+        raise ValueError(f"mask has shape {mask_img.shape} but the volumes have shape {grid[0]}")
+    images.check_same_space(images.grid_of(mask_img), grid, name="mask", reference_name=first.name)
     mask_array = images.read_data(mask_img, name="mask") > 0
     if not mask_array.any():
         raise ValueError("mask has no voxels > 0; nothing to harmonize")
@@ -290,11 +358,14 @@ def _check_covars(covars, n_volumes, batch_col):
     if not isinstance(covars, pd.DataFrame):
         raise TypeError(f"covars must be a pandas DataFrame; got {type(covars).__name__}")
     if len(covars) != n_volumes:
-        raise ValueError(f"covars has {len(covars)} rows for {n_volumes} volumes; give one row "
-                         "per volume, in the same order")
+        raise ValueError(
+            f"covars has {len(covars)} rows for {n_volumes} volumes; give one row "
+            "per volume, in the same order"
+        )
     if batch_col not in covars.columns:
-        raise ValueError(f"column(s) {[batch_col]} not found in covars (columns: "
-                         f"{list(covars.columns)})")
+        raise ValueError(
+            f"column(s) {[batch_col]} not found in covars (columns: {list(covars.columns)})"
+        )
     return covars.reset_index(drop=True)
 
 
@@ -307,9 +378,11 @@ def _read_in_mask(sources, mask, preserve_out_of_mask, dtype):
         data = images.read_data(volume.image, name=volume.name)
         X[i] = data[mask]
         if not np.isfinite(X[i]).all():
-            raise ValueError(f"{volume.name} has {int((~np.isfinite(X[i])).sum())} NaN or "
-                             "infinite voxel(s) inside the mask; ComBat needs finite values "
-                             "(fix the volume or exclude those voxels from the mask)")
+            raise ValueError(
+                f"{volume.name} has {int((~np.isfinite(X[i])).sum())} NaN or "
+                "infinite voxel(s) inside the mask; ComBat needs finite values "
+                "(fix the volume or exclude those voxels from the mask)"
+            )
         # a new array when kept, so that in-memory inputs are never changed
         kept.append(data.astype(dtype, copy=True) if preserve_out_of_mask else None)
     return X, kept

@@ -37,9 +37,14 @@ def make_cohort(n, sizes, n_features, seed):
     site_code = pd.factorize(sites, sort=True)[0]
     shift = rng.normal(0, 1.0, size=(len(sizes), n_features))
     scale = rng.uniform(0.5, 2.0, size=(len(sizes), n_features))
-    X = (5.0 + 0.03 * age[:, None] + 0.4 * (sex == "M")[:, None]
-         + 0.3 * (diagnosis == "patient")[:, None] + rng.normal(size=(n, n_features))
-         * scale[site_code] + shift[site_code])
+    X = (
+        5.0
+        + 0.03 * age[:, None]
+        + 0.4 * (sex == "M")[:, None]
+        + 0.3 * (diagnosis == "patient")[:, None]
+        + rng.normal(size=(n, n_features)) * scale[site_code]
+        + shift[site_code]
+    )
     covars = pd.DataFrame({"site": sites, "age": age, "sex": sex, "diagnosis": diagnosis})
     return X, covars
 
@@ -81,11 +86,11 @@ def test_matches_neurocombat(cohort, covariates, ref_batch, mean_only, parametri
     X, covars = COHORTS[cohort]
     categorical, continuous = COVARIATE_SETS[covariates]
     options = dict(eb=eb, parametric=parametric, mean_only=mean_only, ref_batch=ref_batch)
-    expected = run_neurocombat(X, covars, categorical_cols=categorical,
-                               continuous_cols=continuous, **options)
+    expected = run_neurocombat(
+        X, covars, categorical_cols=categorical, continuous_cols=continuous, **options
+    )
 
-    combat = CombatHarmonizer(categorical_cols=categorical, continuous_cols=continuous,
-                              **options)
+    combat = CombatHarmonizer(categorical_cols=categorical, continuous_cols=continuous, **options)
     ours = combat.fit_transform(X, batch=covars["site"], covariates=covars)
 
     assert relative_difference(ours, expected["data"].T) < 1e-8
@@ -96,10 +101,8 @@ def test_matches_neurocombat(cohort, covariates, ref_batch, mean_only, parametri
     if eb and not mean_only:
         # The reference site's priors are discarded (its delta_hat is n/(n-1) everywhere).
         keep = combat.batches_ != ref_batch
-        np.testing.assert_allclose(combat.a_prior_[keep], np.array(est["a_prior"])[keep],
-                                   rtol=1e-9)
-        np.testing.assert_allclose(combat.b_prior_[keep], np.array(est["b_prior"])[keep],
-                                   rtol=1e-9)
+        np.testing.assert_allclose(combat.a_prior_[keep], np.array(est["a_prior"])[keep], rtol=1e-9)
+        np.testing.assert_allclose(combat.b_prior_[keep], np.array(est["b_prior"])[keep], rtol=1e-9)
     if ref_batch is not None:
         reference = (covars["site"] == ref_batch).to_numpy()
         np.testing.assert_array_equal(ours[reference], X[reference])
@@ -129,18 +132,19 @@ def test_column_and_keyword_routes_give_identical_numbers(covariates):
 
 def hand_combat(X_train, cov_train, X_test, cov_test, gamma_star, delta_star, batches):
     """The ComBat equations with the test rows' own covariates, from scratch."""
+
     def design(cov):
         onehot = (cov["site"].to_numpy()[:, None] == batches[None, :]).astype(float)
         return np.column_stack([onehot, (cov["sex"] == "M"), cov["age"]]).astype(float)
 
     D = design(cov_train)
     coef = np.linalg.lstsq(D, X_train, rcond=None)[0]
-    counts = D[:, :len(batches)].sum(axis=0)
-    alpha = counts / counts.sum() @ coef[:len(batches)]
+    counts = D[:, : len(batches)].sum(axis=0)
+    alpha = counts / counts.sum() @ coef[: len(batches)]
     sigma = np.sqrt(np.mean((X_train - D @ coef) ** 2, axis=0))
     D_test = design(cov_test)
-    b = D_test[:, :len(batches)].argmax(axis=1)
-    location = alpha + D_test[:, len(batches):] @ coef[len(batches):]
+    b = D_test[:, : len(batches)].argmax(axis=1)
+    location = alpha + D_test[:, len(batches) :] @ coef[len(batches) :]
     s = (X_test - location) / sigma
     return (s - gamma_star[b]) / np.sqrt(delta_star[b]) * sigma + location
 
@@ -151,12 +155,17 @@ def test_new_rows_use_their_own_covariates():
     frame = combat_frame(X, covars)
     combat = CombatHarmonizer("site", ["sex"], ["age"]).fit(frame[train])
 
-    expected = run_neurocombat(X[train], covars[train].reset_index(drop=True),
-                               categorical_cols=["sex"], continuous_cols=["age"])
+    expected = run_neurocombat(
+        X[train],
+        covars[train].reset_index(drop=True),
+        categorical_cols=["sex"],
+        continuous_cols=["age"],
+    )
     gamma_star = np.asarray(expected["estimates"]["gamma.star"])
     delta_star = np.asarray(expected["estimates"]["delta.star"])
-    hand = hand_combat(X[train], covars[train], X[~train], covars[~train], gamma_star,
-                       delta_star, combat.batches_)
+    hand = hand_combat(
+        X[train], covars[train], X[~train], covars[~train], gamma_star, delta_star, combat.batches_
+    )
     assert relative_difference(combat.transform(frame[~train]), hand) < 1e-8
 
 
@@ -174,14 +183,18 @@ def test_one_new_row_alone_equals_the_same_row_in_a_batch():
 def test_inverse_transform_round_trip(ref_batch, mean_only):
     X, covars = COHORTS["3 sites"]
     frame = combat_frame(X, covars)
-    combat = CombatHarmonizer("site", ["sex"], ["age"], mean_only=mean_only,
-                              ref_batch=ref_batch)
+    combat = CombatHarmonizer("site", ["sex"], ["age"], mean_only=mean_only, ref_batch=ref_batch)
     harmonized = combat.fit_transform(frame)
     back = combat.inverse_transform(harmonized, batch=covars["site"], covariates=covars)
     np.testing.assert_allclose(back, X, rtol=1e-10, atol=1e-10)
     # With the site and covariate columns in the frame, no keywords are needed.
-    with_columns = pd.concat([pd.DataFrame(harmonized, columns=combat.get_feature_names_out()),
-                              covars[["site", "age", "sex"]]], axis=1)
+    with_columns = pd.concat(
+        [
+            pd.DataFrame(harmonized, columns=combat.get_feature_names_out()),
+            covars[["site", "age", "sex"]],
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(combat.inverse_transform(with_columns), X, rtol=1e-10)
 
 
@@ -191,7 +204,8 @@ def test_float32_in_float32_out_accurately():
     combat = CombatHarmonizer(continuous_cols="age")
     out32 = combat.fit_transform(X32, batch=covars["site"], covariates=covars)
     out64 = CombatHarmonizer(continuous_cols="age").fit_transform(
-        X32.astype(np.float64), batch=covars["site"], covariates=covars)
+        X32.astype(np.float64), batch=covars["site"], covariates=covars
+    )
     assert out32.dtype == np.float32
     np.testing.assert_allclose(out32, out64, rtol=2e-6)
     assert combat.gamma_star_.dtype == np.float64
@@ -206,10 +220,10 @@ def test_permuting_rows_permutes_the_output():
     X, covars = COHORTS["5 sites"]
     order = np.random.default_rng(0).permutation(len(X))
     kwargs = dict(categorical_cols=["sex"], continuous_cols=["age"], parametric=False)
-    out = CombatHarmonizer(**kwargs).fit_transform(X, batch=covars["site"],
-                                                   covariates=covars)
+    out = CombatHarmonizer(**kwargs).fit_transform(X, batch=covars["site"], covariates=covars)
     permuted = CombatHarmonizer(**kwargs).fit_transform(
-        X[order], batch=covars["site"].to_numpy()[order], covariates=covars.iloc[order])
+        X[order], batch=covars["site"].to_numpy()[order], covariates=covars.iloc[order]
+    )
     np.testing.assert_allclose(permuted, out[order], rtol=1e-10)
 
 
@@ -240,16 +254,22 @@ def test_covariate_effects_are_preserved():
     X, covars = COHORTS["3 sites"]
     combat = CombatHarmonizer(categorical_cols=["sex", "diagnosis"], continuous_cols="age")
     combat.fit(X, batch=covars["site"], covariates=covars)
-    assert list(combat.covariate_names_) == ["sex_M", "diagnosis_patient",
-                                             "diagnosis_prodromal", "age"]
+    assert list(combat.covariate_names_) == [
+        "sex_M",
+        "diagnosis_patient",
+        "diagnosis_prodromal",
+        "age",
+    ]
     # beta_ is the least-squares fit of X on site indicators and covariates (Johnson 2007).
-    design = np.column_stack([
-        pd.get_dummies(covars["site"]).to_numpy(dtype=float),
-        covars["sex"] == "M",
-        covars["diagnosis"] == "patient",
-        covars["diagnosis"] == "prodromal",
-        covars["age"],
-    ]).astype(float)
+    design = np.column_stack(
+        [
+            pd.get_dummies(covars["site"]).to_numpy(dtype=float),
+            covars["sex"] == "M",
+            covars["diagnosis"] == "patient",
+            covars["diagnosis"] == "prodromal",
+            covars["age"],
+        ]
+    ).astype(float)
     coefficients = np.linalg.lstsq(design, X, rcond=None)[0]
     np.testing.assert_allclose(combat.beta_, coefficients[3:], rtol=1e-10, atol=1e-12)
     # Simulated effects: sex_M +0.4, patient +0.3, prodromal 0, age +0.03 per year. The
@@ -309,10 +329,10 @@ def test_constant_features_pass_through_and_within_site_constants_stay_finite():
         assert combat.var_pooled_[0] == 0.0
         assert np.all(combat.gamma_star_[:, 0] == 0) and np.all(combat.delta_star_[:, 0] == 1)
     # The other features' EB priors do not see the constant feature.
-    full = CombatHarmonizer(continuous_cols="age").fit(X, batch=covars["site"],
-                                                       covariates=covars)
+    full = CombatHarmonizer(continuous_cols="age").fit(X, batch=covars["site"], covariates=covars)
     reduced = CombatHarmonizer(continuous_cols="age").fit(
-        X[:, 1:], batch=covars["site"], covariates=covars)
+        X[:, 1:], batch=covars["site"], covariates=covars
+    )
     np.testing.assert_allclose(reduced.gamma_star_, full.gamma_star_[:, 1:], rtol=1e-12)
     np.testing.assert_allclose(reduced.delta_star_, full.delta_star_[:, 1:], rtol=1e-12)
 
@@ -347,12 +367,15 @@ def test_fitted_attributes_and_estimates():
     assert est.info["categories"] == [["F", "M"]]
     assert est.info["continuous_cols"] == ["age"]
     # gamma_hat is each site's mean of the standardized data
-    s = (X - combat.grand_mean_ - np.column_stack(
-        [covars["sex"] == "M", covars["age"]]).astype(float) @ combat.beta_)
+    s = (
+        X
+        - combat.grand_mean_
+        - np.column_stack([covars["sex"] == "M", covars["age"]]).astype(float) @ combat.beta_
+    )
     s /= np.sqrt(combat.var_pooled_)
-    np.testing.assert_allclose(combat.gamma_hat_,
-                               pd.DataFrame(s).groupby(covars["site"].to_numpy()).mean(),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        combat.gamma_hat_, pd.DataFrame(s).groupby(covars["site"].to_numpy()).mean(), rtol=1e-10
+    )
 
 
 def test_pickle_and_inputs_unchanged():
@@ -386,8 +409,11 @@ def test_transform_before_fit(frame):
 def test_nonfinite_features_named(frame, bad):
     frame = frame.copy()
     frame.loc[3, "roi4"] = bad
-    with pytest.raises(ValueError, match=r"NaN or infinite values in feature column\(s\) "
-                                         r"\['roi4'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"NaN or infinite values in feature column\(s\) "
+        r"\['roi4'\]",
+    ):
         CombatHarmonizer("site").fit(frame)
 
 
@@ -435,14 +461,16 @@ def test_missing_columns_named(frame):
         CombatHarmonizer("site").fit(frame.drop(columns=["site"]).to_numpy())
     X, covars = COHORTS["3 sites"]
     with pytest.raises(ValueError, match=r"\['age'\] not found in covariates="):
-        CombatHarmonizer(continuous_cols="age").fit(X, batch=covars["site"],
-                                                    covariates=covars[["sex"]])
+        CombatHarmonizer(continuous_cols="age").fit(
+            X, batch=covars["site"], covariates=covars[["sex"]]
+        )
 
 
 def test_non_numeric_feature_column_named(frame):
     with pytest.raises(ValueError, match=r"feature column\(s\) \['sex'\] are not numeric"):
         CombatHarmonizer("site", continuous_cols="age").fit(
-            frame.assign(sex=COHORTS["3 sites"][1]["sex"]))
+            frame.assign(sex=COHORTS["3 sites"][1]["sex"])
+        )
 
 
 def test_batch_given_twice(frame):
@@ -460,8 +488,7 @@ def test_length_mismatch():
     with pytest.raises(ValueError, match="batch has 81 site labels for 82 rows"):
         CombatHarmonizer().fit(X, batch=covars["site"][:-1])
     with pytest.raises(ValueError, match="covariates have 81 rows for 82 rows"):
-        CombatHarmonizer(continuous_cols="age").fit(X, batch=covars["site"],
-                                                    covariates=covars[:-1])
+        CombatHarmonizer(continuous_cols="age").fit(X, batch=covars["site"], covariates=covars[:-1])
 
 
 def test_zero_rows(frame):
@@ -496,8 +523,7 @@ def test_different_features_at_transform(frame):
         combat.transform(frame.drop(columns=["roi3"]))
     X, covars = COHORTS["3 sites"]
     combat = CombatHarmonizer().fit(X, batch=covars["site"])
-    with pytest.raises(ValueError, match="X has 29 features, but CombatHarmonizer is "
-                                         "expecting 30"):
+    with pytest.raises(ValueError, match="X has 29 features, but CombatHarmonizer is expecting 30"):
         combat.transform(X[:, 1:], batch=covars["site"])
 
 
@@ -509,16 +535,20 @@ def test_confounded_covariate_named(frame):
     frame["constant_age"] = 40.0
     with pytest.raises(ValueError, match="'constant_age' is confounded with site"):
         CombatHarmonizer("site", continuous_cols="constant_age").fit(
-            frame.drop(columns="scanner_model"))
+            frame.drop(columns="scanner_model")
+        )
 
 
-@pytest.mark.parametrize("params, match", [
-    (dict(unseen_batch="ignore"), "unseen_batch"),
-    (dict(eb="yes"), "eb"),
-    (dict(parametric=None), "parametric"),
-    (dict(mean_only=1.5), "mean_only"),
-    (dict(categorical_cols=3), "categorical_cols"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(unseen_batch="ignore"), "unseen_batch"),
+        (dict(eb="yes"), "eb"),
+        (dict(parametric=None), "parametric"),
+        (dict(mean_only=1.5), "mean_only"),
+        (dict(categorical_cols=3), "categorical_cols"),
+    ],
+)
 def test_invalid_parameters(frame, params, match):
     with pytest.raises(ValueError, match=match):
         CombatHarmonizer("site", **params).fit(frame)
@@ -540,8 +570,9 @@ def test_eb_needs_two_features():
 
 def test_mixed_type_site_labels():
     with pytest.raises(TypeError, match="one sortable type"):
-        CombatHarmonizer().fit(np.random.default_rng(0).normal(size=(6, 3)),
-                               batch=["a", 1, "a", 1, "b", "b"])
+        CombatHarmonizer().fit(
+            np.random.default_rng(0).normal(size=(6, 3)), batch=["a", 1, "a", 1, "b", "b"]
+        )
 
 
 def test_get_feature_names_out_checks_input_features():
@@ -580,26 +611,32 @@ def test_float32_is_preserved_in_tags():
 def _named_cohort(columns, seed=3):
     rng = np.random.default_rng(seed)
     site = np.repeat(["a", "b", "c"], 12)
-    X = pd.DataFrame(rng.normal(size=(36, len(columns))) * [1, 5, 20, 0.1][:len(columns)]
-                     + np.repeat([0.0, 3.0, -2.0], 12)[:, None], columns=columns)
+    X = pd.DataFrame(
+        rng.normal(size=(36, len(columns))) * [1, 5, 20, 0.1][: len(columns)]
+        + np.repeat([0.0, 3.0, -2.0], 12)[:, None],
+        columns=columns,
+    )
     return X, site
 
 
-@pytest.mark.parametrize("columns", [[10, 20, 30, 40], [0, 1, 2, 3], [("roi", 1), ("roi", 2),
-                                                                       ("roi", 3), ("roi", 4)]])
+@pytest.mark.parametrize(
+    "columns", [[10, 20, 30, 40], [0, 1, 2, 3], [("roi", 1), ("roi", 2), ("roi", 3), ("roi", 4)]]
+)
 def test_reordered_columns_refused_keyword_route(columns):
     """Integer or tuple column names are matched by name: the same columns in another order
     are refused (they used to be harmonized with another column's parameters)."""
     X, site = _named_cohort(columns)
     combat = CombatHarmonizer().fit(X, batch=site)
-    with pytest.raises(ValueError, match=r"columns seen in fit in another order \(column 0 "
-                       rf"is {re.escape(repr(columns[3]))}"):
+    with pytest.raises(
+        ValueError,
+        match=r"columns seen in fit in another order \(column 0 "
+        rf"is {re.escape(repr(columns[3]))}",
+    ):
         combat.transform(X[columns[::-1]], batch=site)
     with pytest.raises(ValueError, match=rf"missing \[{re.escape(repr(columns[1]))}\]"):
         combat.transform(X.drop(columns=columns[1]), batch=site)
     # the right order gives the numbers of the array route
-    expected = CombatHarmonizer().fit(X.to_numpy(), batch=site).transform(X.to_numpy(),
-                                                                           batch=site)
+    expected = CombatHarmonizer().fit(X.to_numpy(), batch=site).transform(X.to_numpy(), batch=site)
     np.testing.assert_allclose(combat.transform(X, batch=site), expected, rtol=1e-12)
 
 
@@ -612,8 +649,11 @@ def test_reordered_columns_refused_columns_route_with_mixed_names():
         combat.transform(X[[2, 1, 3, 4, "site"]])
     with pytest.raises(ValueError, match=r"not seen in fit \[5\]"):
         combat.transform(X.rename(columns={4: 5}))
-    np.testing.assert_allclose(combat.transform(X), CombatHarmonizer().fit_transform(
-        X[[1, 2, 3, 4]].to_numpy(), batch=site), rtol=1e-12)
+    np.testing.assert_allclose(
+        combat.transform(X),
+        CombatHarmonizer().fit_transform(X[[1, 2, 3, 4]].to_numpy(), batch=site),
+        rtol=1e-12,
+    )
 
 
 def test_str_columns_checked_as_scikit_learn_does():
@@ -621,12 +661,16 @@ def test_str_columns_checked_as_scikit_learn_does():
     check_dataframe_column_names_consistency expects them)."""
     X, site = _named_cohort(["w", "x", "y", "z"])
     combat = CombatHarmonizer().fit(X, batch=site)
-    for bad, message in [(["z", "y", "x", "w"], "Feature names must be in the same order"),
-                         (["a", "b", "c", "d"], "Feature names unseen at fit time"),
-                         (["w", "x"], "Feature names seen at fit time, yet now missing")]:
-        X_bad = pd.DataFrame(X.to_numpy()[:, :len(bad)], columns=bad)
-        with pytest.raises(ValueError, match="The feature names should match those that "
-                           f"were passed during fit.\n{message}"):
+    for bad, message in [
+        (["z", "y", "x", "w"], "Feature names must be in the same order"),
+        (["a", "b", "c", "d"], "Feature names unseen at fit time"),
+        (["w", "x"], "Feature names seen at fit time, yet now missing"),
+    ]:
+        X_bad = pd.DataFrame(X.to_numpy()[:, : len(bad)], columns=bad)
+        with pytest.raises(
+            ValueError,
+            match=f"The feature names should match those that were passed during fit.\n{message}",
+        ):
             combat.transform(X_bad, batch=site)
     # fitted with text names, given integer names: refused by name too, not by position
     with pytest.raises(ValueError, match=r"missing \['w', 'x', 'y', 'z'\]"):
@@ -669,14 +713,21 @@ def test_keyword_route_indexes_must_agree(shift):
     X, site = _named_cohort(["f1", "f2", "f3"])
     covariates = pd.DataFrame({"age": np.linspace(20, 70, 36)})
     labels = np.arange(36) * 2 + 1  # labelled rows, as after selecting subjects of a table
-    objects = {"X": X.set_axis(labels), "batch": pd.Series(site, index=labels),
-               "covariates": covariates.set_axis(labels)}
+    objects = {
+        "X": X.set_axis(labels),
+        "batch": pd.Series(site, index=labels),
+        "covariates": covariates.set_axis(labels),
+    }
     objects[shift] = objects[shift].set_axis(np.arange(36) + 100)
     name = shift if shift == "X" else f"{shift}="
-    with pytest.raises(ValueError, match=rf"have different indexes \(row 0 is labelled "
-                       rf".*100 in {name}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"have different indexes \(row 0 is labelled "
+        rf".*100 in {name}",
+    ):
         CombatHarmonizer(continuous_cols="age").fit(
-            objects["X"], batch=objects["batch"], covariates=objects["covariates"])
+            objects["X"], batch=objects["batch"], covariates=objects["covariates"]
+        )
 
 
 def test_keyword_route_shuffled_batch_refused_equal_indexes_accepted():
@@ -687,7 +738,9 @@ def test_keyword_route_shuffled_batch_refused_equal_indexes_accepted():
         CombatHarmonizer().fit(X, batch=shuffled)
     np.testing.assert_allclose(
         CombatHarmonizer().fit_transform(X, batch=shuffled.sort_index()),
-        CombatHarmonizer().fit_transform(X.to_numpy(), batch=site), rtol=1e-12)
+        CombatHarmonizer().fit_transform(X.to_numpy(), batch=site),
+        rtol=1e-12,
+    )
 
 
 def test_inverse_transform_matches_harmonized_columns_by_name():
@@ -707,8 +760,11 @@ def test_keyword_route_default_index_pairs_by_position():
     X, site = _named_cohort(["f1", "f2", "f3"])
     labels = np.arange(36) * 3 + 7
     got = CombatHarmonizer(continuous_cols="age").fit_transform(
-        X, batch=pd.Series(site, index=labels),
-        covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}, index=labels))
+        X,
+        batch=pd.Series(site, index=labels),
+        covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}, index=labels),
+    )
     expected = CombatHarmonizer(continuous_cols="age").fit_transform(
-        X.to_numpy(), batch=site, covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)}))
+        X.to_numpy(), batch=site, covariates=pd.DataFrame({"age": np.linspace(20, 70, 36)})
+    )
     np.testing.assert_array_equal(got, expected)

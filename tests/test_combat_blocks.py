@@ -30,8 +30,12 @@ def make_cohort(n_features=40, seed=0):
     site_code = pd.factorize(sites, sort=True)[0]
     shift = rng.normal(0, 1, size=(3, n_features))
     scale = rng.uniform(0.5, 2.0, size=(3, n_features))
-    X = (50 + 0.03 * age[:, None] + rng.normal(size=(sites.size, n_features))
-         * scale[site_code] + shift[site_code])
+    X = (
+        50
+        + 0.03 * age[:, None]
+        + rng.normal(size=(sites.size, n_features)) * scale[site_code]
+        + shift[site_code]
+    )
     return X, pd.DataFrame({"site": sites, "age": age})
 
 
@@ -48,28 +52,36 @@ def tiny_blocks(monkeypatch):
 
 @pytest.mark.parametrize("ref_batch", [None, "site1"])
 @pytest.mark.parametrize("parametric", [True, False])
-def test_many_blocks_match_one_block_and_neurocombat(tiny_blocks, monkeypatch, parametric,
-                                                    ref_batch):
+def test_many_blocks_match_one_block_and_neurocombat(
+    tiny_blocks, monkeypatch, parametric, ref_batch
+):
     X, covars = make_cohort()
     options = dict(continuous_cols=["age"], parametric=parametric, ref_batch=ref_batch)
     combat = CombatHarmonizer(**options)
     ours = combat.fit_transform(X, batch=covars["site"], covariates=covars)
     with contextlib.redirect_stdout(io.StringIO()):
-        expected = neuroCombat(dat=X.T, covars=covars, batch_col="site",
-                               continuous_cols=["age"], parametric=parametric,
-                               ref_batch=ref_batch)["data"].T
+        expected = neuroCombat(
+            dat=X.T,
+            covars=covars,
+            batch_col="site",
+            continuous_cols=["age"],
+            parametric=parametric,
+            ref_batch=ref_batch,
+        )["data"].T
     assert relative_difference(ours, expected) < 1e-8
 
     monkeypatch.setattr(model, "BLOCK_ELEMENTS", 1 << 18)  # one block
-    one_block = CombatHarmonizer(**options).fit_transform(X, batch=covars["site"],
-                                                          covariates=covars)
+    one_block = CombatHarmonizer(**options).fit_transform(
+        X, batch=covars["site"], covariates=covars
+    )
     np.testing.assert_allclose(ours, one_block, rtol=1e-12)
 
 
 def test_many_blocks_float32_transform_and_inverse(tiny_blocks):
     X, covars = make_cohort()
-    combat = CombatHarmonizer(continuous_cols=["age"]).fit(X, batch=covars["site"],
-                                                           covariates=covars)
+    combat = CombatHarmonizer(continuous_cols=["age"]).fit(
+        X, batch=covars["site"], covariates=covars
+    )
     out64 = combat.transform(X, batch=covars["site"], covariates=covars)
     out32 = combat.transform(X.astype(np.float32), batch=covars["site"], covariates=covars)
     assert out32.dtype == np.float32
@@ -83,16 +95,17 @@ def test_zero_variance_feature_passes_through_in_its_block(tiny_blocks):
     X[:, 7] = 3.25
     with pytest.warns(UserWarning, match=r"1 feature\(s\) are constant.*\['x7'\]$"):
         out = CombatHarmonizer(continuous_cols=["age"]).fit_transform(
-            X, batch=covars["site"], covariates=covars)
+            X, batch=covars["site"], covariates=covars
+        )
     np.testing.assert_array_equal(out[:, 7], X[:, 7])
     assert np.isfinite(out).all()
 
 
 def dense_nonparametric_eb(n, gamma_hat, delta_hat, ss):
     """The textbook form: full G x G log-likelihood matrix, normalized with logsumexp."""
-    loglik = (-0.5 * n * np.log(2 * np.pi * delta_hat)[None, :]
-              - (ss[:, None] + n * (gamma_hat[:, None] - gamma_hat[None, :]) ** 2)
-              / (2 * delta_hat[None, :]))
+    loglik = -0.5 * n * np.log(2 * np.pi * delta_hat)[None, :] - (
+        ss[:, None] + n * (gamma_hat[:, None] - gamma_hat[None, :]) ** 2
+    ) / (2 * delta_hat[None, :])
     np.fill_diagonal(loglik, -np.inf)
     weights = np.exp(loglik - logsumexp(loglik, axis=1, keepdims=True))
     return weights @ gamma_hat, weights @ delta_hat
@@ -123,8 +136,9 @@ def test_nonparametric_eb_far_apart_features_use_the_clamped_path():
     gamma_star, _ = model.nonparametric_eb(n, gamma_hat, delta_hat, ss)
     # Each feature's prior is its near neighbour: the others weigh exp(-1.5e4) or less, counted
     # as exp(-700) (< 1e-304 of the neighbour's weight).
-    np.testing.assert_allclose(gamma_star, [-9.9, -10.0, 0.1, 0.0, 10.05, 10.0], rtol=1e-12,
-                               atol=1e-300)
+    np.testing.assert_allclose(
+        gamma_star, [-9.9, -10.0, 0.1, 0.0, 10.05, 10.0], rtol=1e-12, atol=1e-300
+    )
 
 
 def far_rows_reference_case(n=5000):
@@ -157,8 +171,7 @@ def test_n_jobs_gives_bit_identical_results(tiny_blocks, parametric):
     X, covars = make_cohort()
     outputs = []
     for n_jobs in [1, 2, -1]:
-        combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric,
-                                  n_jobs=n_jobs)
+        combat = CombatHarmonizer(continuous_cols=["age"], parametric=parametric, n_jobs=n_jobs)
         out = combat.fit_transform(X, batch=covars["site"], covariates=covars)
         back = combat.inverse_transform(out, batch=covars["site"], covariates=covars)
         outputs.append((out, back, combat.gamma_star_, combat.delta_star_))
@@ -181,14 +194,20 @@ def thread_counts(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("n_jobs, context, expected", [
-    (None, None, 1), (None, 2, 2), (2, None, 2), (1, 2, 1),
-    (-1, None, joblib.effective_n_jobs(-1))])
+@pytest.mark.parametrize(
+    "n_jobs, context, expected",
+    [
+        (None, None, 1),
+        (None, 2, 2),
+        (2, None, 2),
+        (1, 2, 1),
+        (-1, None, joblib.effective_n_jobs(-1)),
+    ],
+)
 def test_n_jobs_resolved_by_joblib(thread_counts, n_jobs, context, expected):
     X, covars = make_cohort()
     combat = CombatHarmonizer(continuous_cols=["age"], parametric=False, n_jobs=n_jobs)
-    config = (joblib.parallel_config(n_jobs=context) if context
-              else contextlib.nullcontext())
+    config = joblib.parallel_config(n_jobs=context) if context else contextlib.nullcontext()
     with config:
         out = combat.fit_transform(X, batch=covars["site"], covariates=covars)
         combat.inverse_transform(out, batch=covars["site"], covariates=covars)
@@ -224,7 +243,7 @@ def test_power_of_two_scaling_is_exact(tiny_blocks, parametric, exponent):
     X, covars = make_cohort()
     X[:, 0] *= 1e-3  # features of different magnitudes in one block
     expected = harmonize(X, covars, parametric=parametric)
-    factor = 2.0 ** exponent
+    factor = 2.0**exponent
     for got, want in zip(harmonize(X * factor, covars, parametric=parametric), expected):
         np.testing.assert_array_equal(got, want * factor)
 
@@ -274,17 +293,20 @@ def test_small_spread_on_a_large_value_is_harmonized_not_passed_through():
     X0 = X.copy()
     X0[:, 4] -= 1e10
     out0 = CombatHarmonizer(continuous_cols=["age"]).fit_transform(
-        X0, batch=covars["site"], covariates=covars)
+        X0, batch=covars["site"], covariates=covars
+    )
     np.testing.assert_allclose(out[:, 4] - 1e10, out0[:, 4], atol=1e-5)
 
 
 def test_many_constant_features_warning_names_the_first_five():
     X, covars = make_cohort()
     X[:, 10:17] = 2.0
-    with pytest.warns(UserWarning, match=r"7 feature\(s\) .*\['x10', 'x11', 'x12', 'x13', "
-                      r"'x14'\] \.\.\.$"):
-        CombatHarmonizer(continuous_cols=["age"]).fit(X, batch=covars["site"],
-                                                      covariates=covars)
+    with pytest.warns(
+        UserWarning,
+        match=r"7 feature\(s\) .*\['x10', 'x11', 'x12', 'x13', "
+        r"'x14'\] \.\.\.$",
+    ):
+        CombatHarmonizer(continuous_cols=["age"]).fit(X, batch=covars["site"], covariates=covars)
 
 
 def test_constant_and_exactly_explained_features_pass_through_with_a_warning():
@@ -296,8 +318,11 @@ def test_constant_and_exactly_explained_features_pass_through_with_a_warning():
     frame["roi9"] = pd.Series(sites).map({"site0": 1.5, "site1": 2.25, "site2": -0.5})
     frame["roi11"] = 3e-200  # constant, tiny
     combat = CombatHarmonizer(continuous_cols=["age"])
-    with pytest.warns(UserWarning, match=r"4 feature\(s\) are constant.*passed through "
-                      r"unchanged: \['roi2', 'roi5', 'roi9', 'roi11'\]"):
+    with pytest.warns(
+        UserWarning,
+        match=r"4 feature\(s\) are constant.*passed through "
+        r"unchanged: \['roi2', 'roi5', 'roi9', 'roi11'\]",
+    ):
         out = combat.fit_transform(frame, batch=covars["site"], covariates=covars)
     assert np.flatnonzero(combat.zero_variance_features_).tolist() == [2, 5, 9, 11]
     for column in [2, 5, 9, 11]:

@@ -77,8 +77,7 @@ def test_keyword_route_equals_column_route(reference):
     ref, frame = reference
     by_columns = CovBatHarmonizer("site", ["sex"], ["age"]).fit_transform(frame)
     by_keywords = CovBatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"])
-    out = by_keywords.fit_transform(ref["X"], batch=ref["site"],
-                                    covariates=frame[["sex", "age"]])
+    out = by_keywords.fit_transform(ref["X"], batch=ref["site"], covariates=frame[["sex", "age"]])
     np.testing.assert_allclose(out, by_columns, rtol=1e-12, atol=1e-12)
 
 
@@ -143,9 +142,17 @@ def test_unseen_site_error_and_adapt(reference):
     out = adapt.transform(frame[~train])
     assert np.isfinite(out).all()
     # the new site's leading scores get its own location/scale removed: mean ~ pooled mean
-    scores = (out - adapt.grand_mean_ - frame.loc[~train, ["age"]].to_numpy() @ adapt.beta_[1:]
-              - frame.loc[~train, ["sex"]].eq("M").to_numpy() @ adapt.beta_[:1]
-              - adapt.pca_center_) / adapt.pca_scale_ @ adapt.components_.T
+    scores = (
+        (
+            out
+            - adapt.grand_mean_
+            - frame.loc[~train, ["age"]].to_numpy() @ adapt.beta_[1:]
+            - frame.loc[~train, ["sex"]].eq("M").to_numpy() @ adapt.beta_[:1]
+            - adapt.pca_center_
+        )
+        / adapt.pca_scale_
+        @ adapt.components_.T
+    )
     np.testing.assert_allclose(scores.mean(axis=0), adapt.score_grand_mean_, atol=1e-8)
 
 
@@ -210,14 +217,14 @@ def simulate_site_covariance(seed=0, n_per_site=60, n_features=16):
 def _site_accuracy(step, frame):
     pipe = make_pipeline(step, QuadraticDiscriminantAnalysis(reg_param=0.1))
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
-    return cross_val_score(pipe, frame, frame["site"], cv=cv,
-                           scoring="balanced_accuracy").mean()
+    return cross_val_score(pipe, frame, frame["site"], cv=cv, scoring="balanced_accuracy").mean()
 
 
 def test_site_prediction_falls_to_chance_with_covbat_not_combat():
     frame = simulate_site_covariance()
-    raw = _site_accuracy(ColumnTransformer([("meta", "drop", ["site", "age"])],
-                                           remainder="passthrough"), frame)
+    raw = _site_accuracy(
+        ColumnTransformer([("meta", "drop", ["site", "age"])], remainder="passthrough"), frame
+    )
     combat = _site_accuracy(CombatHarmonizer("site", continuous_cols="age"), frame)
     covbat = _site_accuracy(CovBatHarmonizer("site", continuous_cols="age"), frame)
     # chance is 1/3: measured 0.79 raw, 0.65 ComBat, 0.31 CovBat
@@ -232,12 +239,17 @@ def _held_out_site_auc(harmonizer, frame):
     aucs = []
     for train, test in LeaveOneGroupOut().split(frame, groups=frame["site"]):
         fitted = clone(harmonizer).fit(frame.iloc[train])
-        harmonized = np.vstack([fitted.transform(frame.iloc[train]),
-                                fitted.transform(frame.iloc[test])])
+        harmonized = np.vstack(
+            [fitted.transform(frame.iloc[train]), fitted.transform(frame.iloc[test])]
+        )
         held_out = np.r_[np.zeros(len(train)), np.ones(len(test))]
-        proba = cross_val_predict(QuadraticDiscriminantAnalysis(reg_param=0.1), harmonized,
-                                  held_out, cv=StratifiedKFold(5, shuffle=True, random_state=0),
-                                  method="predict_proba")[:, 1]
+        proba = cross_val_predict(
+            QuadraticDiscriminantAnalysis(reg_param=0.1),
+            harmonized,
+            held_out,
+            cv=StratifiedKFold(5, shuffle=True, random_state=0),
+            method="predict_proba",
+        )[:, 1]
         aucs.append(roc_auc_score(held_out, proba))
         assert harmonized.shape[1] == len(features)
     return float(np.mean(aucs))
@@ -245,10 +257,12 @@ def _held_out_site_auc(harmonizer, frame):
 
 def test_leave_one_site_out_new_site_is_told_apart_after_combat_not_covbat():
     frame = simulate_site_covariance()
-    combat = _held_out_site_auc(CombatHarmonizer("site", continuous_cols="age",
-                                                 unseen_batch="adapt"), frame)
-    covbat = _held_out_site_auc(CovBatHarmonizer("site", continuous_cols="age",
-                                                 unseen_batch="adapt"), frame)
+    combat = _held_out_site_auc(
+        CombatHarmonizer("site", continuous_cols="age", unseen_batch="adapt"), frame
+    )
+    covbat = _held_out_site_auc(
+        CovBatHarmonizer("site", continuous_cols="age", unseen_batch="adapt"), frame
+    )
     # measured 0.84 ComBat, 0.58 CovBat (chance 0.5)
     assert combat > 0.75
     assert covbat < 0.68
@@ -260,16 +274,20 @@ def test_pipeline_leave_one_group_out_cross_val_score():
     frame = simulate_site_covariance()
     rng = np.random.default_rng(1)
     label = (frame["f0"] - frame["f0"].mean() + rng.normal(0, 0.5, len(frame)) > 0).astype(int)
-    pipe = make_pipeline(CovBatHarmonizer("site", continuous_cols="age", unseen_batch="adapt"),
-                         QuadraticDiscriminantAnalysis(reg_param=0.1))
-    scores = cross_val_score(pipe, frame, label, groups=frame["site"], cv=LeaveOneGroupOut(),
-                             scoring="roc_auc")
+    pipe = make_pipeline(
+        CovBatHarmonizer("site", continuous_cols="age", unseen_batch="adapt"),
+        QuadraticDiscriminantAnalysis(reg_param=0.1),
+    )
+    scores = cross_val_score(
+        pipe, frame, label, groups=frame["site"], cv=LeaveOneGroupOut(), scoring="roc_auc"
+    )
     assert scores.shape == (3,) and np.all(scores > 0.55) and scores.mean() > 0.7
     # each split's harmonizer saw the training sites only: the same as fitting it by hand
     train, test = next(LeaveOneGroupOut().split(frame, groups=frame["site"]))
-    by_hand = make_pipeline(CovBatHarmonizer("site", continuous_cols="age",
-                                             unseen_batch="adapt"),
-                            QuadraticDiscriminantAnalysis(reg_param=0.1))
+    by_hand = make_pipeline(
+        CovBatHarmonizer("site", continuous_cols="age", unseen_batch="adapt"),
+        QuadraticDiscriminantAnalysis(reg_param=0.1),
+    )
     by_hand.fit(frame.iloc[train], label.iloc[train])
     proba = by_hand.predict_proba(frame.iloc[test])[:, 1]
     assert roc_auc_score(label.iloc[test], proba) == pytest.approx(scores[0])
@@ -279,14 +297,21 @@ def test_grid_search_over_percent_var():
     frame = simulate_site_covariance(n_per_site=40)
     rng = np.random.default_rng(2)
     label = (frame["f1"] + rng.normal(0, 0.5, len(frame)) > frame["f1"].mean()).astype(int)
-    pipe = make_pipeline(CovBatHarmonizer("site", continuous_cols="age"),
-                         QuadraticDiscriminantAnalysis(reg_param=0.1))
-    search = GridSearchCV(pipe, {"covbatharmonizer__percent_var": [0.5, 0.8, 0.95]},
-                          cv=StratifiedKFold(3, shuffle=True, random_state=0),
-                          scoring="roc_auc").fit(frame, label)
+    pipe = make_pipeline(
+        CovBatHarmonizer("site", continuous_cols="age"),
+        QuadraticDiscriminantAnalysis(reg_param=0.1),
+    )
+    search = GridSearchCV(
+        pipe,
+        {"covbatharmonizer__percent_var": [0.5, 0.8, 0.95]},
+        cv=StratifiedKFold(3, shuffle=True, random_state=0),
+        scoring="roc_auc",
+    ).fit(frame, label)
     assert search.best_params_["covbatharmonizer__percent_var"] in (0.5, 0.8, 0.95)
-    n_components = {p: CovBatHarmonizer("site", continuous_cols="age", percent_var=p)
-                    .fit(frame).n_components_ for p in (0.5, 0.8, 0.95)}
+    n_components = {
+        p: CovBatHarmonizer("site", continuous_cols="age", percent_var=p).fit(frame).n_components_
+        for p in (0.5, 0.8, 0.95)
+    }
     assert n_components[0.5] < n_components[0.8] < n_components[0.95]
 
 

@@ -17,8 +17,15 @@ import joblib  # noqa: E402
 
 from kwneuro_sk import CombatHarmonizer, harmonize_volumes  # noqa: E402
 
-COMPARED = ("grand_mean", "beta", "var_pooled", "gamma_hat", "delta_hat", "gamma_star",
-            "delta_star")
+COMPARED = (
+    "grand_mean",
+    "beta",
+    "var_pooled",
+    "gamma_hat",
+    "delta_hat",
+    "gamma_star",
+    "delta_star",
+)
 
 
 def _data(n=60, n_features=25, seed=0):
@@ -26,8 +33,12 @@ def _data(n=60, n_features=25, seed=0):
     site = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
     age = rng.uniform(20, 80, n).round()
     sex = rng.choice(["F", "M"], n)
-    X = (1e4 + 10 * rng.normal(size=(n, n_features)) + 0.1 * age[:, None]
-         + pd.Series(site).map({"a": 0.0, "b": 8.0, "c": -5.0}).to_numpy()[:, None])
+    X = (
+        1e4
+        + 10 * rng.normal(size=(n, n_features))
+        + 0.1 * age[:, None]
+        + pd.Series(site).map({"a": 0.0, "b": 8.0, "c": -5.0}).to_numpy()[:, None]
+    )
     return X, site, pd.DataFrame({"age": age, "sex": sex})
 
 
@@ -38,15 +49,19 @@ def _assert_fitted_equal(expected, actual, rtol=1e-10):
         assert got.shape == want.shape, name
         if not want.size:
             continue
-        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max(),
-                                   err_msg=name)
+        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max(), err_msg=name)
     np.testing.assert_array_equal(actual.batches_, expected.batches_)
     np.testing.assert_array_equal(actual.n_samples_per_batch_, expected.n_samples_per_batch_)
 
 
-OPTIONS = [{}, {"categorical_cols": "sex", "continuous_cols": "age"},
-           {"ref_batch": "b", "continuous_cols": "age"}, {"mean_only": True},
-           {"eb": False}, {"parametric": False}]
+OPTIONS = [
+    {},
+    {"categorical_cols": "sex", "continuous_cols": "age"},
+    {"ref_batch": "b", "continuous_cols": "age"},
+    {"mean_only": True},
+    {"eb": False},
+    {"parametric": False},
+]
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -59,9 +74,9 @@ def test_dask_array_fit_and_lazy_transform_equal_numpy(options):
     out = combat.transform(Xd, batch=site, covariates=covars)
     assert isinstance(out, da.Array)
     assert out.shape == X.shape
-    np.testing.assert_allclose(out.compute(), expected.transform(X, batch=site,
-                                                                 covariates=covars),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        out.compute(), expected.transform(X, batch=site, covariates=covars), rtol=1e-12
+    )
     lazy = CombatHarmonizer(**options).fit_transform(Xd, batch=site, covariates=covars)
     assert isinstance(lazy, da.Array)
 
@@ -102,8 +117,11 @@ def test_dask_dataframe_keyword_route():
     expected = CombatHarmonizer().fit(frame, batch=site)
     combat = CombatHarmonizer().fit(ddf, batch=site)
     _assert_fitted_equal(expected, combat)
-    np.testing.assert_allclose(combat.transform(ddf, batch=site).compute().to_numpy(),
-                               expected.transform(frame, batch=site), rtol=1e-12)
+    np.testing.assert_allclose(
+        combat.transform(ddf, batch=site).compute().to_numpy(),
+        expected.transform(frame, batch=site),
+        rtol=1e-12,
+    )
 
 
 def test_dask_errors_name_the_problem():
@@ -123,16 +141,19 @@ def test_dask_errors_name_the_problem():
     frame = pd.DataFrame(X[:, :3], columns=["a", "b", "c"]).assign(site=site)
     with pytest.raises(ValueError, match=r"column\(s\) \['age'\] not found"):
         CombatHarmonizer(batch_col="site", continuous_cols="age").fit(
-            dd.from_pandas(frame, npartitions=2))
+            dd.from_pandas(frame, npartitions=2)
+        )
     with pytest.raises(ValueError, match="single row.*mean_only=True"):
         CombatHarmonizer().fit(Xd, batch=np.r_[["solo"], site[1:]])
 
 
 def test_core_never_imports_dask():
-    code = ("import sys, numpy as np; from kwneuro_sk import CombatHarmonizer, "
-            "harmonize_volumes; X = np.random.default_rng(0).normal(size=(10, 3)); "
-            "CombatHarmonizer().fit_transform(X, batch=[0, 1] * 5); "
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'dask'], 'dask imported'")
+    code = (
+        "import sys, numpy as np; from kwneuro_sk import CombatHarmonizer, "
+        "harmonize_volumes; X = np.random.default_rng(0).normal(size=(10, 3)); "
+        "CombatHarmonizer().fit_transform(X, batch=[0, 1] * 5); "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'dask'], 'dask imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -143,8 +164,9 @@ def test_core_never_imports_dask():
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
         with distributed.Client(cluster) as client:
             yield client
 
@@ -157,8 +179,9 @@ def test_fit_and_transform_on_local_cluster(client):
     combat = CombatHarmonizer(**options).fit(Xd, batch=site, covariates=covars)
     _assert_fitted_equal(expected, combat)
     out = client.compute(combat.transform(Xd, batch=site, covariates=covars)).result()
-    np.testing.assert_allclose(out, expected.transform(X, batch=site, covariates=covars),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        out, expected.transform(X, batch=site, covariates=covars), rtol=1e-12
+    )
 
 
 def test_streamed_volumes_with_joblib_dask_backend(client, tmp_path):
@@ -168,17 +191,20 @@ def test_streamed_volumes_with_joblib_dask_backend(client, tmp_path):
     paths = []
     for i, s in enumerate(site):
         paths.append(str(tmp_path / f"v{i}.nii.gz"))
-        nib.save(nib.Nifti1Image((rng.normal(size=shape) + (s == "b") * 3).astype(np.float32),
-                                 affine), paths[-1])
+        nib.save(
+            nib.Nifti1Image((rng.normal(size=shape) + (s == "b") * 3).astype(np.float32), affine),
+            paths[-1],
+        )
     covars = pd.DataFrame({"site": site})
     mask = nib.Nifti1Image(np.ones(shape, dtype=np.uint8), affine)
-    local, est_local = harmonize_volumes(paths, covars, "site", mask,
-                                         output_dir=tmp_path / "local", chunk_size=3)
+    local, est_local = harmonize_volumes(
+        paths, covars, "site", mask, output_dir=tmp_path / "local", chunk_size=3
+    )
     with distributed.get_task_stream(client) as stream:
         with joblib.parallel_config(backend="dask"):
-            remote, est_remote = harmonize_volumes(paths, covars, "site", mask,
-                                                   output_dir=tmp_path / "dask", chunk_size=3,
-                                                   n_jobs=-1)
+            remote, est_remote = harmonize_volumes(
+                paths, covars, "site", mask, output_dir=tmp_path / "dask", chunk_size=3, n_jobs=-1
+            )
     # both passes ran as tasks on the cluster's workers (joblib may batch chunks together)
     assert len(stream.data) >= 2
     assert {task["worker"] for task in stream.data} <= set(client.scheduler_info()["workers"])

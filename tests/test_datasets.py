@@ -101,8 +101,9 @@ def test_site_offsets_have_a_network_part():
     # within a site, the same mean in every network (up to the feature part, sd 0.015)
     _, effects = make_site_features(40, 400, 4, random_state=0, return_effects=True)
     network_part = effects.site_network_offset.loc[:, effects.network].to_numpy()
-    rest = pd.DataFrame(effects.site_offset.to_numpy() - network_part,
-                        columns=effects.feature_names)
+    rest = pd.DataFrame(
+        effects.site_offset.to_numpy() - network_part, columns=effects.feature_names
+    )
     per_network = rest.T.groupby(effects.network.to_numpy()).mean().T  # (sites, networks)
     spread = per_network.sub(per_network.mean(axis=1), axis=0).abs().to_numpy().max()
     assert spread < 5 * 0.015 / np.sqrt(100)
@@ -129,8 +130,11 @@ def test_combat_removes_the_network_offsets():
 
     data, effects = make_site_features(900, 40, 3, random_state=0, return_effects=True)
     features = effects.feature_names
-    harmonized = CombatHarmonizer("site", ["sex"], ["age"]).set_output(
-        transform="pandas").fit_transform(data.drop(columns=["subject", "diagnosis"]))
+    harmonized = (
+        CombatHarmonizer("site", ["sex"], ["age"])
+        .set_output(transform="pandas")
+        .fit_transform(data.drop(columns=["subject", "diagnosis"]))
+    )
 
     def site_network_means(values):
         left = values[features] - effects.biological_mean(data)
@@ -308,17 +312,20 @@ def test_site_is_predictable_and_diagnosis_present(demo_data_dir, demo_n_subject
     assert site_acc >= 0.85  # chance is 1/3
     # default-mode regions are lower in patients once age, sex and site are accounted for
     effects = cohort.effects
-    bio = effects.biological_mean(cov).to_numpy() - (cov["diagnosis"] == "patient").to_numpy()[
-        :, None
-    ] * effects.diagnosis_effect.to_numpy()
+    bio = (
+        effects.biological_mean(cov).to_numpy()
+        - (cov["diagnosis"] == "patient").to_numpy()[:, None] * effects.diagnosis_effect.to_numpy()
+    )
     site_part = effects.site_offset.loc[cov["site"]].to_numpy()
     left = X - bio - site_part
     dmn = effects.diagnosis_effect.to_numpy() != 0
     patient = (cov["diagnosis"] == "patient").to_numpy()
     dmn_mean = left[:, dmn].mean(axis=1)  # one value per subject
     gap = dmn_mean[patient].mean() - dmn_mean[~patient].mean()
-    standard_error = np.sqrt(dmn_mean[patient].var(ddof=1) / patient.sum()
-                             + dmn_mean[~patient].var(ddof=1) / (~patient).sum())
+    standard_error = np.sqrt(
+        dmn_mean[patient].var(ddof=1) / patient.sum()
+        + dmn_mean[~patient].var(ddof=1) / (~patient).sum()
+    )
     assert standard_error < 0.015
     assert gap == pytest.approx(effects.diagnosis_effect[dmn].mean(), abs=3 * standard_error)
     assert gap < 0  # and the sign is visible at 30 subjects

@@ -34,11 +34,15 @@ def _text(path):
 
 def test_api_page_documents_the_public_names(html):
     page = (html / "api.html").read_text(encoding="utf-8")
-    for name in ["kwneuro_sk.CombatHarmonizer", "kwneuro_sk.CombatEstimates",
-                 "kwneuro_sk.LabelsMasker", "kwneuro_sk.harmonize_volumes",
-                 "kwneuro_sk.CombatEstimates.apply_volumes",
-                 "kwneuro_sk.datasets.make_site_features",
-                 "kwneuro_sk.plotting.plot_site_predictability"]:
+    for name in [
+        "kwneuro_sk.CombatHarmonizer",
+        "kwneuro_sk.CombatEstimates",
+        "kwneuro_sk.LabelsMasker",
+        "kwneuro_sk.harmonize_volumes",
+        "kwneuro_sk.CombatEstimates.apply_volumes",
+        "kwneuro_sk.datasets.make_site_features",
+        "kwneuro_sk.plotting.plot_site_predictability",
+    ]:
         assert f'id="{name}"' in page, name
     # numpydoc rendered the sections (not left as raw "Parameters\n----------" text)
     text = _text(html / "api.html")
@@ -48,8 +52,16 @@ def test_api_page_documents_the_public_names(html):
 
 def test_user_guide_pages_exist_and_are_linked(html):
     index = (html / "index.html").read_text(encoding="utf-8")
-    for page in ["why_harmonize", "sites_and_covariates", "new_sites", "model_selection",
-                 "image_features", "numerics", "command_line", "large_cohorts"]:
+    for page in [
+        "why_harmonize",
+        "sites_and_covariates",
+        "new_sites",
+        "model_selection",
+        "image_features",
+        "numerics",
+        "command_line",
+        "large_cohorts",
+    ]:
         assert (html / "user_guide" / f"{page}.html").is_file(), page
         assert f"user_guide/{page}.html" in index, page
     assert "1e-8 relative" in _text(html / "user_guide" / "numerics.html")  # as tested
@@ -63,8 +75,11 @@ def test_examples_page_shows_every_script(html):
     scripts = sorted(EXAMPLES.glob("[0-9]*.py"))
     for script in scripts:
         assert f"examples/{script.name}" in text, script.name
-        first_import = next(line for line in script.read_text().splitlines()
-                            if line.startswith(("import ", "from ")))
+        first_import = next(
+            line
+            for line in script.read_text().splitlines()
+            if line.startswith(("import ", "from "))
+        )
         assert first_import.split()[1] in text, script.name
 
 
@@ -76,8 +91,10 @@ def test_example_script_splitting():
         from example_scripts import split_script
     finally:
         sys.path.remove(str(DOCS / "_ext"))
-    source = ('"""Title line.\n\nThe story\n---------\nText with ``code``.\n"""\n\n'
-              "import os\nprint(os.sep)\n")
+    source = (
+        '"""Title line.\n\nThe story\n---------\nText with ``code``.\n"""\n\n'
+        "import os\nprint(os.sep)\n"
+    )
     title, body, code_start = split_script(source)
     assert title == "Title line."
     assert body.splitlines()[0] == ".. rubric:: The story"

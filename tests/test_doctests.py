@@ -11,10 +11,17 @@ import pytest
 
 PUBLIC = {
     "kwneuro_sk": ["CombatHarmonizer", "CombatEstimates", "LabelsMasker", "harmonize_volumes"],
-    "kwneuro_sk.datasets": ["make_site_features", "make_demo_cohort", "get_data_dir",
-                            "SimulatedEffects"],
-    "kwneuro_sk.plotting": ["plot_site_distributions", "plot_combat_estimates",
-                            "plot_site_predictability"],
+    "kwneuro_sk.datasets": [
+        "make_site_features",
+        "make_demo_cohort",
+        "get_data_dir",
+        "SimulatedEffects",
+    ],
+    "kwneuro_sk.plotting": [
+        "plot_site_distributions",
+        "plot_combat_estimates",
+        "plot_site_predictability",
+    ],
     "kwneuro_sk.demo": ["run_demo"],
 }
 

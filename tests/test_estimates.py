@@ -34,8 +34,9 @@ def _edited(model_file, tmp_path, edit, name="edited.npz"):
     manifest = json.loads(str(arrays.pop("__manifest__")))
     replaced = edit(manifest, arrays)
     manifest = manifest if replaced is None else replaced
-    arrays["__manifest__"] = np.array(manifest if isinstance(manifest, str)
-                                      else json.dumps(manifest))
+    arrays["__manifest__"] = np.array(
+        manifest if isinstance(manifest, str) else json.dumps(manifest)
+    )
     path = tmp_path / name
     np.savez(path, **arrays)
     return path
@@ -56,12 +57,14 @@ def _set_info(key, value):
         for kv in entries:
             if kv[0] == key:
                 kv[1] = value
+
     return edit
 
 
 def _set_array(field, value):
     def edit(manifest, arrays):
         arrays[_member(manifest, field)] = value
+
     return edit
 
 
@@ -86,16 +89,19 @@ def _raw_files(tmp_path, model_file):
     return tmp_path
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("truncated.npz", "truncated or corrupt"),
-    ("empty.npz", "the file is empty"),
-    ("table.csv", "not an .npz archive"),
-    ("random.npz", "not an .npz archive"),
-    ("model.pkl", "the file is a pickle"),
-    ("array.npy", "NumPy .npy array"),
-    ("objects.npz", "object array, which is never unpickled"),
-    ("other.npz", "no manifest"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("truncated.npz", "truncated or corrupt"),
+        ("empty.npz", "the file is empty"),
+        ("table.csv", "not an .npz archive"),
+        ("random.npz", "not an .npz archive"),
+        ("model.pkl", "the file is a pickle"),
+        ("array.npy", "NumPy .npy array"),
+        ("objects.npz", "object array, which is never unpickled"),
+        ("other.npz", "no manifest"),
+    ],
+)
 def test_foreign_files_refused_without_unpickling(tmp_path, model_file, name, problem):
     folder = _raw_files(tmp_path, model_file[0])
     with pytest.raises(ValueError, match=problem) as info:
@@ -111,34 +117,44 @@ def test_missing_file_and_directory(tmp_path):
         CombatEstimates.load(tmp_path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m, a: "{not json", "the manifest is not valid JSON"),
-    (lambda m, a: "[1, 2]", "the manifest is a JSON list"),
-    (lambda m, a: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    (lambda m, a: {**m, "info": {"__dict__": [[[[]] * 2] * 2] * 3000}}, "info"),
-    (lambda m, a: {**m, "version": 99}, "version 99"),
-    (lambda m, a: {k: v for k, v in m.items() if k != "info"}, "no 'info' field"),
-    (_set_info("batches", _DELETE), r"info\['batches'\] is missing"),
-    (_set_info("batches", 3), r"info\['batches'\] must list at least 2 sites"),
-    (_set_info("batches", ["a", "a", "c"]), r"info\['batches'\] has repeated site labels"),
-    (_set_info("eb", "yes"), r"info\['eb'\] must be true or false"),
-    (_set_info("n_features_in", "x"), r"info\['n_features_in'\] must be an integer"),
-    (_set_info("categories", "x"), r"info\['categories'\] must be a list"),
-    (_set_info("ref_batch", "zz"), r"info\['ref_batch'\] 'zz' is not among the sites"),
-    (_set_info("n_samples_per_batch", [-1, 10, 10]), r"info\['n_samples_per_batch'\]"),
-    (_set_info("feature_names", ["f1"]), r"info\['feature_names'\] has 1 names for 4"),
-    (_set_info("batch_col", [1, 2]), r"info\['batch_col'\] must be a column name"),
-    (lambda m, a: [a.pop(_member(m, "gamma_star")), None][1],
-     r"estimates\['gamma_star'\] refers to array member"),
-    (_set_array("gamma_star", np.ones((2, 2))), r"estimates\['gamma_star'\] has shape \(2, 2\)"),
-    (_set_array("delta_star", -np.ones((3, 4))), r"estimates\['delta_star'\] has values <= 0"),
-    (_set_array("delta_star", np.full((3, 4), np.nan)), r"estimates\['delta_star'\] has NaN"),
-    (_set_array("delta_hat", -np.ones((3, 4))), r"estimates\['delta_hat'\] has negative"),
-    (_set_array("var_pooled", np.array(["a"] * 4)), r"estimates\['var_pooled'\] has dtype"),
-    (_set_array("zero_variance_features", np.zeros(4)),
-     r"estimates\['zero_variance_features'\] has dtype"),
-    (_set_array("grand_mean", np.ones((4, 1))), r"estimates\['grand_mean'\] must be 1-D"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m, a: "{not json", "the manifest is not valid JSON"),
+        (lambda m, a: "[1, 2]", "the manifest is a JSON list"),
+        (lambda m, a: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (lambda m, a: {**m, "info": {"__dict__": [[[[]] * 2] * 2] * 3000}}, "info"),
+        (lambda m, a: {**m, "version": 99}, "version 99"),
+        (lambda m, a: {k: v for k, v in m.items() if k != "info"}, "no 'info' field"),
+        (_set_info("batches", _DELETE), r"info\['batches'\] is missing"),
+        (_set_info("batches", 3), r"info\['batches'\] must list at least 2 sites"),
+        (_set_info("batches", ["a", "a", "c"]), r"info\['batches'\] has repeated site labels"),
+        (_set_info("eb", "yes"), r"info\['eb'\] must be true or false"),
+        (_set_info("n_features_in", "x"), r"info\['n_features_in'\] must be an integer"),
+        (_set_info("categories", "x"), r"info\['categories'\] must be a list"),
+        (_set_info("ref_batch", "zz"), r"info\['ref_batch'\] 'zz' is not among the sites"),
+        (_set_info("n_samples_per_batch", [-1, 10, 10]), r"info\['n_samples_per_batch'\]"),
+        (_set_info("feature_names", ["f1"]), r"info\['feature_names'\] has 1 names for 4"),
+        (_set_info("batch_col", [1, 2]), r"info\['batch_col'\] must be a column name"),
+        (
+            lambda m, a: [a.pop(_member(m, "gamma_star")), None][1],
+            r"estimates\['gamma_star'\] refers to array member",
+        ),
+        (
+            _set_array("gamma_star", np.ones((2, 2))),
+            r"estimates\['gamma_star'\] has shape \(2, 2\)",
+        ),
+        (_set_array("delta_star", -np.ones((3, 4))), r"estimates\['delta_star'\] has values <= 0"),
+        (_set_array("delta_star", np.full((3, 4), np.nan)), r"estimates\['delta_star'\] has NaN"),
+        (_set_array("delta_hat", -np.ones((3, 4))), r"estimates\['delta_hat'\] has negative"),
+        (_set_array("var_pooled", np.array(["a"] * 4)), r"estimates\['var_pooled'\] has dtype"),
+        (
+            _set_array("zero_variance_features", np.zeros(4)),
+            r"estimates\['zero_variance_features'\] has dtype",
+        ),
+        (_set_array("grand_mean", np.ones((4, 1))), r"estimates\['grand_mean'\] must be 1-D"),
+    ],
+)
 def test_edited_manifest_or_arrays_named(tmp_path, model_file, edit, message):
     path = _edited(model_file[0], tmp_path, edit)
     with pytest.raises(ValueError, match=message) as info:
@@ -146,18 +162,20 @@ def test_edited_manifest_or_arrays_named(tmp_path, model_file, edit, message):
     assert "edited.npz" in str(info.value)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("mask", np.ones((2, 2, 2), dtype=bool), r"\['mask'\] must be a boolean array of shape"),
-    ("affine", np.eye(3), r"\['affine'\] must be a finite 4 x 4 array"),
-    ("shape", [9, 9, 9], r"\['mask'\] must be a boolean array of shape \(9, 9, 9\)"),
-    ("shape", [4, 4], r"\['shape'\] must be 3 positive integers"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("mask", np.ones((2, 2, 2), dtype=bool), r"\['mask'\] must be a boolean array of shape"),
+        ("affine", np.eye(3), r"\['affine'\] must be a finite 4 x 4 array"),
+        ("shape", [9, 9, 9], r"\['mask'\] must be a boolean array of shape \(9, 9, 9\)"),
+        ("shape", [4, 4], r"\['shape'\] must be 3 positive integers"),
+    ],
+)
 def test_volume_model_grid_checked(tmp_path, key, value, message):
     rng = np.random.default_rng(0)
     imgs = [nib.Nifti1Image(rng.normal(size=(4, 4, 4)), np.eye(4)) for _ in range(6)]
     mask = nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.uint8), np.eye(4))
-    _, est = harmonize_volumes(imgs, pd.DataFrame({"site": np.tile(["a", "b"], 3)}), "site",
-                               mask)
+    _, est = harmonize_volumes(imgs, pd.DataFrame({"site": np.tile(["a", "b"], 3)}), "site", mask)
     est.info["volumes"][key] = value
     est.save(tmp_path / "vol.npz")
     with pytest.raises(ValueError, match=message):
@@ -197,19 +215,23 @@ def test_cli_apply_names_the_bad_model(tmp_path, model_file, capsys):
     path, X = model_file
     X.to_csv(tmp_path / "new.csv", index=False)
     bad = _edited(path, tmp_path, _set_array("delta_star", -np.ones((3, 4))), "bad.npz")
-    assert main(["apply", str(bad), str(tmp_path / "new.csv"), "-o",
-                 str(tmp_path / "out.csv")]) == 1
+    assert (
+        main(["apply", str(bad), str(tmp_path / "new.csv"), "-o", str(tmp_path / "out.csv")]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "bad.npz" in err and "estimates['delta_star'] has values <= 0" in err
     assert not (tmp_path / "out.csv").exists()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("categories", [[["F"], "M"]], "levels of 'sex' that are not labels"),
-    ("categories", [["F", "F"]], "repeated levels for 'sex'"),
-    ("feature_names", [1, 2, 3, 4], "feature names as text"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("categories", [[["F"], "M"]], "levels of 'sex' that are not labels"),
+        ("categories", [["F", "F"]], "repeated levels for 'sex'"),
+        ("feature_names", [1, 2, 3, 4], "feature names as text"),
+    ],
+)
 def test_info_labels_checked(tmp_path, model_file, key, value, message):
     path = _edited(model_file[0], tmp_path, _set_info(key, value))
     with pytest.raises(ValueError, match=message):

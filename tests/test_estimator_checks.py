@@ -26,41 +26,48 @@ from sklearn.utils.estimator_checks import check_estimator, parametrize_with_che
 
 from kwneuro_sk import CombatHarmonizer, LabelsMasker
 
-_NEEDS_SITES = ("fits on a numeric X without sites; CombatHarmonizer must raise and ask for "
-                "them (batch_col or batch=). Run with sites in _RowSiteHarmonizer.")
+_NEEDS_SITES = (
+    "fits on a numeric X without sites; CombatHarmonizer must raise and ask for "
+    "them (batch_col or batch=). Run with sites in _RowSiteHarmonizer."
+)
 
 # Checks that fit (or fit then transform) the bare estimator on X alone.
-_BARE_EXPECTED_FAILURES = {name: _NEEDS_SITES for name in [
-    "check_fit_score_takes_y",
-    "check_estimators_overwrite_params",
-    "check_dont_overwrite_parameters",
-    "check_estimators_fit_returns_self",
-    "check_readonly_memmap_input",
-    "check_n_features_in_after_fitting",
-    "check_estimators_dtypes",
-    "check_dtype_object",
-    "check_pipeline_consistency",
-    "check_estimators_pickle",
-    "check_f_contiguous_array_estimator",
-    "check_transformer_data_not_an_array",
-    "check_transformer_general",
-    "check_transformer_preserve_dtypes",
-    "check_methods_sample_order_invariance",
-    "check_methods_subset_invariance",
-    "check_dict_unchanged",
-    "check_fit_idempotent",
-    "check_fit_check_is_fitted",
-    "check_n_features_in",
-    "check_fit2d_predict1d",
-]}
-_BARE_EXPECTED_FAILURES.update({
-    "check_positive_only_tag_during_fit": _NEEDS_SITES + " (the missing-sites ValueError is "
-                                          "read as a rejection of negative values)",
-    "check_estimators_nan_inf": _NEEDS_SITES + " (the missing sites are reported first, so "
-                                "the NaN message is not reached)",
-    "check_fit2d_1sample": _NEEDS_SITES + " (the message is about the sites, not n_samples)",
-    "check_fit2d_1feature": _NEEDS_SITES + " (the message is about the sites, not n_features)",
-})
+_BARE_EXPECTED_FAILURES = {
+    name: _NEEDS_SITES
+    for name in [
+        "check_fit_score_takes_y",
+        "check_estimators_overwrite_params",
+        "check_dont_overwrite_parameters",
+        "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input",
+        "check_n_features_in_after_fitting",
+        "check_estimators_dtypes",
+        "check_dtype_object",
+        "check_pipeline_consistency",
+        "check_estimators_pickle",
+        "check_f_contiguous_array_estimator",
+        "check_transformer_data_not_an_array",
+        "check_transformer_general",
+        "check_transformer_preserve_dtypes",
+        "check_methods_sample_order_invariance",
+        "check_methods_subset_invariance",
+        "check_dict_unchanged",
+        "check_fit_idempotent",
+        "check_fit_check_is_fitted",
+        "check_n_features_in",
+        "check_fit2d_predict1d",
+    ]
+}
+_BARE_EXPECTED_FAILURES.update(
+    {
+        "check_positive_only_tag_during_fit": _NEEDS_SITES + " (the missing-sites ValueError is "
+        "read as a rejection of negative values)",
+        "check_estimators_nan_inf": _NEEDS_SITES + " (the missing sites are reported first, so "
+        "the NaN message is not reached)",
+        "check_fit2d_1sample": _NEEDS_SITES + " (the message is about the sites, not n_samples)",
+        "check_fit2d_1feature": _NEEDS_SITES + " (the message is about the sites, not n_features)",
+    }
+)
 
 
 def _row_sites(X):
@@ -93,19 +100,22 @@ class _RowSiteHarmonizer(CombatHarmonizer):
         return super().transform(X, batch=_row_sites(X))
 
 
-@parametrize_with_checks([CombatHarmonizer()],
-                         expected_failed_checks=lambda est: _BARE_EXPECTED_FAILURES)
+@parametrize_with_checks(
+    [CombatHarmonizer()], expected_failed_checks=lambda est: _BARE_EXPECTED_FAILURES
+)
 def test_bare_estimator_checks(estimator, check):
     check(estimator)
 
 
-@parametrize_with_checks([
-    _RowSiteHarmonizer(),
-    _RowSiteHarmonizer(parametric=False),
-    _RowSiteHarmonizer(eb=False),
-    _RowSiteHarmonizer(mean_only=True),
-    _RowSiteHarmonizer(ref_batch="even"),
-])
+@parametrize_with_checks(
+    [
+        _RowSiteHarmonizer(),
+        _RowSiteHarmonizer(parametric=False),
+        _RowSiteHarmonizer(eb=False),
+        _RowSiteHarmonizer(mean_only=True),
+        _RowSiteHarmonizer(ref_batch="even"),
+    ]
+)
 def test_estimator_checks_with_sites(estimator, check):
     check(estimator)
 
@@ -149,77 +159,100 @@ def _tiny_atlas():
     return nib.Nifti1Image(np.arange(8, dtype=np.int16).reshape(2, 2, 2) % 3, np.eye(4))
 
 
-_ARRAY_IS_NOT_IMAGES = ("feeds a numeric array as X; X must be images (one per row), so the "
-                        "masker raises a TypeError asking for images.")
-_FIT_READS_ONLY_THE_ATLAS = ("fit reads only labels_img and mask_img, never the subject images "
-                             "(X is only type-checked), so it cannot reject their values at fit.")
+_ARRAY_IS_NOT_IMAGES = (
+    "feeds a numeric array as X; X must be images (one per row), so the "
+    "masker raises a TypeError asking for images."
+)
+_FIT_READS_ONLY_THE_ATLAS = (
+    "fit reads only labels_img and mask_img, never the subject images "
+    "(X is only type-checked), so it cannot reject their values at fit."
+)
 
-_MASKER_EXPECTED_FAILURES = {name: _ARRAY_IS_NOT_IMAGES for name in [
-    "check_fit_score_takes_y",
-    "check_estimators_overwrite_params",
-    "check_dont_overwrite_parameters",
-    "check_estimators_fit_returns_self",
-    "check_readonly_memmap_input",
-    "check_n_features_in_after_fitting",
-    "check_estimators_dtypes",
-    "check_complex_data",
-    "check_pipeline_consistency",
-    "check_estimators_pickle",
-    "check_f_contiguous_array_estimator",
-    "check_transformer_general",
-    "check_transformer_preserve_dtypes",
-    "check_methods_sample_order_invariance",
-    "check_methods_subset_invariance",
-    "check_fit2d_1sample",
-    "check_fit2d_1feature",
-    "check_dict_unchanged",
-    "check_fit_idempotent",
-    "check_fit_check_is_fitted",
-    "check_n_features_in",
-    "check_fit1d",
-    "check_fit2d_predict1d",
-]}
-_MASKER_EXPECTED_FAILURES.update({
-    "check_dtype_object": "feeds a 2-D object array; X must be a 1-D collection of images, "
-                          "so the masker raises a ValueError about its shape.",
-    "check_transformer_data_not_an_array": "feeds an array-like wrapper of numbers; X must be "
-                                           "images, so the masker raises a TypeError.",
-    "check_positive_only_tag_during_fit": _ARRAY_IS_NOT_IMAGES + " (read by the check as a "
-                                          "rejection of negative values)",
-    "check_estimator_sparse_tag": "feeds a sparse matrix; the masker's TypeError asks for "
-                                  "images rather than naming sparse input.",
-    "check_estimator_sparse_array": "feeds a sparse array; the masker's TypeError asks for "
-                                    "images rather than naming sparse input.",
-    "check_estimator_sparse_matrix": "feeds a sparse matrix; the masker's TypeError asks for "
-                                     "images rather than naming sparse input.",
-    "check_estimators_empty_data_messages": _FIT_READS_ONLY_THE_ATLAS + " (an empty array is "
-                                            "rejected as an array, with a TypeError)",
-    "check_estimators_nan_inf": _FIT_READS_ONLY_THE_ATLAS,
-})
+_MASKER_EXPECTED_FAILURES = {
+    name: _ARRAY_IS_NOT_IMAGES
+    for name in [
+        "check_fit_score_takes_y",
+        "check_estimators_overwrite_params",
+        "check_dont_overwrite_parameters",
+        "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input",
+        "check_n_features_in_after_fitting",
+        "check_estimators_dtypes",
+        "check_complex_data",
+        "check_pipeline_consistency",
+        "check_estimators_pickle",
+        "check_f_contiguous_array_estimator",
+        "check_transformer_general",
+        "check_transformer_preserve_dtypes",
+        "check_methods_sample_order_invariance",
+        "check_methods_subset_invariance",
+        "check_fit2d_1sample",
+        "check_fit2d_1feature",
+        "check_dict_unchanged",
+        "check_fit_idempotent",
+        "check_fit_check_is_fitted",
+        "check_n_features_in",
+        "check_fit1d",
+        "check_fit2d_predict1d",
+    ]
+}
+_MASKER_EXPECTED_FAILURES.update(
+    {
+        "check_dtype_object": "feeds a 2-D object array; X must be a 1-D collection of images, "
+        "so the masker raises a ValueError about its shape.",
+        "check_transformer_data_not_an_array": "feeds an array-like wrapper of numbers; X must be "
+        "images, so the masker raises a TypeError.",
+        "check_positive_only_tag_during_fit": _ARRAY_IS_NOT_IMAGES + " (read by the check as a "
+        "rejection of negative values)",
+        "check_estimator_sparse_tag": "feeds a sparse matrix; the masker's TypeError asks for "
+        "images rather than naming sparse input.",
+        "check_estimator_sparse_array": "feeds a sparse array; the masker's TypeError asks for "
+        "images rather than naming sparse input.",
+        "check_estimator_sparse_matrix": "feeds a sparse matrix; the masker's TypeError asks for "
+        "images rather than naming sparse input.",
+        "check_estimators_empty_data_messages": _FIT_READS_ONLY_THE_ATLAS + " (an empty array is "
+        "rejected as an array, with a TypeError)",
+        "check_estimators_nan_inf": _FIT_READS_ONLY_THE_ATLAS,
+    }
+)
 
 
-@parametrize_with_checks([_ArrayTaggedMasker(_tiny_atlas(), strategy="median", detrend=True)],
-                         expected_failed_checks=lambda est: _MASKER_EXPECTED_FAILURES)
+@parametrize_with_checks(
+    [_ArrayTaggedMasker(_tiny_atlas(), strategy="median", detrend=True)],
+    expected_failed_checks=lambda est: _MASKER_EXPECTED_FAILURES,
+)
 def test_labels_masker_estimator_checks(estimator, check):
     check(estimator)
 
 
 def test_masker_rejects_the_arrays_of_the_checks():
     # Every expected failure above is the masker refusing an array, not a crash inside it.
-    results = check_estimator(_ArrayTaggedMasker(_tiny_atlas()), on_fail=None, on_skip=None,
-                              expected_failed_checks=_MASKER_EXPECTED_FAILURES)
+    results = check_estimator(
+        _ArrayTaggedMasker(_tiny_atlas()),
+        on_fail=None,
+        on_skip=None,
+        expected_failed_checks=_MASKER_EXPECTED_FAILURES,
+    )
     failed = {r["check_name"]: r["exception"] for r in results if r["status"] == "xfail"}
     assert set(failed) == set(_MASKER_EXPECTED_FAILURES)
     for name, reason in _MASKER_EXPECTED_FAILURES.items():
         message = str(failed[name])
         if reason.startswith(_ARRAY_IS_NOT_IMAGES) and "sparse" not in name:
             # the masker's own TypeError, or the check's report of it
-            assert ("expected images" in message and isinstance(failed[name], TypeError)
-                    or "raised TypeError" in message), (name, message)
+            assert (
+                "expected images" in message
+                and isinstance(failed[name], TypeError)
+                or "raised TypeError" in message
+            ), (name, message)
     passed = {r["check_name"] for r in results if r["status"] == "passed"}
-    assert {"check_get_params_invariance", "check_set_params", "check_estimator_cloneable",
-            "check_no_attributes_set_in_init", "check_parameters_default_constructible",
-            "check_estimators_unfitted"} <= passed
+    assert {
+        "check_get_params_invariance",
+        "check_set_params",
+        "check_estimator_cloneable",
+        "check_no_attributes_set_in_init",
+        "check_parameters_default_constructible",
+        "check_estimators_unfitted",
+    } <= passed
     with pytest.raises(TypeError, match="expected images"):
         LabelsMasker(_tiny_atlas()).fit(np.zeros((3, 2)))
 

@@ -38,7 +38,9 @@ def numbers(pattern, text):
 def check_tabular(stdout, output):
     raw, combat, age, chance = numbers(
         r"site accuracy on held-out rows: raw features {n}, after ComBat {n}, "
-        r"age alone {n}, chance {n}", stdout)
+        r"age alone {n}, chance {n}",
+        stdout,
+    )
     assert raw > 0.7  # the sites are easy to tell apart before harmonization
     assert combat < raw - 0.2
     assert abs(combat - age) < 0.15  # after: no better than the sites' age difference allows
@@ -48,8 +50,7 @@ def check_tabular(stdout, output):
     assert gamma_r > 0.9 and delta_r > 0.9
     (reloaded,) = numbers(r"reloaded model max \|difference\| on held-out rows: {n}", stdout)
     assert reloaded == 0.0
-    for name in ["01_combat_estimates.npz", "01_combat_estimates.png",
-                 "01_site_distributions.png"]:
+    for name in ["01_combat_estimates.npz", "01_combat_estimates.png", "01_site_distributions.png"]:
         assert (output / name).stat().st_size > 0
 
 
@@ -62,8 +63,7 @@ def check_grid_search(stdout, output):
     assert len(table) == 6
     assert set(table["strategy"]) == {"mean", "median"}
     assert table["ROC AUC (mean)"].max() == pytest.approx(best, abs=1e-3)
-    probabilities = numbers(r"P\(patient\) of the first three subjects: \[{n}, {n}, {n}\]",
-                            stdout)
+    probabilities = numbers(r"P\(patient\) of the first three subjects: \[{n}, {n}, {n}\]", stdout)
     assert all(0 <= p <= 1 for p in probabilities)
 
 
@@ -78,16 +78,21 @@ def check_leave_one_site_out(stdout, output):
 
 def check_voxelwise(stdout, output):
     before, after = numbers(
-        r"largest \|site deviation - simulated biology\|: before {n}, after {n}", stdout)
+        r"largest \|site deviation - simulated biology\|: before {n}, after {n}", stdout
+    )
     assert before > 0.02  # site offsets of a few hundredths of GM probability ...
     assert after < 0.005  # ... removed, the biology (age, sex, diagnosis) kept
     (reloaded,) = numbers(r"loaded vs in-memory estimates max \|difference\|: {n}", stdout)
     assert reloaded == 0.0
     held_before, held_after = numbers(
-        r"held-out subjects, mean \|site mean - overall mean\|: before {n}, after {n}", stdout)
+        r"held-out subjects, mean \|site mean - overall mean\|: before {n}, after {n}", stdout
+    )
     assert held_after < held_before
-    for name in ["04_voxelwise_combat.npz", "04_site_means_before_after.png",
-                 "04_first_held_out_harmonized.nii.gz"]:
+    for name in [
+        "04_voxelwise_combat.npz",
+        "04_site_means_before_after.png",
+        "04_first_held_out_harmonized.nii.gz",
+    ]:
         assert (output / name).stat().st_size > 0
 
 
@@ -112,10 +117,13 @@ def test_examples_are_found():
 
 def _example_env(shared_folders, demo_n_subjects):
     data_dir, output = shared_folders
-    return {"KWNEURO_SK_DATA": str(data_dir), "KWNEURO_SK_EXAMPLES_OUTPUT": str(output),
-            "MPLBACKEND": "Agg",
-            # the image examples on the session's demo cohort instead of their 60 subjects
-            "KWNEURO_SK_EXAMPLES_N_SUBJECTS": str(demo_n_subjects)}
+    return {
+        "KWNEURO_SK_DATA": str(data_dir),
+        "KWNEURO_SK_EXAMPLES_OUTPUT": str(output),
+        "MPLBACKEND": "Agg",
+        # the image examples on the session's demo cohort instead of their 60 subjects
+        "KWNEURO_SK_EXAMPLES_N_SUBJECTS": str(demo_n_subjects),
+    }
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[path.stem for path in EXAMPLES])
@@ -142,10 +150,17 @@ def test_an_example_runs_as_a_script(shared_folders, tmp_path, demo_n_subjects):
     script = EXAMPLES_DIR / "01_tabular_harmonization.py"
     env = {**os.environ, **_example_env(shared_folders, demo_n_subjects)}
     # A timeout only guards against a hang; it is not a speed test.
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, (
         f"{script.name} failed with exit code {result.returncode}\n"
-        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    )
     assert list(tmp_path.iterdir()) == [], f"{script.name} wrote into the working directory"
     CHECKS[script.name](result.stdout, shared_folders[1])

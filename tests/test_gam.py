@@ -1,8 +1,7 @@
 """smooth_cols (ComBat-GAM): the spline design, truth on lifespan data, neuroHarmonize, new rows."""
 
-import time
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -24,14 +23,15 @@ def simulate_lifespan(seed=0, n_per_site=60, n_features=30):
     age = np.concatenate([rng.uniform(lo, hi, n_per_site) for lo, hi in ranges.values()])
     age = age.astype(np.float32).astype(float)  # neuroHarmonize casts covariates to float32
     amplitude = rng.uniform(0.5, 2.0, n_features)
-    curve = (np.exp(-((age - 30) / 25) ** 2)[:, None] * amplitude - 0.01 * age[:, None])
+    curve = np.exp(-(((age - 30) / 25) ** 2))[:, None] * amplitude - 0.01 * age[:, None]
     noise = rng.normal(size=(len(age), n_features))
     truth = 5 + curve + noise
     location = rng.normal(0, 0.8, size=(len(ranges), n_features))
     scale = rng.uniform(0.7, 1.3, size=(len(ranges), n_features))
     idx = pd.Index(list(ranges)).get_indexer(site)
-    frame = pd.DataFrame(5 + curve + location[idx] + scale[idx] * noise,
-                         columns=[f"f{j}" for j in range(n_features)])
+    frame = pd.DataFrame(
+        5 + curve + location[idx] + scale[idx] * noise, columns=[f"f{j}" for j in range(n_features)]
+    )
     frame["site"], frame["age"] = site, age
     return frame, truth
 
@@ -45,9 +45,11 @@ def truth_errors(harmonized, truth, frame):
     site_means = pd.DataFrame(resid).groupby(frame["site"].to_numpy()).mean()
     decade = pd.cut(frame["age"], np.arange(0, 100, 10)).to_numpy()
     age_means = pd.DataFrame(resid).groupby(decade, observed=True).mean()
-    return {"rmse": float(np.sqrt((resid ** 2).mean())),
-            "site_mean_spread": float((site_means.max() - site_means.min()).mean()),
-            "age_bias": float(age_means.std().mean())}
+    return {
+        "rmse": float(np.sqrt((resid**2).mean())),
+        "site_mean_spread": float((site_means.max() - site_means.min()).mean()),
+        "age_bias": float(age_means.std().mean()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,9 @@ def lifespan():
 def test_design_is_scikit_learns_quantile_spline_basis(lifespan):
     frame, _ = lifespan
     combat = CombatHarmonizer("site", smooth_cols="age", smooth_knots=6).fit(frame)
-    spline = SplineTransformer(n_knots=6, degree=3, knots="quantile", include_bias=False,
-                               extrapolation="linear").fit(frame[["age"]])
+    spline = SplineTransformer(
+        n_knots=6, degree=3, knots="quantile", include_bias=False, extrapolation="linear"
+    ).fit(frame[["age"]])
     Z = combat._covariates.transform(frame[["age"]])
     np.testing.assert_allclose(Z, spline.transform(frame[["age"]]), rtol=1e-12, atol=1e-12)
     assert combat.beta_.shape == (7, 30)
@@ -80,10 +83,12 @@ def _neuroharmonize_reference(frame):
 
 
 def _check_gam_against(reference, frame, truth):
-    linear = truth_errors(CombatHarmonizer("site", continuous_cols="age").fit_transform(frame),
-                          truth, frame)
-    gam = truth_errors(CombatHarmonizer("site", smooth_cols="age").fit_transform(frame),
-                       truth, frame)
+    linear = truth_errors(
+        CombatHarmonizer("site", continuous_cols="age").fit_transform(frame), truth, frame
+    )
+    gam = truth_errors(
+        CombatHarmonizer("site", smooth_cols="age").fit_transform(frame), truth, frame
+    )
     theirs = truth_errors(reference, truth, frame)
     # measured: linear rmse 0.252 / site spread 0.524 / age bias 0.183; ours 0.185 / 0.346 /
     # 0.122; neuroHarmonize 0.199 / 0.385 / 0.136 (it uses more spline columns)
@@ -108,8 +113,9 @@ def test_gam_against_neuroharmonize_live(lifespan):
     covars = pd.DataFrame({"SITE": frame["site"], "AGE": frame["age"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, theirs = neuroHarmonize.harmonizationLearn(frame[features].to_numpy(), covars,
-                                                      smooth_terms=["AGE"])
+        _, theirs = neuroHarmonize.harmonizationLearn(
+            frame[features].to_numpy(), covars, smooth_terms=["AGE"]
+        )
     np.testing.assert_allclose(theirs, _neuroharmonize_reference(frame), rtol=1e-8)
     _check_gam_against(theirs, frame, truth)
 
@@ -119,15 +125,17 @@ def test_new_rows_alone_equal_rows_in_a_batch(lifespan):
     combat = CombatHarmonizer("site", smooth_cols="age").fit(frame)
     everything = combat.transform(frame)
     for row in (0, 100, 239):
-        np.testing.assert_allclose(combat.transform(frame.iloc[[row]])[0], everything[row],
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            combat.transform(frame.iloc[[row]])[0], everything[row], rtol=1e-12
+        )
 
 
 @pytest.mark.parametrize("extrapolation", ["linear", "constant"])
 def test_extrapolation_outside_training_range(lifespan, extrapolation):
     frame, _ = lifespan
-    combat = CombatHarmonizer("site", smooth_cols="age",
-                              smooth_extrapolation=extrapolation).fit(frame)
+    combat = CombatHarmonizer("site", smooth_cols="age", smooth_extrapolation=extrapolation).fit(
+        frame
+    )
     lo, hi = frame["age"].min(), frame["age"].max()
     ages = np.array([lo - 20, lo - 10, lo, hi, hi + 10, hi + 20])
     curve = combat._covariates.transform(pd.DataFrame({"age": ages})) @ combat.beta_
@@ -146,15 +154,19 @@ def test_extrapolation_error_names_the_column(lifespan):
     combat.fit(frame)
     new = frame.iloc[:2].copy()
     new["age"] = [3.0, 20.0]
-    with pytest.raises(ValueError, match=r"smooth covariate 'age' has value\(s\) \[3.0\] "
-                                         r"outside the training range"):
+    with pytest.raises(
+        ValueError,
+        match=r"smooth covariate 'age' has value\(s\) \[3.0\] "
+        r"outside the training range",
+    ):
         combat.transform(new)
 
 
 def test_save_load_keeps_the_spline(lifespan, tmp_path):
     frame, _ = lifespan
-    combat = CombatHarmonizer("site", smooth_cols="age", smooth_knots=7, smooth_degree=2,
-                              smooth_extrapolation="constant").fit(frame)
+    combat = CombatHarmonizer(
+        "site", smooth_cols="age", smooth_knots=7, smooth_degree=2, smooth_extrapolation="constant"
+    ).fit(frame)
     path = tmp_path / "gam.npz"
     combat.estimates_.save(path)
     with np.load(path, allow_pickle=False) as npz:  # arrays and JSON only, no pickle
@@ -177,8 +189,11 @@ def test_damaged_knots_are_reported(lifespan):
 
 def test_parameter_errors(lifespan):
     frame, _ = lifespan
-    with pytest.raises(ValueError, match=r"\['age'\] are in both continuous_cols and "
-                                         "smooth_cols"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['age'\] are in both continuous_cols and "
+        "smooth_cols",
+    ):
         CombatHarmonizer("site", continuous_cols="age", smooth_cols="age").fit(frame)
     few = frame.copy()
     few["age"] = np.where(few["age"] > 50, 60.0, 30.0)
@@ -196,7 +211,8 @@ def test_keyword_route_and_covbat(lifespan):
     features = frame.drop(columns=["site", "age"])
     by_columns = CombatHarmonizer("site", smooth_cols="age").fit_transform(frame)
     by_keywords = CombatHarmonizer(smooth_cols="age").fit_transform(
-        features, batch=frame["site"], covariates=frame[["age"]])
+        features, batch=frame["site"], covariates=frame[["age"]]
+    )
     np.testing.assert_allclose(by_keywords, by_columns, rtol=1e-12)
     covbat = CovBatHarmonizer("site", smooth_cols="age", percent_var=0.8).fit(frame)
     assert covbat.beta_.shape[0] == 6 and covbat.transform(frame).shape == features.shape
@@ -209,11 +225,15 @@ def test_grid_search_over_smooth_knots(lifespan):
         # the harmonized rows of X against the site-free truth of those rows
         return -truth_errors(estimator.transform(X), truth[X.index], X)["rmse"]
 
-    search = GridSearchCV(CombatHarmonizer("site", smooth_cols="age"),
-                          {"smooth_knots": [3, 5, 12]}, scoring=closeness_to_truth,
-                          cv=KFold(3, shuffle=True, random_state=0)).fit(frame)
-    scores = dict(zip(search.cv_results_["param_smooth_knots"],
-                      search.cv_results_["mean_test_score"]))
+    search = GridSearchCV(
+        CombatHarmonizer("site", smooth_cols="age"),
+        {"smooth_knots": [3, 5, 12]},
+        scoring=closeness_to_truth,
+        cv=KFold(3, shuffle=True, random_state=0),
+    ).fit(frame)
+    scores = dict(
+        zip(search.cv_results_["param_smooth_knots"], search.cv_results_["mean_test_score"])
+    )
     assert search.best_params_["smooth_knots"] in (3, 5)
     assert scores[12] < max(scores[3], scores[5])
 
@@ -225,28 +245,54 @@ def test_harmonize_volumes_passes_smooth_cols(tmp_path):
     age = np.linspace(20, 80, n)
     mask = np.zeros((4, 4, 3), dtype=np.uint8)
     mask[1:3, 1:3, :] = 1
-    volumes = [nib.Nifti1Image((rng.normal(size=(4, 4, 3)) + np.sin(a / 15)
-                                + (k % 3)).astype(np.float32), np.eye(4))
-               for k, a in enumerate(age)]
+    volumes = [
+        nib.Nifti1Image(
+            (rng.normal(size=(4, 4, 3)) + np.sin(a / 15) + (k % 3)).astype(np.float32), np.eye(4)
+        )
+        for k, a in enumerate(age)
+    ]
     covars = pd.DataFrame({"site": site, "age": age})
-    images, estimates = harmonize_volumes(volumes, covars, "site", nib.Nifti1Image(mask, np.eye(4)),
-                                          smooth_cols=["age"], smooth_knots=4)
+    images, estimates = harmonize_volumes(
+        volumes,
+        covars,
+        "site",
+        nib.Nifti1Image(mask, np.eye(4)),
+        smooth_cols=["age"],
+        smooth_knots=4,
+    )
     assert estimates.info["smooth_cols"] == ["age"]
     assert len(estimates.info["smooth_knots"][0]) == 4
     X = np.stack([np.asarray(v.dataobj)[mask > 0] for v in volumes])
     expected = CombatHarmonizer(smooth_cols="age", smooth_knots=4).fit_transform(
-        X, batch=site, covariates=covars)
-    np.testing.assert_allclose(np.stack([np.asarray(i.dataobj)[mask > 0] for i in images]),
-                               expected, rtol=1e-5, atol=1e-5)
+        X, batch=site, covariates=covars
+    )
+    np.testing.assert_allclose(
+        np.stack([np.asarray(i.dataobj)[mask > 0] for i in images]), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cli_smooth(tmp_path, lifespan):
     frame, _ = lifespan
     path, out = tmp_path / "f.csv", tmp_path / "out.csv"
     frame.to_csv(path, index=False)
-    assert main(["harmonize", str(path), "--batch-col", "site", "--smooth", "age",
-                 "--smooth-knots", "6", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "harmonize",
+                str(path),
+                "--batch-col",
+                "site",
+                "--smooth",
+                "age",
+                "--smooth-knots",
+                "6",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     expected = CombatHarmonizer("site", smooth_cols="age", smooth_knots=6).fit_transform(
-        pd.read_csv(path))
-    np.testing.assert_allclose(pd.read_csv(out)[[f"f{j}" for j in range(30)]], expected,
-                               rtol=1e-10)
+        pd.read_csv(path)
+    )
+    np.testing.assert_allclose(pd.read_csv(out)[[f"f{j}" for j in range(30)]], expected, rtol=1e-10)

@@ -16,8 +16,7 @@ SHAPE = (5, 5, 4)
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    imgs = [nib.Nifti1Image(rng.normal(size=SHAPE).astype(np.float32), np.eye(4))
-            for _ in range(4)]
+    imgs = [nib.Nifti1Image(rng.normal(size=SHAPE).astype(np.float32), np.eye(4)) for _ in range(4)]
     nib.save(imgs[0], folder / "good.nii.gz")
     nib.save(imgs[0], folder / "good.nii")
     gz = (folder / "good.nii.gz").read_bytes()
@@ -34,16 +33,23 @@ def files(tmp_path_factory):
     covars = pd.DataFrame({"site": ["a", "b", "a", "b"]})
     mask = nib.Nifti1Image(np.ones(SHAPE, dtype=np.uint8), np.eye(4))
     _, estimates = harmonize_volumes(imgs, covars, "site", mask)
-    return {"folder": folder, "imgs": imgs, "atlas": nib.Nifti1Image(atlas, np.eye(4)),
-            "covars": covars, "mask": mask, "estimates": estimates}
+    return {
+        "folder": folder,
+        "imgs": imgs,
+        "atlas": nib.Nifti1Image(atlas, np.eye(4)),
+        "covars": covars,
+        "mask": mask,
+        "estimates": estimates,
+    }
 
 
 def _entry_points(files, tmp_path):
     imgs, covars, mask = files["imgs"], files["covars"], files["mask"]
     return {
         "masker": lambda p: LabelsMasker(files["atlas"]).fit().transform([p]),
-        "masker with memory": lambda p: LabelsMasker(
-            files["atlas"], memory=tmp_path / "cache").fit().transform([p]),
+        "masker with memory": lambda p: (
+            LabelsMasker(files["atlas"], memory=tmp_path / "cache").fit().transform([p])
+        ),
         "masker atlas": lambda p: LabelsMasker(p).fit(),
         "harmonize_volumes": lambda p: harmonize_volumes([p, *imgs[1:]], covars, "site", mask),
         "harmonize_volumes mask": lambda p: harmonize_volumes(imgs, covars, "site", p),
@@ -51,10 +57,23 @@ def _entry_points(files, tmp_path):
     }
 
 
-BAD = ["truncated.nii.gz", "truncated.nii", "header_cut.nii", "notes.nii.gz", "notes.nii",
-       "empty.nii.gz", "folder.nii.gz"]
-ENTRY_POINTS = ["masker", "masker with memory", "masker atlas", "harmonize_volumes",
-                "harmonize_volumes mask", "apply_volumes"]
+BAD = [
+    "truncated.nii.gz",
+    "truncated.nii",
+    "header_cut.nii",
+    "notes.nii.gz",
+    "notes.nii",
+    "empty.nii.gz",
+    "folder.nii.gz",
+]
+ENTRY_POINTS = [
+    "masker",
+    "masker with memory",
+    "masker atlas",
+    "harmonize_volumes",
+    "harmonize_volumes mask",
+    "apply_volumes",
+]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -77,12 +96,21 @@ def test_directory_is_not_reported_as_missing(files, tmp_path):
         LabelsMasker(files["atlas"]).fit().transform([str(files["folder"] / "folder.nii.gz")])
 
 
-@pytest.mark.parametrize("name", ["truncated.nii.gz", "truncated.nii", "notes.nii", "missing.nii",
-                                  "folder.nii.gz"])
+@pytest.mark.parametrize(
+    "name", ["truncated.nii.gz", "truncated.nii", "notes.nii", "missing.nii", "folder.nii.gz"]
+)
 def test_cli_extract_one_line_naming_the_file(files, tmp_path, capsys, name):
     nib.save(files["atlas"], tmp_path / "atlas.nii.gz")
-    code = main(["extract", str(files["folder"] / name), "--atlas", str(tmp_path / "atlas.nii.gz"),
-                 "-o", str(tmp_path / "out.csv")])
+    code = main(
+        [
+            "extract",
+            str(files["folder"] / name),
+            "--atlas",
+            str(tmp_path / "atlas.nii.gz"),
+            "-o",
+            str(tmp_path / "out.csv"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -25,9 +25,7 @@ from kwneuro_sk import images as _images
 
 STRATEGIES = ["mean", "median", "sum", "minimum", "maximum", "variance", "standard_deviation"]
 SHAPE = (10, 12, 9)
-AFFINE = np.array(
-    [[2.0, 0, 0, -10], [0, 2.0, 0, -12], [0, 0, 2.0, -8], [0, 0, 0, 1]]
-)
+AFFINE = np.array([[2.0, 0, 0, -10], [0, 2.0, 0, -12], [0, 0, 2.0, -8], [0, 0, 0, 1]])
 # A coarser grid covering about the same field of view.
 OTHER_SHAPE = (7, 8, 6)
 OTHER_AFFINE = np.array([[3.0, 0, 0, -9], [0, 3.0, 0, -12], [0, 0, 3.0, -6], [0, 0, 0, 1]])
@@ -113,8 +111,9 @@ def test_float_atlas_and_other_background(rng, imgs):
 @pytest.fixture
 def tiny():
     """A 1x1x6 atlas: region 1 on voxels 0-2, region 2 on voxels 3-4, background voxel 5."""
-    atlas = nib.Nifti1Image(np.array([1, 1, 1, 2, 2, 0], dtype=np.int16).reshape(1, 1, 6),
-                            np.eye(4))
+    atlas = nib.Nifti1Image(
+        np.array([1, 1, 1, 2, 2, 0], dtype=np.int16).reshape(1, 1, 6), np.eye(4)
+    )
     data = np.array([1.0, np.nan, 4.0, np.nan, np.nan, 100.0]).reshape(1, 1, 6)
     return atlas, nib.Nifti1Image(data, np.eye(4))
 
@@ -155,10 +154,12 @@ def test_region_lost_by_resampling_gives_nan_column(rng):
 
 
 def test_mask_drops_regions_and_restricts_voxels():
-    atlas = nib.Nifti1Image(np.array([1, 1, 2, 2, 3, 0]).reshape(1, 1, 6).astype(np.int16),
-                            np.eye(4))
-    mask = nib.Nifti1Image(np.array([1, 0, 1, 1, 0, 1]).reshape(1, 1, 6).astype(np.uint8),
-                           np.eye(4))
+    atlas = nib.Nifti1Image(
+        np.array([1, 1, 2, 2, 3, 0]).reshape(1, 1, 6).astype(np.int16), np.eye(4)
+    )
+    mask = nib.Nifti1Image(
+        np.array([1, 0, 1, 1, 0, 1]).reshape(1, 1, 6).astype(np.uint8), np.eye(4)
+    )
     img = nib.Nifti1Image(np.arange(6.0).reshape(1, 1, 6), np.eye(4))
     with pytest.warns(UserWarning, match="removes 1 regions"):
         masker = LabelsMasker(atlas, mask_img=mask).fit()
@@ -335,8 +336,7 @@ def test_nifti2_and_uncompressed_files(atlas_img, imgs, tmp_path):
 
 # ----------------------------------------------------------------- scikit-learn integration
 def test_column_transformer_with_pandas_output(atlas_img, img_paths):
-    frame = pd.DataFrame({"img": img_paths, "age": [20.0, 30.0, 40.0, 50.0]},
-                         index=list("wxyz"))
+    frame = pd.DataFrame({"img": img_paths, "age": [20.0, 30.0, 40.0, 50.0]}, index=list("wxyz"))
     ct = ColumnTransformer(
         [("regions", LabelsMasker(atlas_img), "img"), ("age", "passthrough", ["age"])]
     ).set_output(transform="pandas")
@@ -367,8 +367,9 @@ def test_grid_search_over_strategy(atlas_img, rng, tmp_path):
     search.fit(paths, y)
     assert search.best_params_ == {"labelsmasker__strategy": "median"}
     for strategy, score in zip(["mean", "median"], search.cv_results_["mean_test_score"]):
-        by_hand = cross_val_score(clone(pipe).set_params(labelsmasker__strategy=strategy),
-                                  paths, y, cv=3)
+        by_hand = cross_val_score(
+            clone(pipe).set_params(labelsmasker__strategy=strategy), paths, y, cv=3
+        )
         assert score == pytest.approx(by_hand.mean(), rel=1e-12)
     assert search.cv_results_["mean_test_score"][1] > 0.95
     np.testing.assert_allclose(search.predict(paths[:2]), y[:2], atol=0.2)
@@ -435,8 +436,9 @@ def test_plan_for_a_new_grid_is_built_once_by_concurrent_threads(atlas_img, rng,
     # the lock survives pickling: a restored masker builds plans for new grids too
     restored = pickle.loads(pickle.dumps(masker))
     third = [_random_img(rng, (5, 6, 5), np.diag([4.0, 4.0, 4.0, 1.0]))]
-    np.testing.assert_array_equal(restored.transform(third),
-                                  LabelsMasker(atlas_img).fit().transform(third))
+    np.testing.assert_array_equal(
+        restored.transform(third), LabelsMasker(atlas_img).fit().transform(third)
+    )
 
 
 def test_verbose_reports_progress(atlas_img, img_paths, capsys):
@@ -445,8 +447,7 @@ def test_verbose_reports_progress(atlas_img, img_paths, capsys):
 
 
 # ----------------------------------------------------------------- memory cache
-def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_path,
-                                                           monkeypatch):
+def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_path, monkeypatch):
     path = tmp_path / "sub.nii.gz"
     _random_img(rng).to_filename(path)
     masker = LabelsMasker(atlas_img, memory=joblib.Memory(tmp_path / "cache", verbose=0)).fit()
@@ -454,10 +455,16 @@ def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_pa
 
     loads, reads = [], []
     real_decode, real_read = _images.image_from_bytes, _images.read_file_bytes
-    monkeypatch.setattr(_images, "image_from_bytes", lambda raw, source, **kw: loads.append(
-        source) or real_decode(raw, source, **kw))
-    monkeypatch.setattr(_images, "read_file_bytes", lambda source, **kw: reads.append(
-        source) or real_read(source, **kw))
+    monkeypatch.setattr(
+        _images,
+        "image_from_bytes",
+        lambda raw, source, **kw: loads.append(source) or real_decode(raw, source, **kw),
+    )
+    monkeypatch.setattr(
+        _images,
+        "read_file_bytes",
+        lambda source, **kw: reads.append(source) or real_read(source, **kw),
+    )
     np.testing.assert_array_equal(masker.transform([str(path)]), first)
     assert loads == []  # served from the cache: the bytes are read and hashed, not decoded
     assert reads == [str(path)]
@@ -473,8 +480,10 @@ def test_memory_cache_hits_and_invalidates_on_file_change(atlas_img, rng, tmp_pa
     assert not np.allclose(second, first)
 
     other = clone(masker).set_params(strategy="maximum").fit()
-    np.testing.assert_allclose(other.transform([str(path)]),
-                               LabelsMasker(atlas_img, strategy="maximum").fit_transform([new_img]))
+    np.testing.assert_allclose(
+        other.transform([str(path)]),
+        LabelsMasker(atlas_img, strategy="maximum").fit_transform([new_img]),
+    )
 
 
 # ----------------------------------------------------------------- inverse_transform
@@ -489,8 +498,7 @@ def test_inverse_transform_shapes_and_round_trip(atlas_img):
     atlas = np.asanyarray(atlas_img.dataobj)
     np.testing.assert_array_equal(np.asanyarray(img3d.dataobj)[atlas == 3], 2.0)
     np.testing.assert_array_equal(np.asanyarray(img3d.dataobj)[atlas == 0], 0.0)
-    np.testing.assert_allclose(masker.transform(masker.inverse_transform(signals[1:])),
-                               signals[1:])
+    np.testing.assert_allclose(masker.transform(masker.inverse_transform(signals[1:])), signals[1:])
 
 
 # ----------------------------------------------------------------- 4D time series
@@ -503,8 +511,10 @@ CLEANING = [
 
 def _runs(rng, n_runs=2, n_scans=20):
     # float64 data: nilearn keeps float32 signals in float32 through cleaning.
-    runs = [nib.Nifti1Image(rng.normal(size=SHAPE + (n_scans,)) + 3 + 0.05 * np.arange(n_scans),
-                            AFFINE) for _ in range(n_runs)]
+    runs = [
+        nib.Nifti1Image(rng.normal(size=SHAPE + (n_scans,)) + 3 + 0.05 * np.arange(n_scans), AFFINE)
+        for _ in range(n_runs)
+    ]
     return runs, [rng.normal(size=(n_scans, 2)) for _ in range(n_runs)]
 
 
@@ -514,8 +524,10 @@ def test_transform_imgs_matches_nilearn_multi_masker(atlas_img, rng, cleaning):
     ours = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = MultiNiftiLabelsMasker(atlas_img, **cleaning).fit().transform_imgs(
-            runs, confounds=confounds
+        ref = (
+            MultiNiftiLabelsMasker(atlas_img, **cleaning)
+            .fit()
+            .transform_imgs(runs, confounds=confounds)
         )
         raw = LabelsMasker(atlas_img).fit().transform_imgs(runs, confounds)
     assert [o.shape for o in ours] == [(20, 6), (20, 6)]
@@ -538,8 +550,9 @@ def test_transform_imgs_keywords_still_work_with_a_future_warning(atlas_img, rng
     cleaning = CLEANING[0]
     expected = LabelsMasker(atlas_img, **cleaning).fit().transform_imgs(runs, confounds)
     masker = LabelsMasker(atlas_img).fit()
-    with pytest.warns(FutureWarning, match="detrend, standardize, low_pass, t_r to "
-                                           "transform_imgs is deprecated"):
+    with pytest.warns(
+        FutureWarning, match="detrend, standardize, low_pass, t_r to transform_imgs is deprecated"
+    ):
         old_style = masker.transform_imgs(runs, confounds, **cleaning)
     for mine, theirs in zip(old_style, expected):
         np.testing.assert_array_equal(mine, theirs)
@@ -550,8 +563,13 @@ def test_transform_imgs_keywords_still_work_with_a_future_warning(atlas_img, rng
 
 @pytest.mark.parametrize(
     ("param", "value"),
-    [("detrend", True), ("standardize", "zscore_sample"), ("low_pass", 0.1),
-     ("high_pass", 0.01), ("clean_args", {"filter": "cosine"})],
+    [
+        ("detrend", True),
+        ("standardize", "zscore_sample"),
+        ("low_pass", 0.1),
+        ("high_pass", 0.01),
+        ("clean_args", {"filter": "cosine"}),
+    ],
 )
 def test_transform_refuses_to_clean_across_subjects(atlas_img, imgs, param, value):
     masker = LabelsMasker(atlas_img, t_r=2.0, **{param: value}).fit()
@@ -566,8 +584,15 @@ def test_transform_refuses_to_clean_across_subjects(atlas_img, imgs, param, valu
 
 @pytest.mark.parametrize(
     ("param", "value"),
-    [("detrend", "yes"), ("standardize", "zscore"), ("low_pass", 0.0), ("high_pass", -0.1),
-     ("t_r", 0), ("clean_args", [("filter", "cosine")]), ("standardize_confounds", None)],
+    [
+        ("detrend", "yes"),
+        ("standardize", "zscore"),
+        ("low_pass", 0.0),
+        ("high_pass", -0.1),
+        ("t_r", 0),
+        ("clean_args", [("filter", "cosine")]),
+        ("standardize_confounds", None),
+    ],
 )
 def test_cleaning_parameters_validated_at_fit(atlas_img, param, value):
     masker = LabelsMasker(atlas_img, **{param: value})
@@ -592,13 +617,18 @@ def test_cleaning_parameters_are_cloned_and_tuned_by_grid_search(atlas_img, rng)
     search = GridSearchCV(masker, grid, scoring=smoothness, cv=2).fit(runs)
     folds = [(runs[2:], runs[:2]), (runs[:2], runs[2:])]  # KFold(2): (train, test)
     expected = [
-        np.mean([smoothness(clone(masker).set_params(**params).fit(train), test)
-                 for train, test in folds])
+        np.mean(
+            [
+                smoothness(clone(masker).set_params(**params).fit(train), test)
+                for train, test in folds
+            ]
+        )
         for params in search.cv_results_["params"]
     ]
     np.testing.assert_allclose(search.cv_results_["mean_test_score"], expected, rtol=1e-12)
     assert search.best_params_ == search.cv_results_["params"][int(np.argmax(expected))]
     assert search.best_estimator_.low_pass == 0.05
+
 
 def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
     masker = LabelsMasker(atlas_img).fit()
@@ -607,8 +637,9 @@ def test_transform_imgs_confounds_length_checked(atlas_img, imgs):
 
 
 def _constant_img(value, shape=(5, 6, 4), affine=None):
-    return nib.Nifti1Image(np.full(shape, value, dtype=np.float32),
-                           np.eye(4) if affine is None else affine)
+    return nib.Nifti1Image(
+        np.full(shape, value, dtype=np.float32), np.eye(4) if affine is None else affine
+    )
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -704,6 +735,7 @@ def test_int64_atlas_and_int64_mask(atlas_img, imgs):
         nib.Nifti1Image(atlas, AFFINE, dtype=np.int64),
         mask_img=nib.Nifti1Image(mask, AFFINE, dtype=np.int64),
     )
-    np.testing.assert_allclose(masker.fit_transform(imgs),
-                               LabelsMasker(atlas_img).fit_transform(imgs))
+    np.testing.assert_allclose(
+        masker.fit_transform(imgs), LabelsMasker(atlas_img).fit_transform(imgs)
+    )
     assert masker.inverse_transform(np.ones(6)).shape == SHAPE

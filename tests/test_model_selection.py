@@ -66,13 +66,15 @@ def cohort():
 
 
 def harmonized_classifier(**params):
-    return make_pipeline(CombatHarmonizer(**META, **params), StandardScaler(),
-                         LogisticRegression())
+    return make_pipeline(CombatHarmonizer(**META, **params), StandardScaler(), LogisticRegression())
 
 
 def raw_classifier():
-    return make_pipeline(ColumnTransformer([("features", "passthrough", FEATURES)]),
-                         StandardScaler(), LogisticRegression())
+    return make_pipeline(
+        ColumnTransformer([("features", "passthrough", FEATURES)]),
+        StandardScaler(),
+        LogisticRegression(),
+    )
 
 
 SKF = StratifiedKFold(4, shuffle=True, random_state=0)
@@ -85,23 +87,35 @@ SKF = StratifiedKFold(4, shuffle=True, random_state=0)
 
 def test_cross_validate_fits_harmonizer_on_training_rows_only(cohort):
     X, y = cohort
-    result = cross_validate(harmonized_classifier(), X, y, cv=SKF, scoring="roc_auc",
-                            return_estimator=True, return_indices=True, error_score="raise")
-    for pipe, train, test in zip(result["estimator"], result["indices"]["train"],
-                                 result["indices"]["test"]):
+    result = cross_validate(
+        harmonized_classifier(),
+        X,
+        y,
+        cv=SKF,
+        scoring="roc_auc",
+        return_estimator=True,
+        return_indices=True,
+        error_score="raise",
+    )
+    for pipe, train, test in zip(
+        result["estimator"], result["indices"]["train"], result["indices"]["test"]
+    ):
         alone = CombatHarmonizer(**META).fit(X.iloc[train])
         np.testing.assert_allclose(pipe[0].grand_mean_, alone.grand_mean_, rtol=1e-12)
-        np.testing.assert_allclose(pipe[0].transform(X.iloc[test]), alone.transform(X.iloc[test]),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            pipe[0].transform(X.iloc[test]), alone.transform(X.iloc[test]), rtol=1e-12
+        )
         assert pipe[0].n_samples_per_batch_.sum() == len(train)
 
 
-@pytest.mark.parametrize("scoring", ["roc_auc", "balanced_accuracy", "neg_log_loss",
-                                     "average_precision"])
+@pytest.mark.parametrize(
+    "scoring", ["roc_auc", "balanced_accuracy", "neg_log_loss", "average_precision"]
+)
 def test_named_scorers_columns_route(cohort, scoring):
     X, y = cohort
-    scores = cross_val_score(harmonized_classifier(), X, y, cv=SKF, scoring=scoring,
-                             error_score="raise")
+    scores = cross_val_score(
+        harmonized_classifier(), X, y, cv=SKF, scoring=scoring, error_score="raise"
+    )
     # The scorer reached predict/predict_proba with the site columns of the test rows: the
     # same numbers as fitting each fold by hand and calling the metric on its predictions.
     metric = get_scorer(scoring)._score_func
@@ -118,8 +132,12 @@ def test_named_scorers_columns_route(cohort, scoring):
         expected.append(sign * metric(y[test], prediction))
     np.testing.assert_allclose(scores, expected, rtol=1e-12)
     # and the diagnosis (0.8 sd on 5 of 12 features) is found well above chance
-    floor = {"roc_auc": 0.8, "balanced_accuracy": 0.7, "neg_log_loss": -0.6,
-             "average_precision": 0.8}
+    floor = {
+        "roc_auc": 0.8,
+        "balanced_accuracy": 0.7,
+        "neg_log_loss": -0.6,
+        "average_precision": 0.8,
+    }
     assert scores.mean() > floor[scoring]
 
 
@@ -133,8 +151,9 @@ def test_harmonization_improves_cross_validated_auc(cohort):
 def test_site_classifier_falls_to_chance_on_held_out_harmonized_rows(cohort):
     X, _ = cohort
     sites = X["site"].to_numpy()
-    site_raw = make_pipeline(ColumnTransformer([("f", "passthrough", FEATURES)]),
-                             LogisticRegression(max_iter=1000))
+    site_raw = make_pipeline(
+        ColumnTransformer([("f", "passthrough", FEATURES)]), LogisticRegression(max_iter=1000)
+    )
     site_harmonized = make_pipeline(CombatHarmonizer(**META), LogisticRegression(max_iter=1000))
     raw = cross_val_score(site_raw, X, sites, cv=SKF, scoring="accuracy").mean()
     harmonized = cross_val_score(site_harmonized, X, sites, cv=SKF, scoring="accuracy").mean()
@@ -145,18 +164,28 @@ def test_site_classifier_falls_to_chance_on_held_out_harmonized_rows(cohort):
 @pytest.mark.parametrize("search", ["grid", "randomized"])
 def test_search_over_combat_options_with_n_jobs(cohort, search):
     X, y = cohort
-    grid = {"combatharmonizer__eb": [True, False],
-            "combatharmonizer__parametric": [True, False],
-            "combatharmonizer__mean_only": [True, False],
-            "logisticregression__C": [1.0]}
+    grid = {
+        "combatharmonizer__eb": [True, False],
+        "combatharmonizer__parametric": [True, False],
+        "combatharmonizer__mean_only": [True, False],
+        "logisticregression__C": [1.0],
+    }
     if search == "grid":
-        cv = GridSearchCV(harmonized_classifier(), grid, cv=SKF, scoring="roc_auc", n_jobs=2,
-                          error_score="raise")
+        cv = GridSearchCV(
+            harmonized_classifier(), grid, cv=SKF, scoring="roc_auc", n_jobs=2, error_score="raise"
+        )
         n_candidates = 8
     else:
-        cv = RandomizedSearchCV(harmonized_classifier(), grid, n_iter=3, random_state=0,
-                                cv=SKF, scoring="balanced_accuracy", n_jobs=2,
-                                error_score="raise")
+        cv = RandomizedSearchCV(
+            harmonized_classifier(),
+            grid,
+            n_iter=3,
+            random_state=0,
+            cv=SKF,
+            scoring="balanced_accuracy",
+            n_jobs=2,
+            error_score="raise",
+        )
         n_candidates = 3
     cv.fit(X, y)
     assert len(cv.cv_results_["params"]) == n_candidates
@@ -164,8 +193,9 @@ def test_search_over_combat_options_with_n_jobs(cohort, search):
     # the refitted best pipeline is the pipeline with those options fitted on all rows
     manual = harmonized_classifier().set_params(**cv.best_params_).fit(X, y)
     new_subjects, _, _, _ = make_cohort(seed=1)
-    np.testing.assert_allclose(cv.predict_proba(new_subjects), manual.predict_proba(new_subjects),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        cv.predict_proba(new_subjects), manual.predict_proba(new_subjects), rtol=1e-10
+    )
     np.testing.assert_array_equal(cv.predict(new_subjects), manual.predict(new_subjects))
 
 
@@ -186,23 +216,28 @@ def test_one_new_subject_is_harmonized_as_in_a_batch(cohort):
 def test_after_column_transformer_with_passthrough_remainder(cohort):
     X, y = cohort
     train, test = X.iloc[np.arange(len(X)) % 4 != 0], X.iloc[::4]
-    scale = ColumnTransformer([("scale", StandardScaler(), FEATURES)], remainder="passthrough",
-                              verbose_feature_names_out=False).set_output(transform="pandas")
+    scale = ColumnTransformer(
+        [("scale", StandardScaler(), FEATURES)],
+        remainder="passthrough",
+        verbose_feature_names_out=False,
+    ).set_output(transform="pandas")
     pipe = make_pipeline(scale, CombatHarmonizer(**META)).fit(train)
     scaler = StandardScaler().fit(train[FEATURES])
     by_hand = X.copy()
     by_hand[FEATURES] = scaler.transform(X[FEATURES])
     alone = CombatHarmonizer(**META).fit(by_hand.loc[train.index])
-    np.testing.assert_allclose(pipe.transform(test), alone.transform(by_hand.loc[test.index]),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        pipe.transform(test), alone.transform(by_hand.loc[test.index]), rtol=1e-12
+    )
     assert pipe.get_feature_names_out().tolist() == FEATURES
 
 
 def test_after_set_output_pandas_step(cohort):
     X, y = cohort
     # a step that keeps every column and returns a DataFrame
-    keep = ColumnTransformer([("all", "passthrough", list(X.columns))],
-                             verbose_feature_names_out=False).set_output(transform="pandas")
+    keep = ColumnTransformer(
+        [("all", "passthrough", list(X.columns))], verbose_feature_names_out=False
+    ).set_output(transform="pandas")
     pipe = make_pipeline(keep, CombatHarmonizer(**META), LogisticRegression()).fit(X, y)
     direct = make_pipeline(CombatHarmonizer(**META), LogisticRegression()).fit(X, y)
     np.testing.assert_allclose(pipe.predict_proba(X), direct.predict_proba(X), rtol=1e-12)
@@ -210,25 +245,29 @@ def test_after_set_output_pandas_step(cohort):
 
 def test_dropped_site_column_says_keep_it(cohort):
     X, y = cohort
-    drops = ColumnTransformer([("scale", StandardScaler(), FEATURES + ["age"])],
-                              verbose_feature_names_out=False).set_output(transform="pandas")
-    with pytest.raises(ValueError, match=r"\['site', 'sex'\] not found in X.*"
-                                         r"remainder='passthrough'"):
+    drops = ColumnTransformer(
+        [("scale", StandardScaler(), FEATURES + ["age"])], verbose_feature_names_out=False
+    ).set_output(transform="pandas")
+    with pytest.raises(
+        ValueError,
+        match=r"\['site', 'sex'\] not found in X.*"
+        r"remainder='passthrough'",
+    ):
         make_pipeline(drops, CombatHarmonizer(**META)).fit(X)
 
 
 def test_prefixed_site_column_says_turn_off_verbose_names(cohort):
     X, y = cohort
-    prefixed = ColumnTransformer([("scale", StandardScaler(), FEATURES)],
-                                 remainder="passthrough").set_output(transform="pandas")
+    prefixed = ColumnTransformer(
+        [("scale", StandardScaler(), FEATURES)], remainder="passthrough"
+    ).set_output(transform="pandas")
     with pytest.raises(ValueError, match=r"remainder__site.*verbose_feature_names_out=False"):
         make_pipeline(prefixed, CombatHarmonizer(**META)).fit(X)
 
 
 def test_array_from_preceding_step_says_set_output(cohort):
     X, y = cohort
-    to_array = ColumnTransformer([("scale", StandardScaler(), FEATURES)],
-                                 remainder="passthrough")
+    to_array = ColumnTransformer([("scale", StandardScaler(), FEATURES)], remainder="passthrough")
     expected = r"DataFrame.*got ndarray.*set_output\(transform='pandas'\)"
     with pytest.raises(TypeError, match=expected):
         make_pipeline(to_array, CombatHarmonizer(**META)).fit(X)
@@ -246,9 +285,11 @@ def routing():
 
 
 def keyword_classifier():
-    combat = (CombatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"])
-              .set_fit_request(batch=True, covariates=True)
-              .set_transform_request(batch=True, covariates=True))
+    combat = (
+        CombatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"])
+        .set_fit_request(batch=True, covariates=True)
+        .set_transform_request(batch=True, covariates=True)
+    )
     return make_pipeline(combat, StandardScaler(), LogisticRegression())
 
 
@@ -259,16 +300,20 @@ def test_routed_keywords_give_the_column_route_numbers(cohort, routing):
     by_column = harmonized_classifier().fit(X, y)
     np.testing.assert_allclose(
         by_keyword.predict_proba(features, batch=sites, covariates=covariates),
-        by_column.predict_proba(X), rtol=1e-12)
-    np.testing.assert_array_equal(by_keyword.predict(features, batch=sites, covariates=covariates),
-                                  by_column.predict(X))
+        by_column.predict_proba(X),
+        rtol=1e-12,
+    )
+    np.testing.assert_array_equal(
+        by_keyword.predict(features, batch=sites, covariates=covariates), by_column.predict(X)
+    )
 
 
 def test_routed_keywords_in_cross_validate_with_default_scorer(cohort, routing):
     X, y = cohort
     params = {"batch": X["site"], "covariates": X[["sex", "age"]]}
-    by_keyword = cross_validate(keyword_classifier(), X[FEATURES], y, cv=SKF, params=params,
-                                error_score="raise")
+    by_keyword = cross_validate(
+        keyword_classifier(), X[FEATURES], y, cv=SKF, params=params, error_score="raise"
+    )
     by_column = cross_validate(harmonized_classifier(), X, y, cv=SKF, error_score="raise")
     np.testing.assert_allclose(by_keyword["test_score"], by_column["test_score"])
 
@@ -279,8 +324,15 @@ def test_named_scorer_does_not_route_metadata_to_predict(cohort, routing):
     X, y = cohort
     params = {"batch": X["site"], "covariates": X[["sex", "age"]]}
     with pytest.raises(ValueError, match="needs the site of each row"):
-        cross_validate(keyword_classifier(), X[FEATURES], y, cv=SKF, params=params,
-                       scoring="roc_auc", error_score="raise")
+        cross_validate(
+            keyword_classifier(),
+            X[FEATURES],
+            y,
+            cv=SKF,
+            params=params,
+            scoring="roc_auc",
+            error_score="raise",
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -289,8 +341,11 @@ def test_named_scorer_does_not_route_metadata_to_predict(cohort, routing):
 
 
 def _fitted_state(est):
-    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in vars(est).items()
-            if k.endswith("_")}
+    return {
+        k: (v.copy() if isinstance(v, np.ndarray) else v)
+        for k, v in vars(est).items()
+        if k.endswith("_")
+    }
 
 
 def test_unseen_site_error_names_the_sites(cohort):
@@ -359,8 +414,15 @@ def test_adapt_needs_two_rows_unless_mean_only(cohort):
 def test_leave_site_out_with_any_scorer(cohort, cv, scoring):
     X, y = cohort
     groups = X["site"]
-    scores = cross_val_score(harmonized_classifier(unseen_batch="adapt"), X, y, cv=cv,
-                             groups=groups, scoring=scoring, error_score="raise")
+    scores = cross_val_score(
+        harmonized_classifier(unseen_batch="adapt"),
+        X,
+        y,
+        cv=cv,
+        groups=groups,
+        scoring=scoring,
+        error_score="raise",
+    )
     assert scores.shape == (cv.get_n_splits(X, y, groups),)
     raw = cross_val_score(raw_classifier(), X, y, cv=cv, groups=groups, scoring=scoring)
     # the held-out site is adapted, not refused, and harmonizing still helps (0.5 is chance)
@@ -371,8 +433,14 @@ def test_leave_site_out_with_any_scorer(cohort, cv, scoring):
 def test_leave_site_out_with_default_unseen_batch_fails_clearly(cohort):
     X, y = cohort
     with pytest.raises(ValueError, match="were not seen in fit"):
-        cross_val_score(harmonized_classifier(), X, y, cv=LeaveOneGroupOut(), groups=X["site"],
-                        error_score="raise")
+        cross_val_score(
+            harmonized_classifier(),
+            X,
+            y,
+            cv=LeaveOneGroupOut(),
+            groups=X["site"],
+            error_score="raise",
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,8 +470,7 @@ def test_clone_and_pickle_round_trip(cohort):
     assert not hasattr(cloned, "grand_mean_")
     restored = pickle.loads(pickle.dumps(combat))
     np.testing.assert_array_equal(restored.transform(X), combat.transform(X))
-    np.testing.assert_array_equal(restored.get_feature_names_out(),
-                                  combat.get_feature_names_out())
+    np.testing.assert_array_equal(restored.get_feature_names_out(), combat.get_feature_names_out())
 
 
 def test_html_repr_shows_changed_parameters():

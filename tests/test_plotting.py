@@ -78,8 +78,9 @@ def test_distributions_named_and_positional_features(fitted):
     fig = plot_site_distributions(before, after, data["site"], features=["feature_05", 0])
     titles = [ax.get_title() for ax in fig.axes[::2]]
     assert titles[0].startswith("feature_05") and titles[1].startswith("feature_00")
-    fig = plot_site_distributions(before.to_numpy(), after.to_numpy(), data["site"].to_numpy(),
-                                  features=1)
+    fig = plot_site_distributions(
+        before.to_numpy(), after.to_numpy(), data["site"].to_numpy(), features=1
+    )
     assert fig.axes[0].get_title().startswith("feature 1")
 
 
@@ -140,17 +141,20 @@ def test_estimates_from_combat_estimates_and_plain_object(fitted):
 
 def test_estimates_draw_a_fixed_subset_of_many_features():
     rng = np.random.default_rng(1)
-    many = SimpleNamespace(batches_=np.array(["a", "b"]),
-                           gamma_star_=rng.normal(size=(2, 50_000)),
-                           delta_star_=rng.uniform(0.5, 2, size=(2, 50_000)))
+    many = SimpleNamespace(
+        batches_=np.array(["a", "b"]),
+        gamma_star_=rng.normal(size=(2, 50_000)),
+        delta_star_=rng.uniform(0.5, 2, size=(2, 50_000)),
+    )
     fig = plot_combat_estimates(many, max_features=300)
     points = fig.axes[0].collections[0].get_offsets()[:, 1]
     assert len(points) == 300
     assert np.isin(points, many.gamma_star_[0]).all()
     # the same features at every site
     shown = np.flatnonzero(np.isin(many.gamma_star_[0], points))
-    np.testing.assert_array_equal(fig.axes[0].collections[1].get_offsets()[:, 1],
-                                  many.gamma_star_[1, shown])
+    np.testing.assert_array_equal(
+        fig.axes[0].collections[1].get_offsets()[:, 1], many.gamma_star_[1, shown]
+    )
     assert "300 of 50000 features" in fig._suptitle.get_text()
     with pytest.raises(ValueError, match="max_features"):
         plot_combat_estimates(many, max_features=0)

@@ -29,8 +29,7 @@ NETWORK_REFERENCE = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", re.
 
 @pytest.fixture(scope="module")
 def data():
-    return make_site_features(n_subjects=90, n_features=8, random_state=0).drop(
-        columns="subject")
+    return make_site_features(n_subjects=90, n_features=8, random_state=0).drop(columns="subject")
 
 
 def _assert_self_contained(page):
@@ -48,8 +47,13 @@ def test_combat_report_is_self_contained_and_holds_its_numbers(data, tmp_path):
     images = _assert_self_contained(report.html)
     assert len(images) == 5  # distributions, estimates, variance, predictability, covariates
     m = report.metrics
-    for key in ("site_r2_median_before", "site_r2_median_after", "site_accuracy_linear_before",
-                "site_accuracy_linear_after", "site_accuracy_quadratic_after"):
+    for key in (
+        "site_r2_median_before",
+        "site_r2_median_after",
+        "site_accuracy_linear_before",
+        "site_accuracy_linear_after",
+        "site_accuracy_quadratic_after",
+    ):
         assert f"{m[key]:.3f}" in report.html, key
     assert m["site_r2_median_after"] < 0.01 < m["site_r2_median_before"]
     assert m["site_accuracy_linear_after"] < m["site_accuracy_linear_before"]
@@ -70,8 +74,13 @@ def test_report_numbers_equal_the_measures_on_arrays(data):
     after = combat.transform(data)
     report = harmonization_report(combat, data, after)
     before = data[combat.get_feature_names_out()].to_numpy()
-    Z = np.column_stack([data["sex"].eq("M"), data["diagnosis"].ne(sorted(
-        data["diagnosis"].unique())[0]), data["age"]]).astype(float)
+    Z = np.column_stack(
+        [
+            data["sex"].eq("M"),
+            data["diagnosis"].ne(sorted(data["diagnosis"].unique())[0]),
+            data["age"],
+        ]
+    ).astype(float)
     r2 = site_variance_explained(before, data["site"], Z)
     assert report.metrics["site_r2_median_before"] == pytest.approx(np.median(r2))
     accuracy = site_predictability(after, data["site"]).mean()
@@ -110,8 +119,11 @@ def test_covbat_report_has_covariance_section():
     assert m["covariance_distance_covbat"] < 0.5 * m["covariance_distance_combat"]
     assert m["covariance_distance_combat"] < m["covariance_distance_before"]
     assert m["site_accuracy_quadratic_after"] < m["site_accuracy_quadratic_after_combat"]
-    for key in ("covariance_distance_before", "covariance_distance_combat",
-                "covariance_distance_covbat"):
+    for key in (
+        "covariance_distance_before",
+        "covariance_distance_combat",
+        "covariance_distance_covbat",
+    ):
         assert f"{m[key]:.3f}" in report.html
 
 
@@ -119,8 +131,9 @@ def test_keyword_route(data):
     features = data[[c for c in data.columns if c.startswith("feature")]]
     combat = CombatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"])
     combat.fit(features, batch=data["site"], covariates=data[["sex", "age"]])
-    report = harmonization_report(combat, features, batch=data["site"],
-                                  covariates=data[["sex", "age"]])
+    report = harmonization_report(
+        combat, features, batch=data["site"], covariates=data[["sex", "age"]]
+    )
     _assert_self_contained(report.html)
     with pytest.raises(ValueError, match="batch= is needed"):
         harmonization_report(combat, features)
@@ -138,9 +151,28 @@ def test_cli_harmonize_report(tmp_path):
     data = make_site_features(n_subjects=60, n_features=6, random_state=1)
     path, out, page = tmp_path / "f.csv", tmp_path / "out.csv", tmp_path / "report.html"
     data.to_csv(path, index=False)
-    assert main(["harmonize", str(path), "--batch-col", "site", "--categorical", "sex",
-                 "--continuous", "age", "--keep", "subject", "diagnosis", "-o", str(out),
-                 "--report", str(page)]) == 0
+    assert (
+        main(
+            [
+                "harmonize",
+                str(path),
+                "--batch-col",
+                "site",
+                "--categorical",
+                "sex",
+                "--continuous",
+                "age",
+                "--keep",
+                "subject",
+                "diagnosis",
+                "-o",
+                str(out),
+                "--report",
+                str(page),
+            ]
+        )
+        == 0
+    )
     _assert_self_contained(page.read_text(encoding="utf-8"))
     assert pd.read_csv(out).shape == data.shape
 

@@ -13,8 +13,15 @@ from kwneuro_sk.combat import model, streaming
 
 SHAPE = (6, 5, 4)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
-COMPARED = ("grand_mean", "beta", "var_pooled", "gamma_hat", "delta_hat", "gamma_star",
-            "delta_star")
+COMPARED = (
+    "grand_mean",
+    "beta",
+    "var_pooled",
+    "gamma_hat",
+    "delta_hat",
+    "gamma_star",
+    "delta_star",
+)
 
 
 def _cohort(n=24, offset=50.0, sd=1.0, seed=0):
@@ -24,13 +31,17 @@ def _cohort(n=24, offset=50.0, sd=1.0, seed=0):
     sex = rng.choice(["F", "M"], n)
     grid = np.indices(SHAPE).sum(axis=0)
     mask = grid >= 2
-    site_offset = {s: rng.normal(scale=2.0 * sd, size=SHAPE) for s in ("siteA", "siteB",
-                                                                        "siteC")}
+    site_offset = {s: rng.normal(scale=2.0 * sd, size=SHAPE) for s in ("siteA", "siteB", "siteC")}
     scale = {"siteA": 1.0, "siteB": 1.8, "siteC": 0.6}
     images = []
     for i in range(n):
-        data = (offset + site_offset[site[i]] + 0.05 * sd * age[i] + 0.8 * sd * (sex[i] == "M")
-                + sd * scale[site[i]] * rng.normal(size=SHAPE))
+        data = (
+            offset
+            + site_offset[site[i]]
+            + 0.05 * sd * age[i]
+            + 0.8 * sd * (sex[i] == "M")
+            + sd * scale[site[i]] * rng.normal(size=SHAPE)
+        )
         data[~mask] = 7.0 + i
         images.append(nib.Nifti1Image(data.astype(np.float32), AFFINE))
     covars = pd.DataFrame({"site": site, "age": age, "sex": sex})
@@ -71,16 +82,18 @@ OPTIONS = [
 def test_streamed_equals_in_memory(cohort, options, tmp_path):
     images, covars, mask_img, mask = cohort
     expected_imgs, expected = harmonize_volumes(images, covars, "site", mask_img, **options)
-    paths, estimates = harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path,
-                                         chunk_size=5, **options)
+    paths, estimates = harmonize_volumes(
+        images, covars, "site", mask_img, output_dir=tmp_path, chunk_size=5, **options
+    )
     skip = 1 if options.get("ref_batch") else None
     _assert_estimates_equal(expected.estimates and expected, estimates, skip_site=skip)
     assert len(paths) == len(images)
     for want, path in zip(expected_imgs, paths):
         got = nib.load(path)
         assert got.get_data_dtype() == np.float32
-        np.testing.assert_allclose(np.asarray(got.dataobj), np.asarray(want.dataobj),
-                                   rtol=2e-7, atol=0)
+        np.testing.assert_allclose(
+            np.asarray(got.dataobj), np.asarray(want.dataobj), rtol=2e-7, atol=0
+        )
         np.testing.assert_array_equal(got.affine, want.affine)
     np.testing.assert_array_equal(estimates.info["volumes"]["mask"], mask)
 
@@ -92,13 +105,30 @@ def test_streamed_float64_preserve_out_of_mask_and_paths(cohort, tmp_path):
         inputs.append(str(tmp_path / f"in-{i}.nii.gz"))
         nib.save(img, inputs[-1])
     before = [open(p, "rb").read() for p in inputs]
-    expected, _ = harmonize_volumes(inputs, covars, "site", mask_img, dtype=np.float64,
-                                    preserve_out_of_mask=True, continuous_cols="age")
-    paths, _ = harmonize_volumes(inputs, covars, "site", mask_img, dtype=np.float64,
-                                 preserve_out_of_mask=True, continuous_cols="age",
-                                 output_dir=tmp_path / "out", chunk_size=4)
-    assert [os.path.basename(p) for p in paths[:2]] == ["in-0_harmonized.nii.gz",
-                                                        "in-1_harmonized.nii.gz"]
+    expected, _ = harmonize_volumes(
+        inputs,
+        covars,
+        "site",
+        mask_img,
+        dtype=np.float64,
+        preserve_out_of_mask=True,
+        continuous_cols="age",
+    )
+    paths, _ = harmonize_volumes(
+        inputs,
+        covars,
+        "site",
+        mask_img,
+        dtype=np.float64,
+        preserve_out_of_mask=True,
+        continuous_cols="age",
+        output_dir=tmp_path / "out",
+        chunk_size=4,
+    )
+    assert [os.path.basename(p) for p in paths[:2]] == [
+        "in-0_harmonized.nii.gz",
+        "in-1_harmonized.nii.gz",
+    ]
     for want, path in zip(expected, paths):
         got = np.asarray(nib.load(path).dataobj)
         assert got.dtype == np.float64
@@ -110,30 +140,29 @@ def test_streamed_float64_preserve_out_of_mask_and_paths(cohort, tmp_path):
 
 def test_apply_volumes_streamed_equals_in_memory(cohort, tmp_path):
     images, covars, mask_img, _ = cohort
-    _, estimates = harmonize_volumes(images[:18], covars[:18], "site", mask_img,
-                                     continuous_cols="age")
+    _, estimates = harmonize_volumes(
+        images[:18], covars[:18], "site", mask_img, continuous_cols="age"
+    )
     expected = estimates.apply_volumes(images[18:], covars[18:])
-    paths = estimates.apply_volumes(images[18:], covars[18:], output_dir=tmp_path,
-                                    chunk_size=4)
-    assert [os.path.basename(p) for p in paths] == [f"sub-{i}_harmonized.nii.gz"
-                                                    for i in range(6)]
+    paths = estimates.apply_volumes(images[18:], covars[18:], output_dir=tmp_path, chunk_size=4)
+    assert [os.path.basename(p) for p in paths] == [f"sub-{i}_harmonized.nii.gz" for i in range(6)]
     for want, path in zip(expected, paths):
-        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
-                                      np.asarray(want.dataobj))
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.asarray(want.dataobj))
     new_site = covars[18:].assign(site="siteZ")
     with pytest.raises(ValueError, match=r"\['siteZ'\] were not seen.*output_dir=None"):
-        estimates.apply_volumes(images[18:], new_site, output_dir=tmp_path,
-                                unseen_batch="adapt")
+        estimates.apply_volumes(images[18:], new_site, output_dir=tmp_path, unseen_batch="adapt")
     with pytest.raises(ValueError, match="siteZ"):
         estimates.apply_volumes(images[18:], new_site, output_dir=tmp_path)
 
 
 def test_parallel_chunks_give_the_same_files(cohort, tmp_path):
     images, covars, mask_img, _ = cohort
-    one, est_one = harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path / "1",
-                                     chunk_size=3, n_jobs=1)
-    two, est_two = harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path / "2",
-                                     chunk_size=3, n_jobs=2)
+    one, est_one = harmonize_volumes(
+        images, covars, "site", mask_img, output_dir=tmp_path / "1", chunk_size=3, n_jobs=1
+    )
+    two, est_two = harmonize_volumes(
+        images, covars, "site", mask_img, output_dir=tmp_path / "2", chunk_size=3, n_jobs=2
+    )
     _assert_estimates_equal(est_one, est_two, rtol=0)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
@@ -141,8 +170,9 @@ def test_parallel_chunks_give_the_same_files(cohort, tmp_path):
 
 def test_verbose_reports_both_passes(cohort, tmp_path, capsys):
     images, covars, mask_img, _ = cohort
-    harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path, chunk_size=8,
-                      verbose=1)
+    harmonize_volumes(
+        images, covars, "site", mask_img, output_dir=tmp_path, chunk_size=8, verbose=1
+    )
     err = capsys.readouterr().err
     assert "[harmonize_volumes] fit: 24/24 volumes" in err
     assert "[harmonize_volumes] harmonize: 24/24 volumes" in err
@@ -169,18 +199,24 @@ def test_output_names_and_collisions(cohort, tmp_path):
     assert os.path.basename(paths[0]) == "s0_harmonized.nii"
     assert os.path.basename(paths[1]) == "s1_harmonized.nii.gz"
     assert os.path.basename(paths[2]) == "sub-02_harmonized.nii.gz"
-    with pytest.raises(ValueError, match=r"volumes 1 and 2 would both be written to .*"
-                                         r"s1_harmonized\.nii\.gz"):
-        harmonize_volumes([nii, same_a, same_b, *images[3:]], covars, "site", mask_img,
-                          output_dir=tmp_path / "o")
+    with pytest.raises(
+        ValueError,
+        match=r"volumes 1 and 2 would both be written to .*"
+        r"s1_harmonized\.nii\.gz",
+    ):
+        harmonize_volumes(
+            [nii, same_a, same_b, *images[3:]], covars, "site", mask_img, output_dir=tmp_path / "o"
+        )
     # an input whose name is an output name in its own directory is never overwritten
     trap = str(tmp_path / "a" / "s0_harmonized.nii")
     nib.save(images[1], trap)
     before = open(trap, "rb").read()
-    with pytest.raises(ValueError, match="volume 0 would be written to .* which is the input "
-                                         "volume 1"):
-        harmonize_volumes([nii, trap, *images[2:]], covars, "site", mask_img,
-                          output_dir=tmp_path / "a")
+    with pytest.raises(
+        ValueError, match="volume 0 would be written to .* which is the input volume 1"
+    ):
+        harmonize_volumes(
+            [nii, trap, *images[2:]], covars, "site", mask_img, output_dir=tmp_path / "a"
+        )
     assert open(trap, "rb").read() == before
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="output_dir .* is not a directory"):
@@ -202,8 +238,13 @@ def test_streamed_errors_name_the_volume(cohort, tmp_path):
     with pytest.raises(ValueError, match="volume 4"):
         harmonize_volumes(shifted, covars, "site", mask_img, output_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
-        harmonize_volumes([*images[:-1], str(tmp_path / "nope.nii.gz")], covars, "site",
-                          mask_img, output_dir=tmp_path / "o")
+        harmonize_volumes(
+            [*images[:-1], str(tmp_path / "nope.nii.gz")],
+            covars,
+            "site",
+            mask_img,
+            output_dir=tmp_path / "o",
+        )
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path, chunk_size=0)
     with pytest.raises(ValueError, match="single row.*mean_only=True"):
@@ -217,8 +258,9 @@ def test_streamed_errors_name_the_volume(cohort, tmp_path):
 
 def _peak_bytes(paths, covars, mask_img, out):
     tracemalloc.start()
-    harmonize_volumes(paths, covars, "site", mask_img, output_dir=out, chunk_size=10,
-                      continuous_cols="age")
+    harmonize_volumes(
+        paths, covars, "site", mask_img, output_dir=out, chunk_size=10, continuous_cols="age"
+    )
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak
@@ -231,13 +273,15 @@ def test_memory_does_not_grow_with_subjects(tmp_path):
     paths = []
     for i in range(200):
         paths.append(str(tmp_path / f"v{i:03d}.nii"))
-        nib.save(nib.Nifti1Image(rng.normal(size=shape).astype(np.float32) + i % 3, AFFINE),
-                 paths[-1])
+        nib.save(
+            nib.Nifti1Image(rng.normal(size=shape).astype(np.float32) + i % 3, AFFINE), paths[-1]
+        )
     covars = pd.DataFrame({"site": np.arange(200) % 3, "age": rng.uniform(20, 80, 200)})
     # best of two: one-off interpreter allocations (the interned-strings table growing by
     # 4 MB) must not count as the run's memory
-    small = min(_peak_bytes(paths[:50], covars[:50], mask_img, tmp_path / f"o50-{i}")
-                for i in range(2))
+    small = min(
+        _peak_bytes(paths[:50], covars[:50], mask_img, tmp_path / f"o50-{i}") for i in range(2)
+    )
     large = min(_peak_bytes(paths, covars, mask_img, tmp_path / f"o200-{i}") for i in range(2))
     matrix = 200 * 8000 * 4  # the float32 in-mask matrix the in-memory path holds
     assert large < 1.15 * small
@@ -265,13 +309,19 @@ def test_large_offset_statistics_stay_accurate(offset):
     np.testing.assert_allclose(fitted.var_pooled, reference.var_pooled, rtol=1e-10)
     beta_scale = np.abs(reference.beta).max(axis=1, keepdims=True)  # each covariate's
     assert np.all(np.abs(fitted.beta - reference.beta) <= 1e-10 * beta_scale)
-    np.testing.assert_allclose(fitted.grand_mean - offset, reference.grand_mean,
-                               rtol=0, atol=1e-10 * np.sqrt(reference.var_pooled).max())
+    np.testing.assert_allclose(
+        fitted.grand_mean - offset,
+        reference.grand_mean,
+        rtol=0,
+        atol=1e-10 * np.sqrt(reference.var_pooled).max(),
+    )
     np.testing.assert_allclose(ss, ref_ss, rtol=1e-10)
     np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-10)
     # the tree of the dask path merges in another order, to the same numbers
-    parts = [streaming.chunk_moments(X[s:s + 11], batch_idx[s:s + 11], n_batches, Z[s:s + 11])
-             for s in range(0, n, 11)]
+    parts = [
+        streaming.chunk_moments(X[s : s + 11], batch_idx[s : s + 11], n_batches, Z[s : s + 11])
+        for s in range(0, n, 11)
+    ]
     _, _, tree_ss = streaming.fit_from_moments(streaming.tree_merge(parts))
     np.testing.assert_allclose(tree_ss, ref_ss, rtol=1e-10)
 
@@ -281,8 +331,12 @@ def test_merge_of_sites_absent_from_a_chunk():
     X, Z = rng.normal(size=(10, 4)), rng.normal(size=(10, 1))
     batch_idx = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
     whole = streaming.chunk_moments(X, batch_idx, 3, Z)
-    merged = streaming.tree_merge([streaming.chunk_moments(X[r], batch_idx[r], 3, Z[r])
-                                   for r in (slice(0, 3), slice(3, 7), slice(7, 10))])
+    merged = streaming.tree_merge(
+        [
+            streaming.chunk_moments(X[r], batch_idx[r], 3, Z[r])
+            for r in (slice(0, 3), slice(3, 7), slice(7, 10))
+        ]
+    )
     for name in ("n", "zbar", "xbar", "czz", "czx", "cxx"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), atol=1e-12)
     with pytest.raises(ValueError, match="no statistics"):
@@ -302,12 +356,14 @@ def test_harmonizer_fit_from_statistics_equals_fit():
             yield streaming.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
 
     combat = CombatHarmonizer(continuous_cols="age")._fit_from_statistics(
-        streaming.location_scale_from_chunks(chunks), n_features=6, batch=site,
-        covariates=covars)
+        streaming.location_scale_from_chunks(chunks), n_features=6, batch=site, covariates=covars
+    )
     _assert_estimates_equal(expected.estimates_, combat.estimates_)
-    np.testing.assert_allclose(combat.transform(X, batch=site, covariates=covars),
-                               expected.transform(X, batch=site, covariates=covars),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        combat.transform(X, batch=site, covariates=covars),
+        expected.transform(X, batch=site, covariates=covars),
+        rtol=1e-12,
+    )
 
 
 class StandInResource:
@@ -333,10 +389,13 @@ def test_streamed_volume_resources_are_written_as_files(cohort, tmp_path):
     images, covars, mask_img, mask = cohort
     resources = [StandInResource(np.asarray(img.dataobj), img.affine) for img in images]
     expected, _ = harmonize_volumes(images, covars, "site", mask_img)
-    paths, _ = harmonize_volumes(resources, covars, "site",
-                                 StandInResource(mask.astype(np.uint8), AFFINE),
-                                 output_dir=tmp_path)
+    paths, _ = harmonize_volumes(
+        resources,
+        covars,
+        "site",
+        StandInResource(mask.astype(np.uint8), AFFINE),
+        output_dir=tmp_path,
+    )
     assert os.path.basename(paths[3]) == "sub-03_harmonized.nii.gz"
     for want, path in zip(expected, paths):
-        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
-                                      np.asarray(want.dataobj))
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.asarray(want.dataobj))

@@ -38,12 +38,18 @@ def cohort():
     scale = {"siteA": 1.0, "siteB": 1.8, "siteC": 0.6}
     images = []
     for i in range(n):
-        data = (base + offset[site[i]] + 0.05 * age[i] + 0.8 * (sex[i] == "M")
-                + scale[site[i]] * rng.normal(size=SHAPE))
+        data = (
+            base
+            + offset[site[i]]
+            + 0.05 * age[i]
+            + 0.8 * (sex[i] == "M")
+            + scale[site[i]] * rng.normal(size=SHAPE)
+        )
         data[~mask] = 100.0 + i  # out-of-mask values that must not leak into the fit
         images.append(nib.Nifti1Image(data.astype(np.float32), AFFINE))
-    covars = pd.DataFrame({"site": site, "age": age, "sex": sex},
-                          index=np.arange(100, 100 + n))  # a non-positional index
+    covars = pd.DataFrame(
+        {"site": site, "age": age, "sex": sex}, index=np.arange(100, 100 + n)
+    )  # a non-positional index
     mask_img = nib.Nifti1Image(mask.astype(np.uint8), AFFINE)
     return images, covars, mask_img, mask
 
@@ -54,8 +60,12 @@ def _in_mask(images, mask):
 
 def _neurocombat(X, covars, **kwargs):
     with contextlib.redirect_stdout(io.StringIO()):
-        return neuroCombat(dat=X.T.astype(np.float64), covars=covars.reset_index(drop=True),
-                           batch_col="site", **kwargs)["data"].T
+        return neuroCombat(
+            dat=X.T.astype(np.float64),
+            covars=covars.reset_index(drop=True),
+            batch_col="site",
+            **kwargs,
+        )["data"].T
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,18 +82,23 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.items())) or
-                         "default")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(map(str, o.items())) or "default"
+)
 def test_matches_neurocombat_on_masked_voxels(cohort, options):
     images, covars, mask_img, mask = cohort
     out, est = harmonize_volumes(images, covars, "site", mask_img, **options)
     X = _in_mask(images, mask)
-    expected = _neurocombat(X, covars, categorical_cols=options.get("categorical_cols", []),
-                            continuous_cols=options.get("continuous_cols", []),
-                            eb=options.get("eb", True),
-                            parametric=options.get("parametric", True),
-                            mean_only=options.get("mean_only", False),
-                            ref_batch=options.get("ref_batch"))
+    expected = _neurocombat(
+        X,
+        covars,
+        categorical_cols=options.get("categorical_cols", []),
+        continuous_cols=options.get("continuous_cols", []),
+        eb=options.get("eb", True),
+        parametric=options.get("parametric", True),
+        mean_only=options.get("mean_only", False),
+        ref_batch=options.get("ref_batch"),
+    )
     np.testing.assert_allclose(_in_mask(out, mask), expected, rtol=1e-6)
     assert est.estimates["gamma_star"].shape == (3, mask.sum())
     assert est.info["batches"].tolist() == SITES
@@ -91,8 +106,9 @@ def test_matches_neurocombat_on_masked_voxels(cohort, options):
 
 def test_site_effect_is_removed(cohort):
     images, covars, mask_img, mask = cohort
-    out, _ = harmonize_volumes(images, covars, "site", mask_img, categorical_cols="sex",
-                               continuous_cols="age")
+    out, _ = harmonize_volumes(
+        images, covars, "site", mask_img, categorical_cols="sex", continuous_cols="age"
+    )
     site = covars["site"].to_numpy()
 
     def spread_of_site_means_and_sd_ratio(X):
@@ -151,8 +167,9 @@ def test_affines_headers_and_float_dtype(cohort, tmp_path):
         np.testing.assert_array_equal(np.asarray(reread.dataobj), np.asarray(img.dataobj))
         np.testing.assert_array_equal(reread.affine, AFFINE)
     # the integer files hold the same values as float32 images: same harmonized numbers
-    floats = [nib.Nifti1Image(np.asarray(nib.load(p).dataobj, dtype=np.float32), AFFINE)
-              for p in paths]
+    floats = [
+        nib.Nifti1Image(np.asarray(nib.load(p).dataobj, dtype=np.float32), AFFINE) for p in paths
+    ]
     ref, _ = harmonize_volumes(floats, covars, "site", mask_img, continuous_cols="age")
     np.testing.assert_allclose(_in_mask(out, mask), _in_mask(ref, mask), rtol=1e-6)
 
@@ -187,12 +204,12 @@ def test_integer_sites_and_pandas_string_dtype(cohort):
 
 def test_apply_volumes_reproduces_fit_one_subject_at_a_time(cohort):
     images, covars, mask_img, mask = cohort
-    out, est = harmonize_volumes(images, covars, "site", mask_img, categorical_cols="sex",
-                                 continuous_cols="age")
+    out, est = harmonize_volumes(
+        images, covars, "site", mask_img, categorical_cols="sex", continuous_cols="age"
+    )
     for i in [0, 9, 20]:
         (one,) = est.apply_volumes([images[i]], covars.iloc[[i]])
-        np.testing.assert_allclose(np.asarray(one.dataobj), np.asarray(out[i].dataobj),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(one.dataobj), np.asarray(out[i].dataobj), rtol=1e-6)
         np.testing.assert_array_equal(one.affine, AFFINE)
 
 
@@ -200,15 +217,18 @@ def test_apply_volumes_to_held_out_subjects(cohort):
     images, covars, mask_img, mask = cohort
     train = np.flatnonzero(np.arange(len(images)) % 4 != 0)
     test = np.flatnonzero(np.arange(len(images)) % 4 == 0)
-    _, est = harmonize_volumes([images[i] for i in train], covars.iloc[train], "site",
-                               mask_img, continuous_cols="age")
-    out = est.apply_volumes([images[i] for i in test], covars.iloc[test],
-                            preserve_out_of_mask=True)
+    _, est = harmonize_volumes(
+        [images[i] for i in train], covars.iloc[train], "site", mask_img, continuous_cols="age"
+    )
+    out = est.apply_volumes([images[i] for i in test], covars.iloc[test], preserve_out_of_mask=True)
     combat = CombatHarmonizer(continuous_cols="age").fit(
-        _in_mask(images, mask)[train], batch=covars["site"].iloc[train],
-        covariates=covars.iloc[train])
-    expected = combat.transform(_in_mask(images, mask)[test], batch=covars["site"].iloc[test],
-                                covariates=covars.iloc[test])
+        _in_mask(images, mask)[train],
+        batch=covars["site"].iloc[train],
+        covariates=covars.iloc[train],
+    )
+    expected = combat.transform(
+        _in_mask(images, mask)[test], batch=covars["site"].iloc[test], covariates=covars.iloc[test]
+    )
     np.testing.assert_allclose(_in_mask(out, mask), expected, rtol=1e-6)
     assert np.all(np.asarray(out[0].dataobj)[~mask] == 100.0 + test[0])
 
@@ -223,16 +243,21 @@ def test_apply_volumes_new_site_policy(cohort):
         est.apply_volumes(new_images, new_covars)
     adapted = est.apply_volumes(new_images, new_covars, unseen_batch="adapt")
     combat = CombatHarmonizer(unseen_batch="adapt").fit(
-        _in_mask(images, mask)[seen], batch=covars["site"].iloc[seen])
+        _in_mask(images, mask)[seen], batch=covars["site"].iloc[seen]
+    )
     expected = combat.transform(_in_mask(images, mask)[new], batch=new_covars["site"])
     np.testing.assert_allclose(_in_mask(adapted, mask), expected, rtol=1e-6)
     assert est.info["unseen_batch"] == "error"  # the estimates are not changed
 
 
-@pytest.mark.parametrize("options", [
-    dict(categorical_cols=["sex"], continuous_cols=["age"]),
-    dict(ref_batch="siteA", parametric=False),
-], ids=["covariates", "ref-nonparametric"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(categorical_cols=["sex"], continuous_cols=["age"]),
+        dict(ref_batch="siteA", parametric=False),
+    ],
+    ids=["covariates", "ref-nonparametric"],
+)
 def test_save_load_round_trip(cohort, tmp_path, options):
     images, covars, mask_img, mask = cohort
     out, est = harmonize_volumes(images, covars, "site", mask_img, **options)
@@ -248,8 +273,17 @@ def test_save_load_round_trip(cohort, tmp_path, options):
     for key in ["batches", "covariate_names"]:
         assert loaded.info[key].tolist() == est.info[key].tolist()
         assert loaded.info[key].dtype == est.info[key].dtype
-    for key in ["ref_batch", "eb", "parametric", "mean_only", "categorical_cols",
-                "continuous_cols", "categories", "batch_col", "n_features_in"]:
+    for key in [
+        "ref_batch",
+        "eb",
+        "parametric",
+        "mean_only",
+        "categorical_cols",
+        "continuous_cols",
+        "categories",
+        "batch_col",
+        "n_features_in",
+    ]:
         assert loaded.info[key] == est.info[key]
     np.testing.assert_array_equal(loaded.info["volumes"]["mask"], mask)
     np.testing.assert_array_equal(loaded.info["volumes"]["affine"], mask_img.affine)
@@ -314,8 +348,11 @@ def test_shape_mismatch_names_volume_and_shapes(cohort):
     images, covars, mask_img, _ = cohort
     odd = nib.Nifti1Image(np.zeros((7, 6, 4), dtype=np.float32), AFFINE)
     volumes = images[:5] + [odd] + images[6:]
-    with pytest.raises(ValueError, match=r"volume 5 has shape \(7, 6, 4\) but volume 0 has "
-                                         r"shape \(7, 6, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"volume 5 has shape \(7, 6, 4\) but volume 0 has "
+        r"shape \(7, 6, 5\)",
+    ):
         harmonize_volumes(volumes, covars, "site", mask_img)
 
 
@@ -329,8 +366,11 @@ def test_four_d_volume(cohort):
 def test_mask_shape_mismatch(cohort):
     images, covars, _, _ = cohort
     mask = nib.Nifti1Image(np.ones((7, 6, 6), dtype=np.uint8), AFFINE)
-    with pytest.raises(ValueError, match=r"mask has shape \(7, 6, 6\) but the volumes have "
-                                         r"shape \(7, 6, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mask has shape \(7, 6, 6\) but the volumes have "
+        r"shape \(7, 6, 5\)",
+    ):
         harmonize_volumes(images, covars, "site", mask)
 
 
@@ -347,11 +387,14 @@ def test_covars_length_mismatch(cohort):
         harmonize_volumes(images, covars.iloc[:-1], "site", mask_img)
 
 
-@pytest.mark.parametrize("batch_col, kwargs, missing", [
-    ("scanner", {}, "'scanner'"),
-    ("site", dict(categorical_cols=["sex", "handedness"]), "'handedness'"),
-    ("site", dict(continuous_cols="weight"), "'weight'"),
-])
+@pytest.mark.parametrize(
+    "batch_col, kwargs, missing",
+    [
+        ("scanner", {}, "'scanner'"),
+        ("site", dict(categorical_cols=["sex", "handedness"]), "'handedness'"),
+        ("site", dict(continuous_cols="weight"), "'weight'"),
+    ],
+)
 def test_missing_columns(cohort, batch_col, kwargs, missing):
     images, covars, mask_img, _ = cohort
     with pytest.raises(ValueError, match=rf"column\(s\) \[{missing}\] not found in covar"):
@@ -389,16 +432,18 @@ def test_covars_not_a_dataframe(cohort):
 
 def test_fewer_than_two_sites(cohort):
     images, covars, mask_img, _ = cohort
-    with pytest.raises(ValueError, match="at least 2 sites in column 'site'; all 8 are from "
-                                         "site 'siteA'"):
+    with pytest.raises(
+        ValueError, match="at least 2 sites in column 'site'; all 8 are from site 'siteA'"
+    ):
         harmonize_volumes(images[:8], covars.iloc[:8], "site", mask_img)
 
 
 def test_missing_file(cohort, tmp_path):
     images, covars, mask_img, _ = cohort
     with pytest.raises(FileNotFoundError, match=r"volume 1 .*file not found: .*nope.nii.gz'"):
-        harmonize_volumes([images[0], tmp_path / "nope.nii.gz"] + images[2:], covars, "site",
-                          mask_img)
+        harmonize_volumes(
+            [images[0], tmp_path / "nope.nii.gz"] + images[2:], covars, "site", mask_img
+        )
 
 
 def test_non_finite_voxel_in_mask(cohort):
@@ -432,8 +477,11 @@ def _shifted(img, dx=1.0):
 def test_volume_in_another_space_names_index_and_affines(cohort):
     images, covars, mask_img, _ = cohort
     moved = images[:4] + [_shifted(images[4])] + images[5:]
-    with pytest.raises(ValueError, match=r"volume 4 is not in the space of volume 0.*"
-                                         r"affine\n.*-9\.", ):
+    with pytest.raises(
+        ValueError,
+        match=r"volume 4 is not in the space of volume 0.*"
+        r"affine\n.*-9\.",
+    ):
         harmonize_volumes(moved, covars, "site", mask_img)
     with pytest.raises(ValueError, match=r"mask is not in the space of volume 0"):
         harmonize_volumes(images, covars, "site", _shifted(mask_img, 0.5))
@@ -484,14 +532,19 @@ class StandInResource:
 
 def test_volume_resources_in_and_out(cohort):
     images, covars, mask_img, mask = cohort
-    resources = [StandInResource(np.asarray(img.dataobj), img.affine,
-                                 {"descrip": f"subject {i}", "custom": i})
-                 for i, img in enumerate(images)]
+    resources = [
+        StandInResource(
+            np.asarray(img.dataobj), img.affine, {"descrip": f"subject {i}", "custom": i}
+        )
+        for i, img in enumerate(images)
+    ]
     mask_resource = StandInResource(mask.astype(np.uint8), mask_img.affine)
-    out, est = harmonize_volumes(resources, covars, "site", mask_resource,
-                                 continuous_cols="age", dtype=np.float64)
-    reference, _ = harmonize_volumes(images, covars, "site", mask_img, continuous_cols="age",
-                                     dtype=np.float64)
+    out, est = harmonize_volumes(
+        resources, covars, "site", mask_resource, continuous_cols="age", dtype=np.float64
+    )
+    reference, _ = harmonize_volumes(
+        images, covars, "site", mask_img, continuous_cols="age", dtype=np.float64
+    )
     for i, (res, img) in enumerate(zip(out, reference)):
         assert type(res) is StandInResource
         assert res.get_array().dtype == np.float64
@@ -507,15 +560,23 @@ def test_volume_resources_in_and_out(cohort):
 
 def test_float64_output_equals_neurocombat_to_double_precision(cohort):
     images, covars, mask_img, mask = cohort
-    out, est = harmonize_volumes(images, covars, "site", mask_img, categorical_cols="sex",
-                                 continuous_cols="age", dtype=np.float64)
+    out, est = harmonize_volumes(
+        images,
+        covars,
+        "site",
+        mask_img,
+        categorical_cols="sex",
+        continuous_cols="age",
+        dtype=np.float64,
+    )
     assert out[0].get_data_dtype() == np.float64
     X = _in_mask(images, mask).astype(np.float64)
-    np.testing.assert_allclose(_in_mask(out, mask),
-                               _neurocombat(X, covars, categorical_cols=["sex"],
-                                            continuous_cols=["age"]), rtol=1e-10)
-    with pytest.raises(ValueError, match="dtype must be numpy.float32 or numpy.float64; got "
-                                         "int16"):
+    np.testing.assert_allclose(
+        _in_mask(out, mask),
+        _neurocombat(X, covars, categorical_cols=["sex"], continuous_cols=["age"]),
+        rtol=1e-10,
+    )
+    with pytest.raises(ValueError, match="dtype must be numpy.float32 or numpy.float64; got int16"):
         harmonize_volumes(images, covars, "site", mask_img, dtype=np.int16)
 
 
@@ -523,13 +584,26 @@ def test_to_neurocombat_has_neurocombats_keys_and_values(cohort):
     images, covars, mask_img, mask = cohort
     _, est = harmonize_volumes(images, covars, "site", mask_img, dtype=np.float64)
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs = neuroCombat(dat=_in_mask(images, mask).T.astype(np.float64),
-                             covars=covars.reset_index(drop=True), batch_col="site")["estimates"]
+        theirs = neuroCombat(
+            dat=_in_mask(images, mask).T.astype(np.float64),
+            covars=covars.reset_index(drop=True),
+            batch_col="site",
+        )["estimates"]
     ours = est.to_neurocombat()
-    for key in ["gamma.star", "delta.star", "var.pooled", "gamma_hat", "delta_hat", "t2",
-                "a_prior", "b_prior", "gamma_bar"]:
-        np.testing.assert_allclose(ours[key], np.asarray(theirs[key], dtype=float),
-                                   rtol=1e-9, err_msg=key)
+    for key in [
+        "gamma.star",
+        "delta.star",
+        "var.pooled",
+        "gamma_hat",
+        "delta_hat",
+        "t2",
+        "a_prior",
+        "b_prior",
+        "gamma_bar",
+    ]:
+        np.testing.assert_allclose(
+            ours[key], np.asarray(theirs[key], dtype=float), rtol=1e-9, err_msg=key
+        )
     np.testing.assert_allclose(ours["stand.mean"][:, 0], theirs["stand.mean"][:, 0], rtol=1e-9)
     assert ours["batches"].tolist() == np.asarray(theirs["batches"]).tolist()
 
@@ -550,18 +624,25 @@ def test_kwneuro_drop_in():
     # float32-representable ages: neuroCombat (inside kwneuro) casts them to float32
     age = rng.uniform(25, 75, site.size).astype(np.float32).astype(float)
     shift = {"Scanner_A": 0.0, "Scanner_B": 0.15, "Scanner_C": -0.1}
-    volumes = [InMemoryVolumeResource(array=0.5 + 0.002 * a + shift[s]
-                                      + rng.normal(0, 0.015, shape),
-                                      affine=np.eye(4), metadata={})
-               for s, a in zip(site, age)]
+    volumes = [
+        InMemoryVolumeResource(
+            array=0.5 + 0.002 * a + shift[s] + rng.normal(0, 0.015, shape),
+            affine=np.eye(4),
+            metadata={},
+        )
+        for s, a in zip(site, age)
+    ]
     covars = pd.DataFrame({"site": site, "age": age})
     with contextlib.redirect_stdout(io.StringIO()):
-        theirs, _ = kwneuro_harmonize.harmonize_volumes(volumes, covars, batch_col="site",
-                                                        mask=mask, continuous_cols=["age"])
-    ours, _ = harmonize_volumes(volumes, covars, batch_col="site", mask=mask,
-                                continuous_cols=["age"])
-    ours64, _ = harmonize_volumes(volumes, covars, batch_col="site", mask=mask,
-                                  continuous_cols=["age"], dtype=np.float64)
+        theirs, _ = kwneuro_harmonize.harmonize_volumes(
+            volumes, covars, batch_col="site", mask=mask, continuous_cols=["age"]
+        )
+    ours, _ = harmonize_volumes(
+        volumes, covars, batch_col="site", mask=mask, continuous_cols=["age"]
+    )
+    ours64, _ = harmonize_volumes(
+        volumes, covars, batch_col="site", mask=mask, continuous_cols=["age"], dtype=np.float64
+    )
     for a, b, c in zip(ours, ours64, theirs):
         assert type(a) is type(c) is InMemoryVolumeResource
         np.testing.assert_allclose(a.get_array(), c.get_array(), rtol=1e-6, atol=1e-7)

@@ -28,8 +28,11 @@ def split_script(source):
     """(title or None, docstring body, first code line number) of a script's source."""
     module = ast.parse(source)
     first = module.body[0] if module.body else None
-    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)):
+    if not (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
         return None, "", 1
     lines = ast.get_docstring(module, clean=True).splitlines()
     title = None
@@ -74,8 +77,9 @@ class ExampleScripts(SphinxDirective):
                 source = file.read()
             name = os.path.basename(path)
             title, body, code_start = split_script(source)
-            section = nodes.section(ids=[make_id(self.env, self.state.document, "example",
-                                                 os.path.splitext(name)[0])])
+            section = nodes.section(
+                ids=[make_id(self.env, self.state.document, "example", os.path.splitext(name)[0])]
+            )
             title_nodes, messages = self.state.inline_text(title or name, self.lineno)
             section += nodes.title(title or name, "", *title_nodes)
             section += messages
@@ -83,10 +87,14 @@ class ExampleScripts(SphinxDirective):
             repo_rel = os.path.relpath(path, os.path.dirname(here)).replace(os.sep, "/")
             text = [*body.splitlines(), ""]
             if code_start <= len(source.splitlines()):
-                text += [f".. literalinclude:: {rel}", "   :language: python",
-                         f"   :caption: {repo_rel}", f"   :lines: {code_start}-", ""]
-            self.state.nested_parse(StringList(text, source=path), self.content_offset,
-                                    section)
+                text += [
+                    f".. literalinclude:: {rel}",
+                    "   :language: python",
+                    f"   :caption: {repo_rel}",
+                    f"   :lines: {code_start}-",
+                    "",
+                ]
+            self.state.nested_parse(StringList(text, source=path), self.content_offset, section)
             sections.append(section)
         return sections
 

@@ -30,8 +30,7 @@ def column_list(cols, name):
 
 def format_labels(labels):
     """``[a, b, ...]`` with numpy scalars shown as Python values, for messages."""
-    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v)
-                           for v in labels) + "]"
+    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels) + "]"
 
 
 def covariate_columns(batch_col, categorical_cols, continuous_cols, smooth_cols=None):
@@ -42,10 +41,13 @@ def covariate_columns(batch_col, categorical_cols, continuous_cols, smooth_cols=
     categorical = column_list(categorical_cols, "categorical_cols")
     continuous = column_list(continuous_cols, "continuous_cols")
     smooth = column_list(smooth_cols, "smooth_cols")
-    lists = [("categorical_cols", categorical), ("continuous_cols", continuous),
-             ("smooth_cols", smooth)]
+    lists = [
+        ("categorical_cols", categorical),
+        ("continuous_cols", continuous),
+        ("smooth_cols", smooth),
+    ]
     for i, (name_a, a) in enumerate(lists):
-        for name_b, b in lists[i + 1:]:
+        for name_b, b in lists[i + 1 :]:
             both = [c for c in a if c in b]
             if both:
                 raise ValueError(f"columns {both} are in both {name_a} and {name_b}")
@@ -69,7 +71,8 @@ def spline_knots(values, n_knots, column):
         raise ValueError(
             f"smooth covariate {column!r} has too few distinct values "
             f"({len(np.unique(values))}) for smooth_knots={n_knots}: quantile knots coincide; "
-            "lower smooth_knots or model it in continuous_cols")
+            "lower smooth_knots or model it in continuous_cols"
+        )
     return knots
 
 
@@ -82,8 +85,9 @@ def spline_basis(values, knots, degree, extrapolation, column):
     ``"constant"`` holds its boundary value, ``"error"`` raises.
     """
     knots = np.asarray(knots, dtype=np.float64)
-    spline = SplineTransformer(knots=knots[:, None], degree=int(degree),
-                               extrapolation=extrapolation, include_bias=False)
+    spline = SplineTransformer(
+        knots=knots[:, None], degree=int(degree), extrapolation=extrapolation, include_bias=False
+    )
     spline.fit(knots[:, None])
     values = np.asarray(values, dtype=np.float64)[:, None]
     if extrapolation == "error":
@@ -92,7 +96,8 @@ def spline_basis(values, knots, degree, extrapolation, column):
             raise ValueError(
                 f"smooth covariate {column!r} has value(s) "
                 f"{format_labels(pd.unique(values[outside, 0])[:5])} outside the training range "
-                f"[{knots[0]:g}, {knots[-1]:g}] (smooth_extrapolation='error')")
+                f"[{knots[0]:g}, {knots[-1]:g}] (smooth_extrapolation='error')"
+            )
     return spline.transform(values)
 
 
@@ -109,8 +114,9 @@ class CovariateEncoding:
         Sorted levels of each categorical column (the first is the reference).
     """
 
-    def __init__(self, categorical, continuous, levels, smooth=(), knots=(), degree=3,
-                 extrapolation="linear"):
+    def __init__(
+        self, categorical, continuous, levels, smooth=(), knots=(), degree=3, extrapolation="linear"
+    ):
         self.categorical = list(categorical)
         self.continuous = list(continuous)
         self.levels = [np.asarray(lv, dtype=object) for lv in levels]
@@ -120,8 +126,17 @@ class CovariateEncoding:
         self.extrapolation = extrapolation
 
     @classmethod
-    def fit(cls, frame, categorical, continuous, smooth=(), *, n_knots=5, degree=3,
-            extrapolation="linear"):
+    def fit(
+        cls,
+        frame,
+        categorical,
+        continuous,
+        smooth=(),
+        *,
+        n_knots=5,
+        degree=3,
+        extrapolation="linear",
+    ):
         """Learn the levels of each categorical column and the knots of each smooth column
         from the training covariates."""
         levels = []
@@ -130,8 +145,10 @@ class CovariateEncoding:
             try:
                 levels.append(np.asarray(sorted(values), dtype=object))
             except TypeError as exc:
-                raise TypeError(f"categorical covariate {col!r} mixes level types that cannot "
-                                f"be sorted: {format_labels(values)}") from exc
+                raise TypeError(
+                    f"categorical covariate {col!r} mixes level types that cannot "
+                    f"be sorted: {format_labels(values)}"
+                ) from exc
         knots = [spline_knots(frame[col], n_knots, col) for col in smooth]
         return cls(categorical, continuous, levels, smooth, knots, degree, extrapolation)
 
@@ -139,11 +156,15 @@ class CovariateEncoding:
     def names(self):
         """Names of the encoded columns: ``<col>_<level>`` for each non-reference level, then
         the continuous columns."""
-        names = [f"{col}_{level}" for col, lv in zip(self.categorical, self.levels)
-                 for level in lv[1:]]
+        names = [
+            f"{col}_{level}" for col, lv in zip(self.categorical, self.levels) for level in lv[1:]
+        ]
         names += [str(c) for c in self.continuous]
-        names += [f"{col}_spline{j}" for col, width in zip(self.smooth, self._smooth_widths())
-                  for j in range(width)]
+        names += [
+            f"{col}_spline{j}"
+            for col, width in zip(self.smooth, self._smooth_widths())
+            for j in range(width)
+        ]
         return np.asarray(names, dtype=object)
 
     def _smooth_widths(self):
@@ -151,8 +172,9 @@ class CovariateEncoding:
 
     def widths(self):
         """Number of encoded columns of each covariate, in the order of ``columns``."""
-        return ([len(lv) - 1 for lv in self.levels] + [1] * len(self.continuous)
-                + self._smooth_widths())
+        return (
+            [len(lv) - 1 for lv in self.levels] + [1] * len(self.continuous) + self._smooth_widths()
+        )
 
     @property
     def columns(self):
@@ -166,17 +188,26 @@ class CovariateEncoding:
             codes = pd.Index(lv).get_indexer(values)
             if (codes < 0).any():
                 unknown = pd.unique(values[codes < 0])
-                raise ValueError(f"categorical covariate {col!r} has level(s) "
-                                 f"{format_labels(unknown)} not seen in fit (seen: "
-                                 f"{format_labels(lv)})")
+                raise ValueError(
+                    f"categorical covariate {col!r} has level(s) "
+                    f"{format_labels(unknown)} not seen in fit (seen: "
+                    f"{format_labels(lv)})"
+                )
             onehot = np.zeros((len(frame), len(lv)))
             onehot[np.arange(len(frame)), codes] = 1.0
             parts.append(onehot[:, 1:])
         if self.continuous:
             parts.append(frame[self.continuous].to_numpy(dtype=np.float64))
         for col, knots in zip(self.smooth, self.knots):
-            parts.append(spline_basis(frame[col].to_numpy(dtype=np.float64), knots, self.degree,
-                                      self.extrapolation, col))
+            parts.append(
+                spline_basis(
+                    frame[col].to_numpy(dtype=np.float64),
+                    knots,
+                    self.degree,
+                    self.extrapolation,
+                    col,
+                )
+            )
         return np.hstack(parts)
 
     def confounded_column(self, design, n_batches):
@@ -191,18 +222,30 @@ class CovariateEncoding:
 
     def state(self):
         """The encoding as plain data (for :class:`~kwneuro_sk.CombatEstimates`)."""
-        state = {"categorical_cols": list(self.categorical),
-                 "continuous_cols": list(self.continuous),
-                 "categories": [lv.tolist() for lv in self.levels]}
+        state = {
+            "categorical_cols": list(self.categorical),
+            "continuous_cols": list(self.continuous),
+            "categories": [lv.tolist() for lv in self.levels],
+        }
         if self.smooth:  # only models with smooth covariates carry these keys
-            state.update({"smooth_cols": list(self.smooth),
-                          "smooth_knots": [k.copy() for k in self.knots],
-                          "smooth_degree": self.degree,
-                          "smooth_extrapolation": self.extrapolation})
+            state.update(
+                {
+                    "smooth_cols": list(self.smooth),
+                    "smooth_knots": [k.copy() for k in self.knots],
+                    "smooth_degree": self.degree,
+                    "smooth_extrapolation": self.extrapolation,
+                }
+            )
         return state
 
     @classmethod
     def from_state(cls, state):
-        return cls(state["categorical_cols"], state["continuous_cols"], state["categories"],
-                   state.get("smooth_cols", ()), state.get("smooth_knots", ()),
-                   state.get("smooth_degree", 3), state.get("smooth_extrapolation", "linear"))
+        return cls(
+            state["categorical_cols"],
+            state["continuous_cols"],
+            state["categories"],
+            state.get("smooth_cols", ()),
+            state.get("smooth_knots", ()),
+            state.get("smooth_degree", 3),
+            state.get("smooth_extrapolation", "linear"),
+        )

@@ -40,26 +40,30 @@ def fit(combat, X, batch, covariates):
     """Fit ``combat`` on a dask array or DataFrame (see the module docstring)."""
     import dask
 
-    categorical, continuous = covariate_columns(combat.batch_col, combat.categorical_cols,
-                                                combat.continuous_cols)
+    categorical, continuous = covariate_columns(
+        combat.batch_col, combat.categorical_cols, combat.continuous_cols
+    )
     names_in = names_out = None
     if _is_dataframe(X):
         columns = list(X.columns)
-        meta = [combat.batch_col, *categorical, *continuous] if combat.batch_col is not None \
-            else []
+        meta = [combat.batch_col, *categorical, *continuous] if combat.batch_col is not None else []
         missing = [c for c in meta if c not in columns]
         if missing:
             raise ValueError(f"column(s) {missing} not found in X (columns: {columns})")
         if meta and (batch is not None or covariates is not None):
-            raise ValueError(f"batch=/covariates= were given as keywords while batch_col="
-                             f"{combat.batch_col!r} says they are columns of X; give them "
-                             "one way")
+            raise ValueError(
+                f"batch=/covariates= were given as keywords while batch_col="
+                f"{combat.batch_col!r} says they are columns of X; give them "
+                "one way"
+            )
         features = feature_columns(X, combat.batch_col, categorical + continuous)
         bad = [c for c in features if X[c].dtype.kind not in "biuf"]
         if bad:
-            raise ValueError(f"feature column(s) {bad} are not numeric; name site and "
-                             "covariate columns in batch_col/categorical_cols/"
-                             "continuous_cols, or drop them")
+            raise ValueError(
+                f"feature column(s) {bad} are not numeric; name site and "
+                "covariate columns in batch_col/categorical_cols/"
+                "continuous_cols, or drop them"
+            )
         if all(isinstance(c, str) for c in columns):
             names_in = columns
         names_out = [str(c) for c in features]
@@ -76,15 +80,17 @@ def fit(combat, X, batch, covariates):
         column_starts = [0]
     else:
         if combat.batch_col is not None:
-            raise TypeError(f"batch_col={combat.batch_col!r} needs X as a DataFrame holding "
-                            "the site column; for a dask array pass the sites with batch= "
-                            "and batch_col=None")
+            raise TypeError(
+                f"batch_col={combat.batch_col!r} needs X as a DataFrame holding "
+                "the site column; for a dask array pass the sites with batch= "
+                "and batch_col=None"
+            )
         if X.ndim != 2:
-            raise ValueError(f"X must be a 2-D dask array (subjects x features); got "
-                             f"{X.ndim} dimension(s)")
+            raise ValueError(
+                f"X must be a 2-D dask array (subjects x features); got {X.ndim} dimension(s)"
+            )
         if any(np.isnan(c) for c in X.chunks[0]):
-            raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() "
-                             "first")
+            raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() first")
         if X.dtype.kind not in "biuf":
             raise ValueError(f"X must be numeric; got dtype {X.dtype}")
         n_features_in = X.shape[1]
@@ -93,8 +99,10 @@ def fit(combat, X, batch, covariates):
         blocks = X.to_delayed().tolist()
         column_starts = list(np.cumsum((0,) + X.chunks[1])[:-1])
     if batch is None:
-        raise ValueError("CombatHarmonizer needs the site of each row: set batch_col to the "
-                         "site column of a dask DataFrame, or pass batch=")
+        raise ValueError(
+            "CombatHarmonizer needs the site of each row: set batch_col to the "
+            "site column of a dask DataFrame, or pass batch="
+        )
     offsets = np.cumsum([0] + lengths)
 
     def chunks(batch_idx, n_batches, Z):
@@ -102,33 +110,50 @@ def fit(combat, X, batch, covariates):
         merge = dask.delayed(streaming.merge_moments, pure=True)
         per_column = []
         for j, start in enumerate(column_starts):
-            parts = [block_moments(row[j], batch_idx[offsets[i]:offsets[i + 1]], n_batches,
-                                   Z[offsets[i]:offsets[i + 1]], start)
-                     for i, row in enumerate(blocks)]
+            parts = [
+                block_moments(
+                    row[j],
+                    batch_idx[offsets[i] : offsets[i + 1]],
+                    n_batches,
+                    Z[offsets[i] : offsets[i + 1]],
+                    start,
+                )
+                for i, row in enumerate(blocks)
+            ]
             while len(parts) > 1:  # a balanced tree of pairwise merges
-                parts = [merge(parts[k], parts[k + 1]) if k + 1 < len(parts) else parts[k]
-                         for k in range(0, len(parts), 2)]
+                parts = [
+                    merge(parts[k], parts[k + 1]) if k + 1 < len(parts) else parts[k]
+                    for k in range(0, len(parts), 2)
+                ]
             per_column.append(parts[0])
         yield _concatenate_features(dask.compute(*per_column))
 
-    return combat._fit_from_statistics(streaming.location_scale_from_chunks(chunks),
-                                       n_features=n_features_in, batch=batch,
-                                       covariates=covariates, feature_names_in=names_in,
-                                       feature_names_out=names_out, columns_in=columns_in)
+    return combat._fit_from_statistics(
+        streaming.location_scale_from_chunks(chunks),
+        n_features=n_features_in,
+        batch=batch,
+        covariates=covariates,
+        feature_names_in=names_in,
+        feature_names_out=names_out,
+        columns_in=columns_in,
+    )
 
 
 def _block_moments(block, batch_idx, n_batches, Z, column_start):
     values = np.asarray(block.to_numpy() if isinstance(block, pd.DataFrame) else block)
     if values.shape[0] != len(batch_idx):
-        raise ValueError(f"a block of X has {values.shape[0]} rows where {len(batch_idx)} "
-                         "were expected")
+        raise ValueError(
+            f"a block of X has {values.shape[0]} rows where {len(batch_idx)} were expected"
+        )
     with np.errstate(all="ignore"):
         bad = np.flatnonzero(~np.isfinite(values.sum(axis=0)))
     bad = bad[~np.isfinite(values[:, bad]).all(axis=0)] if bad.size else bad
     if bad.size:
-        raise ValueError(f"X has NaN or infinite values in feature column(s) "
-                         f"{(bad + column_start)[:10].tolist()}; ComBat needs finite values "
-                         "(impute or drop them first)")
+        raise ValueError(
+            f"X has NaN or infinite values in feature column(s) "
+            f"{(bad + column_start)[:10].tolist()}; ComBat needs finite values "
+            "(impute or drop them first)"
+        )
     return streaming.chunk_moments(values, batch_idx, n_batches, Z)
 
 
@@ -136,11 +161,14 @@ def _concatenate_features(parts):
     """Statistics of column blocks (same rows) joined along the features."""
     first = parts[0]
     return streaming.SiteMoments(
-        n=first.n, zbar=first.zbar, czz=first.czz,
+        n=first.n,
+        zbar=first.zbar,
+        czz=first.czz,
         xbar=np.concatenate([p.xbar for p in parts], axis=-1),
         czx=np.concatenate([p.czx for p in parts], axis=-1),
         cxx=np.concatenate([p.cxx for p in parts], axis=-1),
-        max_abs=np.concatenate([p.max_abs for p in parts], axis=-1))
+        max_abs=np.concatenate([p.max_abs for p in parts], axis=-1),
+    )
 
 
 def transform(combat, X, batch, covariates):
@@ -148,11 +176,14 @@ def transform(combat, X, batch, covariates):
     if _is_dataframe(X):
         return _transform_dataframe(combat, X, batch, covariates)
     if combat.batch_col is not None:
-        raise TypeError(f"batch_col={combat.batch_col!r} needs X as a DataFrame holding the "
-                        "site column; for a dask array fit with batch= and batch_col=None")
+        raise TypeError(
+            f"batch_col={combat.batch_col!r} needs X as a DataFrame holding the "
+            "site column; for a dask array fit with batch= and batch_col=None"
+        )
     if X.ndim != 2 or X.shape[1] != combat.n_features_in_:
-        raise ValueError(f"X has shape {X.shape}; CombatHarmonizer is expecting "
-                         f"{combat.n_features_in_} features")
+        raise ValueError(
+            f"X has shape {X.shape}; CombatHarmonizer is expecting {combat.n_features_in_} features"
+        )
     if any(np.isnan(c) for c in X.chunks[0]):
         raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() first")
     if batch is None:
@@ -167,12 +198,15 @@ def transform(combat, X, batch, covariates):
 
     def harmonize_block(block, block_info=None):
         start, stop = block_info[0]["array-location"][0]
-        return combat.transform(block, batch=batch[start:stop],
-                                covariates=None if covariates is None
-                                else covariates.iloc[start:stop])
+        return combat.transform(
+            block,
+            batch=batch[start:stop],
+            covariates=None if covariates is None else covariates.iloc[start:stop],
+        )
 
-    return X.map_blocks(harmonize_block, dtype=dtype,
-                        chunks=(X.chunks[0], (len(combat.grand_mean_),)))
+    return X.map_blocks(
+        harmonize_block, dtype=dtype, chunks=(X.chunks[0], (len(combat.grand_mean_),))
+    )
 
 
 def _transform_dataframe(combat, X, batch, covariates):
@@ -182,8 +216,9 @@ def _transform_dataframe(combat, X, batch, covariates):
     meta = pd.DataFrame({name: pd.Series(dtype=np.float64) for name in names})
     if combat.batch_col is not None:
         if combat.batch_col not in X.columns:
-            raise ValueError(f"column(s) {[combat.batch_col]} not found in X (columns: "
-                             f"{list(X.columns)})")
+            raise ValueError(
+                f"column(s) {[combat.batch_col]} not found in X (columns: {list(X.columns)})"
+            )
 
         def harmonize_partition(part):
             _check_seen(combat, part[combat.batch_col].to_numpy())
@@ -204,9 +239,14 @@ def _transform_dataframe(combat, X, batch, covariates):
         i = partition_info["number"]
         rows = slice(offsets[i], offsets[i + 1])
         return pd.DataFrame(
-            combat.transform(part, batch=batch[rows],
-                             covariates=None if covariates is None else covariates.iloc[rows]),
-            columns=names, index=part.index)
+            combat.transform(
+                part,
+                batch=batch[rows],
+                covariates=None if covariates is None else covariates.iloc[rows],
+            ),
+            columns=names,
+            index=part.index,
+        )
 
     return X.map_partitions(harmonize_partition, meta=meta)
 
@@ -218,4 +258,5 @@ def _check_seen(combat, sites):
             f"site(s) {format_labels(unseen)} were not seen in fit (fitted sites: "
             f"{format_labels(combat.batches_)}); a dask input is harmonized block by block, so "
             "new sites cannot be estimated from it (unseen_batch='adapt' needs the rows in "
-            "memory: compute them first)")
+            "memory: compute them first)"
+        )

@@ -61,13 +61,15 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
             raise ValueError(
                 f"{given}= was given as a keyword while batch_col={batch_col!r} says "
                 "sites and covariates are columns of X; give them one way: drop the "
-                "keyword, or set batch_col=None")
+                "keyword, or set batch_col=None"
+            )
         if not isinstance(X, pd.DataFrame):
             raise TypeError(
                 f"batch_col={batch_col!r} needs X as a pandas DataFrame holding the "
                 f"site column; got {type(X).__name__}. If a preceding step turned X into "
                 "an array, call its set_output(transform='pandas'); or pass the sites "
-                "with batch= and batch_col=None")
+                "with batch= and batch_col=None"
+            )
         missing = [c for c in [batch_col, *covariate_cols] if c not in X.columns]
         if missing:
             raise ValueError(_missing_columns_message(missing, X.columns))
@@ -78,7 +80,8 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
         if batch is None:
             raise ValueError(
                 "CombatHarmonizer needs the site of each row: set batch_col to the site "
-                "column of a DataFrame X, or pass batch=")
+                "column of a DataFrame X, or pass batch="
+            )
         check_same_index(X=X, batch=batch, covariates=covariates)
         features = X
         sites = batch
@@ -86,11 +89,14 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
             if not isinstance(covariates, pd.DataFrame):
                 raise TypeError(
                     f"covariates= must be a pandas DataFrame holding {covariate_cols}; got "
-                    f"{type(covariates).__name__}")
+                    f"{type(covariates).__name__}"
+                )
             missing = [c for c in covariate_cols if c not in covariates.columns]
             if missing:
-                raise ValueError(f"covariate column(s) {missing} not found in covariates= "
-                                 f"(columns: {list(covariates.columns)})")
+                raise ValueError(
+                    f"covariate column(s) {missing} not found in covariates= "
+                    f"(columns: {list(covariates.columns)})"
+                )
             cov_frame = covariates[covariate_cols]
         else:  # only the columns named in categorical_cols/continuous_cols are used
             cov_frame = pd.DataFrame(index=range(np.shape(X)[0]))
@@ -110,8 +116,11 @@ def check_same_index(**objects):
     A default index (0, 1, ..., n-1) carries no row labels (it is what a DataFrame made from an
     array, or the pandas output of a pipeline step given an array, has), so it is not compared:
     only labelled indexes must agree."""
-    indexed = [(name, obj.index) for name, obj in objects.items()
-               if isinstance(obj, (pd.Series, pd.DataFrame)) and not _is_default_index(obj.index)]
+    indexed = [
+        (name, obj.index)
+        for name, obj in objects.items()
+        if isinstance(obj, (pd.Series, pd.DataFrame)) and not _is_default_index(obj.index)
+    ]
     for (name_a, index_a), (name_b, index_b) in pairwise(indexed):
         if index_a.equals(index_b):
             continue
@@ -123,7 +132,8 @@ def check_same_index(**objects):
             f"{position} is labelled {_label(index_a[position])} in {_argument(name_a)} and "
             f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
             "position, so give them the same index (for example .reset_index(drop=True) on "
-            "each, after putting the rows in the same order) or pass numpy arrays")
+            "each, after putting the rows in the same order) or pass numpy arrays"
+        )
 
 
 def _is_default_index(index):
@@ -147,7 +157,8 @@ def check_same_columns(columns, fitted_columns):
     """
     columns = list(columns)
     if len(columns) == len(fitted_columns) and all(
-            _same_label(a, b) for a, b in zip(columns, fitted_columns)):
+        _same_label(a, b) for a, b in zip(columns, fitted_columns)
+    ):
         return
     fitted = pd.Index(fitted_columns, dtype=object, tupleize_cols=False)
     given = pd.Index(columns, dtype=object, tupleize_cols=False)
@@ -155,16 +166,21 @@ def check_same_columns(columns, fitted_columns):
     unexpected = [c for c in columns if c not in fitted]
     if missing or unexpected:
         parts = ([f"missing {_preview(missing)}"] if missing else []) + (
-            [f"not seen in fit {_preview(unexpected)}"] if unexpected else [])
-        raise ValueError(f"X has other columns than in fit: {'; '.join(parts)}. Give X the "
-                         f"columns seen in fit, in their order: {_preview(fitted_columns)}")
-    position = next(i for i, (a, b) in enumerate(zip(columns, fitted_columns))
-                    if not _same_label(a, b))
+            [f"not seen in fit {_preview(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(
+            f"X has other columns than in fit: {'; '.join(parts)}. Give X the "
+            f"columns seen in fit, in their order: {_preview(fitted_columns)}"
+        )
+    position = next(
+        i for i, (a, b) in enumerate(zip(columns, fitted_columns)) if not _same_label(a, b)
+    )
     raise ValueError(
         f"X has the columns seen in fit in another order (column {position} is "
         f"{_label(columns[position])}, in fit it was {_label(fitted_columns[position])}); "
         "columns are matched by name, so reorder them as in fit, e.g. X[fitted_columns] "
-        f"with fitted_columns = {_preview(fitted_columns)}")
+        f"with fitted_columns = {_preview(fitted_columns)}"
+    )
 
 
 def check_harmonized_order(columns, names_out):
@@ -178,7 +194,8 @@ def check_harmonized_order(columns, names_out):
         raise ValueError(
             f"X has the harmonized features in another order (column {position} is "
             f"{given[position]!r}, get_feature_names_out() has {expected[position]!r}); "
-            "columns are matched by name, so reorder them as get_feature_names_out()")
+            "columns are matched by name, so reorder them as get_feature_names_out()"
+        )
 
 
 def _same_label(a, b):
@@ -189,40 +206,55 @@ def _same_label(a, b):
 
 def _preview(labels, n=10):
     labels = list(labels)
-    return "[" + ", ".join(repr(v.item() if isinstance(v, np.generic) else v)
-                           for v in labels[:n]) + (", ..." if len(labels) > n else "") + "]"
+    return (
+        "["
+        + ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:n])
+        + (", ..." if len(labels) > n else "")
+        + "]"
+    )
 
 
 def _missing_columns_message(missing, columns):
-    msg = (f"column(s) {missing} not found in X (columns: {list(columns)}). "
-           "CombatHarmonizer reads the site and covariate columns from X")
+    msg = (
+        f"column(s) {missing} not found in X (columns: {list(columns)}). "
+        "CombatHarmonizer reads the site and covariate columns from X"
+    )
     renamed = [c for c in columns if any(str(c).endswith("__" + str(m)) for m in missing)]
     if renamed:
-        msg += (f"; X has {renamed}: a ColumnTransformer prefixed the names, so set "
-                "verbose_feature_names_out=False on it")
+        msg += (
+            f"; X has {renamed}: a ColumnTransformer prefixed the names, so set "
+            "verbose_feature_names_out=False on it"
+        )
     else:
-        msg += ("; if a preceding step dropped them, keep them with "
-                "ColumnTransformer(..., remainder='passthrough', "
-                "verbose_feature_names_out=False).set_output(transform='pandas')")
+        msg += (
+            "; if a preceding step dropped them, keep them with "
+            "ColumnTransformer(..., remainder='passthrough', "
+            "verbose_feature_names_out=False).set_output(transform='pandas')"
+        )
     return msg
 
 
 def feature_array(features):
     """The feature matrix as float32/float64, finite, with columns named in errors."""
     if isinstance(features, pd.DataFrame):
-        bad = [c for c in features.columns if not is_numeric_dtype(features[c])
-               or is_bool_dtype(features[c])]
+        bad = [
+            c
+            for c in features.columns
+            if not is_numeric_dtype(features[c]) or is_bool_dtype(features[c])
+        ]
         if bad:
             raise ValueError(
                 f"feature column(s) {bad} are not numeric (text, categories or true/false "
                 "values); name site and covariate columns in batch_col/categorical_cols/"
-                "continuous_cols, or drop them")
+                "continuous_cols, or drop them"
+            )
         names = list(features.columns)
     else:
         check_not_bool(features)
         names = None
-    array = check_array(features, dtype=(np.float64, np.float32), ensure_all_finite=False,
-                        input_name="X")
+    array = check_array(
+        features, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
+    )
     # A column sum is non-finite when the column holds NaN/inf (or overflows): only those
     # columns are checked value by value, so no full-size mask is built.
     with np.errstate(all="ignore"):
@@ -230,9 +262,11 @@ def feature_array(features):
     bad = suspect[~np.isfinite(array[:, suspect]).all(axis=0)]
     if bad.size:
         labels = [names[i] for i in bad] if names is not None else bad.tolist()
-        raise ValueError(f"X has NaN or infinite values in feature column(s) {labels[:10]}"
-                         f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "
-                         "values (impute or drop them first)")
+        raise ValueError(
+            f"X has NaN or infinite values in feature column(s) {labels[:10]}"
+            f"{' ...' if len(labels) > 10 else ''}; ComBat needs finite "
+            "values (impute or drop them first)"
+        )
     return array
 
 
@@ -240,23 +274,28 @@ def check_not_bool(X):
     """Refuse a boolean feature matrix: true/false values are labels, not measurements."""
     dtype = getattr(X, "dtype", None)
     if isinstance(dtype, np.dtype) and dtype.kind == "b":
-        raise ValueError("X has a boolean dtype; ComBat harmonizes measurements, not "
-                         "true/false values (pass a diagnosis or group as a covariate, or "
-                         "convert X to numbers first if that is really meant)")
+        raise ValueError(
+            "X has a boolean dtype; ComBat harmonizes measurements, not "
+            "true/false values (pass a diagnosis or group as a covariate, or "
+            "convert X to numbers first if that is really meant)"
+        )
 
 
 def site_labels(sites, n_samples):
     """One site label per row, as a numpy array (categoricals as their categories' dtype)."""
     if isinstance(sites, pd.DataFrame) or np.ndim(sites) != 1:
-        raise ValueError("batch must be a 1-D sequence of site labels, one per row of X; "
-                         f"got shape {np.shape(sites)}")
+        raise ValueError(
+            "batch must be a 1-D sequence of site labels, one per row of X; "
+            f"got shape {np.shape(sites)}"
+        )
     sites = sites if isinstance(sites, pd.Series) else pd.Series(sites)
     if len(sites) != n_samples:
         raise ValueError(f"batch has {len(sites)} site labels for {n_samples} rows of X")
     missing = pd.isna(sites).to_numpy()
     if missing.any():
-        raise ValueError(f"site labels are missing (NaN/None) in row(s) "
-                         f"{np.flatnonzero(missing)[:10].tolist()}")
+        raise ValueError(
+            f"site labels are missing (NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
+        )
     if isinstance(sites.dtype, pd.CategoricalDtype):
         sites = sites.astype(sites.cat.categories.dtype)
     return sites.to_numpy()
@@ -273,8 +312,10 @@ def covariate_frame(frame, n_samples, continuous):
             raise ValueError(f"covariate {col!r} has missing values (NaN) in row(s) {rows}")
     for col in continuous:
         if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
-            raise ValueError(f"continuous covariate {col!r} is not numeric (dtype "
-                             f"{frame[col].dtype}); list it in categorical_cols instead")
+            raise ValueError(
+                f"continuous covariate {col!r} is not numeric (dtype "
+                f"{frame[col].dtype}); list it in categorical_cols instead"
+            )
         if not np.isfinite(frame[col].to_numpy(dtype=np.float64)).all():
             raise ValueError(f"continuous covariate {col!r} has infinite values")
     return frame

@@ -86,7 +86,7 @@ def _principal_axes(Y):
         values, vectors = np.linalg.eigh(Y @ Y.T)
     else:
         values, vectors = np.linalg.eigh(Y.T @ Y)
-    order = np.argsort(values)[::-1][:min(n_samples, n_features)]
+    order = np.argsort(values)[::-1][: min(n_samples, n_features)]
     values = np.clip(values[order], 0.0, None)
     vectors = vectors[:, order]
     keep = values > values[0] * 1e-24 if values[0] > 0 else values > 0
@@ -217,17 +217,41 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         "std_var": ["boolean"],
     }
 
-    def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
-                 parametric=True, mean_only=False, ref_batch=None, unseen_batch="error",
-                 smooth_cols=None, smooth_knots=5, smooth_degree=3,
-                 smooth_extrapolation="linear", percent_var=0.95, n_components=None,
-                 std_var=True, n_jobs=None):
-        super().__init__(batch_col=batch_col, categorical_cols=categorical_cols,
-                         continuous_cols=continuous_cols, eb=eb, parametric=parametric,
-                         mean_only=mean_only, ref_batch=ref_batch, unseen_batch=unseen_batch,
-                         smooth_cols=smooth_cols, smooth_knots=smooth_knots,
-                         smooth_degree=smooth_degree,
-                         smooth_extrapolation=smooth_extrapolation, n_jobs=n_jobs)
+    def __init__(
+        self,
+        batch_col=None,
+        categorical_cols=None,
+        continuous_cols=None,
+        *,
+        eb=True,
+        parametric=True,
+        mean_only=False,
+        ref_batch=None,
+        unseen_batch="error",
+        smooth_cols=None,
+        smooth_knots=5,
+        smooth_degree=3,
+        smooth_extrapolation="linear",
+        percent_var=0.95,
+        n_components=None,
+        std_var=True,
+        n_jobs=None,
+    ):
+        super().__init__(
+            batch_col=batch_col,
+            categorical_cols=categorical_cols,
+            continuous_cols=continuous_cols,
+            eb=eb,
+            parametric=parametric,
+            mean_only=mean_only,
+            ref_batch=ref_batch,
+            unseen_batch=unseen_batch,
+            smooth_cols=smooth_cols,
+            smooth_knots=smooth_knots,
+            smooth_degree=smooth_degree,
+            smooth_extrapolation=smooth_extrapolation,
+            n_jobs=n_jobs,
+        )
         self.percent_var = percent_var
         self.n_components = n_components
         self.std_var = std_var
@@ -240,7 +264,8 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         NotImplementedError
         """
         raise NotImplementedError(
-            "CovBatHarmonizer has no inverse_transform; CombatHarmonizer has one")
+            "CovBatHarmonizer has no inverse_transform; CombatHarmonizer has one"
+        )
 
     @classmethod
     def from_estimates(cls, estimates):
@@ -253,7 +278,8 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         raise NotImplementedError(
             "CovBatHarmonizer cannot be rebuilt from CombatEstimates (they hold the ComBat "
             "step only); pickle the fitted CovBatHarmonizer, or use "
-            "CombatHarmonizer.from_estimates for the ComBat step")
+            "CombatHarmonizer.from_estimates for the ComBat step"
+        )
 
     # ---------------------------------------------------------------------------------------
     # fitting and applying
@@ -293,7 +319,8 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
             if self.n_components > n_pcs:
                 raise ValueError(
                     f"n_components={self.n_components} is more than the {n_pcs} principal "
-                    f"components of {residuals.shape[0]} rows x {residuals.shape[1]} features")
+                    f"components of {residuals.shape[0]} rows x {residuals.shape[1]} features"
+                )
             k = int(self.n_components)
         else:
             k = n_components_for_variance(pca.explained_variance, self.percent_var)
@@ -307,12 +334,20 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         batch_idx = self._batch_indices(rows.sites)
         n_batches = len(self.batches_)
         standardization, mean, ss = model.fit_location_scale(
-            scores, batch_idx, n_batches, np.empty((len(scores), 0)),
-            ref=self._reference_index())
-        per_batch = [model.estimate_batch(self.n_samples_per_batch_[b], mean[b], ss[b],
-                                          eb=False, parametric=True, mean_only=self.mean_only,
-                                          usable=~standardization.zero_variance)
-                     for b in range(n_batches)]
+            scores, batch_idx, n_batches, np.empty((len(scores), 0)), ref=self._reference_index()
+        )
+        per_batch = [
+            model.estimate_batch(
+                self.n_samples_per_batch_[b],
+                mean[b],
+                ss[b],
+                eb=False,
+                parametric=True,
+                mean_only=self.mean_only,
+                usable=~standardization.zero_variance,
+            )
+            for b in range(n_batches)
+        ]
         self.score_grand_mean_ = standardization.grand_mean
         self.score_var_pooled_ = standardization.var_pooled
         self._score_zero_variance = standardization.zero_variance
@@ -329,8 +364,12 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
 
     def _adjust_scores(self, rows, harmonized, residuals):
         """Score ComBat of rows from their ComBat output and residuals, projected back."""
-        pca = ResidualPCA(self.pca_center_, self.pca_scale_, self.components_,
-                          self.explained_variance_[:self.n_components_])
+        pca = ResidualPCA(
+            self.pca_center_,
+            self.pca_scale_,
+            self.components_,
+            self.explained_variance_[: self.n_components_],
+        )
         scores = pc_scores(residuals, pca, self.n_components_)
         idx = self._batch_indices(rows.sites)
         gamma, delta = self.score_gamma_hat_, self.score_delta_hat_
@@ -338,24 +377,33 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         if unseen.any():  # super()._transform has already checked unseen_batch
             gamma, delta, idx = self._adapt_scores(rows.sites, scores, idx)
         standardization = self._score_standardization()
-        adjusted = model.adjust(scores, np.empty((len(scores), 0)), idx, standardization,
-                                gamma, delta, passthrough_rows=self._reference_rows(idx))
+        adjusted = model.adjust(
+            scores,
+            np.empty((len(scores), 0)),
+            idx,
+            standardization,
+            gamma,
+            delta,
+            passthrough_rows=self._reference_rows(idx),
+        )
         out = back_project(harmonized, scores, adjusted, pca)
         return out.astype(harmonized.dtype, copy=False)
 
     def _residuals(self, rows, harmonized):
         """ComBat residuals ``x* - alpha - z @ beta`` of rows, in float64."""
         Z = self._covariates.transform(rows.covariates)
-        residuals = np.subtract(harmonized, self._standardization().grand_mean,
-                                dtype=np.float64)
+        residuals = np.subtract(harmonized, self._standardization().grand_mean, dtype=np.float64)
         if Z.shape[1]:
             residuals -= Z @ self.beta_
         return residuals
 
     def _score_standardization(self):
-        return model.StandardizationModel(self.score_grand_mean_,
-                                          np.empty((0, self.n_components_)),
-                                          self.score_var_pooled_, self._score_zero_variance)
+        return model.StandardizationModel(
+            self.score_grand_mean_,
+            np.empty((0, self.n_components_)),
+            self.score_var_pooled_,
+            self._score_zero_variance,
+        )
 
     def _adapt_scores(self, sites, scores, idx):
         """Score estimates for sites unseen in fit, from their rows here (no EB)."""
@@ -367,16 +415,31 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
             idx[members] = len(self.batches_) + j
             groups.append(members)
         standardization = self._score_standardization()
-        n, mean, ss = model.standardized_moments(scores, np.empty((len(scores), 0)),
-                                                 standardization, groups)
-        new = [model.estimate_batch(n[k], mean[k], ss[k], eb=False, parametric=True,
-                                    mean_only=self.mean_only,
-                                    usable=~standardization.zero_variance)
-               for k in range(len(groups))]
+        n, mean, ss = model.standardized_moments(
+            scores, np.empty((len(scores), 0)), standardization, groups
+        )
+        new = [
+            model.estimate_batch(
+                n[k],
+                mean[k],
+                ss[k],
+                eb=False,
+                parametric=True,
+                mean_only=self.mean_only,
+                usable=~standardization.zero_variance,
+            )
+            for k in range(len(groups))
+        ]
         gamma = np.vstack([self.score_gamma_hat_, *[b.gamma_hat for b in new]])
         delta = np.vstack([self.score_delta_hat_, *[b.delta_hat for b in new]])
         return gamma, delta, idx
 
 
-__all__ = ["CovBatHarmonizer", "ResidualPCA", "back_project", "n_components_for_variance",
-           "pc_scores", "residual_pca"]
+__all__ = [
+    "CovBatHarmonizer",
+    "ResidualPCA",
+    "back_project",
+    "n_components_for_variance",
+    "pc_scores",
+    "residual_pca",
+]

@@ -33,9 +33,23 @@ FITTED_ARRAYS = {
     "zero_variance_features": ("features",),
 }
 # Keys of ``info`` every model has.
-INFO_KEYS = ("batches", "n_samples_per_batch", "ref_batch", "feature_names", "covariate_names",
-             "batch_col", "categorical_cols", "continuous_cols", "categories", "eb",
-             "parametric", "mean_only", "unseen_batch", "n_features_in", "feature_names_in")
+INFO_KEYS = (
+    "batches",
+    "n_samples_per_batch",
+    "ref_batch",
+    "feature_names",
+    "covariate_names",
+    "batch_col",
+    "categorical_cols",
+    "continuous_cols",
+    "categories",
+    "eb",
+    "parametric",
+    "mean_only",
+    "unseen_batch",
+    "n_features_in",
+    "feature_names_in",
+)
 
 
 @dataclass
@@ -156,20 +170,24 @@ class CombatEstimates:
         """
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise ValueError(f"model {path!r} is a directory, not a file written by "
-                             "CombatEstimates.save")
+            raise ValueError(
+                f"model {path!r} is a directory, not a file written by CombatEstimates.save"
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file not found: {path!r}")
         with _open_npz(path) as npz:
             manifest = _read_manifest(npz, path)
             try:
-                loaded = cls(estimates=_decode(manifest["estimates"], npz, "estimates"),
-                             info=_decode(manifest["info"], npz, "info"))
+                loaded = cls(
+                    estimates=_decode(manifest["estimates"], npz, "estimates"),
+                    info=_decode(manifest["info"], npz, "info"),
+                )
             except _BadField as error:
                 raise ValueError(f"invalid ComBat model in {path!r}: {error}") from None
             except RecursionError:
-                raise ValueError(f"invalid ComBat model in {path!r}: the manifest is nested "
-                                 "too deeply") from None
+                raise ValueError(
+                    f"invalid ComBat model in {path!r}: the manifest is nested too deeply"
+                ) from None
         return loaded.check(source=path)
 
     def check(self, source=None):
@@ -211,11 +229,19 @@ class CombatEstimates:
         if len(unique) != batches.size:
             fail("info['batches']", "has repeated site labels")
         counts = _array_field(info["n_samples_per_batch"], "info['n_samples_per_batch']", fail)
-        if counts.shape != batches.shape or counts.dtype.kind not in "iuf" or not (
-                np.isfinite(counts).all() and (counts >= 1).all()
-                and (counts == np.round(counts)).all()):
-            fail("info['n_samples_per_batch']", "must hold one count >= 1 per site; got "
-                 f"{_preview(counts)}")
+        if (
+            counts.shape != batches.shape
+            or counts.dtype.kind not in "iuf"
+            or not (
+                np.isfinite(counts).all()
+                and (counts >= 1).all()
+                and (counts == np.round(counts)).all()
+            )
+        ):
+            fail(
+                "info['n_samples_per_batch']",
+                f"must hold one count >= 1 per site; got {_preview(counts)}",
+            )
         if info["ref_batch"] is not None:
             try:
                 known = info["ref_batch"] in set(unique.tolist())
@@ -229,8 +255,9 @@ class CombatEstimates:
             if not isinstance(info[key], (bool, np.bool_)):
                 fail(f"info[{key!r}]", f"must be true or false; got {info[key]!r}")
         if info["unseen_batch"] not in ("error", "adapt"):
-            fail("info['unseen_batch']", f"must be 'error' or 'adapt'; got "
-                 f"{info['unseen_batch']!r}")
+            fail(
+                "info['unseen_batch']", f"must be 'error' or 'adapt'; got {info['unseen_batch']!r}"
+            )
         try:
             hash(info["batch_col"])
         except TypeError:
@@ -252,48 +279,60 @@ class CombatEstimates:
             if not isinstance(levels, (list, tuple, np.ndarray)) or len(levels) < 1:
                 fail("info['categories']", f"has no list of levels for {col!r}")
             if not all(isinstance(v, (str, int, float, bool, np.generic)) for v in levels):
-                fail("info['categories']", f"has levels of {col!r} that are not labels "
-                     "(text or numbers)")
+                fail(
+                    "info['categories']",
+                    f"has levels of {col!r} that are not labels (text or numbers)",
+                )
             if len(set(levels)) != len(levels):
                 fail("info['categories']", f"has repeated levels for {col!r}")
-        covariate_names = _array_field(info["covariate_names"], "info['covariate_names']",
-                                       fail)
+        covariate_names = _array_field(info["covariate_names"], "info['covariate_names']", fail)
         if covariate_names.ndim != 1:
             fail("info['covariate_names']", "must be a list of names")
         n_encoded = sum(len(c) - 1 for c in info["categories"]) + len(info["continuous_cols"])
         if info.get("smooth_cols"):  # ComBat-GAM: B-spline knots of each smooth covariate
             knots = info.get("smooth_knots")
             degree = info.get("smooth_degree")
-            if (not isinstance(knots, list) or len(knots) != len(info["smooth_cols"])
-                    or any(np.ndim(k) != 1 or len(k) < 2 or np.any(np.diff(k) <= 0)
-                           for k in knots)):
-                fail("info['smooth_knots']", "must hold one increasing array of at least 2 "
-                     "knots per smooth column")
-            if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) \
-                    or degree < 1:
+            if (
+                not isinstance(knots, list)
+                or len(knots) != len(info["smooth_cols"])
+                or any(np.ndim(k) != 1 or len(k) < 2 or np.any(np.diff(k) <= 0) for k in knots)
+            ):
+                fail(
+                    "info['smooth_knots']",
+                    "must hold one increasing array of at least 2 knots per smooth column",
+                )
+            if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
                 fail("info['smooth_degree']", f"must be a positive integer; got {degree!r}")
             if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
                 fail("info['smooth_extrapolation']", "must be 'linear', 'constant' or 'error'")
             n_encoded += sum(len(k) + int(degree) - 2 for k in knots)
         if n_encoded != covariate_names.size:
-            fail("info['covariate_names']", f"has {covariate_names.size} names for "
-                 f"{n_encoded} encoded covariate columns")
+            fail(
+                "info['covariate_names']",
+                f"has {covariate_names.size} names for {n_encoded} encoded covariate columns",
+            )
 
         # ---- fitted arrays: shapes, dtypes, ranges
-        grand_mean = _array_field(self.estimates["grand_mean"], "estimates['grand_mean']",
-                                  fail)
+        grand_mean = _array_field(self.estimates["grand_mean"], "estimates['grand_mean']", fail)
         if grand_mean.ndim != 1 or grand_mean.size < 1:
-            fail("estimates['grand_mean']", f"must be 1-D and non-empty; got shape "
-                 f"{grand_mean.shape}")
-        sizes = {"batches": batches.size, "features": grand_mean.size,
-                 "covariates": covariate_names.size}
+            fail(
+                "estimates['grand_mean']",
+                f"must be 1-D and non-empty; got shape {grand_mean.shape}",
+            )
+        sizes = {
+            "batches": batches.size,
+            "features": grand_mean.size,
+            "covariates": covariate_names.size,
+        }
         arrays = {}
         for key, dims in FITTED_ARRAYS.items():
             value = _array_field(self.estimates[key], f"estimates[{key!r}]", fail)
             expected = tuple(sizes[d] for d in dims)
             if value.shape != expected:
-                fail(f"estimates[{key!r}]", f"has shape {value.shape}; expected {expected} "
-                     f"({' x '.join(dims)})")
+                fail(
+                    f"estimates[{key!r}]",
+                    f"has shape {value.shape}; expected {expected} ({' x '.join(dims)})",
+                )
             kind = "b" if key == "zero_variance_features" else "f"
             if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu"):
                 fail(f"estimates[{key!r}]", f"has dtype {value.dtype}")
@@ -318,15 +357,22 @@ class CombatEstimates:
         if names is not None:
             names = _array_field(names, "info['feature_names']", fail)
             if names.shape != (sizes["features"],):
-                fail("info['feature_names']", f"has {names.size} names for "
-                     f"{sizes['features']} features")
+                fail(
+                    "info['feature_names']",
+                    f"has {names.size} names for {sizes['features']} features",
+                )
             if not all(isinstance(v, str) for v in names.tolist()):
                 fail("info['feature_names']", "must hold the feature names as text")
         n_in = info["n_features_in"]
-        if not isinstance(n_in, (int, np.integer)) or isinstance(n_in, (bool, np.bool_)) or (
-                n_in < sizes["features"]):
-            fail("info['n_features_in']", f"must be an integer >= the {sizes['features']} "
-                 f"features; got {n_in!r}")
+        if (
+            not isinstance(n_in, (int, np.integer))
+            or isinstance(n_in, (bool, np.bool_))
+            or (n_in < sizes["features"])
+        ):
+            fail(
+                "info['n_features_in']",
+                f"must be an integer >= the {sizes['features']} features; got {n_in!r}",
+            )
         for key in ("feature_names_in", "columns_in"):
             value = info.get(key)
             if value is None:
@@ -380,19 +426,30 @@ class CombatEstimates:
         ((2, 4), (4, 1), (4, 1))
         """
         e = self.estimates
-        out = {"batches": np.array(self.info["batches"], copy=True),
-               "var.pooled": np.array(e["var_pooled"], dtype=np.float64)[:, None],
-               "stand.mean": np.array(e["grand_mean"], dtype=np.float64)[:, None],
-               "gamma.star": np.array(e["gamma_star"], copy=True),
-               "delta.star": np.array(e["delta_star"], copy=True),
-               "beta": np.array(e["beta"], copy=True)}
+        out = {
+            "batches": np.array(self.info["batches"], copy=True),
+            "var.pooled": np.array(e["var_pooled"], dtype=np.float64)[:, None],
+            "stand.mean": np.array(e["grand_mean"], dtype=np.float64)[:, None],
+            "gamma.star": np.array(e["gamma_star"], copy=True),
+            "delta.star": np.array(e["delta_star"], copy=True),
+            "beta": np.array(e["beta"], copy=True),
+        }
         for key in ("gamma_hat", "delta_hat", "gamma_bar", "t2", "a_prior", "b_prior"):
             out[key] = np.array(e[key], copy=True)
         return out
 
-    def apply_volumes(self, volumes, covars, *, unseen_batch="error",
-                      preserve_out_of_mask=False, output_dir=None, chunk_size=None, n_jobs=None,
-                      verbose=0):
+    def apply_volumes(
+        self,
+        volumes,
+        covars,
+        *,
+        unseen_batch="error",
+        preserve_out_of_mask=False,
+        output_dir=None,
+        chunk_size=None,
+        n_jobs=None,
+        verbose=0,
+    ):
         """Harmonize new subjects' volumes with these estimates (from ``harmonize_volumes``).
 
         Each volume is harmonized with its own covariates, exactly as it would have been in the
@@ -440,9 +497,17 @@ class CombatEstimates:
         # work, this method is its spelling on the estimates.
         from kwneuro_sk.volumes import apply_volumes
 
-        return apply_volumes(self, volumes, covars, unseen_batch=unseen_batch,
-                             preserve_out_of_mask=preserve_out_of_mask, output_dir=output_dir,
-                             chunk_size=chunk_size, n_jobs=n_jobs, verbose=verbose)
+        return apply_volumes(
+            self,
+            volumes,
+            covars,
+            unseen_batch=unseen_batch,
+            preserve_out_of_mask=preserve_out_of_mask,
+            output_dir=output_dir,
+            chunk_size=chunk_size,
+            n_jobs=n_jobs,
+            verbose=verbose,
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -453,11 +518,14 @@ class CombatEstimates:
 def _encode(value, arrays, where):
     """JSON-able form of ``value``; arrays go to ``arrays`` and leave a placeholder."""
     if isinstance(value, dict):
-        return {"__dict__": [[_encode(k, arrays, where), _encode(v, arrays, f"{where}.{k}")]
-                             for k, v in value.items()]}
+        return {
+            "__dict__": [
+                [_encode(k, arrays, where), _encode(v, arrays, f"{where}.{k}")]
+                for k, v in value.items()
+            ]
+        }
     if isinstance(value, tuple):  # kept apart from lists: a tuple column name stays a tuple
-        return {"__tuple__": [_encode(v, arrays, f"{where}[{i}]")
-                              for i, v in enumerate(value)]}
+        return {"__tuple__": [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, list):
         return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.ndarray):
@@ -466,8 +534,10 @@ def _encode(value, arrays, where):
         if as_objects and not value.size:
             stored = np.empty(value.shape, dtype=np.str_)
         if stored.dtype.kind not in "biufcUS":
-            raise TypeError(f"cannot save {where}: array of {value.dtype} with elements of "
-                            "mixed or unsupported types")
+            raise TypeError(
+                f"cannot save {where}: array of {value.dtype} with elements of "
+                "mixed or unsupported types"
+            )
         key = f"a{len(arrays)}"
         arrays[key] = stored
         return {"__array__": key, "object": bool(as_objects)}
@@ -475,8 +545,10 @@ def _encode(value, arrays, where):
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"cannot save {where}: values of type {type(value).__name__} are not "
-                    "supported (arrays, numbers, strings, lists, dicts and None are)")
+    raise TypeError(
+        f"cannot save {where}: values of type {type(value).__name__} are not "
+        "supported (arrays, numbers, strings, lists, dicts and None are)"
+    )
 
 
 def _default_file_mode():
@@ -498,40 +570,54 @@ def _open_npz(path):
     ValueError naming the file and what it looks like."""
     with open(path, "rb") as file:
         head = file.read(8)
-    kind = ("empty" if not head else "a NumPy .npy array" if head.startswith(b"\x93NUMPY")
-            else "a pickle" if head[:1] == b"\x80" else "a gzip file"
-            if head.startswith(b"\x1f\x8b") else "a zip archive"
-            if head.startswith(b"PK") else "not an .npz archive")
-    problem = (f"the file is {kind}" if kind != "a zip archive"
-               else "the zip archive is truncated or corrupt")
-    if kind in ("empty", "a NumPy .npy array", "a pickle", "a gzip file",
-                "not an .npz archive"):
-        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
-                         f"{problem}")
+    kind = (
+        "empty"
+        if not head
+        else "a NumPy .npy array"
+        if head.startswith(b"\x93NUMPY")
+        else "a pickle"
+        if head[:1] == b"\x80"
+        else "a gzip file"
+        if head.startswith(b"\x1f\x8b")
+        else "a zip archive"
+        if head.startswith(b"PK")
+        else "not an .npz archive"
+    )
+    problem = (
+        f"the file is {kind}"
+        if kind != "a zip archive"
+        else "the zip archive is truncated or corrupt"
+    )
+    if kind in ("empty", "a NumPy .npy array", "a pickle", "a gzip file", "not an .npz archive"):
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: {problem}")
     try:
         npz = np.load(path, allow_pickle=False)
     except _LOAD_ERRORS:
-        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
-                         f"{problem}") from None
+        raise ValueError(
+            f"{path!r} is not a file written by CombatEstimates.save: {problem}"
+        ) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):  # pragma: no cover - caught by the magic
-        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: not an .npz "
-                         "archive")  # noqa: TRY004 - a bad file, not a bad argument type
+        raise ValueError(
+            f"{path!r} is not a file written by CombatEstimates.save: not an .npz archive"
+        )  # noqa: TRY004 - a bad file, not a bad argument type
     return npz
 
 
 def _read_manifest(npz, path):
     """The JSON manifest of a model file, checked for its format and version."""
+
     def bad(problem):
-        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: "
-                         f"{problem}")
+        raise ValueError(f"{path!r} is not a file written by CombatEstimates.save: {problem}")
 
     if "__manifest__" not in npz.files:
         bad("no manifest (the __manifest__ member is missing)")
     try:
         member = npz["__manifest__"]
     except _LOAD_ERRORS:
-        bad("the manifest cannot be read (truncated, corrupt, or an object array, which is "
-            "never unpickled)")
+        bad(
+            "the manifest cannot be read (truncated, corrupt, or an object array, which is "
+            "never unpickled)"
+        )
     if member.ndim != 0 or member.dtype.kind != "U":
         bad(f"the manifest is not one JSON text (dtype {member.dtype}, shape {member.shape})")
     try:
@@ -543,8 +629,10 @@ def _read_manifest(npz, path):
     if not isinstance(manifest, dict):
         bad(f"the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
-        bad(f"manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this kwneuro_sk reads {_FORMAT!r} version {_VERSION}")
+        bad(
+            f"manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this kwneuro_sk reads {_FORMAT!r} version {_VERSION}"
+        )
     for key in ("estimates", "info"):
         if key not in manifest:
             bad(f"the manifest has no {key!r} field")
@@ -559,22 +647,23 @@ def _decode(value, npz, where):
         if "__array__" in value:
             key = value["__array__"]
             if not isinstance(key, str) or key not in npz.files or key == "__manifest__":
-                raise _BadField(f"{where} refers to array member {key!r}, which is not in the "
-                                "file")
+                raise _BadField(f"{where} refers to array member {key!r}, which is not in the file")
             try:
                 array = npz[key]
             except _LOAD_ERRORS:
-                raise _BadField(f"{where} (member {key!r}) cannot be read: truncated, corrupt, "
-                                "or an object array (never unpickled)") from None
+                raise _BadField(
+                    f"{where} (member {key!r}) cannot be read: truncated, corrupt, "
+                    "or an object array (never unpickled)"
+                ) from None
             if array.dtype.kind not in "biufcUS":
                 raise _BadField(f"{where} has unsupported dtype {array.dtype}")
             return array.astype(object) if value.get("object") is True else array
         if "__tuple__" in value and isinstance(value["__tuple__"], list):
-            return tuple(_decode(v, npz, f"{where}[{i}]")
-                         for i, v in enumerate(value["__tuple__"]))
+            return tuple(_decode(v, npz, f"{where}[{i}]") for i, v in enumerate(value["__tuple__"]))
         items = value.get("__dict__")
         if not isinstance(items, list) or not all(
-                isinstance(kv, list) and len(kv) == 2 for kv in items):
+            isinstance(kv, list) and len(kv) == 2 for kv in items
+        ):
             raise _BadField(f"{where} is not an encoded dict")
         out = {}
         for k, v in items:
@@ -612,22 +701,29 @@ def _check_volumes(volumes, n_features, fail):
         if key not in volumes:
             fail(f"info['volumes'][{key!r}]", "is missing")
     shape = volumes["shape"]
-    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(
-            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
-            for n in shape):
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 3
+        or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape
+        )
+    ):
         fail("info['volumes']['shape']", f"must be 3 positive integers; got {shape!r}")
     mask = _array_field(volumes["mask"], "info['volumes']['mask']", fail)
     if mask.dtype.kind not in "biu" or mask.shape != tuple(int(n) for n in shape):
-        fail("info['volumes']['mask']", f"must be a boolean array of shape {tuple(shape)}; "
-             f"got {mask.dtype} of shape {mask.shape}")
+        fail(
+            "info['volumes']['mask']",
+            f"must be a boolean array of shape {tuple(shape)}; "
+            f"got {mask.dtype} of shape {mask.shape}",
+        )
     if int(np.count_nonzero(mask)) != n_features:
-        fail("info['volumes']['mask']", f"has {int(np.count_nonzero(mask))} voxels for a "
-             f"model of {n_features} features")
+        fail(
+            "info['volumes']['mask']",
+            f"has {int(np.count_nonzero(mask))} voxels for a model of {n_features} features",
+        )
     affine = _array_field(volumes["affine"], "info['volumes']['affine']", fail)
-    if affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.isfinite(
-            affine).all():
-        fail("info['volumes']['affine']", f"must be a finite 4 x 4 array; got shape "
-             f"{affine.shape}")
+    if affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.isfinite(affine).all():
+        fail("info['volumes']['affine']", f"must be a finite 4 x 4 array; got shape {affine.shape}")
     try:
         hash(volumes["batch_col"])
     except TypeError:

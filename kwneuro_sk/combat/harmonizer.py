@@ -15,13 +15,22 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import (_check_feature_names_in, check_array, check_is_fitted,
-                                      validate_data)
+from sklearn.utils.validation import (
+    _check_feature_names_in,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
 
 from kwneuro_sk.combat import _dask, model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
-from kwneuro_sk.combat._inputs import (check_harmonized_order, check_not_bool,
-                                       check_same_columns, feature_columns, read_rows)
+from kwneuro_sk.combat._inputs import (
+    check_harmonized_order,
+    check_not_bool,
+    check_same_columns,
+    feature_columns,
+    read_rows,
+)
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 
 
@@ -175,10 +184,23 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "n_jobs": [Integral, None],
     }
 
-    def __init__(self, batch_col=None, categorical_cols=None, continuous_cols=None, *, eb=True,
-                 parametric=True, mean_only=False, ref_batch=None, unseen_batch="error",
-                 smooth_cols=None, smooth_knots=5, smooth_degree=3,
-                 smooth_extrapolation="linear", n_jobs=None):
+    def __init__(
+        self,
+        batch_col=None,
+        categorical_cols=None,
+        continuous_cols=None,
+        *,
+        eb=True,
+        parametric=True,
+        mean_only=False,
+        ref_batch=None,
+        unseen_batch="error",
+        smooth_cols=None,
+        smooth_knots=5,
+        smooth_degree=3,
+        smooth_extrapolation="linear",
+        n_jobs=None,
+    ):
         self.batch_col = batch_col
         self.categorical_cols = categorical_cols
         self.continuous_cols = continuous_cols
@@ -296,26 +318,43 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         X_original : ndarray of shape (n_samples, n_features_out)
         """
         check_is_fitted(self)
-        from_columns = (self.batch_col is not None and isinstance(X, pd.DataFrame)
-                        and self.batch_col in X.columns)
+        from_columns = (
+            self.batch_col is not None
+            and isinstance(X, pd.DataFrame)
+            and self.batch_col in X.columns
+        )
         if isinstance(X, pd.DataFrame) and self._feature_names_out is not None:
-            given = (feature_columns(X, self.batch_col, self._metadata_columns())
-                     if from_columns else list(X.columns))
+            given = (
+                feature_columns(X, self.batch_col, self._metadata_columns())
+                if from_columns
+                else list(X.columns)
+            )
             check_harmonized_order(given, self._feature_names_out)
         rows = self._split(X, batch, covariates, from_columns=from_columns)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
-            raise ValueError(f"inverse_transform expects the {n_out} harmonized features "
-                             f"{format_labels(self.get_feature_names_out())}; "
-                             f"got {rows.features.shape[1]} columns")
+            raise ValueError(
+                f"inverse_transform expects the {n_out} harmonized features "
+                f"{format_labels(self.get_feature_names_out())}; "
+                f"got {rows.features.shape[1]} columns"
+            )
         idx = self._batch_indices(rows.sites)
         if (idx < 0).any():
-            raise ValueError("inverse_transform needs sites seen in fit; unseen: "
-                             f"{format_labels(pd.unique(rows.sites[idx < 0]))}")
-        return model.adjust(rows.features, self._covariates.transform(rows.covariates), idx,
-                            self._standardization(), self.gamma_star_, self.delta_star_,
-                            passthrough_rows=self._reference_rows(idx), inverse=True,
-                            n_jobs=self._threads())
+            raise ValueError(
+                "inverse_transform needs sites seen in fit; unseen: "
+                f"{format_labels(pd.unique(rows.sites[idx < 0]))}"
+            )
+        return model.adjust(
+            rows.features,
+            self._covariates.transform(rows.covariates),
+            idx,
+            self._standardization(),
+            self.gamma_star_,
+            self.delta_star_,
+            passthrough_rows=self._reference_rows(idx),
+            inverse=True,
+            n_jobs=self._threads(),
+        )
 
     def get_feature_names_out(self, input_features=None):
         """Names of the harmonized feature columns (site and covariate columns excluded).
@@ -376,16 +415,23 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """
         estimates.check()
         info = estimates.info
-        combat = cls(batch_col=info["batch_col"],
-                     categorical_cols=list(info["categorical_cols"]) or None,
-                     continuous_cols=list(info["continuous_cols"]) or None, eb=info["eb"],
-                     parametric=info["parametric"], mean_only=info["mean_only"],
-                     ref_batch=info["ref_batch"], unseen_batch=info["unseen_batch"])
+        combat = cls(
+            batch_col=info["batch_col"],
+            categorical_cols=list(info["categorical_cols"]) or None,
+            continuous_cols=list(info["continuous_cols"]) or None,
+            eb=info["eb"],
+            parametric=info["parametric"],
+            mean_only=info["mean_only"],
+            ref_batch=info["ref_batch"],
+            unseen_batch=info["unseen_batch"],
+        )
         if info.get("smooth_cols"):
-            combat.set_params(smooth_cols=list(info["smooth_cols"]),
-                              smooth_knots=len(info["smooth_knots"][0]),
-                              smooth_degree=int(info["smooth_degree"]),
-                              smooth_extrapolation=info["smooth_extrapolation"])
+            combat.set_params(
+                smooth_cols=list(info["smooth_cols"]),
+                smooth_knots=len(info["smooth_knots"][0]),
+                smooth_degree=int(info["smooth_degree"]),
+                smooth_extrapolation=info["smooth_extrapolation"],
+            )
         for name in FITTED_ARRAYS:
             setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
         combat.batches_ = np.asarray(info["batches"])
@@ -411,46 +457,67 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
         accumulated elsewhere: files, dask blocks)."""
         try:
-            self.batches_, batch_idx, counts = np.unique(rows.sites, return_inverse=True,
-                                                         return_counts=True)
+            self.batches_, batch_idx, counts = np.unique(
+                rows.sites, return_inverse=True, return_counts=True
+            )
         except TypeError as exc:
-            raise TypeError("site labels must be of one sortable type (all strings or all "
-                            f"numbers); got {format_labels(pd.unique(rows.sites))}") from exc
+            raise TypeError(
+                "site labels must be of one sortable type (all strings or all "
+                f"numbers); got {format_labels(pd.unique(rows.sites))}"
+            ) from exc
         self.n_samples_per_batch_ = counts
         n_batches = len(self.batches_)
         if n_batches < 2:
-            raise ValueError(f"ComBat needs at least two sites; all rows (n_samples="
-                             f"{len(rows.sites)}) are from site {format_labels(self.batches_)}")
+            raise ValueError(
+                f"ComBat needs at least two sites; all rows (n_samples="
+                f"{len(rows.sites)}) are from site {format_labels(self.batches_)}"
+            )
         ref = self._reference_index()
         if not self.mean_only and (counts < 2).any():
             raise ValueError(
                 f"site(s) {format_labels(self.batches_[counts < 2])} have a single row, so "
                 "their variance cannot be estimated; use mean_only=True to adjust only the site "
-                "means, or drop or merge those sites")
+                "means, or drop or merge those sites"
+            )
 
         categorical, continuous, smooth = self._all_covariate_columns()
         self._covariates = CovariateEncoding.fit(
-            rows.covariates, categorical, continuous, smooth, n_knots=self.smooth_knots,
-            degree=self.smooth_degree, extrapolation=self.smooth_extrapolation)
+            rows.covariates,
+            categorical,
+            continuous,
+            smooth,
+            n_knots=self.smooth_knots,
+            degree=self.smooth_degree,
+            extrapolation=self.smooth_extrapolation,
+        )
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
         if location_scale is None:
-            standardization, mean, ss = model.fit_location_scale(rows.features, batch_idx,
-                                                                 n_batches, Z, ref=ref,
-                                                                 n_jobs=self._threads())
+            standardization, mean, ss = model.fit_location_scale(
+                rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
+            )
         else:
             standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
                 "eb=True estimates the priors across features and needs at least 2 features "
-                f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False.")
-        per_batch = [model.estimate_batch(counts[k], mean[k], ss[k], eb=self.eb,
-                                          parametric=self.parametric,
-                                          mean_only=self.mean_only, usable=usable,
-                                          n_jobs=self._threads())
-                     for k in range(n_batches)]
+                f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False."
+            )
+        per_batch = [
+            model.estimate_batch(
+                counts[k],
+                mean[k],
+                ss[k],
+                eb=self.eb,
+                parametric=self.parametric,
+                mean_only=self.mean_only,
+                usable=usable,
+                n_jobs=self._threads(),
+            )
+            for k in range(n_batches)
+        ]
         self.grand_mean_ = standardization.grand_mean
         self.beta_ = standardization.beta
         self.var_pooled_ = standardization.var_pooled
@@ -465,41 +532,69 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self.delta_star_[ref] = 1.0
         self.estimates_ = CombatEstimates(
             estimates={name: getattr(self, name + "_") for name in FITTED_ARRAYS},
-            info={"batches": self.batches_, "n_samples_per_batch": self.n_samples_per_batch_,
-                  "ref_batch": self.ref_batch, "feature_names": self._feature_names_out,
-                  "covariate_names": self.covariate_names_, "batch_col": self.batch_col,
-                  **self._covariates.state(), "eb": self.eb, "parametric": self.parametric,
-                  "mean_only": self.mean_only, "unseen_batch": self.unseen_batch,
-                  "n_features_in": self.n_features_in_,
-                  "feature_names_in": getattr(self, "feature_names_in_", None),
-                  "columns_in": self._columns_in})
+            info={
+                "batches": self.batches_,
+                "n_samples_per_batch": self.n_samples_per_batch_,
+                "ref_batch": self.ref_batch,
+                "feature_names": self._feature_names_out,
+                "covariate_names": self.covariate_names_,
+                "batch_col": self.batch_col,
+                **self._covariates.state(),
+                "eb": self.eb,
+                "parametric": self.parametric,
+                "mean_only": self.mean_only,
+                "unseen_batch": self.unseen_batch,
+                "n_features_in": self.n_features_in_,
+                "feature_names_in": getattr(self, "feature_names_in_", None),
+                "columns_in": self._columns_in,
+            },
+        )
         if self.zero_variance_features_.any():
             names = self.get_feature_names_out()[self.zero_variance_features_]
             warnings.warn(
                 f"{names.size} feature(s) are constant after removing the site and covariate "
                 f"effects and are passed through unchanged: {format_labels(names[:5])}"
-                + (" ..." if names.size > 5 else ""), UserWarning, stacklevel=4)
+                + (" ..." if names.size > 5 else ""),
+                UserWarning,
+                stacklevel=4,
+            )
         return self
 
-    def _fit_from_statistics(self, location_scale, *, n_features, batch, covariates,
-                             feature_names_in=None, feature_names_out=None, columns_in=None):
+    def _fit_from_statistics(
+        self,
+        location_scale,
+        *,
+        n_features,
+        batch,
+        covariates,
+        feature_names_in=None,
+        feature_names_out=None,
+        columns_in=None,
+    ):
         """Fit without a feature matrix in memory: sites and covariates are checked as in
         :meth:`fit` (keyword route), the location/scale fit is ``location_scale`` (see
         :meth:`_fit`). Used by streamed :func:`~kwneuro_sk.harmonize_volumes` and dask input."""
         self._validate_params()
         categorical, continuous = self._covariate_columns()
         placeholder = np.broadcast_to(np.float32(0), (len(batch), 1))  # no memory
-        rows = read_rows(placeholder, batch, covariates, batch_col=None,
-                         covariate_cols=categorical + continuous, continuous=continuous,
-                         from_columns=False)
+        rows = read_rows(
+            placeholder,
+            batch,
+            covariates,
+            batch_col=None,
+            covariate_cols=categorical + continuous,
+            continuous=continuous,
+            from_columns=False,
+        )
         rows.features = None
         self.n_features_in_ = int(n_features)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
         elif hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
-        self._feature_names_out = (None if feature_names_out is None
-                                   else np.asarray(feature_names_out, dtype=object))
+        self._feature_names_out = (
+            None if feature_names_out is None else np.asarray(feature_names_out, dtype=object)
+        )
         self._columns_in = None if columns_in is None else list(columns_in)
         return self._fit(rows, location_scale)
 
@@ -514,11 +609,19 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     f"site(s) {format_labels(new_sites)} were not seen in fit (fitted sites: "
                     f"{format_labels(self.batches_)}); set unseen_batch='adapt' to estimate a new "
-                    "site's location and scale from its rows in the transform call")
+                    "site's location and scale from its rows in the transform call"
+                )
             gamma_star, delta_star, idx = self._adapt(rows, Z, idx, new_sites)
-        return model.adjust(rows.features, Z, idx, self._standardization(), gamma_star,
-                            delta_star, passthrough_rows=self._reference_rows(idx),
-                            n_jobs=self._threads())
+        return model.adjust(
+            rows.features,
+            Z,
+            idx,
+            self._standardization(),
+            gamma_star,
+            delta_star,
+            passthrough_rows=self._reference_rows(idx),
+            n_jobs=self._threads(),
+        )
 
     def _adapt(self, rows, Z, idx, new_sites):
         """Estimates for sites unseen in fit, from their rows here; fitted state untouched."""
@@ -531,23 +634,37 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 raise ValueError(
                     f"site {site!r} was not seen in fit and has a single row here; "
                     "unseen_batch='adapt' estimates a new site's scale from at least 2 of its "
-                    "rows (or use mean_only=True)")
+                    "rows (or use mean_only=True)"
+                )
             idx[members] = len(self.batches_) + j
             groups.append(members)
         n, mean, ss = model.standardized_moments(rows.features, Z, standardization, groups)
         usable = ~standardization.zero_variance
-        new = [model.estimate_batch(n[k], mean[k], ss[k], eb=self.eb,
-                                    parametric=self.parametric, mean_only=self.mean_only,
-                                    usable=usable, n_jobs=self._threads())
-               for k in range(len(groups))]
+        new = [
+            model.estimate_batch(
+                n[k],
+                mean[k],
+                ss[k],
+                eb=self.eb,
+                parametric=self.parametric,
+                mean_only=self.mean_only,
+                usable=usable,
+                n_jobs=self._threads(),
+            )
+            for k in range(len(groups))
+        ]
         gamma_star = np.vstack([self.gamma_star_, *[b.gamma_star for b in new]])
         delta_star = np.vstack([self.delta_star_, *[b.delta_star for b in new]])
         return gamma_star, delta_star, idx
 
     def _standardization(self):
-        return model.StandardizationModel(self.grand_mean_, self.beta_, self.var_pooled_,
-                                          self.zero_variance_features_,
-                                          sigma=getattr(self, "_sigma", None))
+        return model.StandardizationModel(
+            self.grand_mean_,
+            self.beta_,
+            self.var_pooled_,
+            self.zero_variance_features_,
+            sigma=getattr(self, "_sigma", None),
+        )
 
     def _threads(self):
         """``n_jobs`` resolved by joblib (parallel_config, container CPU limits)."""
@@ -558,8 +675,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             return None
         position = pd.Index(self.batches_).get_indexer([self.ref_batch])[0]
         if position < 0:
-            raise ValueError(f"ref_batch={self.ref_batch!r} is not among the sites "
-                             f"{format_labels(self.batches_)}")
+            raise ValueError(
+                f"ref_batch={self.ref_batch!r} is not among the sites "
+                f"{format_labels(self.batches_)}"
+            )
         return int(position)
 
     def _reference_rows(self, idx):
@@ -578,8 +697,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _all_covariate_columns(self):
         """Categorical, continuous and smooth covariate columns."""
-        return covariate_columns(self.batch_col, self.categorical_cols, self.continuous_cols,
-                                 smooth_cols=[] if self.smooth_cols is None else self.smooth_cols)
+        return covariate_columns(
+            self.batch_col,
+            self.categorical_cols,
+            self.continuous_cols,
+            smooth_cols=[] if self.smooth_cols is None else self.smooth_cols,
+        )
 
     def _check_design(self, batch_idx, n_batches, Z):
         design = model.design_matrix(batch_idx, n_batches, Z)
@@ -592,9 +715,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "before it): the design matrix [site one-hot | covariates] is "
                 "rank-deficient, so its effect cannot be told apart from the site effect. "
                 "Remove it from categorical_cols/continuous_cols, or check that each site "
-                "has more than one value of it.")
-        raise ValueError("the design matrix [site one-hot | covariates] is rank-deficient: "
-                         f"{design.shape[0]} rows for {design.shape[1]} columns")
+                "has more than one value of it."
+            )
+        raise ValueError(
+            "the design matrix [site one-hot | covariates] is rank-deficient: "
+            f"{design.shape[0]} rows for {design.shape[1]} columns"
+        )
 
     def _read_rows(self, X, batch, covariates, *, reset):
         if isinstance(X, pd.DataFrame):
@@ -603,8 +729,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             # kept and checked here when either side has integers, tuples or mixed types.
             fitted_columns = None if reset else getattr(self, "_columns_in", None)
             if fitted_columns is not None and not (
-                    all(isinstance(c, str) for c in fitted_columns)
-                    and all(isinstance(c, str) for c in X.columns)):
+                all(isinstance(c, str) for c in fitted_columns)
+                and all(isinstance(c, str) for c in X.columns)
+            ):
                 check_same_columns(X.columns, fitted_columns)
             if not all(isinstance(c, str) for c in X.columns):
                 X_checked = X.set_axis(range(X.shape[1]), axis=1)
@@ -616,16 +743,21 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 # Arrays and array-likes get scikit-learn's own messages (1-D, sparse,
                 # complex, empty) before anything else is looked at.
                 check_not_bool(X)
-                X = check_array(X, dtype=(np.float64, np.float32), ensure_all_finite=False,
-                                input_name="X")
+                X = check_array(
+                    X, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
+                )
             validate_data(self, X, reset=reset, skip_check_array=True)
         rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
         if reset:
             self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
             self._feature_names_out = (
-                np.asarray([str(c) for c in feature_columns(X, self.batch_col,
-                                                            self._metadata_columns())],
-                           dtype=object) if isinstance(X, pd.DataFrame) else None)
+                np.asarray(
+                    [str(c) for c in feature_columns(X, self.batch_col, self._metadata_columns())],
+                    dtype=object,
+                )
+                if isinstance(X, pd.DataFrame)
+                else None
+            )
         return rows
 
     def _metadata_columns(self):
@@ -634,7 +766,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _split(self, X, batch, covariates, *, from_columns):
         categorical, continuous, smooth = self._all_covariate_columns()
-        return read_rows(X, batch, covariates, batch_col=self.batch_col,
-                         covariate_cols=categorical + continuous + smooth,
-                         continuous=continuous + smooth,
-                         from_columns=from_columns)
+        return read_rows(
+            X,
+            batch,
+            covariates,
+            batch_col=self.batch_col,
+            covariate_cols=categorical + continuous + smooth,
+            continuous=continuous + smooth,
+            from_columns=from_columns,
+        )

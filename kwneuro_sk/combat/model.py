@@ -131,7 +131,7 @@ _blas_controller()
 
 def _scratch_view(scratch, shape):
     """The first ``prod(shape)`` elements of a scratch array, as an array of ``shape``."""
-    return scratch[:math.prod(shape)].reshape(shape)
+    return scratch[: math.prod(shape)].reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,10 +200,10 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         Threads (a positive int, already resolved).
 
     Each feature beyond ``2**+-400`` is scaled by an exact power of two (``2**-e``, with ``e``
-    the binary exponent of its largest absolute value) inside the block loop, so that squares neither overflow nor
-    underflow whatever the magnitude of the data: since such scaling is exact in floating
-    point, the results equal those of the unscaled computation wherever that one neither
-    overflows nor underflows, and stay exact beyond (``sigma`` is kept as such, since
+    the binary exponent of its largest absolute value) inside the block loop, so that squares
+    neither overflow nor underflow whatever the magnitude of the data: since such scaling is
+    exact in floating point, the results equal those of the unscaled computation wherever that
+    one neither overflows nor underflows, and stay exact beyond (``sigma`` is kept as such, since
     ``sigma**2`` may not be representable).
 
     A feature is *constant* (``zero_variance``, passed through unchanged) when the standard
@@ -235,12 +235,14 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         magnitude[block] = np.maximum(np.frexp(largest)[1], -1022)
         # Features within 2**+-400 need no scaling (their squares neither overflow nor
         # underflow), so ordinary data are read as they are.
-        exponent[block] = np.where(np.abs(magnitude[block]) <= _SAFE_EXPONENT, 0,
-                                   magnitude[block])
+        exponent[block] = np.where(np.abs(magnitude[block]) <= _SAFE_EXPONENT, 0, magnitude[block])
         if values.dtype != np.float64 or exponent[block].any():
             # float32 data are converted one block at a time, together with the scaling.
-            values = np.multiply(values, np.ldexp(1.0, -exponent[block]),
-                                 out=_scratch_view(scratch[scratch.size // 2:], shape))
+            values = np.multiply(
+                values,
+                np.ldexp(1.0, -exponent[block]),
+                out=_scratch_view(scratch[scratch.size // 2 :], shape),
+            )
         coef[:, block] = np.linalg.solve(gram, design.T @ values)
         resid = np.matmul(design, coef[:, block], out=_scratch_view(scratch, shape))
         np.subtract(values, resid, out=resid)
@@ -260,8 +262,9 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         grand_mean = coef[ref].copy()
         var_scaled = resid_sq[ref] / counts[ref]
     sigma_scaled = np.sqrt(var_scaled)
-    resolution = np.ldexp(_CONSTANT_RESOLUTION * np.finfo(np.float64).eps,
-                          magnitude - exponent)  # of the values (constant_resolution), scaled
+    resolution = np.ldexp(
+        _CONSTANT_RESOLUTION * np.finfo(np.float64).eps, magnitude - exponent
+    )  # of the values (constant_resolution), scaled
     zero_variance = sigma_scaled <= resolution
     var_scaled[zero_variance] = 0.0
     sigma_scaled[zero_variance] = 0.0
@@ -275,9 +278,13 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
         # sigma**2 is inf (or loses digits) for features beyond ~1e154 (below ~1e-154):
         # reported as such, while sigma itself is exact.
         var_pooled = np.ldexp(var_scaled, 2 * exponent)
-    model = StandardizationModel(np.ldexp(grand_mean, exponent),
-                                 np.ldexp(coef[n_batches:], exponent), var_pooled,
-                                 zero_variance, sigma=np.ldexp(sigma_scaled, exponent))
+    model = StandardizationModel(
+        np.ldexp(grand_mean, exponent),
+        np.ldexp(coef[n_batches:], exponent),
+        var_pooled,
+        zero_variance,
+        sigma=np.ldexp(sigma_scaled, exponent),
+    )
     return model, mean, ss
 
 
@@ -379,14 +386,18 @@ def parametric_eb(n, gamma_hat, delta_hat, ss, gamma_bar, t2, a, b):
         for _ in range(PARAMETRIC_MAX_ITER):
             g_new = postmean(gamma_hat, gamma_bar, n, d_old, t2)
             d_new = postvar(ss + n * (gamma_hat - g_new) ** 2, n, a, b)
-            change = max(np.max(np.abs(g_new - g_old) / g_old),
-                         np.max(np.abs(d_new - d_old) / d_old))
+            change = max(
+                np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old)
+            )
             g_old, d_old = g_new, d_new
             if not change > PARAMETRIC_TOL:
                 break
         else:
-            warnings.warn("parametric empirical Bayes did not converge in "
-                          f"{PARAMETRIC_MAX_ITER} iterations", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"parametric empirical Bayes did not converge in {PARAMETRIC_MAX_ITER} iterations",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return g_new, d_new
 
 
@@ -399,8 +410,8 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None, *, n_jobs=1):
 
         log L_ij = -n/2 log(2 pi d_j) - (ss_i + n (m_i - g_j)**2) / (2 d_j)
 
-    Expanding the square makes the G x G matrix a rank-3 product
-    ``[ss_i + n m_i**2, m_i, 1] @ [-1/(2 d_j), n g_j / d_j, -n/2 log(2 pi d_j) - n g_j**2/(2 d_j)]``,
+    Expanding the square makes the G x G matrix a rank-3 product ``[ss_i + n m_i**2, m_i, 1]
+    @ [-1/(2 d_j), n g_j / d_j, -n/2 log(2 pi d_j) - n g_j**2/(2 d_j)]``,
     one matrix product per block of rows (``m`` and ``g`` are centred on the mean of
     ``gamma_hat`` first, so the expansion loses no precision that matters). The matrix is never
     held whole: blocks of rows of bounded size run on ``n_jobs`` threads.
@@ -423,17 +434,23 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None, *, n_jobs=1):
     exact_rows = ~np.isfinite(bound)
     bound[exact_rows] = 0.0
     data_terms = np.stack([ss + n * centred**2, centred, np.ones(n_features), -bound], axis=1)
-    param_terms = np.stack([
-        -half_inv_delta,
-        2.0 * n * centred * half_inv_delta,
-        -0.5 * n * np.log(2.0 * np.pi * delta_hat) - n * centred**2 * half_inv_delta,
-        np.ones(n_features),
-    ])
+    param_terms = np.stack(
+        [
+            -half_inv_delta,
+            2.0 * n * centred * half_inv_delta,
+            -0.5 * n * np.log(2.0 * np.pi * delta_hat) - n * centred**2 * half_inv_delta,
+            np.ones(n_features),
+        ]
+    )
     # A lower bound of each row's shifted log-likelihoods, from the extremes of each term.
-    low = (data_terms[:, 0] * param_terms[0].min()
-           + np.minimum(data_terms[:, 1] * param_terms[1].min(),
-                        data_terms[:, 1] * param_terms[1].max())
-           + param_terms[2].min() - bound)
+    low = (
+        data_terms[:, 0] * param_terms[0].min()
+        + np.minimum(
+            data_terms[:, 1] * param_terms[1].min(), data_terms[:, 1] * param_terms[1].max()
+        )
+        + param_terms[2].min()
+        - bound
+    )
     targets = np.stack([gamma_hat, delta_hat, np.ones(n_features)], axis=1)
     gamma_star = np.empty(n_features)
     delta_star = np.empty(n_features)
@@ -441,8 +458,9 @@ def nonparametric_eb(n, gamma_hat, delta_hat, ss, budget=None, *, n_jobs=1):
 
     def block_eb(rows, scratch):
         n_rows = rows.stop - rows.start
-        weights = np.matmul(data_terms[rows], param_terms,
-                            out=_scratch_view(scratch, (n_rows, n_features)))
+        weights = np.matmul(
+            data_terms[rows], param_terms, out=_scratch_view(scratch, (n_rows, n_features))
+        )
         if low[rows].min() < _LOG_WEIGHT_FLOOR:
             np.maximum(weights, _LOG_WEIGHT_FLOOR, out=weights)
         np.exp(weights, out=weights)
@@ -509,8 +527,9 @@ def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None, n_job
         if mean_only:
             g_star, d_star = postmean(g, est.gamma_bar, 1, 1, est.t2), d
         else:
-            g_star, d_star = parametric_eb(n, g, d, s, est.gamma_bar, est.t2,
-                                           est.a_prior, est.b_prior)
+            g_star, d_star = parametric_eb(
+                n, g, d, s, est.gamma_bar, est.t2, est.a_prior, est.b_prior
+            )
     else:
         g_star, d_star = nonparametric_eb(n, g, d, s, n_jobs=n_jobs)
     est.gamma_star[usable] = g_star
@@ -523,8 +542,19 @@ def estimate_batch(n, mean, ss, *, eb, parametric, mean_only, usable=None, n_job
 # --------------------------------------------------------------------------------------------
 
 
-def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=None,
-           inverse=False, out=None, n_jobs=1):
+def adjust(
+    X,
+    Z,
+    batch_idx,
+    model,
+    gamma_star,
+    delta_star,
+    *,
+    passthrough_rows=None,
+    inverse=False,
+    out=None,
+    n_jobs=1,
+):
     """Harmonize rows (or undo it with ``inverse=True``) with fitted estimates.
 
     ``x* = (s - gamma*_b) / sqrt(delta*_b) * sigma + alpha + z @ beta``. With the location
@@ -549,13 +579,17 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
     # Location terms [1 | z] @ [alpha; beta] times (1 - a_b), plus c_b, as one product.
     z1 = np.hstack([np.ones((n_samples, 1)), Z])
     site_design = (batch_onehot(batch_idx, n_batches)[:, :, None] * z1[:, None, :]).reshape(
-        n_samples, -1)
+        n_samples, -1
+    )
     coefs = np.vstack([model.grand_mean[None, :], model.beta])  # (1 + n_covariates, n_features)
-    weights = ((1.0 - slope)[:, None, :] * coefs[None, :, :])
+    weights = (1.0 - slope)[:, None, :] * coefs[None, :, :]
     weights[:, 0, :] += shift
     weights = weights.reshape(-1, n_features)
-    keep_rows = None if passthrough_rows is None or not passthrough_rows.any() else (
-        passthrough_rows[:, None])
+    keep_rows = (
+        None
+        if passthrough_rows is None or not passthrough_rows.any()
+        else (passthrough_rows[:, None])
+    )
     keep_columns = model.zero_variance
 
     def adjust_block(block, scratch):
@@ -563,11 +597,17 @@ def adjust(X, Z, batch_idx, model, gamma_star, delta_star, *, passthrough_rows=N
         values, result = X[:, block], out[:, block]
         # mode="clip" writes straight into the scratch ("raise" would buffer); the indices are
         # valid by construction.
-        scaled = np.take(slope[:, block], batch_idx, axis=0, mode="clip",
-                         out=_scratch_view(scratch[:scratch.size // 2], shape))
+        scaled = np.take(
+            slope[:, block],
+            batch_idx,
+            axis=0,
+            mode="clip",
+            out=_scratch_view(scratch[: scratch.size // 2], shape),
+        )
         np.multiply(scaled, values, out=scaled)
-        location = np.matmul(site_design, weights[:, block],
-                             out=_scratch_view(scratch[scratch.size // 2:], shape))
+        location = np.matmul(
+            site_design, weights[:, block], out=_scratch_view(scratch[scratch.size // 2 :], shape)
+        )
         np.add(scaled, location, out=result, casting="same_kind")
         if keep_rows is not None:
             np.copyto(result, values, where=keep_rows)

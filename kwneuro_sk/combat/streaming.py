@@ -59,11 +59,15 @@ class SiteMoments:
     @classmethod
     def empty(cls, n_sites, n_covariates, n_features):
         """The statistics of no rows."""
-        return cls(np.zeros(n_sites), np.zeros((n_sites, n_covariates)),
-                   np.zeros((n_sites, n_features)),
-                   np.zeros((n_sites, n_covariates, n_covariates)),
-                   np.zeros((n_sites, n_covariates, n_features)), np.zeros((n_sites, n_features)),
-                   np.zeros(n_features))
+        return cls(
+            np.zeros(n_sites),
+            np.zeros((n_sites, n_covariates)),
+            np.zeros((n_sites, n_features)),
+            np.zeros((n_sites, n_covariates, n_covariates)),
+            np.zeros((n_sites, n_covariates, n_features)),
+            np.zeros((n_sites, n_features)),
+            np.zeros(n_features),
+        )
 
 
 def chunk_moments(X, batch_idx, n_batches, Z):
@@ -129,8 +133,10 @@ def tree_merge(parts):
     if not parts:
         raise ValueError("no statistics to merge")
     while len(parts) > 1:
-        parts = [merge_moments(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
-                 for i in range(0, len(parts), 2)]
+        parts = [
+            merge_moments(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+            for i in range(0, len(parts), 2)
+        ]
     return parts[0]
 
 
@@ -158,8 +164,11 @@ def fit_from_moments(moments, ref=None):
     else:
         beta = np.zeros((0, moments.xbar.shape[1]))
     intercepts = moments.xbar - moments.zbar @ beta
-    rss = (moments.cxx - 2.0 * np.einsum("qg,kqg->kg", beta, moments.czx)
-           + np.einsum("qg,kqr,rg->kg", beta, moments.czz, beta))
+    rss = (
+        moments.cxx
+        - 2.0 * np.einsum("qg,kqg->kg", beta, moments.czx)
+        + np.einsum("qg,kqr,rg->kg", beta, moments.czz, beta)
+    )
     np.maximum(rss, 0.0, out=rss)
     if ref is None:
         grand_mean = (counts / n_samples) @ intercepts

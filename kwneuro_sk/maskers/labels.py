@@ -544,6 +544,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
 
             def decode():
                 return img
+
         cached = memory.cache(_cached_signals, ignore=["masker", "source", "index", "decode"])
         return cached(self._cache_key(content), self, source, index, decode)
 
@@ -576,9 +577,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 atlas = _images.resample_to_grid(self.labels_img_, grid, interpolation="nearest")
                 mask_flat = None
                 if self.mask_img_ is not None:
-                    mask = _images.resample_to_grid(
-                        self.mask_img_, grid, interpolation="nearest"
-                    )
+                    mask = _images.resample_to_grid(self.mask_img_, grid, interpolation="nearest")
                     mask_flat = np.asanyarray(mask.dataobj).astype(bool).ravel(order="F")
                 plan = build_plan(
                     np.asanyarray(atlas.dataobj).ravel(order="F"),
