@@ -146,6 +146,16 @@ def harmonize_volumes(
     True
     """
     dtype = _output_dtype(dtype)
+    options = dict(
+        categorical_cols=categorical_cols,
+        continuous_cols=continuous_cols,
+        eb=eb,
+        parametric=parametric,
+        mean_only=mean_only,
+        ref_batch=ref_batch,
+        smooth_cols=smooth_cols,
+        smooth_knots=smooth_knots,
+    )
     if output_dir is not None:
         return _streaming.harmonize(
             volumes,
@@ -158,16 +168,7 @@ def harmonize_volumes(
             n_jobs=n_jobs,
             verbose=verbose,
             preserve_out_of_mask=preserve_out_of_mask,
-            options=dict(
-                categorical_cols=categorical_cols,
-                continuous_cols=continuous_cols,
-                eb=eb,
-                parametric=parametric,
-                mean_only=mean_only,
-                ref_batch=ref_batch,
-                smooth_cols=smooth_cols,
-                smooth_knots=smooth_knots,
-            ),
+            options=options,
         )
     sources = _open_volumes(volumes, minimum=2)
     mask_array, mask_img = _load_mask(mask, sources[0])
@@ -179,16 +180,7 @@ def harmonize_volumes(
             f"{batch_col!r}; all {len(sources)} are from site {sites[0]!r}"
         )
     X, kept = _read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
-    combat = CombatHarmonizer(
-        categorical_cols=categorical_cols,
-        continuous_cols=continuous_cols,
-        eb=eb,
-        parametric=parametric,
-        mean_only=mean_only,
-        ref_batch=ref_batch,
-        smooth_cols=smooth_cols,
-        smooth_knots=smooth_knots,
-    )
+    combat = CombatHarmonizer(**options)
     harmonized = combat.fit_transform(X, batch=covars[batch_col], covariates=covars)
     del X
     estimates = combat.estimates_

@@ -505,19 +505,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "eb=True estimates the priors across features and needs at least 2 features "
                 f"with non-zero variance; got {int(usable.sum())} feature(s). Use eb=False."
             )
-        per_batch = [
-            model.estimate_batch(
-                counts[k],
-                mean[k],
-                ss[k],
-                eb=self.eb,
-                parametric=self.parametric,
-                mean_only=self.mean_only,
-                usable=usable,
-                n_jobs=self._threads(),
-            )
-            for k in range(n_batches)
-        ]
+        per_batch = self._estimate_sites(counts, mean, ss, usable)
         self.grand_mean_ = standardization.grand_mean
         self.beta_ = standardization.beta
         self.var_pooled_ = standardization.var_pooled
@@ -640,19 +628,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             groups.append(members)
         n, mean, ss = model.standardized_moments(rows.features, Z, standardization, groups)
         usable = ~standardization.zero_variance
-        new = [
-            model.estimate_batch(
-                n[k],
-                mean[k],
-                ss[k],
-                eb=self.eb,
-                parametric=self.parametric,
-                mean_only=self.mean_only,
-                usable=usable,
-                n_jobs=self._threads(),
-            )
-            for k in range(len(groups))
-        ]
+        new = self._estimate_sites(n, mean, ss, usable)
         gamma_star = np.vstack([self.gamma_star_, *[b.gamma_star for b in new]])
         delta_star = np.vstack([self.delta_star_, *[b.delta_star for b in new]])
         return gamma_star, delta_star, idx
@@ -665,6 +641,22 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self.zero_variance_features_,
             sigma=getattr(self, "_sigma", None),
         )
+
+    def _estimate_sites(self, n, mean, ss, usable):
+        """EB location/scale estimates of each site (row) from its standardized moments."""
+        return [
+            model.estimate_batch(
+                n[k],
+                mean[k],
+                ss[k],
+                eb=self.eb,
+                parametric=self.parametric,
+                mean_only=self.mean_only,
+                usable=usable,
+                n_jobs=self._threads(),
+            )
+            for k in range(len(n))
+        ]
 
     def _threads(self):
         """``n_jobs`` resolved by joblib (parallel_config, container CPU limits)."""
