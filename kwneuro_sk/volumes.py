@@ -14,15 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.utils._param_validation import validate_params
 
 from kwneuro_sk import _streaming_volumes as _streaming
 from kwneuro_sk import images
+from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.combat.estimates import CombatEstimates
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 
 __all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
 
 
+@validate_params({"n_jobs": N_JOBS, "verbose": ["verbose"]}, prefer_skip_nested_validation=True)
 def harmonize_volumes(
     volumes,
     covars,
@@ -193,6 +196,7 @@ def harmonize_volumes(
     return _outputs(sources, kept, harmonized, mask_array), estimates
 
 
+@validate_params({"n_jobs": N_JOBS, "verbose": ["verbose"]}, prefer_skip_nested_validation=True)
 def apply_volumes(
     estimates,
     volumes,

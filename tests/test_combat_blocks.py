@@ -220,6 +220,9 @@ def test_n_jobs_validated():
     X, covars = make_cohort()
     with pytest.raises(ValueError, match="n_jobs"):
         CombatHarmonizer(n_jobs="2").fit(X, batch=covars["site"])
+    # 0 threads has no meaning: refused at the boundary, naming the estimator's parameter
+    with pytest.raises(ValueError, match="'n_jobs' parameter of CombatHarmonizer .*Got 0"):
+        CombatHarmonizer(n_jobs=0).fit(X, batch=covars["site"])
 
 
 # ---------------------------------------------------------------------------------------------

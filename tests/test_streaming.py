@@ -399,3 +399,11 @@ def test_streamed_volume_resources_are_written_as_files(cohort, tmp_path):
     assert os.path.basename(paths[3]) == "sub-03_harmonized.nii.gz"
     for want, path in zip(expected, paths):
         np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.asarray(want.dataobj))
+
+
+@pytest.mark.parametrize("n_jobs", [0, "two", 1.5])
+def test_n_jobs_checked_at_the_boundary(cohort, tmp_path, n_jobs):
+    images, covars, mask_img, _ = cohort
+    with pytest.raises(ValueError, match="'n_jobs' parameter of harmonize_volumes"):
+        harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path, n_jobs=n_jobs)
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -22,6 +22,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.combat import _dask, model
 from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
 from kwneuro_sk.combat._inputs import (
@@ -181,7 +182,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "smooth_knots": [Interval(Integral, 2, None, closed="left")],
         "smooth_degree": [Interval(Integral, 1, None, closed="left")],
         "smooth_extrapolation": [StrOptions({"linear", "constant", "error"})],
-        "n_jobs": [Integral, None],
+        "n_jobs": N_JOBS,
     }
 
     def __init__(

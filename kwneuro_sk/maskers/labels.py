@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import warnings
-from numbers import Integral, Real
+from numbers import Real
 
 import joblib
 import nilearn
@@ -25,6 +25,7 @@ from sklearn.utils.fixes import parse_version
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from kwneuro_sk import images as _images
+from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
 
@@ -156,7 +157,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         "resampling_target": [StrOptions({"data", "labels"}), None],
         "strategy": [StrOptions(set(STRATEGIES))],
         "memory": [str, os.PathLike, HasMethods(["cache"]), None],
-        "n_jobs": [Integral, None],
+        "n_jobs": N_JOBS,
         "verbose": ["verbose"],
         "standardize": [StrOptions({"zscore_sample", "psc"}), "boolean", None],
         "standardize_confounds": ["boolean"],
