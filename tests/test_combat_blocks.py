@@ -16,7 +16,7 @@ import pytest
 from neuroCombat import neuroCombat
 from scipy.special import logsumexp
 
-from kwneuro_sk import CombatHarmonizer
+from kwneuro_sk import CombatEstimates, CombatHarmonizer
 from kwneuro_sk.combat import model
 
 # neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24 (see conftest.py).
@@ -331,3 +331,24 @@ def test_constant_and_exactly_explained_features_pass_through_with_a_warning():
     for column in [2, 5, 9, 11]:
         np.testing.assert_array_equal(out[:, column], frame.iloc[:, column])
     assert np.isfinite(out).all()
+
+
+def test_huge_features_survive_save_and_load(tmp_path):
+    """sigma is stored beside var_pooled (whose square overflows beyond ~1e154), so a model of
+    such features is saved, loaded and applied exactly as the fitted one."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 4)) + np.repeat([0.0, 1.0, -1.0], 10)[:, None]
+    X[:, 1] *= 1e200
+    site = np.repeat(["a", "b", "c"], 10)
+    fitted = CombatHarmonizer().fit(X, batch=site)
+    assert np.isinf(fitted.var_pooled_[1])
+    fitted.estimates_.save(tmp_path / "m.npz")
+    loaded = CombatHarmonizer.from_estimates(CombatEstimates.load(tmp_path / "m.npz"))
+    expected = fitted.transform(X, batch=site)
+    assert np.isfinite(expected).all()
+    np.testing.assert_array_equal(loaded.transform(X, batch=site), expected)
+    # without sigma (a file of an earlier release) an infinite var_pooled is still refused
+    estimates = CombatEstimates.load(tmp_path / "m.npz")
+    del estimates.estimates["sigma"]
+    with pytest.raises(ValueError, match=r"estimates\['var_pooled'\] has NaN or infinite"):
+        CombatHarmonizer.from_estimates(estimates)

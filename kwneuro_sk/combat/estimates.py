@@ -63,7 +63,9 @@ class CombatEstimates:
         :class:`~kwneuro_sk.CombatHarmonizer` without the trailing underscore:
         ``grand_mean``, ``var_pooled``, ``beta``, ``gamma_hat``, ``delta_hat``,
         ``gamma_star``, ``delta_star``, ``gamma_bar``, ``t2``, ``a_prior``, ``b_prior``,
-        ``zero_variance_features``.
+        ``zero_variance_features``; and ``sigma``, the pooled standard deviation, kept as
+        such because ``var_pooled`` (its square) is not representable for features beyond
+        ~1e154 (it is then ``inf`` there, and ``sigma`` is what the model uses).
     info : dict
         Everything else: ``batches``, ``n_samples_per_batch``, ``ref_batch``, ``feature_names``
         (``None`` when the features had no column names: ``x0, x1, ...``),
@@ -337,8 +339,21 @@ class CombatEstimates:
             if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu"):
                 fail(f"estimates[{key!r}]", f"has dtype {value.dtype}")
             arrays[key] = value
+        sigma = self.estimates.get("sigma")
+        if sigma is not None:
+            sigma = _array_field(sigma, "estimates['sigma']", fail)
+            if sigma.shape != (sizes["features"],) or sigma.dtype.kind != "f":
+                fail(
+                    "estimates['sigma']",
+                    f"must be {sizes['features']} floats; got {sigma.dtype} of shape {sigma.shape}",
+                )
+            if not np.isfinite(sigma).all() or (sigma < 0).any():
+                fail("estimates['sigma']", "must be finite and >= 0")
         for key in ("grand_mean", "var_pooled", "beta", "gamma_star", "delta_star"):
-            if not np.isfinite(arrays[key]).all():
+            values = arrays[key]
+            if key == "var_pooled" and sigma is not None:
+                values = np.where(np.isposinf(values), 0.0, values)  # sigma**2 overflowed
+            if not np.isfinite(values).all():
                 fail(f"estimates[{key!r}]", "has NaN or infinite values")
         if (arrays["delta_star"] <= 0).any():
             fail("estimates['delta_star']", "has values <= 0 (site variances must be > 0)")

@@ -435,6 +435,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         for name in FITTED_ARRAYS:
             setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
+        sigma = estimates.estimates.get("sigma")  # absent from files of earlier releases
+        combat._sigma = None if sigma is None else np.asarray(sigma, dtype=np.float64)
         combat.batches_ = np.asarray(info["batches"])
         combat.n_samples_per_batch_ = np.asarray(info["n_samples_per_batch"])
         combat.n_features_in_ = int(info["n_features_in"])
@@ -520,7 +522,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self.gamma_star_[ref] = 0.0
             self.delta_star_[ref] = 1.0
         self.estimates_ = CombatEstimates(
-            estimates={name: getattr(self, name + "_") for name in FITTED_ARRAYS},
+            estimates={
+                **{name: getattr(self, name + "_") for name in FITTED_ARRAYS},
+                "sigma": self._standardization().scale * ~self.zero_variance_features_,
+            },
             info={
                 "batches": self.batches_,
                 "n_samples_per_batch": self.n_samples_per_batch_,
