@@ -10,7 +10,15 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "kwneuro_sk": ["CombatHarmonizer", "CombatEstimates", "LabelsMasker", "harmonize_volumes"],
+    "kwneuro_sk": [
+        "CombatHarmonizer",
+        "CovBatHarmonizer",
+        "CombatEstimates",
+        "LabelsMasker",
+        "harmonize_volumes",
+    ],
+    "kwneuro_sk.volumes": ["apply_volumes"],
+    "kwneuro_sk.report": ["harmonization_report"],
     "kwneuro_sk.datasets": [
         "make_site_features",
         "make_demo_cohort",

@@ -175,14 +175,3 @@ def test_cli_harmonize_report(tmp_path):
     )
     _assert_self_contained(page.read_text(encoding="utf-8"))
     assert pd.read_csv(out).shape == data.shape
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import kwneuro_sk.combat.covbat as covbat_module
-    import kwneuro_sk.report as report_module
-
-    for module in (report_module, covbat_module):
-        result = doctest.testmod(module, raise_on_error=False)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
