@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from kwneuro_sk import CombatHarmonizer, harmonize_volumes
-from kwneuro_sk.combat import model, streaming
+from kwneuro_sk.combat import model, statistics
 
 SHAPE = (6, 5, 4)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -303,9 +303,9 @@ def test_large_offset_statistics_stay_accurate(offset):
     total = None
     for start in range(0, n, 7):
         rows = slice(start, start + 7)
-        part = streaming.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
-        total = part if total is None else streaming.merge_moments(total, part)
-    fitted, mean, ss = streaming.fit_from_moments(total)
+        part = statistics.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
+        total = part if total is None else statistics.merge_moments(total, part)
+    fitted, mean, ss = statistics.fit_from_moments(total)
     np.testing.assert_allclose(fitted.var_pooled, reference.var_pooled, rtol=1e-10)
     beta_scale = np.abs(reference.beta).max(axis=1, keepdims=True)  # each covariate's
     assert np.all(np.abs(fitted.beta - reference.beta) <= 1e-10 * beta_scale)
@@ -319,10 +319,10 @@ def test_large_offset_statistics_stay_accurate(offset):
     np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-10)
     # the tree of the dask path merges in another order, to the same numbers
     parts = [
-        streaming.chunk_moments(X[s : s + 11], batch_idx[s : s + 11], n_batches, Z[s : s + 11])
+        statistics.chunk_moments(X[s : s + 11], batch_idx[s : s + 11], n_batches, Z[s : s + 11])
         for s in range(0, n, 11)
     ]
-    _, _, tree_ss = streaming.fit_from_moments(streaming.tree_merge(parts))
+    _, _, tree_ss = statistics.fit_from_moments(statistics.tree_merge(parts))
     np.testing.assert_allclose(tree_ss, ref_ss, rtol=1e-10)
 
 
@@ -330,17 +330,17 @@ def test_merge_of_sites_absent_from_a_chunk():
     rng = np.random.default_rng(1)
     X, Z = rng.normal(size=(10, 4)), rng.normal(size=(10, 1))
     batch_idx = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-    whole = streaming.chunk_moments(X, batch_idx, 3, Z)
-    merged = streaming.tree_merge(
+    whole = statistics.chunk_moments(X, batch_idx, 3, Z)
+    merged = statistics.tree_merge(
         [
-            streaming.chunk_moments(X[r], batch_idx[r], 3, Z[r])
+            statistics.chunk_moments(X[r], batch_idx[r], 3, Z[r])
             for r in (slice(0, 3), slice(3, 7), slice(7, 10))
         ]
     )
     for name in ("n", "zbar", "xbar", "czz", "czx", "cxx"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), atol=1e-12)
     with pytest.raises(ValueError, match="no statistics"):
-        streaming.tree_merge([])
+        statistics.tree_merge([])
 
 
 def test_harmonizer_fit_from_statistics_equals_fit():
@@ -353,10 +353,10 @@ def test_harmonizer_fit_from_statistics_equals_fit():
     def chunks(batch_idx, n_batches, Z):
         for start in range(0, 30, 4):
             rows = slice(start, start + 4)
-            yield streaming.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
+            yield statistics.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
 
     combat = CombatHarmonizer(continuous_cols="age")._fit_from_statistics(
-        streaming.location_scale_from_chunks(chunks), n_features=6, batch=site, covariates=covars
+        statistics.location_scale_from_chunks(chunks), n_features=6, batch=site, covariates=covars
     )
     _assert_estimates_equal(expected.estimates_, combat.estimates_)
     np.testing.assert_allclose(

@@ -2,7 +2,7 @@
 
 ``fit`` on a ``dask.array.Array`` (rows = subjects, sites and covariates as keyword arguments)
 or a ``dask.dataframe.DataFrame`` (``batch_col`` route, or keywords) computes, for every block
-of rows, the per-site centred statistics of :mod:`kwneuro_sk.combat.streaming`, merges them
+of rows, the per-site centred statistics of :mod:`kwneuro_sk.combat.statistics`, merges them
 pairwise up a balanced tree (one ``dask.compute``), and fits from the merged statistics: the
 fitted attributes are plain numpy and equal those of the numpy path to rounding. Only the site
 and covariate columns (one value per subject) are brought to the client.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kwneuro_sk.combat import streaming
+from kwneuro_sk.combat import statistics
 from kwneuro_sk.combat._covariates import covariate_columns, format_labels
 from kwneuro_sk.combat._inputs import feature_columns
 
@@ -107,7 +107,7 @@ def fit(combat, X, batch, covariates):
 
     def chunks(batch_idx, n_batches, Z):
         block_moments = dask.delayed(_block_moments, pure=True)
-        merge = dask.delayed(streaming.merge_moments, pure=True)
+        merge = dask.delayed(statistics.merge_moments, pure=True)
         per_column = []
         for j, start in enumerate(column_starts):
             parts = [
@@ -129,7 +129,7 @@ def fit(combat, X, batch, covariates):
         yield _concatenate_features(dask.compute(*per_column))
 
     return combat._fit_from_statistics(
-        streaming.location_scale_from_chunks(chunks),
+        statistics.location_scale_from_chunks(chunks),
         n_features=n_features_in,
         batch=batch,
         covariates=covariates,
@@ -154,13 +154,13 @@ def _block_moments(block, batch_idx, n_batches, Z, column_start):
             f"{(bad + column_start)[:10].tolist()}; ComBat needs finite values "
             "(impute or drop them first)"
         )
-    return streaming.chunk_moments(values, batch_idx, n_batches, Z)
+    return statistics.chunk_moments(values, batch_idx, n_batches, Z)
 
 
 def _concatenate_features(parts):
     """Statistics of column blocks (same rows) joined along the features."""
     first = parts[0]
-    return streaming.SiteMoments(
+    return statistics.SiteMoments(
         n=first.n,
         zbar=first.zbar,
         czz=first.czz,

@@ -4,7 +4,7 @@
 Two passes over the files, each reading a chunk of subjects at a time:
 
 1. fit: every chunk's in-mask values become per-site centred statistics
-   (:func:`kwneuro_sk.combat.streaming.chunk_moments`), merged in input order as the chunks
+   (:func:`kwneuro_sk.combat.statistics.chunk_moments`), merged in input order as the chunks
    arrive; the harmonizer is fitted from them;
 2. apply: every chunk is read again, harmonized with the fitted harmonizer (row by row, so a
    chunk gives what the whole cohort gives) and written, one file per subject.
@@ -27,9 +27,9 @@ import nibabel as nib
 import numpy as np
 
 from kwneuro_sk import images
-from kwneuro_sk import volumes as _volumes
-from kwneuro_sk.combat import streaming
+from kwneuro_sk.combat import statistics
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
+from kwneuro_sk.volumes import inputs
 
 # Default chunk: 2**25 float64 in-mask values (256 MiB).
 CHUNK_VALUES = 1 << 25
@@ -53,10 +53,10 @@ def harmonize(
     """Streamed :func:`kwneuro_sk.harmonize_volumes` (arguments checked there)."""
     sources = _source_list(volumes, minimum=2)
     first = images.load_image(sources[0], name=_name(sources[0], 0))
-    mask_array, mask_img = _volumes._load_mask(mask, _volumes._Volume("volume 0", first))
+    mask_array, mask_img = inputs.load_mask(mask, inputs.Volume("volume 0", first))
     del first
     grid = images.grid_of(mask_img)
-    covars = _volumes._check_covars(covars, len(sources), batch_col)
+    covars = inputs.check_covars(covars, len(sources), batch_col)
     sites = covars[batch_col]
     if sites.nunique() < 2:
         raise ValueError(
@@ -75,7 +75,7 @@ def harmonize(
 
     combat = CombatHarmonizer(**options)
     combat._fit_from_statistics(
-        streaming.location_scale_from_chunks(chunks),
+        statistics.location_scale_from_chunks(chunks),
         n_features=int(mask_array.sum()),
         batch=sites,
         covariates=covars,
@@ -108,7 +108,7 @@ def apply(
 ):
     """Streamed :func:`kwneuro_sk.volumes.apply_volumes` (estimates checked there)."""
     sources = _source_list(volumes, minimum=1)
-    covars = _volumes._check_covars(covars, len(sources), batch_col)
+    covars = inputs.check_covars(covars, len(sources), batch_col)
     unseen = ~np.isin(covars[batch_col].to_numpy(), combat.batches_)
     if unseen.any() and combat.unseen_batch == "adapt":
         raise ValueError(
@@ -263,7 +263,7 @@ class _Reader:
 
 def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
     X, _, _ = reader.read(chunk)
-    return streaming.chunk_moments(X, batch_idx, n_batches, Z)
+    return statistics.chunk_moments(X, batch_idx, n_batches, Z)
 
 
 def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask):
