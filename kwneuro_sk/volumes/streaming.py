@@ -76,9 +76,11 @@ def harmonize(
     combat = CombatHarmonizer(**options)
     combat._fit_from_statistics(
         statistics.location_scale_from_chunks(chunks),
+        n_samples=len(sources),
         n_features=int(mask_array.sum()),
         batch=sites,
         covariates=covars,
+        route="streamed volumes",
     )
     estimates = combat.estimates_
     estimates.info["volumes"] = {
