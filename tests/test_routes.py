@@ -7,6 +7,7 @@ in-memory path, or a clear error naming the option and the route. Plus the input
 routes share (site labels, covariates, row order) and all-or-nothing writes.
 """
 
+import os
 import subprocess
 import sys
 
@@ -145,3 +146,131 @@ def test_same_labels_in_another_order_are_refused_not_paired_by_position():
     expected = CombatHarmonizer().fit_transform(X[perm], batch=SITE[perm])
     got = CombatHarmonizer().fit_transform(relabelled, batch=batch)
     np.testing.assert_array_equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# smaller items of the shared option set
+# --------------------------------------------------------------------------------------------
+
+
+def test_continuous_and_smooth_same_column_says_what_to_do():
+    with pytest.raises(ValueError, match="remove them from continuous_cols"):
+        CombatHarmonizer(continuous_cols="age", smooth_cols="age").fit(
+            X, batch=SITE, covariates=COVARS
+        )
+
+
+def test_spline_with_too_few_distinct_values_is_reported_as_such():
+    covariates = pd.DataFrame({"age": np.tile([20.0, 30, 40, 50, 60, 70], N // 6)})
+    with pytest.raises(ValueError, match=r"'age' has 6 distinct values, too few for its B-spline"):
+        CombatHarmonizer(smooth_cols="age").fit(X, batch=SITE, covariates=covariates)
+    # enough values for a smaller basis: fitted
+    CombatHarmonizer(smooth_cols="age", smooth_knots=4).fit(X, batch=SITE, covariates=covariates)
+
+
+def test_no_residual_degrees_of_freedom_is_refused():
+    with pytest.raises(ValueError, match="leave no residual degrees of freedom"):
+        CombatHarmonizer(mean_only=True, eb=False).fit(X[:3], batch=["a", "b", "c"])
+    covariates = pd.DataFrame({"age": [20.0, 30, 40, 50]})
+    with pytest.raises(ValueError, match=r"4 rows for 4 design columns \(3 sites \+ 1"):
+        CombatHarmonizer(mean_only=True, continuous_cols="age").fit(
+            X[:4], batch=["a", "b", "c", "c"], covariates=covariates
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# all-or-nothing writes
+# --------------------------------------------------------------------------------------------
+
+nib = pytest.importorskip("nibabel")
+AFFINE = np.eye(4)
+
+
+@pytest.fixture(scope="module")
+def volume_model(tmp_path_factory):
+    """Eight tiny volumes on disk, their covariates, a mask file and a fitted voxel model."""
+    from kwneuro_sk import harmonize_volumes
+
+    folder = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(3)
+    covars = pd.DataFrame({"site": np.repeat(["a", "b"], 4), "age": np.arange(8) * 5.0 + 20})
+    paths = []
+    for i, offset in enumerate(np.repeat([0.0, 2.0], 4)):
+        paths.append(str(folder / f"s{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(rng.normal(size=(3, 3, 2)) + offset, AFFINE), paths[-1])
+    mask = nib.Nifti1Image(np.ones((3, 3, 2), dtype=np.uint8), AFFINE)
+    _, estimates = harmonize_volumes(paths, covars, "site", mask)
+    return paths, covars, mask, estimates
+
+
+def _broken(path, how, tmp_path):
+    img = nib.load(path)
+    out = str(tmp_path / "broken.nii.gz")
+    if how == "nan voxel":
+        data = img.get_fdata()
+        data[1, 1, 1] = np.nan
+        nib.save(nib.Nifti1Image(data, AFFINE), out)
+    elif how == "moved affine":
+        moved = AFFINE.copy()
+        moved[0, 3] = 5.0
+        nib.save(nib.Nifti1Image(img.get_fdata(), moved), out)
+    else:  # truncated file
+        raw = open(path, "rb").read()
+        open(out, "wb").write(raw[: len(raw) // 2])
+    return out
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("nan voxel", "NaN or infinite voxel"),
+        ("moved affine", "affine"),
+        ("truncated file", "broken.nii.gz"),
+    ],
+)
+def test_streamed_apply_failing_midway_leaves_nothing(volume_model, tmp_path, how, message):
+    paths, covars, _, estimates = volume_model
+    volumes = list(paths)
+    volumes[5] = _broken(paths[5], how, tmp_path)
+    output_dir = tmp_path / "new" / "out"
+    with pytest.raises((ValueError, OSError), match=message) as info:
+        estimates.apply_volumes(volumes, covars, output_dir=output_dir, chunk_size=2)
+    assert not (tmp_path / "new").exists()  # the folders this call created are gone too
+    assert "nothing was written" in " ".join(getattr(info.value, "__notes__", []))
+    # earlier outputs in an existing folder are left as they were
+    existing = tmp_path / "existing"
+    written = estimates.apply_volumes(paths, covars, output_dir=existing)
+    before = {p: open(p, "rb").read() for p in written}
+    with pytest.raises((ValueError, OSError), match=message):
+        estimates.apply_volumes(volumes, covars, output_dir=existing, chunk_size=2)
+    assert sorted(os.listdir(existing)) == sorted(os.path.basename(p) for p in written)
+    assert all(open(p, "rb").read() == content for p, content in before.items())
+
+
+def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_path):
+    from kwneuro_sk import harmonize_volumes
+
+    paths, covars, mask, estimates = volume_model
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot create output_dir .*afile' is a file"):
+        harmonize_volumes(paths, covars, "site", mask, output_dir=tmp_path / "afile" / "out")
+    with pytest.raises(ValueError, match="cannot write in output_dir"):
+        estimates.apply_volumes(paths, covars, output_dir="/proc")  # read-only, even for root
+    taken = tmp_path / "taken"
+    (taken / "s3_harmonized.nii.gz").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"output of volume 3 .*s3_harmonized.nii.gz' is a folder"):
+        harmonize_volumes(paths, covars, "site", mask, output_dir=taken)
+    assert os.listdir(taken) == ["s3_harmonized.nii.gz"]
+    mask_path = tmp_path / "m" / "s0_harmonized.nii.gz"
+    mask_path.parent.mkdir()
+    nib.save(mask, mask_path)
+    before = open(mask_path, "rb").read()
+    with pytest.raises(ValueError, match="output of volume 0 .* is the mask"):
+        harmonize_volumes(paths, covars, "site", str(mask_path), output_dir=mask_path.parent)
+    assert open(mask_path, "rb").read() == before
+
+
+def test_apply_volumes_refuses_an_unknown_unseen_batch_policy(volume_model):
+    paths, covars, _, estimates = volume_model
+    with pytest.raises(ValueError, match="'unseen_batch' parameter of apply_volumes"):
+        estimates.apply_volumes(paths, covars, unseen_batch="adpat")

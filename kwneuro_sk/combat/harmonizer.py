@@ -692,6 +692,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _check_design(self, batch_idx, n_batches, Z):
         design = model.design_matrix(batch_idx, n_batches, Z)
+        if design.shape[0] <= design.shape[1]:
+            raise ValueError(
+                f"{design.shape[0]} rows for {design.shape[1]} design columns ({n_batches} "
+                f"sites + {Z.shape[1]} covariate columns) leave no residual degrees of freedom, "
+                "so the pooled variance cannot be estimated; give more rows or fewer "
+                "covariates (or smaller smooth_knots)"
+            )
         if np.linalg.matrix_rank(design) == design.shape[1]:
             return
         col = self._covariates.confounded_column(design, n_batches)

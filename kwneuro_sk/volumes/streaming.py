@@ -20,13 +20,13 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import uuid
 
 import joblib
 import nibabel as nib
 import numpy as np
 
 from kwneuro_sk import images
+from kwneuro_sk._files import StagedFiles
 from kwneuro_sk.combat import statistics
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
@@ -63,33 +63,35 @@ def harmonize(
             f"harmonize_volumes needs volumes from at least 2 sites in column "
             f"{batch_col!r}; all {len(sources)} are from site {sites.iloc[0]!r}"
         )
-    targets = output_paths(sources, output_dir)
-    reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
+    with StagedFiles("harmonize_volumes") as staged:
+        targets = output_paths(sources, output_dir, staged, mask=mask)
+        reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
 
-    def chunks(batch_idx, n_batches, Z):
-        tasks = (
-            joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
-            for chunk in reader.chunks
+        def chunks(batch_idx, n_batches, Z):
+            tasks = (
+                joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
+                for chunk in reader.chunks
+            )
+            return reader.run(tasks, "fit")
+
+        combat = CombatHarmonizer(**options)
+        combat._fit_from_statistics(
+            statistics.location_scale_from_chunks(chunks),
+            n_samples=len(sources),
+            n_features=int(mask_array.sum()),
+            batch=sites,
+            covariates=covars,
+            route="streamed volumes",
         )
-        return reader.run(tasks, "fit")
-
-    combat = CombatHarmonizer(**options)
-    combat._fit_from_statistics(
-        statistics.location_scale_from_chunks(chunks),
-        n_samples=len(sources),
-        n_features=int(mask_array.sum()),
-        batch=sites,
-        covariates=covars,
-        route="streamed volumes",
-    )
-    estimates = combat.estimates_
-    estimates.info["volumes"] = {
-        "batch_col": batch_col,
-        "mask": mask_array,
-        "affine": grid[1],
-        "shape": list(mask_array.shape),
-    }
-    _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
+        estimates = combat.estimates_
+        estimates.info["volumes"] = {
+            "batch_col": batch_col,
+            "mask": mask_array,
+            "affine": grid[1],
+            "shape": list(mask_array.shape),
+        }
+        _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged)
+        staged.commit()
     return targets, estimates
 
 
@@ -118,9 +120,11 @@ def apply(
             "unseen_batch='adapt' estimates them from all their volumes at once, which the "
             "streamed path (output_dir) does not do: use output_dir=None for those volumes"
         )
-    targets = output_paths(sources, output_dir)
-    reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
-    _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
+    with StagedFiles("apply_volumes") as staged:
+        targets = output_paths(sources, output_dir, staged)
+        reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
+        _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged)
+        staged.commit()
     return targets
 
 
@@ -129,12 +133,12 @@ def apply(
 # ------------------------------------------------------------------------------------------
 
 
-def output_paths(sources, output_dir):
-    """The output file of each volume (see harmonize_volumes, Notes); collisions refused."""
+def output_paths(sources, output_dir, staged, mask=None):
+    """The output file of each volume (see harmonize_volumes, Notes), checked before the
+    first write: ``output_dir`` can be made and written to, no output is a folder, an input
+    volume, the mask or another volume's output."""
     output_dir = os.fspath(output_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} exists and is not a directory")
-    os.makedirs(output_dir, exist_ok=True)
+    staged.make_folder(output_dir, "output_dir")
     width = len(str(len(sources) - 1))
     targets, inputs = [], {}
     for i, source in enumerate(sources):
@@ -166,6 +170,8 @@ def output_paths(sources, output_dir):
                 "another output_dir"
             )
         seen[real] = i
+        named = {"mask": mask} if isinstance(mask, (str, os.PathLike)) else {}
+        staged.check(target, f"the output of volume {i}", named)
     return targets
 
 
@@ -268,7 +274,7 @@ def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
     return statistics.chunk_moments(X, batch_idx, n_batches, Z)
 
 
-def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask):
+def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
     tasks = (
         joblib.delayed(_write_chunk)(
             reader,
@@ -278,6 +284,7 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
             batch_col,
             [targets[i] for i in chunk],
             preserve_out_of_mask,
+            staged,
         )
         for chunk in reader.chunks
     )
@@ -285,7 +292,7 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
         pass
 
 
-def _write_chunk(reader, chunk, combat, covars, batch_col, targets, preserve_out_of_mask):
+def _write_chunk(reader, chunk, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
     X, whole, headers = reader.read(chunk, keep_whole=preserve_out_of_mask)
     harmonized = combat.transform(X, batch=covars[batch_col].to_numpy(), covariates=covars)
     del X
@@ -295,18 +302,4 @@ def _write_chunk(reader, chunk, combat, covars, batch_col, targets, preserve_out
         data[reader.mask] = values
         img = nib.Nifti1Image(data, affine, header)
         img.set_data_dtype(data.dtype)
-        write_atomically(img, target)
-
-
-def write_atomically(img, target):
-    """Save to a temporary file next to ``target``, then rename it to ``target``."""
-    directory, base = os.path.split(target)
-    extension = ".nii.gz" if base.endswith(".nii.gz") else ".nii"
-    temporary = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp{extension}")
-    try:
-        nib.save(img, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        nib.save(img, staged.path_for(target))  # renamed to target when all are written
