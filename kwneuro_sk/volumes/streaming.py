@@ -275,6 +275,9 @@ def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
 
 
 def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
+    # Temporary names decided here, in the calling process: the tasks may run elsewhere
+    # (joblib's dask backend), and only these files are ever renamed to the targets.
+    temporaries = [staged.path_for(target) for target in targets]
     tasks = (
         joblib.delayed(_write_chunk)(
             reader,
@@ -282,9 +285,8 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask,
             combat,
             covars.iloc[chunk],
             batch_col,
-            [targets[i] for i in chunk],
+            [temporaries[i] for i in chunk],
             preserve_out_of_mask,
-            staged,
         )
         for chunk in reader.chunks
     )
@@ -292,14 +294,14 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask,
         pass
 
 
-def _write_chunk(reader, chunk, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
+def _write_chunk(reader, chunk, combat, covars, batch_col, temporaries, preserve_out_of_mask):
     X, whole, headers = reader.read(chunk, keep_whole=preserve_out_of_mask)
     harmonized = combat.transform(X, batch=covars[batch_col].to_numpy(), covariates=covars)
     del X
-    for values, data, (affine, header), target in zip(harmonized, whole, headers, targets):
+    for values, data, (affine, header), temporary in zip(harmonized, whole, headers, temporaries):
         if data is None:
             data = np.zeros(reader.mask.shape, dtype=harmonized.dtype)
         data[reader.mask] = values
         img = nib.Nifti1Image(data, affine, header)
         img.set_data_dtype(data.dtype)
-        nib.save(img, staged.path_for(target))  # renamed to target when all are written
+        nib.save(img, temporary)  # renamed to its target when every output is written
