@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 from kwneuro_sk import CombatHarmonizer, CovBatHarmonizer
-from kwneuro_sk.combat._inputs import ColumnRoles, read_metadata
 
 da = pytest.importorskip("dask.array")
 dd = pytest.importorskip("dask.dataframe")
@@ -52,6 +51,8 @@ COVARS = COHORT[["site", "age", "sex"]]
 
 
 def test_column_roles_checks_the_option_set_once():
+    from kwneuro_sk.combat._inputs import ColumnRoles
+
     roles = ColumnRoles.from_params("site", "sex", ["age"], "tiv")
     assert roles.covariates == ["sex", "age", "tiv"]
     assert roles.numeric == ["age", "tiv"]
@@ -63,6 +64,8 @@ def test_column_roles_checks_the_option_set_once():
 
 
 def test_read_metadata_names_batch_rows_and_columns():
+    from kwneuro_sk.combat._inputs import ColumnRoles, read_metadata
+
     roles = ColumnRoles.from_params(None, "sex", "age")
     sites, frame = read_metadata(SITE, COVARS, N, roles)
     assert list(frame.columns) == ["sex", "age"] and len(sites) == N
@@ -270,7 +273,238 @@ def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_p
     assert open(mask_path, "rb").read() == before
 
 
+def test_cli_report_failing_after_the_fit_leaves_no_output(tmp_path, monkeypatch, capsys):
+    import kwneuro_sk.report
+    from kwneuro_sk.cli import main
+
+    def failing_report(*args, **kwargs):
+        raise ValueError("the report cannot be drawn")
+
+    monkeypatch.setattr(kwneuro_sk.report, "harmonization_report", failing_report)
+    COHORT.to_csv(tmp_path / "train.csv", index=False)
+    outputs = ["-o", str(tmp_path / "o" / "out.csv"), "--save-model", str(tmp_path / "m.npz")]
+    args = ["harmonize", str(tmp_path / "train.csv"), "--batch-col", "site", "--categorical"]
+    status = main(
+        [*args, "sex", "--continuous", "age", *outputs, "--report", str(tmp_path / "r.html")]
+    )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "the report cannot be drawn" in err and "nothing was written" in err
+    assert sorted(os.listdir(tmp_path)) == ["train.csv"]
+
+
 def test_apply_volumes_refuses_an_unknown_unseen_batch_policy(volume_model):
     paths, covars, _, estimates = volume_model
     with pytest.raises(ValueError, match="'unseen_batch' parameter of apply_volumes"):
         estimates.apply_volumes(paths, covars, unseen_batch="adpat")
+
+
+# --------------------------------------------------------------------------------------------
+# the matrix: every option on every route
+# --------------------------------------------------------------------------------------------
+
+# Options: estimator keyword arguments. "adapt" is the unseen-site policy (new rows of a site
+# unseen in fit), "covbat" the CovBat estimator.
+OPTIONS = {
+    "plain": {},
+    "covariates": {"categorical_cols": "sex", "continuous_cols": "age"},
+    "smooth": {"smooth_cols": "age", "smooth_knots": 4, "categorical_cols": "sex"},
+    "ref_batch": {"ref_batch": "b", "continuous_cols": "age"},
+    "eb_off": {"eb": False},
+    "non_parametric": {"parametric": False},
+    "mean_only": {"mean_only": True, "continuous_cols": "age"},
+    "adapt": {"unseen_batch": "adapt", "continuous_cols": "age"},
+    "covbat": {"covbat": True, "continuous_cols": "age"},
+}
+ROUTES = [
+    "dataframe",
+    "dask_array",
+    "dask_dataframe",
+    "volumes",
+    "streamed_volumes",
+    "cli",
+    "model_file",
+]
+
+
+def _new_rows(seed=5, n=6):
+    """Rows of a site "d" unseen in fit (the unseen-site policy)."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.normal(size=(n, N_FEATURES)) + 3.0, columns=FEATURES)
+    frame["site"] = "d"
+    frame["age"] = rng.uniform(25, 75, n).round()
+    frame["sex"] = np.tile(["F", "M"], n // 2)
+    return frame
+
+
+NEW = _new_rows()
+
+
+def _estimator(options, **extra):
+    options = dict(options)
+    cls = CovBatHarmonizer if options.pop("covbat", False) else CombatHarmonizer
+    return cls(**options, **extra)
+
+
+def _reference(options):
+    """The in-memory keyword route: the numbers every other route must give."""
+    combat = _estimator(options)
+    out = combat.fit_transform(X, batch=SITE, covariates=COVARS)
+    if options.get("unseen_batch") == "adapt":
+        out = combat.transform(NEW[FEATURES].to_numpy(), batch=NEW["site"], covariates=NEW)
+    return out
+
+
+def _volumes(frame):
+    return [nib.Nifti1Image(row.reshape(3, 2, 1), AFFINE) for row in frame[FEATURES].to_numpy()]
+
+
+MASK = nib.Nifti1Image(np.ones((3, 2, 1), dtype=np.uint8), AFFINE)
+
+
+def _voxels(images):
+    return np.stack(
+        [
+            np.asarray(nib.load(i).get_fdata() if isinstance(i, str) else i.get_fdata()).reshape(-1)
+            for i in images
+        ]
+    )
+
+
+def _table(frame, options):
+    """The features, the site and the covariates the options name (the columns route)."""
+    named = [options.get(k) for k in ("categorical_cols", "continuous_cols", "smooth_cols")]
+    return frame[[*FEATURES, "site", *[c for c in named if c]]]
+
+
+def _run(route, options, tmp_path):
+    """The harmonized rows (fit rows, or the unseen site's rows with "adapt") by ``route``."""
+    adapt = options.get("unseen_batch") == "adapt"
+    cohort, new = _table(COHORT, options), _table(NEW, options)
+    if route == "dataframe":
+        combat = _estimator(options, batch_col="site")
+        out = combat.fit_transform(cohort)
+        return combat.transform(new) if adapt else out
+    if route == "dask_array":
+        combat = _estimator(options)
+        Xd = da.from_array(X, chunks=(7, 4))
+        combat.fit(Xd, batch=SITE, covariates=COVARS)
+        if adapt:
+            new = da.from_array(NEW[FEATURES].to_numpy(), chunks=(3, 6))
+            return combat.transform(new, batch=NEW["site"], covariates=NEW).compute()
+        return combat.transform(Xd, batch=SITE, covariates=COVARS).compute()
+    if route == "dask_dataframe":
+        combat = _estimator(options, batch_col="site")
+        frame = dd.from_pandas(cohort, npartitions=3)
+        combat.fit(frame)
+        new = dd.from_pandas(new, npartitions=2) if adapt else frame
+        return combat.transform(new).compute().to_numpy()
+    if route in ("volumes", "streamed_volumes"):
+        from kwneuro_sk import harmonize_volumes
+        from kwneuro_sk.volumes import apply_volumes
+
+        options = dict(options)
+        unseen = options.pop("unseen_batch", "error")
+        if options.pop("covbat", False):
+            options["percent_var"] = 0.9  # CovBat has no voxel-wise route
+        streamed = route == "streamed_volumes"
+        output_dir = tmp_path / "out" if streamed else None
+        out, estimates = harmonize_volumes(
+            _volumes(COHORT),
+            COVARS,
+            "site",
+            MASK,
+            dtype=np.float64,
+            output_dir=output_dir,
+            **options,
+        )
+        if adapt:
+            out = apply_volumes(
+                estimates,
+                _volumes(NEW),
+                NEW[["site", "age", "sex"]],
+                unseen_batch=unseen,
+                dtype=np.float64,
+                output_dir=tmp_path / "new" if streamed else None,
+            )
+        return _voxels(out)
+    if route == "cli":
+        from kwneuro_sk.cli import main
+
+        flags = {
+            "categorical_cols": "--categorical",
+            "continuous_cols": "--continuous",
+            "smooth_cols": "--smooth",
+            "smooth_knots": "--smooth-knots",
+            "ref_batch": "--ref-batch",
+        }
+        args = []
+        for name, value in options.items():
+            if name in flags:
+                args += [flags[name], str(value)]
+            elif name == "eb":
+                args.append("--no-eb")
+            elif name == "parametric":
+                args.append("--non-parametric")
+            elif name == "mean_only":
+                args.append("--mean-only")
+            elif name == "covbat":
+                args.append("--covbat")
+        cohort.to_csv(tmp_path / "train.csv", index=False)
+        model = tmp_path / "model.npz"
+        status = main(
+            ["harmonize", str(tmp_path / "train.csv"), "--batch-col", "site", *args]
+            + ["-o", str(tmp_path / "out.csv"), "--save-model", str(model)]
+        )
+        assert status == 0
+        out = pd.read_csv(tmp_path / "out.csv")[FEATURES].to_numpy()
+        # the saved model applied to its own training table (or to the unseen site's rows)
+        (new if adapt else cohort).to_csv(tmp_path / "new.csv", index=False)
+        apply = ["apply", str(model), str(tmp_path / "new.csv"), "-o", str(tmp_path / "o2.csv")]
+        assert main(apply + (["--adapt-new-sites"] if adapt else [])) == 0
+        again = pd.read_csv(tmp_path / "o2.csv")[FEATURES].to_numpy()
+        if not adapt:
+            np.testing.assert_allclose(again, out, rtol=1e-10, atol=1e-10)
+        return again
+    if route == "model_file":
+        from kwneuro_sk import CombatEstimates
+
+        fitted = _estimator(options, batch_col="site").fit(cohort)
+        fitted.estimates_.save(tmp_path / "model.npz")
+        loaded = type(fitted).from_estimates(CombatEstimates.load(tmp_path / "model.npz"))
+        return loaded.transform(new if adapt else cohort)
+    raise AssertionError(route)
+
+
+# Cells that are refused, with the error that names the option and the route.
+REFUSED = {
+    ("dask_array", "adapt"): (ValueError, r"unseen_batch='adapt' needs the rows in memory"),
+    ("dask_dataframe", "adapt"): (ValueError, r"unseen_batch='adapt' needs the rows in memory"),
+    ("streamed_volumes", "adapt"): (ValueError, r"unseen_batch='adapt' .* streamed path"),
+    ("dask_array", "covbat"): (TypeError, "CovBatHarmonizer cannot be fitted on a dask input"),
+    ("dask_dataframe", "covbat"): (TypeError, "CovBatHarmonizer cannot be fitted on a dask"),
+    # CovBat has no voxel-wise route: the option is not a parameter there
+    ("volumes", "covbat"): (TypeError, r"unexpected keyword argument 'percent_var'"),
+    ("streamed_volumes", "covbat"): (TypeError, r"unexpected keyword argument 'percent_var'"),
+    ("cli", "covbat"): (SystemExit, "2"),
+    ("model_file", "covbat"): (NotImplementedError, "CovBatHarmonizer cannot be rebuilt from"),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_option_on_every_route(route, option, tmp_path, capsys):
+    options = OPTIONS[option]
+    if (route, option) in REFUSED:
+        error, message = REFUSED[route, option]
+        with pytest.raises(error, match=message):
+            _run(route, options, tmp_path)
+        if route == "cli":
+            assert "unrecognized arguments: --covbat" in capsys.readouterr().err
+        # nothing written by the refused call
+        refused_outputs = ("new", "o2.csv") if option == "adapt" else ("out", "out.csv")
+        assert not any((tmp_path / name).exists() for name in refused_outputs)
+        return
+    expected = _reference(options)
+    got = _run(route, options, tmp_path)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
