@@ -7,7 +7,6 @@ exit status 1 (usage errors: 2).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -167,25 +166,16 @@ def _check_outputs(outputs, inputs):
     """Check every output before anything is read, computed or written: not a directory, not
     one of the inputs (resolved paths, so ``a/../in.csv`` and symlinks count), not another
     output. ``outputs`` and ``inputs`` are {description: path}."""
+    checker = StagedFiles(PROG, error=CommandError)
+    named_inputs = {f"{what} {source}": source for what, source in inputs.items()}
     seen = {}
     for option, out in outputs.items():
         if out is None:
             continue
-        out_path = Path(out)
-        if out_path.is_dir():
+        if Path(out).is_dir():
             raise CommandError(f"{option} {out} is a directory; give a file name")
-        resolved = out_path.resolve()
-        for what, source in inputs.items():
-            if source is None:
-                continue
-            same = Path(source).resolve() == resolved
-            if not same and out_path.exists() and Path(source).exists():
-                same = os.path.samefile(out_path, source)
-            if same:
-                raise CommandError(
-                    f"{option} {out} is the {what} {source}; write the "
-                    "output to another file (inputs are never overwritten)"
-                )
+        checker.check(out, option, named_inputs)
+        resolved = Path(out).resolve()
         if resolved in seen:
             raise CommandError(f"{option} and {seen[resolved]} are the same file {out}")
         seen[resolved] = option

@@ -257,6 +257,11 @@ def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_p
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"cannot create output_dir .*afile' is a file"):
         harmonize_volumes(paths, covars, "site", mask, output_dir=tmp_path / "afile" / "out")
+    with pytest.raises(ValueError, match=r"\['tiv'\] not found in covariates= \(streamed vol"):
+        harmonize_volumes(
+            paths, covars, "site", mask, continuous_cols="tiv", output_dir=tmp_path / "x"
+        )
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="cannot write in output_dir"):
         estimates.apply_volumes(paths, covars, output_dir="/proc")  # read-only, even for root
     taken = tmp_path / "taken"

@@ -28,6 +28,7 @@ import numpy as np
 from kwneuro_sk import images
 from kwneuro_sk._files import StagedFiles
 from kwneuro_sk.combat import statistics
+from kwneuro_sk.combat._inputs import ColumnRoles, read_metadata
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
 
@@ -58,6 +59,11 @@ def harmonize(
     grid = images.grid_of(mask_img)
     covars = inputs.check_covars(covars, len(sources), batch_col)
     sites = covars[batch_col]
+    # the option set and the site/covariate table, checked before anything is read or written
+    roles = ColumnRoles.from_params(
+        None, options["categorical_cols"], options["continuous_cols"], options["smooth_cols"]
+    )
+    read_metadata(sites, covars, len(sources), roles, route="streamed volumes")
     if sites.nunique() < 2:
         raise ValueError(
             f"harmonize_volumes needs volumes from at least 2 sites in column "
@@ -113,6 +119,9 @@ def apply(
     """Streamed :func:`kwneuro_sk.volumes.apply_volumes` (estimates checked there)."""
     sources = _source_list(volumes, minimum=1)
     covars = inputs.check_covars(covars, len(sources), batch_col)
+    read_metadata(
+        covars[batch_col], covars, len(sources), ColumnRoles.of(combat), route="streamed volumes"
+    )
     unseen = ~np.isin(covars[batch_col].to_numpy(), combat.batches_)
     if unseen.any() and combat.unseen_batch == "adapt":
         raise ValueError(
