@@ -90,6 +90,24 @@ def test_dask_array_batch_of_wrong_length_is_refused_naming_batch(n_labels):
         CombatHarmonizer().fit(da.from_array(X, chunks=(10, 3)), batch=batch)
 
 
+def test_dask_dataframe_keyword_batch_of_wrong_length_is_refused_naming_batch():
+    frame = dd.from_pandas(COHORT[FEATURES], npartitions=3)
+    with pytest.raises(ValueError, match=rf"batch has {N - 1} site labels for {N} rows of X"):
+        CombatHarmonizer().fit(frame, batch=SITE[:-1])
+    fitted = CombatHarmonizer().fit(frame, batch=SITE)
+    with pytest.raises(ValueError, match=rf"batch has {N + 1} site labels for {N} rows of X"):
+        fitted.transform(frame, batch=np.r_[SITE, ["a"]])
+
+
+def test_dask_transform_reports_missing_covariates_by_row_of_the_whole_input():
+    combat = CombatHarmonizer(continuous_cols="age").fit(X, batch=SITE, covariates=COVARS)
+    covariates = COVARS.assign(age=COVARS["age"].where(COVARS.index != 25))
+    with pytest.raises(
+        ValueError, match=r"covariate 'age' has missing values \(NaN\) in row\(s\) \[25\]"
+    ):
+        combat.transform(da.from_array(X, chunks=(10, 6)), batch=SITE, covariates=covariates)
+
+
 def test_dask_dataframe_nan_is_reported_by_column_name():
     frame = COHORT.copy()
     frame.loc[7, "f3"] = np.nan
