@@ -126,14 +126,20 @@ def test_partial_fit_columns_route_and_continuing_after_use():
     assert incremental.feature_names_in_.tolist() == whole.feature_names_in_.tolist()
 
 
-def test_fit_resets_and_partial_fit_after_fit_is_refused():
+def test_fit_resets_and_partial_fit_after_fit_starts_anew():
     X, site, covariates = COHORT
     combat = CombatHarmonizer().partial_fit(X[:50], batch=site[:50])
     combat.fit(X, batch=site)
-    whole = CombatHarmonizer().fit(X, batch=site)
-    assert_same_model(whole, combat)
-    with pytest.raises(ValueError, match="fitted with fit\\(\\).*partial_fit cannot continue"):
-        combat.partial_fit(X[:10], batch=site[:10])
+    assert_same_model(CombatHarmonizer().fit(X, batch=site), combat)
+    with pytest.warns(UserWarning, match="keeps no statistics.*starts a new model"):
+        combat.partial_fit(X[:60], batch=site[:60])
+    assert_same_model(CombatHarmonizer().fit(X[:60], batch=site[:60]), combat)
+
+
+def test_covbat_has_no_statistics_routes():
+    from kwneuro_sk import CovBatHarmonizer
+
+    assert not hasattr(CovBatHarmonizer(), "partial_fit")
 
 
 def test_partial_fit_refusals():

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import (
     _check_feature_names_in,
     check_array,
@@ -272,6 +273,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self._fit(rows)
         return self._transform(rows)
 
+    @available_if(lambda self: self._check_statistics_route("partial_fit"))
     def partial_fit(self, X, y=None, *, batch=None, covariates=None):
         """Add a chunk of training rows: after any sequence of calls, the model is that of
         :meth:`fit` on all the rows given so far.
@@ -283,7 +285,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         computed from the statistics when it is first used after a call (``transform``, a
         fitted attribute), so a loop of ``partial_fit`` calls costs about one ``fit``;
         errors that need all the rows (a single site, a confounded covariate) are raised
-        then. :meth:`fit` discards the accumulated statistics.
+        then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
+        :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
 
         Every option of :meth:`fit` is supported except ``smooth_cols`` (its knots are
         quantiles of all the rows, unknown until the last chunk): a ValueError says so.
@@ -322,10 +325,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         first = getattr(self, "_partial_statistics", None) is None
         if first:
             if hasattr(self, "n_features_in_"):
-                raise ValueError(
-                    "this CombatHarmonizer was fitted with fit(), which keeps no statistics "
-                    "of its rows, so partial_fit cannot continue it; use partial_fit for "
-                    "every chunk from the start (or clone the harmonizer first)"
+                warnings.warn(
+                    f"{type(self).__name__} was fitted with fit() (or from summaries), which "
+                    "keeps no statistics of its rows: partial_fit starts a new model from "
+                    "this chunk",
+                    UserWarning,
+                    stacklevel=2,
                 )
             self._validate_params()
             self._check_incremental("partial_fit")
@@ -694,6 +699,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self._fit_statistics(state["_partial_statistics"])
             return state[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _check_statistics_route(self, method):
+        """Whether the estimator can be fitted from statistics (``available_if`` check)."""
+        return True
 
     def _check_incremental(self, method):
         """Options that statistics of chunks or sites cannot serve, refused by name."""
