@@ -316,6 +316,12 @@ def test_cli_report_failing_after_the_fit_leaves_no_output(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["train.csv"]
 
 
+def test_unknown_unseen_batch_policy_set_after_fit_is_refused_not_adapted():
+    combat = CombatHarmonizer().fit(X, batch=SITE).set_params(unseen_batch="adpat")
+    with pytest.raises(ValueError, match="unseen_batch must be 'error' or 'adapt'; got 'adpat'"):
+        combat.transform(NEW[FEATURES].to_numpy(), batch=NEW["site"])
+
+
 def test_apply_volumes_refuses_an_unknown_unseen_batch_policy(volume_model):
     paths, covars, _, estimates = volume_model
     with pytest.raises(ValueError, match="'unseen_batch' parameter of apply_volumes"):
