@@ -280,7 +280,7 @@ def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_p
             paths, covars, "site", mask, continuous_cols="tiv", output_dir=tmp_path / "x"
         )
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="cannot write in output_dir"):
+    with pytest.raises(ValueError, match="cannot (write in|create) output_dir"):
         estimates.apply_volumes(paths, covars, output_dir="/proc")  # read-only, even for root
     taken = tmp_path / "taken"
     (taken / "s3_harmonized.nii.gz").mkdir(parents=True)
@@ -314,6 +314,12 @@ def test_cli_report_failing_after_the_fit_leaves_no_output(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "the report cannot be drawn" in err and "nothing was written" in err
     assert sorted(os.listdir(tmp_path)) == ["train.csv"]
+
+
+def test_unknown_unseen_batch_policy_set_after_fit_is_refused_not_adapted():
+    combat = CombatHarmonizer().fit(X, batch=SITE).set_params(unseen_batch="adpat")
+    with pytest.raises(ValueError, match="unseen_batch must be 'error' or 'adapt'; got 'adpat'"):
+        combat.transform(NEW[FEATURES].to_numpy(), batch=NEW["site"])
 
 
 def test_apply_volumes_refuses_an_unknown_unseen_batch_policy(volume_model):
