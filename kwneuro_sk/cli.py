@@ -7,17 +7,15 @@ exit status 1 (usage errors: 2).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kwneuro_sk._files import StagedFiles
 from kwneuro_sk.maskers._reduce import STRATEGIES
 
 PROG = "kwneuro-sk"
@@ -168,86 +166,37 @@ def _check_outputs(outputs, inputs):
     """Check every output before anything is read, computed or written: not a directory, not
     one of the inputs (resolved paths, so ``a/../in.csv`` and symlinks count), not another
     output. ``outputs`` and ``inputs`` are {description: path}."""
+    checker = StagedFiles(PROG, error=CommandError)
+    named_inputs = {f"{what} {source}": source for what, source in inputs.items()}
     seen = {}
     for option, out in outputs.items():
         if out is None:
             continue
-        out_path = Path(out)
-        if out_path.is_dir():
+        if Path(out).is_dir():
             raise CommandError(f"{option} {out} is a directory; give a file name")
-        resolved = out_path.resolve()
-        for what, source in inputs.items():
-            if source is None:
-                continue
-            same = Path(source).resolve() == resolved
-            if not same and out_path.exists() and Path(source).exists():
-                same = os.path.samefile(out_path, source)
-            if same:
-                raise CommandError(
-                    f"{option} {out} is the {what} {source}; write the "
-                    "output to another file (inputs are never overwritten)"
-                )
+        checker.check(out, option, named_inputs)
+        resolved = Path(out).resolve()
         if resolved in seen:
             raise CommandError(f"{option} and {seen[resolved]} are the same file {out}")
         seen[resolved] = option
 
 
-def _create_folders(outputs):
-    """Create the parent folders of every output (after the inputs were read, before the work
-    and before anything is written), or fail naming the output."""
-    for option, out in outputs.items():
-        if out is None:
-            continue
-        parent = Path(out).resolve().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CommandError(
-                f"cannot create the folder of {option} {out}: "
-                f"{error.strerror or error}"
-                f"{' (a file is in the way)' if _file_in_way(parent) else ''}"
-            ) from None
+class _Staged(StagedFiles):
+    """Outputs of one command written to temporary files next to their targets and renamed
+    over them only when every output is ready (os.replace): a failure leaves no partial or
+    clobbered file, and removes the folders the command created for its outputs."""
 
+    def __init__(self, command="kwneuro-sk"):
+        super().__init__(command, error=CommandError)
 
-def _file_in_way(folder):
-    return any(p.is_file() for p in [folder, *folder.parents])
-
-
-class _Staged:
-    """Outputs written to temporary files next to their targets and renamed over them only
-    when every output is ready (os.replace): a failure leaves no partial or clobbered file."""
-
-    def __init__(self):
-        self.pending = []
-
-    def path_for(self, target):
-        target = Path(target)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent
-        )
-        os.close(fd)
-        self.pending.append((tmp, target))
-        return tmp
+    def folders(self, outputs):
+        """Create the folder of every output ({option: path}) before anything is written."""
+        for option, out in outputs.items():
+            if out is not None:
+                self.make_folder(Path(out).resolve().parent, f"the folder of {option}")
 
     def table(self, frame, target):
         frame.to_csv(self.path_for(target), index=False, sep=_separator(target))
-
-    def commit(self):
-        from kwneuro_sk.combat.estimates import _default_file_mode
-
-        for tmp, target in self.pending:
-            os.chmod(tmp, _default_file_mode())  # mkstemp makes it private (0600)
-            os.replace(tmp, target)
-        self.pending = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for tmp, _ in self.pending:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        return False
 
 
 def _progress(done, total, start):
@@ -305,25 +254,29 @@ def cmd_harmonize(args):
         axis=1,
     )
     X = X[[c for c in frame.columns if c in X.columns]]
-    _create_folders(outputs)
-    combat = CombatHarmonizer(
-        batch_col=args.batch_col,
-        categorical_cols=args.categorical or None,
-        continuous_cols=args.continuous or None,
-        eb=args.eb,
-        parametric=args.parametric,
-        mean_only=args.mean_only,
-        ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
-        smooth_cols=args.smooth or None,
-        smooth_knots=args.smooth_knots,
-    ).set_output(transform="pandas")
-    harmonized = combat.fit_transform(X)
-    out = frame.copy()  # every other column written back exactly as read
-    out[features] = harmonized.to_numpy()
-    with _Staged() as staged:
+    with _Staged("kwneuro-sk harmonize") as staged:
+        staged.folders(outputs)
+        combat = CombatHarmonizer(
+            batch_col=args.batch_col,
+            categorical_cols=args.categorical or None,
+            continuous_cols=args.continuous or None,
+            eb=args.eb,
+            parametric=args.parametric,
+            mean_only=args.mean_only,
+            ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
+            smooth_cols=args.smooth or None,
+            smooth_knots=args.smooth_knots,
+        ).set_output(transform="pandas")
+        harmonized = combat.fit_transform(X)
+        out = frame.copy()  # every other column written back exactly as read
+        out[features] = harmonized.to_numpy()
         staged.table(out, args.output)
         if args.save_model:
             combat.estimates_.save(staged.path_for(args.save_model))
+        if args.report:  # made before any output is committed: a failing report leaves none
+            from kwneuro_sk.report import harmonization_report
+
+            harmonization_report(combat, X, harmonized).save(staged.path_for(args.report))
         staged.commit()
     print(
         f"harmonized {harmonized.shape[1]} features of {len(frame)} rows from "
@@ -332,9 +285,6 @@ def cmd_harmonize(args):
     if args.save_model:
         print(f"model saved -> {args.save_model}")
     if args.report:
-        from kwneuro_sk.report import harmonization_report
-
-        harmonization_report(combat, X, harmonized).save(args.report)
         print(f"report -> {args.report}")
     return 0
 
@@ -342,6 +292,7 @@ def cmd_harmonize(args):
 def cmd_apply(args):
     """Harmonize new rows with a model saved by ``harmonize --save-model``."""
     from kwneuro_sk import CombatEstimates, CombatHarmonizer
+    from kwneuro_sk.combat._inputs import ColumnRoles
 
     _check_outputs({"-o": args.output}, {"model": args.model, "input table": args.features})
     if Path(args.model).is_dir():
@@ -375,8 +326,9 @@ def cmd_apply(args):
         combat.batch_col: info["batches"],
         **dict(zip(info["categorical_cols"], info["categories"])),
     }
-    continuous = list(info["continuous_cols"])
-    features = [c for c in columns if c not in text and c not in continuous]
+    roles = ColumnRoles.from_info(info)
+    continuous = roles.numeric  # continuous and smooth covariates: numbers, not features
+    features = roles.features(columns)
     for col in text:
         _labels(frame, [col], args.features, "site" if col == combat.batch_col else "categorical")
     parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
@@ -388,11 +340,11 @@ def cmd_apply(args):
         ],
         axis=1,
     )[columns]
-    _create_folders({"-o": args.output})
-    harmonized = combat.set_output(transform="pandas").transform(X)
-    out = frame.copy()
-    out[features] = harmonized.to_numpy()
-    with _Staged() as staged:
+    with _Staged("kwneuro-sk apply") as staged:
+        staged.folders({"-o": args.output})
+        harmonized = combat.set_output(transform="pandas").transform(X)
+        out = frame.copy()
+        out[features] = harmonized.to_numpy()
         staged.table(out, args.output)
         staged.commit()
     print(f"harmonized {harmonized.shape[1]} features of {len(frame)} rows -> {args.output}")
@@ -428,21 +380,20 @@ def cmd_extract(args):
     else:
         raise CommandError("no images: give image paths, or --from-csv CSV --column COLUMN")
     _check_outputs({"-o": args.output}, {**inputs, **{f"image {p}": p for p in images}})
-    _create_folders({"-o": args.output})
-
-    masker = LabelsMasker(args.atlas, labels=args.labels, strategy=args.strategy)
-    masker.set_output(transform="pandas").fit()
-    chunk = max(1, len(images) // 50)
-    show = len(images) >= 20 and not args.quiet
-    start = time.perf_counter()
-    parts = []
-    for i in range(0, len(images), chunk):
-        parts.append(masker.transform(images[i : i + chunk]))
-        if show:
-            _progress(min(i + chunk, len(images)), len(images), start)
-    regions = pd.concat(parts, ignore_index=True)
-    out = pd.concat([table.reset_index(drop=True), regions], axis=1)
-    with _Staged() as staged:
+    with _Staged("kwneuro-sk extract") as staged:
+        staged.folders({"-o": args.output})
+        masker = LabelsMasker(args.atlas, labels=args.labels, strategy=args.strategy)
+        masker.set_output(transform="pandas").fit()
+        chunk = max(1, len(images) // 50)
+        show = len(images) >= 20 and not args.quiet
+        start = time.perf_counter()
+        parts = []
+        for i in range(0, len(images), chunk):
+            parts.append(masker.transform(images[i : i + chunk]))
+            if show:
+                _progress(min(i + chunk, len(images)), len(images), start)
+        regions = pd.concat(parts, ignore_index=True)
+        out = pd.concat([table.reset_index(drop=True), regions], axis=1)
         staged.table(out, args.output)
         staged.commit()
     print(
@@ -627,6 +578,8 @@ _CLI_TERMS = [
     ),
     (r"(?<![\w'\[])categorical_cols(?![\w'])", "--categorical"),
     (r"(?<![\w'\[])continuous_cols(?![\w'])", "--continuous"),
+    (r"(?<![\w'\[])smooth_cols(?![\w'])", "--smooth"),
+    (r"(?<![\w'\[])smooth_knots(?![\w'])", "--smooth-knots"),
     (r"(?<![\w'\[])batch_col(?![\w'=])", "--batch-col"),
 ]
 
@@ -646,7 +599,8 @@ def main(argv=None):
         return args.func(args)
     except (CommandError, ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"{PROG} {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        print(f"{PROG} {args.command}: error: {_one_line(message)}{notes}", file=sys.stderr)
         return 1
     except OSError as exc:  # permissions, full disk, ...: the file and the reason
         where = f"{exc.filename}: " if exc.filename else ""

@@ -219,7 +219,7 @@ def test_output_names_and_collisions(cohort, tmp_path):
         )
     assert open(trap, "rb").read() == before
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="output_dir .* is not a directory"):
+    with pytest.raises(ValueError, match="cannot create output_dir .* is a file"):
         harmonize_volumes(images, covars, "site", mask_img, output_dir=tmp_path / "file")
 
 

@@ -50,7 +50,13 @@ def covariate_columns(batch_col, categorical_cols, continuous_cols, smooth_cols=
         for name_b, b in lists[i + 1 :]:
             both = [c for c in a if c in b]
             if both:
-                raise ValueError(f"columns {both} are in both {name_a} and {name_b}")
+                advice = (
+                    "; a smooth term already includes the linear effect, so remove them from "
+                    f"{name_a} (or from smooth_cols for a linear effect only)"
+                    if name_b == "smooth_cols"
+                    else f"; list each column in one of {name_a} and {name_b} only"
+                )
+                raise ValueError(f"columns {both} are in both {name_a} and {name_b}{advice}")
     if batch_col is not None and batch_col in categorical + continuous + smooth:
         raise ValueError(f"batch_col {batch_col!r} is also named as a covariate")
     if smooth_cols is None:
@@ -150,6 +156,17 @@ class CovariateEncoding:
                     f"be sorted: {format_labels(values)}"
                 ) from exc
         knots = [spline_knots(frame[col], n_knots, col) for col in smooth]
+        width = n_knots + degree - 2
+        for col in smooth:
+            n_values = frame[col].nunique()
+            if n_values <= width:
+                # the basis and the site intercepts span at most n_values directions
+                raise ValueError(
+                    f"smooth covariate {col!r} has {n_values} distinct values, too few for its "
+                    f"B-spline basis of {width} columns (smooth_knots={n_knots}, "
+                    f"smooth_degree={degree}; it needs at least {width + 1} distinct values): "
+                    "lower smooth_knots or smooth_degree, or model it in continuous_cols"
+                )
         return cls(categorical, continuous, levels, smooth, knots, degree, extrapolation)
 
     @property

@@ -17,12 +17,14 @@ dask is imported only here, and only when the input is a dask collection.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 
 from kwneuro_sk.combat import statistics
-from kwneuro_sk.combat._covariates import covariate_columns, format_labels
-from kwneuro_sk.combat._inputs import feature_columns
+from kwneuro_sk.combat._covariates import format_labels
+from kwneuro_sk.combat._inputs import ColumnRoles, check_not_bool, missing_columns_message
 
 
 def is_dask(obj) -> bool:
@@ -31,37 +33,36 @@ def is_dask(obj) -> bool:
 
 
 def _is_dataframe(obj):
-    import dask.dataframe as dd
-
-    return isinstance(obj, dd.DataFrame)
+    # A dask DataFrame exists only once dask.dataframe is imported: looking it up in
+    # sys.modules keeps array input free of dask.dataframe (and of pyarrow, which it imports).
+    dd = sys.modules.get("dask.dataframe")
+    return dd is not None and isinstance(obj, dd.DataFrame)
 
 
 def fit(combat, X, batch, covariates):
     """Fit ``combat`` on a dask array or DataFrame (see the module docstring)."""
     import dask
 
-    categorical, continuous = covariate_columns(
-        combat.batch_col, combat.categorical_cols, combat.continuous_cols
-    )
+    roles = ColumnRoles.of(combat)
     names_in = names_out = None
     if _is_dataframe(X):
         columns = list(X.columns)
-        meta = [combat.batch_col, *categorical, *continuous] if combat.batch_col is not None else []
+        meta = roles.metadata
         missing = [c for c in meta if c not in columns]
         if missing:
-            raise ValueError(f"column(s) {missing} not found in X (columns: {columns})")
+            raise ValueError(missing_columns_message(missing, columns))
         if meta and (batch is not None or covariates is not None):
             raise ValueError(
                 f"batch=/covariates= were given as keywords while batch_col="
                 f"{combat.batch_col!r} says they are columns of X; give them "
                 "one way"
             )
-        features = feature_columns(X, combat.batch_col, categorical + continuous)
-        bad = [c for c in features if X[c].dtype.kind not in "biuf"]
+        features = roles.features(columns)
+        bad = [c for c in features if X[c].dtype.kind not in "iuf"]
         if bad:
             raise ValueError(
-                f"feature column(s) {bad} are not numeric; name site and "
-                "covariate columns in batch_col/categorical_cols/"
+                f"feature column(s) {bad} are not numeric (text, categories or true/false "
+                "values); name site and covariate columns in batch_col/categorical_cols/"
                 "continuous_cols, or drop them"
             )
         if all(isinstance(c, str) for c in columns):
@@ -73,11 +74,11 @@ def fit(combat, X, batch, covariates):
             parts = dask.compute(*X[meta].to_delayed())
             small = pd.concat(parts, ignore_index=True)
             lengths = [len(p) for p in parts]
-            batch, covariates = small[combat.batch_col], small[categorical + continuous]
+            batch, covariates = small[combat.batch_col], small[roles.covariates]
         else:
             lengths = list(dask.compute(*[dask.delayed(len)(p) for p in X.to_delayed()]))
         blocks = [[part] for part in X[features].to_delayed()]
-        column_starts = [0]
+        column_names = [features]
     else:
         if combat.batch_col is not None:
             raise TypeError(
@@ -91,32 +92,30 @@ def fit(combat, X, batch, covariates):
             )
         if any(np.isnan(c) for c in X.chunks[0]):
             raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() first")
-        if X.dtype.kind not in "biuf":
+        check_not_bool(X)
+        if X.dtype.kind not in "iuf":
             raise ValueError(f"X must be numeric; got dtype {X.dtype}")
         n_features_in = X.shape[1]
         columns_in = None
         lengths = list(X.chunks[0])
         blocks = X.to_delayed().tolist()
-        column_starts = list(np.cumsum((0,) + X.chunks[1])[:-1])
-    if batch is None:
-        raise ValueError(
-            "CombatHarmonizer needs the site of each row: set batch_col to the "
-            "site column of a dask DataFrame, or pass batch="
-        )
+        starts = np.cumsum((0,) + X.chunks[1])
+        column_names = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    n_samples = int(sum(lengths))
     offsets = np.cumsum([0] + lengths)
 
     def chunks(batch_idx, n_batches, Z):
         block_moments = dask.delayed(_block_moments, pure=True)
         merge = dask.delayed(statistics.merge_moments, pure=True)
         per_column = []
-        for j, start in enumerate(column_starts):
+        for j, names in enumerate(column_names):
             parts = [
                 block_moments(
                     row[j],
                     batch_idx[offsets[i] : offsets[i + 1]],
                     n_batches,
                     Z[offsets[i] : offsets[i + 1]],
-                    start,
+                    names,
                 )
                 for i, row in enumerate(blocks)
             ]
@@ -130,16 +129,18 @@ def fit(combat, X, batch, covariates):
 
     return combat._fit_from_statistics(
         statistics.location_scale_from_chunks(chunks),
+        n_samples=n_samples,
         n_features=n_features_in,
         batch=batch,
         covariates=covariates,
         feature_names_in=names_in,
         feature_names_out=names_out,
         columns_in=columns_in,
+        route="dask",
     )
 
 
-def _block_moments(block, batch_idx, n_batches, Z, column_start):
+def _block_moments(block, batch_idx, n_batches, Z, column_names):
     values = np.asarray(block.to_numpy() if isinstance(block, pd.DataFrame) else block)
     if values.shape[0] != len(batch_idx):
         raise ValueError(
@@ -151,7 +152,7 @@ def _block_moments(block, batch_idx, n_batches, Z, column_start):
     if bad.size:
         raise ValueError(
             f"X has NaN or infinite values in feature column(s) "
-            f"{(bad + column_start)[:10].tolist()}; ComBat needs finite values "
+            f"{[column_names[i] for i in bad[:10]]}; ComBat needs finite values "
             "(impute or drop them first)"
         )
     return statistics.chunk_moments(values, batch_idx, n_batches, Z)

@@ -1,9 +1,16 @@
 """Input handling of the ComBat estimators: one call's X, sites and covariates, validated once.
 
-Sites and covariates reach an estimator either as columns of a DataFrame ``X`` (``batch_col``)
-or as the keyword arguments ``batch=`` / ``covariates=``. :func:`read_rows` turns either form
-into :class:`Rows`: a float feature matrix, one site label per row and a covariate table with a
-positional index, raising errors that name the offending column, row or argument.
+This is the one input layer of every route into ComBat (arrays and DataFrames in memory, dask
+collections, streamed volumes, the command line, model files):
+
+- :class:`ColumnRoles` is the option set that says which column is what (site, categorical,
+  continuous, smooth covariates), checked once (:meth:`ColumnRoles.from_params`);
+- :func:`read_metadata` checks the sites and covariates of ``n_rows`` rows (from any route) and
+  returns the site labels and a covariate table with a positional index;
+- :func:`read_rows` splits one in-memory call's X (DataFrame columns or ``batch=`` /
+  ``covariates=`` keywords) into :class:`Rows`, through :func:`read_metadata`.
+
+Errors name the offending column, row or argument.
 """
 
 from __future__ import annotations
@@ -15,6 +22,117 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.utils.validation import check_array
+
+from kwneuro_sk.combat._covariates import covariate_columns
+
+
+@dataclass(frozen=True)
+class ColumnRoles:
+    """Which columns are the site and which are covariates (and of what kind).
+
+    Build it with :meth:`from_params` (or :meth:`of` an estimator, :meth:`from_info` of a model
+    file's info), which checks the lists against each other once.
+    """
+
+    batch_col: object = None
+    categorical: tuple = ()
+    continuous: tuple = ()
+    smooth: tuple = ()
+
+    @classmethod
+    def from_params(
+        cls, batch_col=None, categorical_cols=None, continuous_cols=None, smooth_cols=None
+    ):
+        """Checked roles from the estimator parameters of the same names."""
+        categorical, continuous, smooth = covariate_columns(
+            batch_col, categorical_cols, continuous_cols, smooth_cols=smooth_cols or []
+        )
+        return cls(batch_col, tuple(categorical), tuple(continuous), tuple(smooth))
+
+    @classmethod
+    def of(cls, estimator):
+        """Roles of a ComBat estimator's parameters (``batch_col``, ``*_cols``)."""
+        return cls.from_params(
+            estimator.batch_col,
+            estimator.categorical_cols,
+            estimator.continuous_cols,
+            getattr(estimator, "smooth_cols", None),
+        )
+
+    @classmethod
+    def from_info(cls, info):
+        """Roles of a saved model (:attr:`CombatEstimates.info`)."""
+        return cls.from_params(
+            info.get("batch_col"),
+            list(info.get("categorical_cols") or []),
+            list(info.get("continuous_cols") or []),
+            list(info.get("smooth_cols") or []),
+        )
+
+    @property
+    def covariates(self):
+        """Covariate columns: categorical, then continuous, then smooth."""
+        return [*self.categorical, *self.continuous, *self.smooth]
+
+    @property
+    def numeric(self):
+        """Covariate columns that must hold finite numbers (continuous and smooth)."""
+        return [*self.continuous, *self.smooth]
+
+    @property
+    def metadata(self):
+        """Columns of X that are not features in the columns route (none without batch_col)."""
+        return [] if self.batch_col is None else [self.batch_col, *self.covariates]
+
+    def features(self, columns):
+        """The feature columns among ``columns`` (all of them without ``batch_col``)."""
+        return feature_columns_of(columns, self.batch_col, self.covariates)
+
+
+def read_metadata(batch, covariates, n_rows, roles, *, route=None):
+    """Sites and covariates of ``n_rows`` rows, checked: ``(site_labels, covariate_frame)``.
+
+    Parameters
+    ----------
+    batch : array-like of shape (n_rows,)
+        One site label per row (a Series, array or list).
+    covariates : DataFrame or None
+        Holds ``roles.covariates`` (other columns are ignored).
+    n_rows : int
+        Number of rows of X.
+    roles : ColumnRoles
+    route : str, optional
+        Named in errors (e.g. ``"dask"``), for routes whose X is not in memory.
+
+    Returns
+    -------
+    sites : ndarray of shape (n_rows,)
+    covariate_frame : DataFrame of shape (n_rows, len(roles.covariates)), positional index
+    """
+    where = f" ({route} input)" if route else ""
+    if batch is None:
+        raise ValueError(
+            f"CombatHarmonizer needs the site of each row{where}: set batch_col to the site "
+            "column of a DataFrame X, or pass batch="
+        )
+    sites = site_labels(batch, n_rows, where=where)
+    columns = roles.covariates
+    if columns:
+        if not isinstance(covariates, pd.DataFrame):
+            raise TypeError(
+                f"covariates= must be a pandas DataFrame holding {columns}{where}; got "
+                f"{type(covariates).__name__}"
+            )
+        missing = [c for c in columns if c not in covariates.columns]
+        if missing:
+            raise ValueError(
+                f"covariate column(s) {missing} not found in covariates={where} "
+                f"(columns: {list(covariates.columns)})"
+            )
+        frame = covariates[columns]
+    else:  # only the columns named in categorical_cols/continuous_cols/smooth_cols are used
+        frame = pd.DataFrame(index=range(n_rows))
+    return sites, covariate_frame(frame, n_rows, roles.numeric, where=where)
 
 
 @dataclass
@@ -34,27 +152,29 @@ def metadata_columns(batch_col, covariate_cols):
 def feature_columns(X, batch_col, covariate_cols):
     """Feature columns of a DataFrame X (everything but site and covariates in the columns
     route)."""
+    return feature_columns_of(X.columns, batch_col, covariate_cols)
+
+
+def feature_columns_of(columns, batch_col, covariate_cols):
+    """Feature columns among ``columns`` (all of them when ``batch_col`` is None)."""
     if batch_col is None:
-        return list(X.columns)
+        return list(columns)
     meta = metadata_columns(batch_col, covariate_cols)
-    return [c for c in X.columns if c not in meta]
+    return [c for c in columns if c not in meta]
 
 
-def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, from_columns):
-    """Split the input of one call into features, sites and covariates, validated.
+def read_rows(X, batch, covariates, roles, *, from_columns):
+    """Split the input of one in-memory call into features, sites and covariates, validated.
 
     Parameters
     ----------
     X : DataFrame or array-like
     batch, covariates : keyword-route site labels and covariate table (or None)
-    batch_col : hashable or None
-    covariate_cols : list
-        Categorical then continuous covariate columns.
-    continuous : list
-        The continuous ones (must be numeric).
+    roles : ColumnRoles
     from_columns : bool
-        Read sites and covariates from the columns of X.
+        Read sites and covariates from the columns of X (``roles.batch_col``).
     """
+    batch_col = roles.batch_col
     if from_columns:
         if batch is not None or covariates is not None:
             given = "batch" if batch is not None else "covariates"
@@ -70,12 +190,11 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
                 "an array, call its set_output(transform='pandas'); or pass the sites "
                 "with batch= and batch_col=None"
             )
-        missing = [c for c in [batch_col, *covariate_cols] if c not in X.columns]
+        missing = [c for c in [batch_col, *roles.covariates] if c not in X.columns]
         if missing:
-            raise ValueError(_missing_columns_message(missing, X.columns))
-        features = X[feature_columns(X, batch_col, covariate_cols)]
-        sites = X[batch_col]
-        cov_frame = X[covariate_cols]
+            raise ValueError(missing_columns_message(missing, X.columns))
+        features = X[roles.features(X.columns)]
+        batch, covariates = X[batch_col], X[roles.covariates]
     else:
         if batch is None:
             raise ValueError(
@@ -84,56 +203,54 @@ def read_rows(X, batch, covariates, *, batch_col, covariate_cols, continuous, fr
             )
         check_same_index(X=X, batch=batch, covariates=covariates)
         features = X
-        sites = batch
-        if covariate_cols:
-            if not isinstance(covariates, pd.DataFrame):
-                raise TypeError(
-                    f"covariates= must be a pandas DataFrame holding {covariate_cols}; got "
-                    f"{type(covariates).__name__}"
-                )
-            missing = [c for c in covariate_cols if c not in covariates.columns]
-            if missing:
-                raise ValueError(
-                    f"covariate column(s) {missing} not found in covariates= "
-                    f"(columns: {list(covariates.columns)})"
-                )
-            cov_frame = covariates[covariate_cols]
-        else:  # only the columns named in categorical_cols/continuous_cols are used
-            cov_frame = pd.DataFrame(index=range(np.shape(X)[0]))
-
     features = feature_array(features)
-    n_samples = features.shape[0]
-    sites = site_labels(sites, n_samples)
-    cov_frame = covariate_frame(cov_frame, n_samples, continuous)
+    sites, cov_frame = read_metadata(batch, covariates, features.shape[0], roles)
     return Rows(features, sites, cov_frame)
 
 
 def check_same_index(**objects):
-    """Raise when pandas objects given together (X, batch=, covariates=) have different
-    indexes: their rows are paired by position, so a different index means a different order
-    or a different selection of subjects. Nothing is aligned silently.
+    """Raise when pandas objects given together (X, batch=, covariates=) carry the same rows in
+    another order, or different row labels: their rows are paired by position, so nothing is
+    aligned silently.
 
     A default index (0, 1, ..., n-1) carries no row labels (it is what a DataFrame made from an
-    array, or the pandas output of a pipeline step given an array, has), so it is not compared:
-    only labelled indexes must agree."""
+    array, or the pandas output of a pipeline step given an array, has): against a labelled
+    index with other labels it is not compared (the relaxed rule, e.g. X after a split with
+    its original labels and a table made from arrays). Against a labelled index holding the
+    same labels in another order (X shuffled, ``batch`` with a default index) it is refused:
+    that is the same rows paired in two orders."""
     indexed = [
         (name, obj.index)
         for name, obj in objects.items()
-        if isinstance(obj, (pd.Series, pd.DataFrame)) and not _is_default_index(obj.index)
+        if isinstance(obj, (pd.Series, pd.DataFrame))
     ]
     for (name_a, index_a), (name_b, index_b) in pairwise(indexed):
-        if index_a.equals(index_b):
+        if index_a.equals(index_b) or len(index_a) != len(index_b):
+            continue  # a different length is reported as a row-count mismatch, with the counts
+        relaxed = _is_default_index(index_a) or _is_default_index(index_b)
+        if relaxed and not _same_label_set(index_a, index_b):
             continue
-        if len(index_a) != len(index_b):
-            continue  # reported as a row-count mismatch, with the counts
         position = int(np.flatnonzero(np.asarray(index_a != index_b))[0])
         raise ValueError(
-            f"{_argument(name_a)} and {_argument(name_b)} have different indexes (row "
+            f"{_argument(name_a)} and {_argument(name_b)} have "
+            f"{'the same row labels in another order' if relaxed else 'different indexes'} (row "
             f"{position} is labelled {_label(index_a[position])} in {_argument(name_a)} and "
             f"{_label(index_b[position])} in {_argument(name_b)}); rows are paired by "
             "position, so give them the same index (for example .reset_index(drop=True) on "
-            "each, after putting the rows in the same order) or pass numpy arrays"
+            "each, after putting the rows in the same order, or reindex one like the other) "
+            "or pass numpy arrays"
         )
+
+
+def _same_label_set(index_a, index_b):
+    try:
+        return bool(
+            index_a.is_unique
+            and index_b.is_unique
+            and index_a.sort_values().equals(index_b.sort_values())
+        )
+    except TypeError:  # labels of types that cannot be sorted together
+        return set(index_a) == set(index_b)
 
 
 def _is_default_index(index):
@@ -214,7 +331,7 @@ def _preview(labels, n=10):
     )
 
 
-def _missing_columns_message(missing, columns):
+def missing_columns_message(missing, columns):
     msg = (
         f"column(s) {missing} not found in X (columns: {list(columns)}). "
         "CombatHarmonizer reads the site and covariate columns from X"
@@ -281,16 +398,19 @@ def check_not_bool(X):
         )
 
 
-def site_labels(sites, n_samples):
+def site_labels(sites, n_samples, *, where=""):
     """One site label per row, as a numpy array (categoricals as their categories' dtype)."""
     if isinstance(sites, pd.DataFrame) or np.ndim(sites) != 1:
         raise ValueError(
-            "batch must be a 1-D sequence of site labels, one per row of X; "
+            f"batch must be a 1-D sequence of site labels, one per row of X{where}; "
             f"got shape {np.shape(sites)}"
         )
     sites = sites if isinstance(sites, pd.Series) else pd.Series(sites)
     if len(sites) != n_samples:
-        raise ValueError(f"batch has {len(sites)} site labels for {n_samples} rows of X")
+        raise ValueError(
+            f"batch has {len(sites)} site labels for {n_samples} rows of X{where}; give "
+            "one site label per row"
+        )
     missing = pd.isna(sites).to_numpy()
     if missing.any():
         raise ValueError(
@@ -301,10 +421,10 @@ def site_labels(sites, n_samples):
     return sites.to_numpy()
 
 
-def covariate_frame(frame, n_samples, continuous):
+def covariate_frame(frame, n_samples, continuous, *, where=""):
     """The covariate table with a positional index, complete, continuous columns numeric."""
     if len(frame) != n_samples:
-        raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X")
+        raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X{where}")
     frame = frame.reset_index(drop=True)
     for col in frame.columns:
         if frame[col].isna().any():

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
-from kwneuro_sk.combat import model
+from kwneuro_sk.combat import _dask, model
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +285,22 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
+    def fit(self, X, y=None, *, batch=None, covariates=None):
+        """Fit ComBat, the PCA of its residuals and the ComBat of the PC scores.
+
+        Parameters
+        ----------
+        X, y, batch, covariates
+            As in :meth:`CombatHarmonizer.fit` (dask input is refused: the PCA needs the
+            rows in memory).
+
+        Returns
+        -------
+        self : CovBatHarmonizer
+        """
+        _refuse_dask_fit(X)
+        return super().fit(X, y, batch=batch, covariates=covariates)
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, *, batch=None, covariates=None):
         """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``,
@@ -299,6 +315,7 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         -------
         X_harmonized : ndarray of shape (n_samples, n_features_out)
         """
+        _refuse_dask_fit(X)
         rows = self._read_rows(X, batch, covariates, reset=True)
         harmonized, residuals = self._fit_steps(rows)
         return self._adjust_scores(rows, harmonized, residuals)
@@ -443,3 +460,13 @@ __all__ = [
     "pc_scores",
     "residual_pca",
 ]
+
+
+def _refuse_dask_fit(X):
+    if _dask.is_dask(X):
+        raise TypeError(
+            f"CovBatHarmonizer cannot be fitted on a dask input ({type(X).__name__}): the PCA "
+            "of the ComBat residuals needs all rows in memory; call .compute() on X first "
+            "(a fitted CovBatHarmonizer transforms dask input block by block), or use "
+            "CombatHarmonizer for the dask route"
+        )

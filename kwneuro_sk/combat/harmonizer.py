@@ -24,12 +24,15 @@ from sklearn.utils.validation import (
 
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.combat import _dask, model
-from kwneuro_sk.combat._covariates import CovariateEncoding, covariate_columns, format_labels
+from kwneuro_sk.combat._covariates import CovariateEncoding, format_labels
 from kwneuro_sk.combat._inputs import (
+    ColumnRoles,
+    Rows,
     check_harmonized_order,
     check_not_bool,
     check_same_columns,
     feature_columns,
+    read_metadata,
     read_rows,
 )
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
@@ -483,12 +486,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "means, or drop or merge those sites"
             )
 
-        categorical, continuous, smooth = self._all_covariate_columns()
+        roles = ColumnRoles.of(self)
         self._covariates = CovariateEncoding.fit(
             rows.covariates,
-            categorical,
-            continuous,
-            smooth,
+            roles.categorical,
+            roles.continuous,
+            roles.smooth,
             n_knots=self.smooth_knots,
             degree=self.smooth_degree,
             extrapolation=self.smooth_extrapolation,
@@ -558,29 +561,26 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self,
         location_scale,
         *,
+        n_samples=None,
         n_features,
         batch,
         covariates,
         feature_names_in=None,
         feature_names_out=None,
         columns_in=None,
+        route=None,
     ):
-        """Fit without a feature matrix in memory: sites and covariates are checked as in
-        :meth:`fit` (keyword route), the location/scale fit is ``location_scale`` (see
-        :meth:`_fit`). Used by streamed :func:`~kwneuro_sk.harmonize_volumes` and dask input."""
+        """Fit without a feature matrix in memory: sites and covariates of the ``n_samples``
+        rows are checked by :func:`read_metadata` (keyword route), the location/scale fit is
+        ``location_scale`` (see :meth:`_fit`). Used by streamed
+        :func:`~kwneuro_sk.harmonize_volumes` and dask input (``route`` names them in
+        errors)."""
         self._validate_params()
-        categorical, continuous = self._covariate_columns()
-        placeholder = np.broadcast_to(np.float32(0), (len(batch), 1))  # no memory
-        rows = read_rows(
-            placeholder,
-            batch,
-            covariates,
-            batch_col=None,
-            covariate_cols=categorical + continuous,
-            continuous=continuous,
-            from_columns=False,
-        )
-        rows.features = None
+        roles = ColumnRoles.of(self)
+        if n_samples is None:
+            n_samples = len(batch)
+        sites, cov_frame = read_metadata(batch, covariates, int(n_samples), roles, route=route)
+        rows = Rows(None, sites, cov_frame)
         self.n_features_in_ = int(n_features)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
@@ -690,20 +690,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # covariates and input handling (the parsing itself lives in _inputs / _covariates)
     # ---------------------------------------------------------------------------------------
 
-    def _covariate_columns(self):
-        return self._all_covariate_columns()[:2]
-
-    def _all_covariate_columns(self):
-        """Categorical, continuous and smooth covariate columns."""
-        return covariate_columns(
-            self.batch_col,
-            self.categorical_cols,
-            self.continuous_cols,
-            smooth_cols=[] if self.smooth_cols is None else self.smooth_cols,
-        )
-
     def _check_design(self, batch_idx, n_batches, Z):
         design = model.design_matrix(batch_idx, n_batches, Z)
+        if design.shape[0] <= design.shape[1]:
+            raise ValueError(
+                f"{design.shape[0]} rows for {design.shape[1]} design columns ({n_batches} "
+                f"sites + {Z.shape[1]} covariate columns) leave no residual degrees of freedom, "
+                "so the pooled variance cannot be estimated; give more rows or fewer "
+                "covariates (or smaller smooth_knots)"
+            )
         if np.linalg.matrix_rank(design) == design.shape[1]:
             return
         col = self._covariates.confounded_column(design, n_batches)
@@ -759,17 +754,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return rows
 
     def _metadata_columns(self):
-        categorical, continuous, smooth = self._all_covariate_columns()
-        return categorical + continuous + smooth
+        return ColumnRoles.of(self).covariates
 
     def _split(self, X, batch, covariates, *, from_columns):
-        categorical, continuous, smooth = self._all_covariate_columns()
-        return read_rows(
-            X,
-            batch,
-            covariates,
-            batch_col=self.batch_col,
-            covariate_cols=categorical + continuous + smooth,
-            continuous=continuous + smooth,
-            from_columns=from_columns,
-        )
+        return read_rows(X, batch, covariates, ColumnRoles.of(self), from_columns=from_columns)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.utils._param_validation import validate_params
+from sklearn.utils._param_validation import StrOptions, validate_params
 
 from kwneuro_sk import images
 from kwneuro_sk._params import N_JOBS
@@ -40,6 +40,8 @@ def harmonize_volumes(
     dtype=np.float32,
     smooth_cols=None,
     smooth_knots=5,
+    smooth_degree=3,
+    smooth_extrapolation="linear",
     output_dir=None,
     chunk_size=None,
     n_jobs=None,
@@ -80,6 +82,11 @@ def harmonize_volumes(
         :class:`~kwneuro_sk.CombatHarmonizer`; the knots are stored in the estimates.
     smooth_knots : int, default=5
         Knots of each smooth covariate, as in :class:`~kwneuro_sk.CombatHarmonizer`.
+    smooth_degree : int, default=3
+        Degree of the B-splines, as in :class:`~kwneuro_sk.CombatHarmonizer`.
+    smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
+        Smooth covariate values beyond the training range (new subjects of
+        :meth:`CombatEstimates.apply_volumes`), as in :class:`~kwneuro_sk.CombatHarmonizer`.
     output_dir : str or path-like, default=None
         Stream: write every harmonized volume to this directory as a NIfTI file and return the
         paths, in memory that does not grow with the number of subjects (see Notes). ``None``
@@ -156,6 +163,8 @@ def harmonize_volumes(
         ref_batch=ref_batch,
         smooth_cols=smooth_cols,
         smooth_knots=smooth_knots,
+        smooth_degree=smooth_degree,
+        smooth_extrapolation=smooth_extrapolation,
     )
     if output_dir is not None:
         return _streaming.harmonize(
@@ -194,7 +203,14 @@ def harmonize_volumes(
     return inputs.outputs(sources, kept, harmonized, mask_array), estimates
 
 
-@validate_params({"n_jobs": N_JOBS, "verbose": ["verbose"]}, prefer_skip_nested_validation=True)
+@validate_params(
+    {
+        "n_jobs": N_JOBS,
+        "verbose": ["verbose"],
+        "unseen_batch": [StrOptions({"error", "adapt"})],
+    },
+    prefer_skip_nested_validation=True,
+)
 def apply_volumes(
     estimates,
     volumes,

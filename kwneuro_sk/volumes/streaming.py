@@ -20,14 +20,15 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import uuid
 
 import joblib
 import nibabel as nib
 import numpy as np
 
 from kwneuro_sk import images
+from kwneuro_sk._files import StagedFiles
 from kwneuro_sk.combat import statistics
+from kwneuro_sk.combat._inputs import ColumnRoles, read_metadata
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
 
@@ -58,36 +59,45 @@ def harmonize(
     grid = images.grid_of(mask_img)
     covars = inputs.check_covars(covars, len(sources), batch_col)
     sites = covars[batch_col]
+    # the option set and the site/covariate table, checked before anything is read or written
+    roles = ColumnRoles.from_params(
+        None, options["categorical_cols"], options["continuous_cols"], options["smooth_cols"]
+    )
+    read_metadata(sites, covars, len(sources), roles, route="streamed volumes")
     if sites.nunique() < 2:
         raise ValueError(
             f"harmonize_volumes needs volumes from at least 2 sites in column "
             f"{batch_col!r}; all {len(sources)} are from site {sites.iloc[0]!r}"
         )
-    targets = output_paths(sources, output_dir)
-    reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
+    with StagedFiles("harmonize_volumes") as staged:
+        targets = output_paths(sources, output_dir, staged, mask=mask)
+        reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
 
-    def chunks(batch_idx, n_batches, Z):
-        tasks = (
-            joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
-            for chunk in reader.chunks
+        def chunks(batch_idx, n_batches, Z):
+            tasks = (
+                joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
+                for chunk in reader.chunks
+            )
+            return reader.run(tasks, "fit")
+
+        combat = CombatHarmonizer(**options)
+        combat._fit_from_statistics(
+            statistics.location_scale_from_chunks(chunks),
+            n_samples=len(sources),
+            n_features=int(mask_array.sum()),
+            batch=sites,
+            covariates=covars,
+            route="streamed volumes",
         )
-        return reader.run(tasks, "fit")
-
-    combat = CombatHarmonizer(**options)
-    combat._fit_from_statistics(
-        statistics.location_scale_from_chunks(chunks),
-        n_features=int(mask_array.sum()),
-        batch=sites,
-        covariates=covars,
-    )
-    estimates = combat.estimates_
-    estimates.info["volumes"] = {
-        "batch_col": batch_col,
-        "mask": mask_array,
-        "affine": grid[1],
-        "shape": list(mask_array.shape),
-    }
-    _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
+        estimates = combat.estimates_
+        estimates.info["volumes"] = {
+            "batch_col": batch_col,
+            "mask": mask_array,
+            "affine": grid[1],
+            "shape": list(mask_array.shape),
+        }
+        _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged)
+        staged.commit()
     return targets, estimates
 
 
@@ -109,6 +119,9 @@ def apply(
     """Streamed :func:`kwneuro_sk.volumes.apply_volumes` (estimates checked there)."""
     sources = _source_list(volumes, minimum=1)
     covars = inputs.check_covars(covars, len(sources), batch_col)
+    read_metadata(
+        covars[batch_col], covars, len(sources), ColumnRoles.of(combat), route="streamed volumes"
+    )
     unseen = ~np.isin(covars[batch_col].to_numpy(), combat.batches_)
     if unseen.any() and combat.unseen_batch == "adapt":
         raise ValueError(
@@ -116,9 +129,11 @@ def apply(
             "unseen_batch='adapt' estimates them from all their volumes at once, which the "
             "streamed path (output_dir) does not do: use output_dir=None for those volumes"
         )
-    targets = output_paths(sources, output_dir)
-    reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
-    _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
+    with StagedFiles("apply_volumes") as staged:
+        targets = output_paths(sources, output_dir, staged)
+        reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
+        _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged)
+        staged.commit()
     return targets
 
 
@@ -127,12 +142,12 @@ def apply(
 # ------------------------------------------------------------------------------------------
 
 
-def output_paths(sources, output_dir):
-    """The output file of each volume (see harmonize_volumes, Notes); collisions refused."""
+def output_paths(sources, output_dir, staged, mask=None):
+    """The output file of each volume (see harmonize_volumes, Notes), checked before the
+    first write: ``output_dir`` can be made and written to, no output is a folder, an input
+    volume, the mask or another volume's output."""
     output_dir = os.fspath(output_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} exists and is not a directory")
-    os.makedirs(output_dir, exist_ok=True)
+    staged.make_folder(output_dir, "output_dir")
     width = len(str(len(sources) - 1))
     targets, inputs = [], {}
     for i, source in enumerate(sources):
@@ -164,6 +179,8 @@ def output_paths(sources, output_dir):
                 "another output_dir"
             )
         seen[real] = i
+        named = {"mask": mask} if isinstance(mask, (str, os.PathLike)) else {}
+        staged.check(target, f"the output of volume {i}", named)
     return targets
 
 
@@ -266,7 +283,10 @@ def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
     return statistics.chunk_moments(X, batch_idx, n_batches, Z)
 
 
-def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask):
+def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
+    # Temporary names decided here, in the calling process: the tasks may run elsewhere
+    # (joblib's dask backend), and only these files are ever renamed to the targets.
+    temporaries = [staged.path_for(target) for target in targets]
     tasks = (
         joblib.delayed(_write_chunk)(
             reader,
@@ -274,7 +294,7 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
             combat,
             covars.iloc[chunk],
             batch_col,
-            [targets[i] for i in chunk],
+            [temporaries[i] for i in chunk],
             preserve_out_of_mask,
         )
         for chunk in reader.chunks
@@ -283,28 +303,14 @@ def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask)
         pass
 
 
-def _write_chunk(reader, chunk, combat, covars, batch_col, targets, preserve_out_of_mask):
+def _write_chunk(reader, chunk, combat, covars, batch_col, temporaries, preserve_out_of_mask):
     X, whole, headers = reader.read(chunk, keep_whole=preserve_out_of_mask)
     harmonized = combat.transform(X, batch=covars[batch_col].to_numpy(), covariates=covars)
     del X
-    for values, data, (affine, header), target in zip(harmonized, whole, headers, targets):
+    for values, data, (affine, header), temporary in zip(harmonized, whole, headers, temporaries):
         if data is None:
             data = np.zeros(reader.mask.shape, dtype=harmonized.dtype)
         data[reader.mask] = values
         img = nib.Nifti1Image(data, affine, header)
         img.set_data_dtype(data.dtype)
-        write_atomically(img, target)
-
-
-def write_atomically(img, target):
-    """Save to a temporary file next to ``target``, then rename it to ``target``."""
-    directory, base = os.path.split(target)
-    extension = ".nii.gz" if base.endswith(".nii.gz") else ".nii"
-    temporary = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp{extension}")
-    try:
-        nib.save(img, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        nib.save(img, temporary)  # renamed to its target when every output is written
