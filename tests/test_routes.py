@@ -90,6 +90,24 @@ def test_dask_array_batch_of_wrong_length_is_refused_naming_batch(n_labels):
         CombatHarmonizer().fit(da.from_array(X, chunks=(10, 3)), batch=batch)
 
 
+def test_dask_dataframe_keyword_batch_of_wrong_length_is_refused_naming_batch():
+    frame = dd.from_pandas(COHORT[FEATURES], npartitions=3)
+    with pytest.raises(ValueError, match=rf"batch has {N - 1} site labels for {N} rows of X"):
+        CombatHarmonizer().fit(frame, batch=SITE[:-1])
+    fitted = CombatHarmonizer().fit(frame, batch=SITE)
+    with pytest.raises(ValueError, match=rf"batch has {N + 1} site labels for {N} rows of X"):
+        fitted.transform(frame, batch=np.r_[SITE, ["a"]])
+
+
+def test_dask_transform_reports_missing_covariates_by_row_of_the_whole_input():
+    combat = CombatHarmonizer(continuous_cols="age").fit(X, batch=SITE, covariates=COVARS)
+    covariates = COVARS.assign(age=COVARS["age"].where(COVARS.index != 25))
+    with pytest.raises(
+        ValueError, match=r"covariate 'age' has missing values \(NaN\) in row\(s\) \[25\]"
+    ):
+        combat.transform(da.from_array(X, chunks=(10, 6)), batch=SITE, covariates=covariates)
+
+
 def test_dask_dataframe_nan_is_reported_by_column_name():
     frame = COHORT.copy()
     frame.loc[7, "f3"] = np.nan
@@ -262,7 +280,7 @@ def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_p
             paths, covars, "site", mask, continuous_cols="tiv", output_dir=tmp_path / "x"
         )
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="cannot write in output_dir"):
+    with pytest.raises(ValueError, match="cannot (write in|create) output_dir"):
         estimates.apply_volumes(paths, covars, output_dir="/proc")  # read-only, even for root
     taken = tmp_path / "taken"
     (taken / "s3_harmonized.nii.gz").mkdir(parents=True)
@@ -296,6 +314,12 @@ def test_cli_report_failing_after_the_fit_leaves_no_output(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "the report cannot be drawn" in err and "nothing was written" in err
     assert sorted(os.listdir(tmp_path)) == ["train.csv"]
+
+
+def test_unknown_unseen_batch_policy_set_after_fit_is_refused_not_adapted():
+    combat = CombatHarmonizer().fit(X, batch=SITE).set_params(unseen_batch="adpat")
+    with pytest.raises(ValueError, match="unseen_batch must be 'error' or 'adapt'; got 'adpat'"):
+        combat.transform(NEW[FEATURES].to_numpy(), batch=NEW["site"])
 
 
 def test_apply_volumes_refuses_an_unknown_unseen_batch_policy(volume_model):

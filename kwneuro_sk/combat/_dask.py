@@ -24,7 +24,12 @@ import pandas as pd
 
 from kwneuro_sk.combat import statistics
 from kwneuro_sk.combat._covariates import format_labels
-from kwneuro_sk.combat._inputs import ColumnRoles, check_not_bool, missing_columns_message
+from kwneuro_sk.combat._inputs import (
+    ColumnRoles,
+    check_not_bool,
+    missing_columns_message,
+    read_metadata,
+)
 
 
 def is_dask(obj) -> bool:
@@ -187,13 +192,12 @@ def transform(combat, X, batch, covariates):
         )
     if any(np.isnan(c) for c in X.chunks[0]):
         raise ValueError("X has unknown row chunk sizes; call X.compute_chunk_sizes() first")
-    if batch is None:
-        raise ValueError("pass the site of each row of a dask array with batch=")
-    batch = np.asarray(batch)
-    if batch.shape != (X.shape[0],):
-        raise ValueError(f"batch has shape {batch.shape} for {X.shape[0]} rows of X")
+    # sites and covariates checked here, with row numbers of the whole input (a block's
+    # check would count rows from the block's start)
+    batch, covariates = read_metadata(
+        batch, covariates, X.shape[0], ColumnRoles.of(combat), route="dask"
+    )
     _check_seen(combat, batch)
-    covariates = None if covariates is None else covariates.reset_index(drop=True)
     dtype = np.float32 if X.dtype == np.float32 else np.float64
     X = X.rechunk({1: -1})  # a whole row per block: the model is per feature, rows stay rows
 
@@ -226,15 +230,12 @@ def _transform_dataframe(combat, X, batch, covariates):
             return pd.DataFrame(combat.transform(part), columns=names, index=part.index)
 
         return X.map_partitions(harmonize_partition, meta=meta)
-    if batch is None:
-        raise ValueError("pass the site of each row with batch= (or fit with batch_col)")
-    batch = np.asarray(batch)
     lengths = dask.compute(*[dask.delayed(len)(p) for p in X.to_delayed()])
     offsets = np.cumsum((0,) + tuple(lengths))
-    if offsets[-1] != len(batch):
-        raise ValueError(f"batch has {len(batch)} site labels for {offsets[-1]} rows of X")
+    batch, covariates = read_metadata(
+        batch, covariates, int(offsets[-1]), ColumnRoles.of(combat), route="dask"
+    )
     _check_seen(combat, batch)
-    covariates = None if covariates is None else covariates.reset_index(drop=True)
 
     def harmonize_partition(part, partition_info=None):
         i = partition_info["number"]

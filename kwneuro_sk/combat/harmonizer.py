@@ -599,6 +599,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         unseen = idx < 0
         if unseen.any():
             new_sites = pd.unique(rows.sites[unseen])
+            if self.unseen_batch not in ("error", "adapt"):  # set_params after fit
+                raise ValueError(
+                    f"unseen_batch must be 'error' or 'adapt'; got {self.unseen_batch!r}"
+                )
             if self.unseen_batch == "error":
                 raise ValueError(
                     f"site(s) {format_labels(new_sites)} were not seen in fit (fitted sites: "

@@ -90,7 +90,10 @@ def harmonize_volumes(
     output_dir : str or path-like, default=None
         Stream: write every harmonized volume to this directory as a NIfTI file and return the
         paths, in memory that does not grow with the number of subjects (see Notes). ``None``
-        keeps everything in memory and returns images.
+        keeps everything in memory and returns images. All or nothing: the folder and the
+        output names are checked before any volume is read, the files are written under
+        temporary names and renamed when all are written; a failure removes what the call
+        wrote (see :ref:`guarantees`).
     chunk_size : int, default=None
         Streaming only: subjects read and harmonized together. The default holds about
         256 MiB of in-mask float64 values (``2**25 // n_voxels`` subjects, at least 1).
