@@ -140,9 +140,8 @@ class StagedFiles:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
         if exc is not None and isinstance(exc, Exception) and (removed or self._created):
-            exc.add_note(
-                f"{self.caller}: nothing was written; the {removed} output file(s) in "
-                f"progress{' and the folders it created' if self._created else ''} were removed"
-            )
+            parts = [f"{removed} unfinished output file(s)"] if removed else []
+            parts += ["the folder(s) it created"] if self._created else []
+            exc.add_note(f"{self.caller}: nothing was written ({' and '.join(parts)} removed)")
         self._pending, self._written, self._created = [], [], []
         return False

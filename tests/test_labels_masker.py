@@ -101,7 +101,7 @@ def test_float_atlas_and_other_background(rng, imgs):
     atlas = rng.integers(1, 5, SHAPE).astype(np.float32)  # 1 is the background here
     atlas_img = nib.Nifti1Image(atlas, AFFINE)
     masker = LabelsMasker(atlas_img, background_label=1).fit()
-    np.testing.assert_array_equal(masker.region_ids_, [2, 3, 4])
+    assert masker.region_ids_ == {"background": 1, 0: 2, 1: 3, 2: 4}
     assert list(masker.get_feature_names_out()) == ["2", "3", "4"]
     ref = _nilearn_signals(imgs, labels_img=atlas_img, background_label=1)
     np.testing.assert_allclose(masker.transform(imgs), ref, rtol=1e-6)
@@ -163,7 +163,7 @@ def test_mask_drops_regions_and_restricts_voxels():
     img = nib.Nifti1Image(np.arange(6.0).reshape(1, 1, 6), np.eye(4))
     with pytest.warns(UserWarning, match="removes 1 regions"):
         masker = LabelsMasker(atlas, mask_img=mask).fit()
-    np.testing.assert_array_equal(masker.region_ids_, [1, 2])
+    assert masker.region_ids_ == {"background": 0, 0: 1, 1: 2}
     np.testing.assert_allclose(masker.transform(img), [[0.0, 2.5]])
 
 
@@ -201,20 +201,22 @@ def test_default_names_are_label_values(atlas_img):
     names = masker.get_feature_names_out()
     assert isinstance(names, np.ndarray)
     assert list(names) == ["1", "2", "3", "4", "5", "6"]
-    np.testing.assert_array_equal(masker.region_ids_, np.arange(1, 7))
-    np.testing.assert_array_equal(masker.region_names_, names)
+    assert masker.region_ids_ == {"background": 0, **{i: i + 1 for i in range(6)}}
+    assert masker.region_names_ == dict(enumerate(names))
 
 
 def test_names_from_list_lut_and_tsv(atlas_img, tmp_path):
     names = [f"r{i}" for i in range(1, 7)]
     assert list(LabelsMasker(atlas_img, labels=names).fit().get_feature_names_out()) == names
     with_bg = ["Background", *names]
-    assert list(LabelsMasker(atlas_img, labels=with_bg).fit().region_names_) == names
+    assert list(LabelsMasker(atlas_img, labels=with_bg).fit().get_feature_names_out()) == names
     lut = pd.DataFrame({"index": [0, *range(1, 7)], "name": ["bg", *"abcdef"]})
-    assert list(LabelsMasker(atlas_img, labels=lut).fit().region_names_) == list("abcdef")
+    assert list(LabelsMasker(atlas_img, labels=lut).fit().get_feature_names_out()) == list("abcdef")
     tsv = tmp_path / "atlas.tsv"
     lut.to_csv(tsv, sep="\t", index=False)
-    assert list(LabelsMasker(atlas_img, labels=str(tsv)).fit().region_names_) == list("abcdef")
+    assert list(LabelsMasker(atlas_img, labels=str(tsv)).fit().get_feature_names_out()) == list(
+        "abcdef"
+    )
 
 
 def test_duplicate_names_are_made_unique(atlas_img):
@@ -293,7 +295,7 @@ def test_inverse_transform_wrong_width(atlas_img):
 def test_fit_never_reads_subject_images(atlas_img, tmp_path):
     missing = [str(tmp_path / f"missing-{i}.nii.gz") for i in range(3)]
     masker = LabelsMasker(atlas_img).fit(missing)
-    assert masker.region_ids_.size == 6
+    assert masker.n_elements_ == 6
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])

@@ -108,6 +108,21 @@ def test_dask_transform_reports_missing_covariates_by_row_of_the_whole_input():
         combat.transform(da.from_array(X, chunks=(10, 6)), batch=SITE, covariates=covariates)
 
 
+def test_dask_sites_and_covariates_may_be_dask_collections():
+    expected = CombatHarmonizer(continuous_cols="age").fit_transform(
+        X, batch=SITE, covariates=COVARS
+    )
+    combat = CombatHarmonizer(continuous_cols="age")
+    batch, covariates = da.from_array(SITE, chunks=10), dd.from_pandas(COVARS, npartitions=3)
+    Xd = da.from_array(X, chunks=(10, 6))
+    got = combat.fit(Xd, batch=batch, covariates=covariates).transform(
+        Xd, batch=batch, covariates=covariates
+    )
+    np.testing.assert_allclose(got.compute(), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"covariate 'age' has missing values \(NaN\) in row"):
+        combat.fit(Xd, batch=batch, covariates=dd.from_pandas(COVARS.assign(age=np.nan), 3))
+
+
 def test_dask_dataframe_nan_is_reported_by_column_name():
     frame = COHORT.copy()
     frame.loc[7, "f3"] = np.nan
@@ -314,6 +329,20 @@ def test_cli_report_failing_after_the_fit_leaves_no_output(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "the report cannot be drawn" in err and "nothing was written" in err
     assert sorted(os.listdir(tmp_path)) == ["train.csv"]
+
+
+def test_cli_failing_fit_removes_the_folders_it_created(tmp_path, capsys):
+    from kwneuro_sk.cli import main
+
+    one_row_site = COHORT.iloc[:21]  # site "c" has one row
+    one_row_site.to_csv(tmp_path / "t.csv", index=False)
+    outputs = ["-o", str(tmp_path / "new" / "dir" / "out.csv"), "--save-model"]
+    args = ["harmonize", str(tmp_path / "t.csv"), "--batch-col", "site", "--continuous", "age"]
+    assert main([*args, "--categorical", "sex", *outputs, str(tmp_path / "m" / "m.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "use --mean-only" in err
+    assert "nothing was written (the folder(s) it created removed)" in err
+    assert sorted(os.listdir(tmp_path)) == ["t.csv"]
 
 
 def test_unknown_unseen_batch_policy_set_after_fit_is_refused_not_adapted():

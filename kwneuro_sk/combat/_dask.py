@@ -44,9 +44,21 @@ def _is_dataframe(obj):
     return dd is not None and isinstance(obj, dd.DataFrame)
 
 
+def gather_metadata(batch, covariates):
+    """``batch=`` / ``covariates=`` given as dask collections, computed (one value per
+    subject: small), so that they are checked like in-memory ones."""
+    if is_dask(batch):
+        batch = batch.compute()
+    if is_dask(covariates):
+        covariates = covariates.compute()
+    return batch, covariates
+
+
 def fit(combat, X, batch, covariates):
     """Fit ``combat`` on a dask array or DataFrame (see the module docstring)."""
     import dask
+
+    batch, covariates = gather_metadata(batch, covariates)
 
     roles = ColumnRoles.of(combat)
     names_in = names_out = None
@@ -179,6 +191,7 @@ def _concatenate_features(parts):
 
 def transform(combat, X, batch, covariates):
     """Lazy harmonization of a dask array or DataFrame with a fitted ``combat``."""
+    batch, covariates = gather_metadata(batch, covariates)
     if _is_dataframe(X):
         return _transform_dataframe(combat, X, batch, covariates)
     if combat.batch_col is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ def region_names(labels, atlas_ids, *, has_background) -> dict:
         return {value: format_label(value) for value in atlas_ids.tolist()}
     if isinstance(labels, (str, os.PathLike, pd.DataFrame)):
         return _names_from_lut(_read_lut(labels), atlas_ids)
-    names = [str(name) for name in np.asarray(labels, dtype=object).ravel()]
+    names = list(np.asarray(labels, dtype=object).ravel())
     n_ids = atlas_ids.size
     if len(names) == n_ids + 1 and has_background:
         names = names[1:]
@@ -45,19 +46,51 @@ def region_names(labels, atlas_ids, *, has_background) -> dict:
             f"(label values {_preview(atlas_ids)}); give one name per region in increasing "
             "label order, optionally preceded by the background's name."
         )
-    return dict(zip(atlas_ids.tolist(), names))
+    return _fill_empty_names(dict(zip(atlas_ids.tolist(), names)), "labels")
+
+
+def _is_empty_name(name) -> bool:
+    if name is None:
+        return True
+    if isinstance(name, float) and np.isnan(name):
+        return True
+    return isinstance(name, str) and not name.strip()
+
+
+def _fill_empty_names(names: dict, where: str) -> dict:
+    """Empty, None or NaN names become the label value, with a warning naming them."""
+    empty = [value for value, name in names.items() if _is_empty_name(name)]
+    if empty:
+        warnings.warn(
+            f"{where} has no name (an empty cell, None or NaN) for label values "
+            f"{_preview(empty)}; their label values are used as names.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return {
+        value: format_label(value) if _is_empty_name(name) else str(name)
+        for value, name in names.items()
+    }
 
 
 def unique_names(names, ids) -> np.ndarray:
-    """Make names unique by suffixing duplicates with their label value."""
-    counts = pd.Series(names).value_counts()
-    return np.array(
-        [
-            f"{name}_{format_label(value)}" if counts[name] > 1 else name
-            for name, value in zip(names, ids)
-        ],
-        dtype=object,
-    )
+    """Make names unique: each repeated name gets its label value as a suffix.
+
+    A suffixed name can still meet a name already taken (``"left_2"`` listed for label 3 and
+    ``"left"`` repeated for label 2); it is then suffixed again (``"left_2_2"``) until every
+    name is unique, so the output columns always have distinct names.
+    """
+    names = list(names)
+    counts = Counter(names)
+    kept_as_given = {name for name in names if counts[name] == 1}
+    taken, result = set(), []
+    for name, value in zip(names, ids):
+        candidate = f"{name}_{format_label(value)}" if counts[name] > 1 else name
+        while candidate in taken or (candidate != name and candidate in kept_as_given):
+            candidate = f"{candidate}_{format_label(value)}"
+        taken.add(candidate)
+        result.append(candidate)
+    return np.array(result, dtype=object)
 
 
 def _read_lut(labels) -> pd.DataFrame:
@@ -93,7 +126,17 @@ def _names_from_lut(lut, atlas_ids) -> dict:
             f"{where}: column 'index' must hold label values (numbers); row {row} has "
             f"{lut['index'].iloc[row]!r}"
         )
-    by_index = dict(zip(index.tolist(), lut["name"].astype(str)))
+    where = lut.attrs.get("source", "the labels look-up table")
+    repeated = index[index.duplicated(keep=False)]
+    if repeated.size:
+        value = repeated.iloc[0]
+        rows = np.flatnonzero((index == value).to_numpy()).tolist()
+        raise ValueError(
+            f"{where}: label value {format_label(value)} is listed {len(rows)} times in column "
+            f"'index' (rows {rows}, names {lut['name'].iloc[rows].tolist()}); give each label "
+            "value one row."
+        )
+    by_index = dict(zip(index.tolist(), lut["name"].tolist()))
     names, unnamed = {}, []
     for value in atlas_ids.tolist():
         if value in by_index:
@@ -101,6 +144,7 @@ def _names_from_lut(lut, atlas_ids) -> dict:
         else:
             unnamed.append(value)
             names[value] = format_label(value)
+    names = _fill_empty_names(names, where)
     if unnamed:
         warnings.warn(
             f"labels look-up table has no name for label values {_preview(unnamed)}; "

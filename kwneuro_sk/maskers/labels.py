@@ -28,6 +28,12 @@ from kwneuro_sk import images as _images
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
+from kwneuro_sk.maskers.runs import (
+    check_confounds_length,
+    per_run,
+    read_confounds,
+    read_sample_mask,
+)
 
 # "Do not standardize" in nilearn.signal.clean: None since nilearn 0.13 (False deprecated there),
 # only False before.
@@ -116,10 +122,18 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
-    region_ids_ : ndarray of shape (n_regions,)
-        Label value of each output column, in increasing order.
-    region_names_ : ndarray of str, shape (n_regions,)
-        Unique name of each output column (see ``labels``).
+    n_elements_ : int
+        Number of output columns (regions).
+    region_ids_ : dict
+        nilearn's meaning: ``{"background": background_label, 0: id_0, 1: id_1, ...}``, the
+        label value of each output column by position. (Before 0.2 this was an array of the
+        label values; ``list(region_ids_.values())[1:]`` gives it.)
+    region_names_ : dict
+        nilearn's meaning: ``{0: name_0, 1: name_1, ...}``, the unique name of each output
+        column by position (see ``labels``); ``get_feature_names_out()`` gives them as an
+        array. (Before 0.2 this was an array.)
+    labels_ : list
+        The background label followed by the label value of every output column.
     labels_img_ : nibabel.Nifti1Image
         In-memory copy of the atlas.
     mask_img_ : nibabel.Nifti1Image or None
@@ -262,8 +276,13 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                     stacklevel=2,
                 )
 
-        self.region_ids_ = region_ids
-        self.region_names_ = unique_names([names[v] for v in region_ids.tolist()], region_ids)
+        self._region_ids = region_ids
+        self._region_names = unique_names([names[v] for v in region_ids.tolist()], region_ids)
+        self.n_elements_ = int(region_ids.size)
+        self.region_ids_ = {"background": _python_value(self.background_label)}
+        self.region_ids_.update(enumerate(region_ids.tolist()))
+        self.region_names_ = dict(enumerate(self._region_names.tolist()))
+        self.labels_ = [_python_value(self.background_label), *region_ids.tolist()]
         self._atlas_grid = atlas_grid
         self._plan_lock = threading.Lock()
         self._plans = {
@@ -326,7 +345,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         sources = _images.as_image_list(X)
         if not sources:
             raise ValueError("X contains no images.")
-        signals = np.empty((len(sources), self.region_ids_.size))
+        signals = np.empty((len(sources), self.n_elements_))
         results = self._map(sources, allow_4d=False)
         for row, image_signals in enumerate(results):
             signals[row] = image_signals[0]
@@ -336,6 +355,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self,
         imgs_list,
         confounds=None,
+        n_jobs=1,
+        sample_mask=None,
         *,
         detrend="deprecated",
         standardize="deprecated",
@@ -344,20 +365,32 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         high_pass="deprecated",
         t_r="deprecated",
     ):
-        """Extract region time series from 4D images, with nilearn's signal cleaning.
+        """Extract region time series from 4D images (runs), with nilearn's signal cleaning.
 
-        The counterpart of nilearn's ``MultiNiftiLabelsMasker.transform_imgs``: each 4D image
-        gives an ``(n_scans, n_regions)`` array, cleaned by :func:`nilearn.signal.clean` with
-        the masker's ``standardize``, ``standardize_confounds``, ``detrend``, ``low_pass``,
-        ``high_pass``, ``t_r`` and ``clean_args``.
+        The counterpart of nilearn's ``MultiNiftiLabelsMasker.transform_imgs``, with its
+        meaning: each run gives an ``(n_kept_volumes, n_regions)`` array, cleaned by
+        :func:`nilearn.signal.clean` with the masker's ``standardize``,
+        ``standardize_confounds``, ``detrend``, ``low_pass``, ``high_pass``, ``t_r`` and
+        ``clean_args``, and with **that run's own** confounds and sample mask.
 
         Parameters
         ----------
         imgs_list : image or list of images
-            4D (or 3D) images, paths or nibabel images.
-        confounds : list of (array-like, DataFrame or path) or None, default=None
-            One confounds entry per image (``None`` entries allowed), passed to
-            :func:`nilearn.signal.clean`.
+            4D (or 3D) images, paths or nibabel images; one per run.
+        confounds : list or None, default=None
+            One entry per run (``None`` for a run without confounds): an array or DataFrame of
+            shape (n_volumes, n_confounds), the path of a TSV (or .csv) table with a header
+            row (an fMRIPrep ``*_desc-confounds_timeseries.tsv``), or a list of those (joined
+            column-wise). For a single run the entry may be given alone. Every table must have
+            one row per volume of its run and no NaN (a ValueError names the run).
+        n_jobs : int, default=1
+            Number of runs read and reduced at the same time (nilearn's meaning: this call's
+            value, not the masker's).
+        sample_mask : list or None, default=None
+            One entry per run (``None`` keeps every volume): the volumes to keep, as integer
+            indices or a boolean mask of the run's length, passed to
+            :func:`nilearn.signal.clean` (scrubbing). For a single run the entry may be given
+            alone.
         detrend, standardize, standardize_confounds, low_pass, high_pass, t_r
             Deprecated since 0.2, removed in 0.3: set them on the masker
             (``LabelsMasker(..., detrend=True)`` or ``masker.set_params(detrend=True)``),
@@ -366,8 +399,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        signals : list of ndarray of shape (n_scans, n_regions)
-            One array per image.
+        signals : list of ndarray of shape (n_kept_volumes, n_regions)
+            One array per run.
         """
         check_is_fitted(self)
         overrides = {
@@ -395,27 +428,52 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 overrides,
                 caller_name="LabelsMasker.transform_imgs",
             )
+        validate_parameter_constraints(
+            {"n_jobs": N_JOBS}, {"n_jobs": n_jobs}, caller_name="LabelsMasker.transform_imgs"
+        )
         cleaning = {**self._clean_params(), **overrides}
         if cleaning["standardize"] is None:
             cleaning["standardize"] = _NO_STANDARDIZE
-        clean_args = {} if self.clean_args is None else dict(self.clean_args)
+        clean_args = self._checked_clean_args()
 
         sources = _images.as_image_list(imgs_list, name="imgs_list")
-        if confounds is None:
-            confounds = [None] * len(sources)
-        elif len(sources) == 1 and not isinstance(confounds, (list, tuple)):
-            confounds = [confounds]
-        if len(confounds) != len(sources):
+        if not sources:
             raise ValueError(
-                f"confounds has {len(confounds)} entries but imgs_list has {len(sources)} images."
+                "imgs_list contains no images; transform_imgs needs at least one 4D run."
             )
+        run_confounds = per_run(confounds, len(sources), name="confounds")
+        run_masks = per_run(sample_mask, len(sources), name="sample_mask")
+        names = [f"run {i} ({_images.describe(src, i)})" for i, src in enumerate(sources)]
+        # Tables are read (and a missing file reported) before any image is opened.
+        run_confounds = [read_confounds(conf, run=name) for conf, name in zip(run_confounds, names)]
         outputs = []
-        results = self._map(sources, allow_4d=True)
-        for image_signals, image_confounds in zip(results, confounds):
+        results = self._map(sources, allow_4d=True, n_jobs=n_jobs)
+        for signals, conf, mask, name in zip(results, run_confounds, run_masks, names):
+            n_scans = signals.shape[0]
+            check_confounds_length(conf, n_scans, run=name)
+            mask = read_sample_mask(mask, n_scans, run=name)
             outputs.append(
-                clean(image_signals, confounds=image_confounds, **cleaning, **clean_args)
+                clean(signals, confounds=conf, sample_mask=mask, **cleaning, **clean_args)
             )
         return outputs
+
+    def _checked_clean_args(self):
+        """``clean_args`` as a dict; per-run inputs and the masker's own options refused."""
+        clean_args = {} if self.clean_args is None else dict(self.clean_args)
+        for key in ("sample_mask", "confounds"):
+            if key in clean_args:
+                raise ValueError(
+                    f"clean_args[{key!r}] would apply one {key} to every run. Pass "
+                    f"{key}=[run_0, run_1, ...] to transform_imgs instead (one entry per run), "
+                    f"or set {key}_col on ConnectomeExtractor."
+                )
+        own = sorted(set(clean_args) & {*self._clean_params(), "signals", "runs"})
+        if own:
+            raise ValueError(
+                f"clean_args sets {own}, which are LabelsMasker parameters (or set per call); "
+                f"set them on the masker instead (LabelsMasker(..., {own[0]}=...))."
+            )
+        return clean_args
 
     def _clean_params(self):
         """The masker's arguments of :func:`nilearn.signal.clean` (``clean_args`` aside)."""
@@ -455,7 +513,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         signals = np.asarray(signals, dtype=np.float64)
         if signals.ndim == 1:
             signals = signals[np.newaxis]
-        n_regions = self.region_ids_.size
+        n_regions = self.n_elements_
         if signals.ndim != 2 or signals.shape[1] != n_regions:
             raise ValueError(
                 f"signals must have shape (n_images, {n_regions}), got {signals.shape}."
@@ -482,7 +540,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         feature_names_out : ndarray of str objects
         """
         check_is_fitted(self)
-        return self.region_names_.copy()
+        return self._region_names.copy()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -491,7 +549,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------ internals
-    def _map(self, sources, *, allow_4d):
+    def _map(self, sources, *, allow_4d, n_jobs="masker"):
         """Yield the (n_vols, n_regions) signals of each source, in order.
 
         Every source goes through :class:`joblib.Parallel`, so that ``n_jobs=None`` follows a
@@ -505,7 +563,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
         if memory.location is None or allow_4d:
             memory = None
-        n_jobs = joblib.effective_n_jobs(self.n_jobs)
+        if isinstance(n_jobs, str):
+            n_jobs = self.n_jobs
+        requested = n_jobs
+        n_jobs = joblib.effective_n_jobs(requested)
         n_tasks = len(sources) if n_jobs == 1 else min(len(sources), 4 * n_jobs)
         chunks = np.array_split(np.arange(len(sources)), n_tasks)
         tasks = (
@@ -514,7 +575,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             )
             for chunk in chunks
         )
-        parallel = joblib.Parallel(n_jobs=self.n_jobs, return_as="generator", prefer="threads")
+        parallel = joblib.Parallel(n_jobs=requested, return_as="generator", prefer="threads")
         done = 0
         for chunk_signals in parallel(tasks):
             yield from chunk_signals
@@ -582,7 +643,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                     mask_flat = np.asanyarray(mask.dataobj).astype(bool).ravel(order="F")
                 plan = build_plan(
                     np.asanyarray(atlas.dataobj).ravel(order="F"),
-                    self.region_ids_,
+                    self._region_ids,
                     self.background_label,
                     mask_flat,
                 )
@@ -640,6 +701,14 @@ def _signals_of_chunk(masker, sources, first_index, allow_4d, memory):
 def _cached_signals(key, masker, source, index, decode):
     """Cached per-image signals; only ``key`` (content hash, parameters, atlas) is hashed."""
     return masker._image_signals(source, index, False, img=decode())
+
+
+def _python_value(value):
+    """A label value as a plain Python int (integral values) or float."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _region_values(atlas, background_label) -> np.ndarray:
