@@ -1,6 +1,6 @@
 """kwneuro_sk: multi-site neuroimaging harmonization and region extraction for scikit-learn."""
 
-from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer, CovBatHarmonizer
+from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer, CovBatHarmonizer, SiteSummary
 from kwneuro_sk.maskers import LabelsMasker
 from kwneuro_sk.volumes import harmonize_volumes
 
@@ -11,5 +11,6 @@ __all__ = [
     "CombatHarmonizer",
     "CovBatHarmonizer",
     "LabelsMasker",
+    "SiteSummary",
     "harmonize_volumes",
 ]

@@ -178,3 +178,202 @@ def test_partial_fit_pickles_and_clones_while_pending():
     restored = pickle.loads(pickle.dumps(combat)).partial_fit(X[80:], batch=site[80:])
     assert_same_model(CombatHarmonizer().fit(X, batch=site), restored)
     assert not hasattr(clone(combat), "n_features_in_")
+
+
+# ------------------------------------------------------------------------------------------
+# federated: site summaries
+# ------------------------------------------------------------------------------------------
+
+
+def site_summaries(params, **kwargs):
+    X, site, covariates = COHORT
+    return [
+        CombatHarmonizer(**params).site_summary(
+            X[site == s], batch=site[site == s], covariates=covariates[site == s], **kwargs
+        )
+        for s in ("c", "a", "b")
+    ]
+
+
+def test_federated_equals_pooled(fitted, tmp_path):
+    from kwneuro_sk import SiteSummary
+
+    params, pooled = fitted
+    paths = []
+    for i, summary in enumerate(site_summaries(params)):
+        paths.append(tmp_path / f"site{i}.npz")
+        summary.save(paths[-1])
+    combat = CombatHarmonizer(**params).fit_from_summaries([SiteSummary.load(p) for p in paths])
+    assert_same_model(pooled, combat)
+    X, site, covariates = COHORT
+    applied = CombatHarmonizer.from_estimates(combat.estimates_)
+    np.testing.assert_allclose(
+        applied.transform(X, batch=site, covariates=covariates),
+        pooled.transform(X, batch=site, covariates=covariates),
+        rtol=1e-10,
+        atol=1e-10 * np.abs(X).max(),
+    )
+
+
+@pytest.mark.usefixtures("numpy_int_alias")
+@pytest.mark.parametrize("option", ["parametric", "nonparametric", "ref batch", "mean only"])
+def test_federated_equals_neurocombat(option):
+    import contextlib
+    import io
+
+    from neuroCombat import neuroCombat
+
+    X, site, covariates = COHORT
+    params = {**COVARIATES, **OPTIONS[option]}
+    combat = CombatHarmonizer(**params).fit_from_summaries(site_summaries(params))
+    kwargs = {
+        "categorical_cols": ["sex", "group"],
+        "continuous_cols": ["age"],
+        "eb": params.get("eb", True),
+        "parametric": params.get("parametric", True),
+        "mean_only": params.get("mean_only", False),
+        "ref_batch": params.get("ref_batch"),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = neuroCombat(
+            dat=X.T, covars=covariates.assign(site=site), batch_col="site", **kwargs
+        )["data"].T
+    got = combat.transform(X, batch=site, covariates=covariates)
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_summary_size_does_not_depend_on_rows():
+    X, site, covariates = COHORT
+    small = CombatHarmonizer(**COVARIATES).site_summary(
+        X[:40], batch=["s"] * 40, covariates=covariates[:40]
+    )
+    large = CombatHarmonizer(**COVARIATES).site_summary(
+        X, batch=["s"] * len(X), covariates=covariates
+    )
+    q, g = len(large.statistics.columns), X.shape[1]
+    assert large.n_values == 1 + q + q * q + g * (2 + q) + g
+    assert small.n_values <= large.n_values  # fewer levels seen in the first rows
+
+
+def test_summary_holds_no_row_value(tmp_path):
+    X, site, covariates = COHORT
+    rows = site == "a"
+    summary = CombatHarmonizer(**COVARIATES).site_summary(
+        X[rows], batch=site[rows], covariates=covariates[rows]
+    )
+    summary.save(tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as npz:
+        stored = np.concatenate([npz[k].ravel() for k in npz.files if k != "__manifest__"])
+    assert not np.isin(X[rows], stored).any()
+    assert not np.isin(np.abs(X[rows]).max(axis=0), stored).any()
+    magnitude = summary.statistics.moments.magnitude
+    np.testing.assert_array_equal(np.frexp(magnitude)[0], 0.5)
+    assert (magnitude <= np.abs(X[rows]).max(axis=0)).all()
+    assert (2 * magnitude > np.abs(X[rows]).max(axis=0)).all()
+
+
+def test_site_summary_refusals():
+    X, site, covariates = COHORT
+    combat = CombatHarmonizer(**COVARIATES)
+    with pytest.raises(
+        ValueError, match="site\\(s\\) \\['a'\\] have \\[9\\] rows, fewer than min_rows=10"
+    ):
+        combat.site_summary(X[:9], batch=["a"] * 9, covariates=covariates[:9])
+    lonely = covariates[:20].assign(sex=["M"] + ["F"] * 19)
+    with pytest.raises(
+        ValueError, match="'sex' has level\\(s\\) \\['F', 'M'\\] held by a single row of site 'a'"
+    ):
+        combat.site_summary(X[:20], batch=["a"] * 20, covariates=lonely)
+    assert not hasattr(combat, "n_features_in_")  # site_summary fits nothing
+    with pytest.raises(ValueError, match="does not support smooth_cols"):
+        CombatHarmonizer(smooth_cols="age").site_summary(
+            X[:20], batch=["a"] * 20, covariates=covariates[:20]
+        )
+    with pytest.raises(ValueError, match="min_rows must be a positive integer"):
+        combat.site_summary(X[:20], batch=["a"] * 20, covariates=covariates[:20], min_rows=0)
+
+
+def test_fit_from_summaries_refuses_other_options_and_features():
+    X, site, covariates = COHORT
+    summaries = site_summaries(COVARIATES)
+    with pytest.raises(
+        ValueError,
+        match="made with categorical_cols=\\['sex', 'group'\\]; this harmonizer has "
+        "categorical_cols=\\['sex'\\]",
+    ):
+        CombatHarmonizer(categorical_cols="sex", continuous_cols="age").fit_from_summaries(
+            summaries
+        )
+    other = CombatHarmonizer(**COVARIATES).site_summary(
+        X[site == "a", :10], batch=site[site == "a"], covariates=covariates[site == "a"]
+    )
+    with pytest.raises(
+        ValueError,
+        match="summary 2 \\(site\\(s\\) \\['a'\\]\\) has other features than summary 0: "
+        "n_features_in",
+    ):
+        CombatHarmonizer(**COVARIATES).fit_from_summaries(summaries[:2] + [other])
+    with pytest.raises(TypeError, match="list of SiteSummary"):
+        CombatHarmonizer().fit_from_summaries([X])
+
+
+def _tamper(path, out, **changes):
+    import json
+
+    with np.load(path, allow_pickle=False) as npz:
+        members = {k: npz[k] for k in npz.files}
+    manifest = json.loads(str(members["__manifest__"]))
+    for key, value in changes.items():
+        if key in manifest:
+            manifest[key] = value
+        else:
+            members[key] = value
+    members["__manifest__"] = np.array(json.dumps(manifest))
+    np.savez(out, **members)
+    return out
+
+
+def test_load_refuses_hostile_files(tmp_path):
+    import pickle
+
+    from kwneuro_sk import SiteSummary
+
+    path = tmp_path / "good.npz"
+    summary = site_summaries(COVARIATES)[0]
+    summary.save(path)
+    moments = summary.statistics.moments
+    n_sites, n_cols, n_features = moments.czx.shape
+    cases = {
+        "version": ({"version": 2}, "format version 2"),
+        "format": ({"format": "other"}, "format 'other'"),
+        "n below min_rows": ({"n": np.array([5.0])}, "at least min_rows=10"),
+        "fractional n": ({"n": moments.n + 0.5}, "not whole numbers"),
+        "negative cxx": ({"cxx": -moments.cxx}, "negative values"),
+        "nan": ({"xbar": moments.xbar * np.nan}, "xbar has NaN"),
+        "dtype": ({"xbar": moments.xbar.astype(np.float32)}, "xbar has dtype float32"),
+        "shape": ({"czx": moments.czx[:, :, :-1]}, "czx has shape"),
+        "asymmetric": (
+            {"czz": moments.czz + np.triu(np.ones((n_cols, n_cols)), 1)},
+            "not symmetric",
+        ),
+        "magnitude": ({"magnitude": moments.magnitude * 1.5}, "not powers of two"),
+        "share": ({"zbar": moments.zbar + 2.0}, "level shares outside"),
+        "column": ({"columns": [["level", "diagnosis", "x"]]}, "not a level of categorical_cols"),
+        "features": ({"features": {"n_features_in": 3}}, "'features' must hold"),
+    }
+    for name, (changes, message) in cases.items():
+        bad = _tamper(path, tmp_path / f"{name}.npz", **changes)
+        with pytest.raises(ValueError, match=message):
+            SiteSummary.load(bad)
+    pickled = tmp_path / "pickled.npz"
+    pickled.write_bytes(pickle.dumps(summary))
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        SiteSummary.load(pickled)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated or corrupt|cannot be read"):
+        SiteSummary.load(truncated)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SiteSummary.load(tmp_path / "missing.npz")
+    loaded = SiteSummary.load(path)
+    assert loaded.sites == summary.sites and loaded.statistics.columns == summary.statistics.columns

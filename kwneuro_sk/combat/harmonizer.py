@@ -13,7 +13,7 @@ from numbers import Integral
 import joblib
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import (
@@ -37,6 +37,7 @@ from kwneuro_sk.combat._inputs import (
     read_rows,
 )
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
+from kwneuro_sk.combat.summary import SiteSummary
 
 
 class CombatHarmonizer(TransformerMixin, BaseEstimator):
@@ -341,6 +342,152 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self.__dict__.pop(name, None)
         self._fit_pending = True
         return self
+
+    @available_if(lambda self: self._check_statistics_route("site_summary"))
+    def site_summary(self, X, *, batch=None, covariates=None, min_rows=10):
+        """Summarize one site's rows for federated ComBat, without fitting anything.
+
+        The summary holds per-site aggregates only (row counts, means, centred sums of
+        squares and cross products; see :class:`~kwneuro_sk.SiteSummary` for every field and
+        what it reveals), never a row. Save it with :meth:`SiteSummary.save` and send the
+        file to the coordinator, who calls :meth:`fit_from_summaries` with the same options.
+        The estimator itself is left unchanged.
+
+        Parameters
+        ----------
+        X, batch, covariates
+            As in :meth:`fit`: the rows of this site (one or more site labels).
+        min_rows : int, default=10
+            Smallest number of rows of each site in the summary; smaller sites are refused
+            (their aggregates come too close to single rows).
+
+        Returns
+        -------
+        summary : SiteSummary
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> rng = np.random.default_rng(0)
+        >>> summary = CombatHarmonizer().site_summary(rng.normal(size=(12, 3)), batch=["a"] * 12)
+        >>> summary.sites, summary.n_values
+        (['a'], 10)
+        """
+        if isinstance(min_rows, bool) or not isinstance(min_rows, Integral) or min_rows < 1:
+            raise ValueError(f"min_rows must be a positive integer; got {min_rows!r}")
+        if _dask.is_dask(X):
+            X = X.compute()
+        helper = clone(self)
+        helper._validate_params()
+        helper._check_incremental("site_summary")
+        rows = helper._read_rows(X, batch, covariates, reset=True)
+        stats = helper._statistics_of(rows)
+        small = [(s, int(n)) for s, n in zip(stats.sites, stats.moments.n) if n < min_rows]
+        if small:
+            raise ValueError(
+                f"site(s) {format_labels([s for s, _ in small])} have "
+                f"{[n for _, n in small]} rows, fewer than min_rows={min_rows}: a summary of "
+                "so few rows comes close to revealing single rows. Pool them with another "
+                "site, or lower min_rows if your data agreement allows it"
+            )
+        roles = ColumnRoles.of(self)
+        for col in roles.categorical:
+            values = rows.covariates[col].astype(object)
+            for site in stats.sites:
+                counts = values[rows.sites == site].value_counts()
+                total = int(counts.sum())
+                lonely = [lv for lv, c in counts.items() if c == 1 or (0 < total - c == 1)]
+                if lonely:
+                    raise ValueError(
+                        f"categorical covariate {col!r} has level(s) {format_labels(lonely)} "
+                        f"held by a single row of site {site!r} (or by all rows but one): "
+                        "the summary would reveal that row's feature values. Merge rare "
+                        "levels, or leave that row out"
+                    )
+        return SiteSummary(
+            statistics=stats,
+            covariates={
+                "categorical_cols": list(roles.categorical),
+                "continuous_cols": list(roles.continuous),
+            },
+            features=helper._feature_description(),
+            min_rows=int(min_rows),
+        )
+
+    @available_if(lambda self: self._check_statistics_route("fit_from_summaries"))
+    def fit_from_summaries(self, summaries):
+        """Fit from the :class:`~kwneuro_sk.SiteSummary` of several sites (federated ComBat).
+
+        The result equals :meth:`fit` on the pooled rows of all the sites (to rounding), for
+        every option but ``smooth_cols``: one round trip (each site sends its summary; the
+        coordinator sends back the fitted model, e.g. saved with
+        :meth:`CombatEstimates.save`, which each site applies to its own rows). The
+        summaries must have been made with this harmonizer's ``batch_col``,
+        ``categorical_cols`` and ``continuous_cols`` and hold the same features; a
+        difference raises a ValueError naming it.
+
+        Parameters
+        ----------
+        summaries : list of SiteSummary
+            One or more per site (sites may appear in several summaries: their rows are
+            merged).
+
+        Returns
+        -------
+        self : CombatHarmonizer
+            Fitted.
+        """
+        summaries = list(summaries) if np.iterable(summaries) else [summaries]
+        if not summaries or not all(isinstance(s, SiteSummary) for s in summaries):
+            raise TypeError("fit_from_summaries takes a non-empty list of SiteSummary objects")
+        self._validate_params()
+        self._check_incremental("fit_from_summaries")
+        roles = ColumnRoles.of(self)
+        wanted = {
+            "categorical_cols": list(roles.categorical),
+            "continuous_cols": list(roles.continuous),
+        }
+        first = summaries[0].features
+        for i, summary in enumerate(summaries):
+            where = f"summary {i} (site(s) {format_labels(summary.sites)})"
+            for option, value in wanted.items():
+                if list(summary.covariates[option]) != value:
+                    raise ValueError(
+                        f"{where} was made with {option}={summary.covariates[option]!r}; this "
+                        f"harmonizer has {option}={value!r}: every site and the coordinator "
+                        "must use the same covariate options"
+                    )
+            if summary.features["batch_col"] != self.batch_col:
+                raise ValueError(
+                    f"{where} was made with batch_col={summary.features['batch_col']!r}; this "
+                    f"harmonizer has batch_col={self.batch_col!r}"
+                )
+            for key in ("n_features_in", "feature_names", "columns_in"):
+                if summary.features[key] != first[key]:
+                    raise ValueError(
+                        f"{where} has other features than summary 0: {key} "
+                        f"{_preview_value(summary.features[key])} vs "
+                        f"{_preview_value(first[key])}"
+                    )
+        merged = statistics.merge_all(s.statistics for s in summaries)
+        try:
+            merged = merged.aligned(sorted(merged.sites), merged.columns)
+        except TypeError as exc:
+            raise TypeError(
+                "site labels must be of one sortable type (all strings or all numbers); got "
+                f"{format_labels(merged.sites)}"
+            ) from exc
+        self.n_features_in_ = int(first["n_features_in"])
+        if first["feature_names_in"] is not None:
+            self.feature_names_in_ = np.asarray(first["feature_names_in"], dtype=object)
+        elif "feature_names_in_" in self.__dict__:
+            del self.feature_names_in_
+        self._columns_in = None if first["columns_in"] is None else list(first["columns_in"])
+        names = first["feature_names"]
+        self._feature_names_out = None if names is None else np.asarray(names, dtype=object)
+        self._partial_statistics = None
+        return self._fit_statistics(merged)
 
     def transform(self, X, *, batch=None, covariates=None):
         """Harmonize rows with the fitted estimates and the rows' own covariates.
@@ -713,6 +860,18 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "rows, or model the covariate in continuous_cols"
             )
 
+    def _feature_description(self):
+        """Feature names and counts as plain data (for a SiteSummary)."""
+        names_in = getattr(self, "feature_names_in_", None)
+        plain = statistics_plain_list
+        return {
+            "n_features_in": int(self.n_features_in_),
+            "feature_names_in": plain(names_in),
+            "columns_in": plain(self._columns_in),
+            "feature_names": plain(self._feature_names_out),
+            "batch_col": self.batch_col,
+        }
+
     def _statistics_of(self, rows):
         """Per-site statistics of validated rows (covariates unencoded)."""
         roles = ColumnRoles.of(self)
@@ -943,3 +1102,16 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _split(self, X, batch, covariates, *, from_columns):
         return read_rows(X, batch, covariates, ColumnRoles.of(self), from_columns=from_columns)
+
+
+def statistics_plain_list(values):
+    """A list of plain Python values (numpy scalars unwrapped), or None."""
+    if values is None:
+        return None
+    return [v.item() if isinstance(v, np.generic) else v for v in values]
+
+
+def _preview_value(value):
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{', '.join(map(repr, value[:5]))}, ...] ({len(value)} items)"
+    return repr(value)
