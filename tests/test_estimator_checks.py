@@ -99,6 +99,9 @@ class _RowSiteHarmonizer(CombatHarmonizer):
     def transform(self, X):
         return super().transform(X, batch=_row_sites(X))
 
+    def partial_fit(self, X, y=None):
+        return super().partial_fit(X, y, batch=_row_sites(X))
+
 
 @parametrize_with_checks(
     [CombatHarmonizer()], expected_failed_checks=lambda est: _BARE_EXPECTED_FAILURES

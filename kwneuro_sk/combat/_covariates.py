@@ -266,3 +266,27 @@ class CovariateEncoding:
             state.get("smooth_degree", 3),
             state.get("smooth_extrapolation", "linear"),
         )
+
+
+def raw_design(frame, categorical, continuous):
+    """Unencoded covariate columns of a validated covariate table, for
+    :class:`~kwneuro_sk.combat.statistics.SiteStatistics`: one indicator column per level of
+    each categorical covariate present in ``frame`` (keyed ``("level", column, level)``) and
+    the values of each continuous covariate (``("value", column)``).
+
+    Returns
+    -------
+    keys : list of tuple
+    Z : ndarray of shape (n_rows, len(keys))
+    """
+    keys, parts = [], [np.empty((len(frame), 0))]
+    for col in categorical:
+        codes, levels = pd.factorize(frame[col].astype(object), sort=False)
+        onehot = np.zeros((len(frame), len(levels)))
+        onehot[np.arange(len(frame)), codes] = 1.0
+        keys += [("level", col, level) for level in levels.tolist()]
+        parts.append(onehot)
+    for col in continuous:
+        keys.append(("value", col))
+        parts.append(frame[[col]].to_numpy(dtype=np.float64))
+    return keys, np.hstack(parts)

@@ -185,7 +185,7 @@ def _concatenate_features(parts):
         xbar=np.concatenate([p.xbar for p in parts], axis=-1),
         czx=np.concatenate([p.czx for p in parts], axis=-1),
         cxx=np.concatenate([p.cxx for p in parts], axis=-1),
-        max_abs=np.concatenate([p.max_abs for p in parts], axis=-1),
+        magnitude=np.concatenate([p.magnitude for p in parts], axis=-1),
     )
 
 

@@ -267,6 +267,16 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
             "CovBatHarmonizer has no inverse_transform; CombatHarmonizer has one"
         )
 
+    def _check_statistics_route(self, method):
+        # partial_fit, site_summary and fit_from_summaries fit from per-site statistics; the
+        # PCA of the residuals needs all the rows at once.
+        raise AttributeError(
+            f"CovBatHarmonizer has no {method}: the PCA of the ComBat residuals needs all "
+            "the training rows in memory at once, which per-site statistics do not hold. "
+            "Use fit on the pooled rows, or CombatHarmonizer for incremental and federated "
+            "fits"
+        )
+
     @classmethod
     def from_estimates(cls, estimates):
         """Not available: :attr:`estimates_` holds the ComBat step only.

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import (
     _check_feature_names_in,
     check_array,
@@ -23,8 +24,8 @@ from sklearn.utils.validation import (
 )
 
 from kwneuro_sk._params import N_JOBS
-from kwneuro_sk.combat import _dask, model
-from kwneuro_sk.combat._covariates import CovariateEncoding, format_labels
+from kwneuro_sk.combat import _dask, model, statistics
+from kwneuro_sk.combat._covariates import CovariateEncoding, format_labels, raw_design
 from kwneuro_sk.combat._inputs import (
     ColumnRoles,
     Rows,
@@ -272,6 +273,75 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self._fit(rows)
         return self._transform(rows)
 
+    @available_if(lambda self: self._check_statistics_route("partial_fit"))
+    def partial_fit(self, X, y=None, *, batch=None, covariates=None):
+        """Add a chunk of training rows: after any sequence of calls, the model is that of
+        :meth:`fit` on all the rows given so far.
+
+        Each call reduces its rows to per-site sufficient statistics (see
+        :class:`~kwneuro_sk.combat.statistics.SiteStatistics`) and merges them with those of
+        the earlier calls; the rows are not kept. Chunks may hold any subset of the sites and
+        of the levels of a categorical covariate. The model (EB estimates included) is
+        computed from the statistics when it is first used after a call (``transform``, a
+        fitted attribute), so a loop of ``partial_fit`` calls costs about one ``fit``;
+        errors that need all the rows (a single site, a confounded covariate) are raised
+        then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
+        :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
+
+        Every option of :meth:`fit` is supported except ``smooth_cols`` (its knots are
+        quantiles of all the rows, unknown until the last chunk): a ValueError says so.
+
+        Parameters
+        ----------
+        X : DataFrame or array-like of shape (n_rows, n_columns)
+            A chunk of rows, with the columns of the first chunk. A block of a dask array is
+            computed first.
+        y : None
+            Ignored.
+        batch : array-like of shape (n_rows,), default=None
+            Site of each row, when ``batch_col`` is None.
+        covariates : DataFrame, default=None
+            Covariate columns, when ``batch_col`` is None.
+
+        Returns
+        -------
+        self : CombatHarmonizer
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> rng = np.random.default_rng(0)
+        >>> X, site = rng.normal(size=(40, 3)), np.tile(["a", "b"], 20)
+        >>> incremental = CombatHarmonizer()
+        >>> for rows in np.array_split(np.arange(40), 4):
+        ...     _ = incremental.partial_fit(X[rows], batch=site[rows])
+        >>> whole = CombatHarmonizer().fit(X, batch=site)
+        >>> bool(np.allclose(incremental.gamma_star_, whole.gamma_star_, rtol=1e-10))
+        True
+        """
+        if _dask.is_dask(X):
+            X = X.compute()
+        first = getattr(self, "_partial_statistics", None) is None
+        if first:
+            if hasattr(self, "n_features_in_"):
+                warnings.warn(
+                    f"{type(self).__name__} was fitted with fit() (or from summaries), which "
+                    "keeps no statistics of its rows: partial_fit starts a new model from "
+                    "this chunk",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._validate_params()
+            self._check_incremental("partial_fit")
+        rows = self._read_rows(X, batch, covariates, reset=first)
+        part = self._statistics_of(rows)
+        self._partial_statistics = part if first else self._partial_statistics.merge(part)
+        for name in self._FITTED_STATE:
+            self.__dict__.pop(name, None)
+        self._fit_pending = True
+        return self
+
     def transform(self, X, *, batch=None, covariates=None):
         """Harmonize rows with the fitted estimates and the rows' own covariates.
 
@@ -462,6 +532,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """Fit on ``rows``; ``location_scale(batch_idx, n_batches, Z, ref)``, when given,
         replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
         accumulated elsewhere: files, dask blocks)."""
+        self._partial_statistics = None  # fit starts afresh; partial_fit accumulates
+        self._fit_pending = False
         try:
             self.batches_, batch_idx, counts = np.unique(
                 rows.sites, return_inverse=True, return_counts=True
@@ -505,6 +577,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         else:
             standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
+        return self._finish_fit(counts, ref, standardization, mean, ss)
+
+    def _finish_fit(self, counts, ref, standardization, mean, ss):
+        """EB estimates and fitted state from the location/scale fit."""
         usable = ~standardization.zero_variance
         if self.eb and usable.sum() < 2:
             raise ValueError(
@@ -591,6 +667,111 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         )
         self._columns_in = None if columns_in is None else list(columns_in)
         return self._fit(rows, location_scale)
+
+    # Fitted state computed from the statistics on first use after partial_fit.
+    _FITTED_STATE = frozenset(
+        {
+            "batches_",
+            "n_samples_per_batch_",
+            "covariate_names_",
+            "grand_mean_",
+            "beta_",
+            "var_pooled_",
+            "zero_variance_features_",
+            "gamma_hat_",
+            "delta_hat_",
+            "gamma_star_",
+            "delta_star_",
+            "gamma_bar_",
+            "t2_",
+            "a_prior_",
+            "b_prior_",
+            "estimates_",
+            "_covariates",
+            "_sigma",
+        }
+    )
+
+    def __getattr__(self, name):
+        # Only called for attributes not set: the fitted state after partial_fit.
+        state = self.__dict__
+        if name in CombatHarmonizer._FITTED_STATE and state.get("_fit_pending"):
+            self._fit_statistics(state["_partial_statistics"])
+            return state[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _check_statistics_route(self, method):
+        """Whether the estimator can be fitted from statistics (``available_if`` check)."""
+        return True
+
+    def _check_incremental(self, method):
+        """Options that statistics of chunks or sites cannot serve, refused by name."""
+        if ColumnRoles.of(self).smooth:
+            raise ValueError(
+                f"{method} does not support smooth_cols: the B-spline knots are quantiles "
+                "of all the training rows, unknown to a chunk or a site; fit on the pooled "
+                "rows, or model the covariate in continuous_cols"
+            )
+
+    def _statistics_of(self, rows):
+        """Per-site statistics of validated rows (covariates unencoded)."""
+        roles = ColumnRoles.of(self)
+        keys, Z = raw_design(rows.covariates, roles.categorical, roles.numeric)
+        try:
+            return statistics.SiteStatistics.of_rows(rows.features, rows.sites, keys, Z)
+        except TypeError as exc:
+            raise TypeError(
+                "site labels must be of one sortable type (all strings or all "
+                f"numbers); got {format_labels(pd.unique(rows.sites))}"
+            ) from exc
+
+    def _fit_statistics(self, stats):
+        """Fit from merged :class:`~kwneuro_sk.combat.statistics.SiteStatistics` (feature
+        names and counts already set)."""
+        roles = ColumnRoles.of(self)
+        self._fit_pending = False
+        sites = np.array(stats.sites)
+        self.batches_ = sites.astype(object) if sites.dtype.kind == "U" else sites
+        counts = np.rint(stats.moments.n).astype(np.int64)
+        self.n_samples_per_batch_ = counts
+        n_batches = len(self.batches_)
+        if n_batches < 2:
+            raise ValueError(
+                f"ComBat needs at least two sites; all rows (n_samples={int(counts.sum())}) "
+                f"are from site {format_labels(self.batches_)}"
+            )
+        ref = self._reference_index()
+        if not self.mean_only and (counts < 2).any():
+            raise ValueError(
+                f"site(s) {format_labels(self.batches_[counts < 2])} have a single row, so "
+                "their variance cannot be estimated; use mean_only=True to adjust only the site "
+                "means, or drop or merge those sites"
+            )
+        moments, levels = stats.encoded(roles.categorical, roles.continuous)
+        self._covariates = CovariateEncoding(roles.categorical, roles.continuous, levels)
+        self.covariate_names_ = self._covariates.names
+        n_design = n_batches + moments.zbar.shape[1]
+        if counts.sum() <= n_design:
+            raise ValueError(
+                f"{int(counts.sum())} rows for {n_design} design columns ({n_batches} "
+                f"sites + {moments.zbar.shape[1]} covariate columns) leave no residual degrees "
+                "of freedom, so the pooled variance cannot be estimated; give more rows or "
+                "fewer covariates"
+            )
+        within = moments.czz.sum(axis=0)  # pooled within-site scatter of the covariates
+        stop = 0
+        for col, width in zip(self._covariates.columns, self._covariates.widths()):
+            stop += width
+            if np.linalg.matrix_rank(within[:stop, :stop], hermitian=True) < stop:
+                raise ValueError(
+                    f"covariate {col!r} is confounded with site (or with the covariates "
+                    "before it): the design matrix [site one-hot | covariates] is "
+                    "rank-deficient, so its effect cannot be told apart from the site effect. "
+                    "Remove it from categorical_cols/continuous_cols, or check that each site "
+                    "has more than one value of it."
+                )
+        standardization, mean, ss = statistics.fit_from_moments(moments, ref)
+        return self._finish_fit(counts, ref, standardization, mean, ss)
 
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)

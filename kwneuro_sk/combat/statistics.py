@@ -43,9 +43,11 @@ class SiteMoments:
     czz : ndarray of shape (n_sites, n_covariates, n_covariates)
     czx : ndarray of shape (n_sites, n_covariates, n_features)
     cxx : ndarray of shape (n_sites, n_features)
-    max_abs : ndarray of shape (n_features,)
-        Largest absolute value of each feature: the scale of its rounding, against which a
-        pooled standard deviation counts as zero (as in :mod:`~kwneuro_sk.combat.model`).
+    magnitude : ndarray of shape (n_features,)
+        Largest absolute value of each feature rounded down to a power of two (0 for no rows
+        or an all-zero feature): the scale of its rounding, against which a pooled standard
+        deviation counts as zero (as in :mod:`~kwneuro_sk.combat.model`). Only the power of
+        two is kept, never a row's exact value.
     """
 
     n: np.ndarray
@@ -54,7 +56,7 @@ class SiteMoments:
     czz: np.ndarray
     czx: np.ndarray
     cxx: np.ndarray
-    max_abs: np.ndarray
+    magnitude: np.ndarray
 
     @classmethod
     def empty(cls, n_sites, n_covariates, n_features):
@@ -68,6 +70,13 @@ class SiteMoments:
             np.zeros((n_sites, n_features)),
             np.zeros(n_features),
         )
+
+
+def power_of_two_below(largest):
+    """``2**floor(log2(largest))`` elementwise (0 where ``largest`` is 0): all that the constant
+    feature test needs of a feature's largest absolute value, and no row's exact value."""
+    largest = np.asarray(largest, dtype=np.float64)
+    return np.where(largest > 0, np.ldexp(0.5, np.frexp(largest)[1]), 0.0)
 
 
 def chunk_moments(X, batch_idx, n_batches, Z):
@@ -88,7 +97,7 @@ def chunk_moments(X, batch_idx, n_batches, Z):
     Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
     moments = SiteMoments.empty(n_batches, Z.shape[1], X.shape[1])
     if X.shape[0]:
-        moments.max_abs[:] = np.maximum(X.max(axis=0), -X.min(axis=0))
+        moments.magnitude[:] = power_of_two_below(np.maximum(X.max(axis=0), -X.min(axis=0)))
     for k in np.unique(batch_idx):
         rows = batch_idx == k
         values = X[rows].astype(np.float64)  # a copy, centred in place
@@ -123,7 +132,7 @@ def merge_moments(a, b):
         czz=a.czz + b.czz + weight[:, None, None] * dz[:, :, None] * dz[:, None, :],
         czx=a.czx + b.czx + weight[:, None, None] * dz[:, :, None] * dx[:, None, :],
         cxx=a.cxx + b.cxx + weight[:, None] * dx**2,
-        max_abs=np.maximum(a.max_abs, b.max_abs),
+        magnitude=np.maximum(a.magnitude, b.magnitude),
     )
 
 
@@ -177,7 +186,7 @@ def fit_from_moments(moments, ref=None):
         grand_mean = intercepts[ref].copy()
         var_pooled = rss[ref] / counts[ref]
     # Constant: a residual standard deviation at the rounding of the values, as in model.
-    zero_variance = np.sqrt(var_pooled) <= model.constant_resolution(moments.max_abs)
+    zero_variance = np.sqrt(var_pooled) <= model.constant_resolution(moments.magnitude)
     var_pooled[zero_variance] = 0.0
     standardization = model.StandardizationModel(grand_mean, beta, var_pooled, zero_variance)
     scale = standardization.scale
@@ -196,3 +205,123 @@ def location_scale_from_chunks(chunks):
         return fit_from_moments(total, ref)
 
     return location_scale
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics keyed by site label and covariate column: what partial_fit, federated summaries,
+# dask blocks and streamed volumes produce and merge
+# --------------------------------------------------------------------------------------------
+
+
+def _union(first, second, what):
+    """Sorted union of two label sequences (a TypeError names labels of mixed types)."""
+    merged = list(first) + [v for v in second if v not in set(first)]
+    try:
+        return sorted(merged)
+    except TypeError as exc:
+        raise TypeError(
+            f"{what} labels must be of one sortable type (all strings or all numbers); got "
+            f"{merged[:10]}"
+        ) from exc
+
+
+@dataclass
+class SiteStatistics:
+    """Per-site centred statistics of rows, keyed by site label and covariate column.
+
+    The covariates enter *unencoded*: each level of a categorical covariate has its own
+    indicator column (keyed ``("level", column, level)``), each continuous covariate its
+    values (``("value", column)``). Merging two sets of statistics aligns sites and columns
+    (a site or level absent from one side has zero rows there), so chunks, dask blocks and
+    sites may hold different sites and levels. :meth:`encoded` picks the columns of the
+    ComBat design (the first sorted level of each categorical covariate dropped) once all
+    rows are merged: the statistics of a subset of columns are the rows and columns of the
+    full ones.
+
+    Attributes
+    ----------
+    sites : list
+        Site labels, sorted; rows of the moments follow this order.
+    columns : list of tuple
+        Key of each covariate column of the moments.
+    moments : SiteMoments
+    """
+
+    sites: list
+    columns: list
+    moments: SiteMoments
+
+    @classmethod
+    def of_rows(cls, X, sites, columns, Z):
+        """Statistics of rows ``X`` with site labels ``sites`` and covariate columns ``Z``
+        (keyed by ``columns``)."""
+        labels, batch_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
+        moments = chunk_moments(X, batch_idx.ravel(), len(labels), Z)
+        return cls(labels.tolist(), list(columns), moments)
+
+    @property
+    def n_features(self):
+        return self.moments.xbar.shape[1]
+
+    def aligned(self, sites, columns):
+        """The same statistics on a superset of sites and covariate columns."""
+        if list(sites) == self.sites and list(columns) == self.columns:
+            return self
+        m = self.moments
+        site_at = [sites.index(s) for s in self.sites]
+        col_at = [columns.index(c) for c in self.columns]
+        out = SiteMoments.empty(len(sites), len(columns), self.n_features)
+        out.n[site_at] = m.n
+        out.xbar[site_at] = m.xbar
+        out.cxx[site_at] = m.cxx
+        out.magnitude[:] = m.magnitude
+        rows = np.ix_(site_at, col_at)
+        out.zbar[rows] = m.zbar
+        out.czx[rows] = m.czx
+        out.czz[np.ix_(site_at, col_at, col_at)] = m.czz
+        return SiteStatistics(list(sites), list(columns), out)
+
+    def merge(self, other):
+        """Statistics of the rows of ``self`` and ``other`` together (disjoint rows)."""
+        if other.n_features != self.n_features:
+            raise ValueError(
+                f"statistics of {other.n_features} features cannot be merged with statistics "
+                f"of {self.n_features} features"
+            )
+        sites = _union(self.sites, other.sites, "site")
+        columns = self.columns + [c for c in other.columns if c not in self.columns]
+        a, b = self.aligned(sites, columns), other.aligned(sites, columns)
+        return SiteStatistics(sites, columns, merge_moments(a.moments, b.moments))
+
+    def levels(self, column):
+        """Sorted levels of a categorical covariate seen in the rows."""
+        return sorted(key[2] for key in self.columns if key[0] == "level" and key[1] == column)
+
+    def encoded(self, categorical, continuous):
+        """The moments of the ComBat design's covariate columns: for each categorical column
+        its levels but the first (sorted), then the continuous columns; and the levels."""
+        levels = [self.levels(col) for col in categorical]
+        keys = [("level", col, lv) for col, lvs in zip(categorical, levels) for lv in lvs[1:]]
+        keys += [("value", col) for col in continuous]
+        at = [self.columns.index(k) for k in keys]
+        m = self.moments
+        moments = SiteMoments(
+            n=m.n,
+            zbar=m.zbar[:, at],
+            xbar=m.xbar,
+            czz=m.czz[:, at][:, :, at],
+            czx=m.czx[:, at],
+            cxx=m.cxx,
+            magnitude=m.magnitude,
+        )
+        return moments, levels
+
+
+def merge_all(parts):
+    """Merge a sequence of :class:`SiteStatistics` in order (two held at a time)."""
+    total = None
+    for part in parts:
+        total = part if total is None else total.merge(part)
+    if total is None:
+        raise ValueError("no statistics to merge")
+    return total
