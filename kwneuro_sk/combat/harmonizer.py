@@ -337,7 +337,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self._check_incremental("partial_fit")
         rows = self._read_rows(X, batch, covariates, reset=first)
         part = self._statistics_of(rows)
-        self._partial_statistics = part if first else self._partial_statistics.merge(part)
+        self._partial_statistics = part if first else self._partial_statistics.add(part)
         for name in self._FITTED_STATE:
             self.__dict__.pop(name, None)
         self._fit_pending = True

@@ -95,21 +95,34 @@ def chunk_moments(X, batch_idx, n_batches, Z):
     """
     X = np.asarray(X)
     Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
-    moments = SiteMoments.empty(n_batches, Z.shape[1], X.shape[1])
-    if X.shape[0]:
-        moments.magnitude[:] = power_of_two_below(np.maximum(X.max(axis=0), -X.min(axis=0)))
-    for k in np.unique(batch_idx):
-        rows = batch_idx == k
-        values = X[rows].astype(np.float64)  # a copy, centred in place
-        covariates = Z[rows]
-        moments.n[k] = values.shape[0]
-        moments.xbar[k] = values.mean(axis=0)
-        moments.zbar[k] = covariates.mean(axis=0)
-        values -= moments.xbar[k]
-        covariates = covariates - moments.zbar[k]
-        moments.cxx[k] = np.einsum("ig,ig->g", values, values)
-        moments.czx[k] = covariates.T @ values
-        moments.czz[k] = covariates.T @ covariates
+    n_rows, n_features = X.shape
+    q = Z.shape[1]
+    moments = SiteMoments.empty(n_batches, q, n_features)
+    if not n_rows:
+        return moments
+    # All sites at once, one cache-sized block of features at a time: per-site means by a
+    # product with the one-hot site matrix, the rows centred about their own site's means,
+    # then the centred sums as matrix products.
+    onehot = np.zeros((n_rows, n_batches))
+    onehot[np.arange(n_rows), batch_idx] = 1.0
+    counts = onehot.sum(axis=0)
+    share = np.divide(onehot, counts, out=np.zeros_like(onehot), where=counts > 0)
+    moments.n[:] = counts
+    moments.zbar[:] = share.T @ Z
+    zc = Z - moments.zbar[batch_idx]
+    site_z = (onehot[:, :, None] * zc[:, None, :]).reshape(n_rows, n_batches * q)
+    moments.czz[:] = (site_z.T @ zc).reshape(n_batches, q, q)
+    czx = moments.czx.reshape(n_batches * q, n_features)
+    for block in model.feature_blocks(n_rows, n_features):
+        values = X[:, block]
+        moments.magnitude[block] = power_of_two_below(
+            np.maximum(values.max(axis=0), -values.min(axis=0))
+        )
+        xbar = share.T @ values
+        moments.xbar[:, block] = xbar
+        centred = np.subtract(values, xbar[batch_idx], dtype=np.float64)
+        czx[:, block] = site_z.T @ centred
+        moments.cxx[:, block] = onehot.T @ np.square(centred, out=centred)
     return moments
 
 
@@ -282,16 +295,64 @@ class SiteStatistics:
         return SiteStatistics(list(sites), list(columns), out)
 
     def merge(self, other):
-        """Statistics of the rows of ``self`` and ``other`` together (disjoint rows)."""
+        """Statistics of the rows of ``self`` and ``other`` together (disjoint rows); neither
+        is changed."""
+        return merge_all([self, other])
+
+    def add(self, other):
+        """Add the statistics of other rows in place (sites and columns grow as needed) and
+        return the result: O(size of the statistics of ``other``'s sites), whatever the
+        number of rows. ``self``'s arrays must not be shared."""
         if other.n_features != self.n_features:
             raise ValueError(
                 f"statistics of {other.n_features} features cannot be merged with statistics "
                 f"of {self.n_features} features"
             )
-        sites = _union(self.sites, other.sites, "site")
-        columns = self.columns + [c for c in other.columns if c not in self.columns]
-        a, b = self.aligned(sites, columns), other.aligned(sites, columns)
-        return SiteStatistics(sites, columns, merge_moments(a.moments, b.moments))
+        total = self
+        new_sites = [s for s in other.sites if s not in set(self.sites)]
+        new_columns = [c for c in other.columns if c not in set(self.columns)]
+        if new_sites or new_columns:
+            total = self.aligned(
+                _union(self.sites, other.sites, "site"), self.columns + new_columns
+            )
+        dest, m = total.moments, other.moments
+        position = {s: i for i, s in enumerate(total.sites)}
+        same_columns = other.columns == total.columns
+        col_at = None if same_columns else [total.columns.index(c) for c in other.columns]
+        q = len(total.columns)
+        for j, site in enumerate(other.sites):
+            nb = m.n[j]
+            if nb == 0:
+                continue
+            k = position[site]
+            if same_columns:
+                zb, czz_b, czx_b = m.zbar[j], m.czz[j], m.czx[j]
+            else:
+                zb = np.zeros(q)
+                zb[col_at] = m.zbar[j]
+                czz_b = np.zeros((q, q))
+                czz_b[np.ix_(col_at, col_at)] = m.czz[j]
+                czx_b = np.zeros((q, self.n_features))
+                czx_b[col_at] = m.czx[j]
+            na = dest.n[k]
+            if na == 0:
+                dest.n[k], dest.zbar[k], dest.xbar[k] = nb, zb, m.xbar[j]
+                dest.czz[k], dest.czx[k], dest.cxx[k] = czz_b, czx_b, m.cxx[j]
+                continue
+            n = na + nb
+            weight = na * nb / n
+            dx = m.xbar[j] - dest.xbar[k]
+            dz = zb - dest.zbar[k]
+            dest.czx[k] += czx_b
+            dest.czx[k] += np.outer(weight * dz, dx)
+            dest.czz[k] += czz_b + weight * np.outer(dz, dz)
+            dest.cxx[k] += m.cxx[j]
+            dest.cxx[k] += weight * dx**2
+            dest.xbar[k] += (nb / n) * dx
+            dest.zbar[k] += (nb / n) * dz
+            dest.n[k] = n
+        np.maximum(dest.magnitude, m.magnitude, out=dest.magnitude)
+        return total
 
     def levels(self, column):
         """Sorted levels of a categorical covariate seen in the rows."""
@@ -318,10 +379,19 @@ class SiteStatistics:
 
 
 def merge_all(parts):
-    """Merge a sequence of :class:`SiteStatistics` in order (two held at a time)."""
-    total = None
-    for part in parts:
-        total = part if total is None else total.merge(part)
-    if total is None:
+    """Merge :class:`SiteStatistics` of disjoint rows into new statistics (the parts are not
+    changed): each site's statistics are added once, so the cost is that of the parts'
+    statistics, not (number of parts) x (all sites)."""
+    parts = list(parts)
+    if not parts:
         raise ValueError("no statistics to merge")
+    sites, columns = [], []
+    for part in parts:
+        sites = _union(sites, part.sites, "site")
+        columns += [c for c in part.columns if c not in set(columns)]
+    total = SiteStatistics(
+        sites, columns, SiteMoments.empty(len(sites), len(columns), parts[0].n_features)
+    )
+    for part in parts:
+        total = total.add(part)
     return total
