@@ -217,21 +217,98 @@ def _progress(done, total, start):
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_harmonize(args):
-    """Fit ComBat on a feature table and write the harmonized table."""
-    from kwneuro_sk import CombatHarmonizer
+def _combat_input(args, frame):
+    """The table ComBat reads (site and covariate columns as labels/numbers, features as
+    numbers) and the feature columns, from the harmonize/summarize options."""
+    text = [args.batch_col, *args.categorical]
+    smooth = getattr(args, "smooth", [])
+    features = [c for c in frame.columns if c not in {*text, *args.continuous, *smooth, *args.keep}]
+    X = pd.concat(
+        [
+            _labels(frame, [args.batch_col], args.features, "--batch-col"),
+            _labels(frame, args.categorical, args.features, "--categorical"),
+            _numbers(frame, args.continuous, args.features, role="--continuous"),
+            _numbers(frame, smooth, args.features, role="--smooth"),
+            _numbers(frame, features, args.features),
+        ],
+        axis=1,
+    )
+    return X[[c for c in frame.columns if c in X.columns]], features
 
-    outputs = {"-o": args.output, "--save-model": args.save_model, "--report": args.report}
-    _check_outputs(outputs, {"input table": args.features})
+
+def _read_combat_table(args, **options):
     frame = _read_table(args.features)
     if args.batch_col not in frame.columns:
         raise CommandError(
             f"--batch-col {args.batch_col!r} is not a column of "
             f"{args.features} (columns: {list(frame.columns)})"
         )
-    _check_columns(
-        frame,
-        args.features,
+    _check_columns(frame, args.features, **options)
+    return frame
+
+
+def cmd_summarize(args):
+    """Summarize one site's feature table for federated ComBat (no row leaves the site)."""
+    from kwneuro_sk import CombatHarmonizer
+
+    _check_outputs({"-o": args.output}, {"input table": args.features})
+    frame = _read_combat_table(
+        args,
+        **{"--categorical": args.categorical, "--continuous": args.continuous, "--keep": args.keep},
+    )
+    X, features = _combat_input(args, frame)
+    summary = CombatHarmonizer(
+        batch_col=args.batch_col,
+        categorical_cols=args.categorical or None,
+        continuous_cols=args.continuous or None,
+    ).site_summary(X, min_rows=args.min_rows)
+    with _Staged("kwneuro-sk summarize") as staged:
+        staged.folders({"-o": args.output})
+        summary.save(staged.path_for(args.output))
+        staged.commit()
+    print(
+        f"summarized {len(features)} features of {len(frame)} rows from site(s) "
+        f"{summary.sites} ({summary.n_values} numbers) -> {args.output}"
+    )
+    return 0
+
+
+def cmd_combine(args):
+    """Fit ComBat from site summaries (coordinator) and save the model for 'apply'."""
+    from kwneuro_sk import CombatHarmonizer, SiteSummary
+
+    _check_outputs({"-o": args.output}, {f"summary {i}": p for i, p in enumerate(args.summaries)})
+    summaries = [SiteSummary.load(path) for path in args.summaries]
+    first = summaries[0]
+    sites = [s for summary in summaries for s in summary.sites]
+    combat = CombatHarmonizer(
+        batch_col=first.features["batch_col"],
+        categorical_cols=first.covariates["categorical_cols"] or None,
+        continuous_cols=first.covariates["continuous_cols"] or None,
+        eb=args.eb,
+        parametric=args.parametric,
+        mean_only=args.mean_only,
+        ref_batch=None if args.ref_batch is None else _match_label(args.ref_batch, sites),
+    ).fit_from_summaries(summaries)
+    with _Staged("kwneuro-sk combine") as staged:
+        staged.folders({"-o": args.output})
+        combat.estimates_.save(staged.path_for(args.output))
+        staged.commit()
+    print(
+        f"fitted ComBat on {int(combat.n_samples_per_batch_.sum())} rows of "
+        f"{len(combat.batches_)} sites from {len(summaries)} summaries -> {args.output}"
+    )
+    return 0
+
+
+def cmd_harmonize(args):
+    """Fit ComBat on a feature table and write the harmonized table."""
+    from kwneuro_sk import CombatHarmonizer
+
+    outputs = {"-o": args.output, "--save-model": args.save_model, "--report": args.report}
+    _check_outputs(outputs, {"input table": args.features})
+    frame = _read_combat_table(
+        args,
         **{
             "--categorical": args.categorical,
             "--continuous": args.continuous,
@@ -239,21 +316,7 @@ def cmd_harmonize(args):
             "--keep": args.keep,
         },
     )
-    text = [args.batch_col, *args.categorical]
-    features = [
-        c for c in frame.columns if c not in {*text, *args.continuous, *args.smooth, *args.keep}
-    ]
-    X = pd.concat(
-        [
-            _labels(frame, [args.batch_col], args.features, "--batch-col"),
-            _labels(frame, args.categorical, args.features, "--categorical"),
-            _numbers(frame, args.continuous, args.features, role="--continuous"),
-            _numbers(frame, args.smooth, args.features, role="--smooth"),
-            _numbers(frame, features, args.features),
-        ],
-        axis=1,
-    )
-    X = X[[c for c in frame.columns if c in X.columns]]
+    X, features = _combat_input(args, frame)
     with _Staged("kwneuro-sk harmonize") as staged:
         staged.folders(outputs)
         combat = CombatHarmonizer(
@@ -525,6 +588,44 @@ def build_parser():
         help="also write a self-contained HTML report (needs matplotlib)",
     )
     harm.set_defaults(func=cmd_harmonize)
+
+    summarize = sub.add_parser(
+        "summarize",
+        help="summarize one site's table for federated ComBat",
+        description="Write the per-site statistics of FEATURES (as for 'harmonize') that "
+        "'combine' fits ComBat from: aggregates only, never a row (see the user guide, "
+        "Federated harmonization).",
+    )
+    summarize.add_argument("features", metavar="FEATURES.csv")
+    summarize.add_argument("--batch-col", required=True, help="name of the site column")
+    for option, what in (("--categorical", "categorical"), ("--continuous", "continuous")):
+        summarize.add_argument(
+            option, nargs="+", default=[], metavar="COL", help=f"{what} covariates"
+        )
+    summarize.add_argument(
+        "--keep", nargs="+", default=[], metavar="COL", help="columns that are not features"
+    )
+    summarize.add_argument(
+        "--min-rows", type=int, default=10, metavar="N", help="smallest site (default 10)"
+    )
+    summarize.add_argument("-o", "--output", required=True, metavar="SUMMARY.npz")
+    summarize.set_defaults(func=cmd_summarize)
+
+    combine = sub.add_parser(
+        "combine",
+        help="fit ComBat from site summaries (coordinator)",
+        description="Fit ComBat from the summaries written by 'summarize' at each site and "
+        "save the model, which each site applies to its own rows with 'apply'.",
+    )
+    combine.add_argument("summaries", nargs="+", metavar="SUMMARY.npz")
+    combine.add_argument(
+        "--eb", action=argparse.BooleanOptionalAction, default=True, help="empirical Bayes"
+    )
+    combine.add_argument("--non-parametric", dest="parametric", action="store_false", default=True)
+    combine.add_argument("--mean-only", action="store_true", help="adjust site means only")
+    combine.add_argument("--ref-batch", metavar="SITE", help="reference site, left unchanged")
+    combine.add_argument("-o", "--output", required=True, metavar="MODEL.npz")
+    combine.set_defaults(func=cmd_combine)
 
     apply = sub.add_parser(
         "apply",

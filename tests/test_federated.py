@@ -377,3 +377,56 @@ def test_load_refuses_hostile_files(tmp_path):
         SiteSummary.load(tmp_path / "missing.npz")
     loaded = SiteSummary.load(path)
     assert loaded.sites == summary.sites and loaded.statistics.columns == summary.statistics.columns
+
+
+# ------------------------------------------------------------------------------------------
+# command line: summarize at each site, combine at the coordinator, apply at each site
+# ------------------------------------------------------------------------------------------
+
+
+def test_cli_summarize_combine_apply_equals_pooled(tmp_path, capsys):
+    from kwneuro_sk.cli import main
+
+    X, site, covariates = COHORT
+    table = pd.DataFrame(X, columns=[f"roi{j}" for j in range(X.shape[1])])
+    table = pd.concat([covariates.assign(site=site, subject=np.arange(len(X))), table], axis=1)
+    options = ["--batch-col", "site", "--categorical", "sex", "group", "--continuous", "age"]
+    summaries = []
+    for s in ("a", "b", "c"):
+        table[table.site == s].to_csv(tmp_path / f"{s}.csv", index=False)
+        summaries.append(str(tmp_path / f"{s}.npz"))
+        code = main(
+            ["summarize", str(tmp_path / f"{s}.csv"), *options, "--keep", "subject", "-o"]
+            + [summaries[-1]]
+        )
+        assert code == 0
+    model = str(tmp_path / "model.npz")
+    assert main(["combine", *summaries, "--non-parametric", "-o", model]) == 0
+    assert main(["apply", model, str(tmp_path / "b.csv"), "-o", str(tmp_path / "b_h.csv")]) == 0
+    pooled = CombatHarmonizer(**COVARIATES, parametric=False).fit(
+        X, batch=site, covariates=covariates
+    )
+    got = pd.read_csv(tmp_path / "b_h.csv")
+    rows = site == "b"
+    expected = pooled.transform(X[rows], batch=site[rows], covariates=covariates[rows])
+    np.testing.assert_allclose(got[[f"roi{j}" for j in range(X.shape[1])]], expected, rtol=1e-10)
+    np.testing.assert_array_equal(got["subject"], np.flatnonzero(rows))
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "summarize",
+                str(tmp_path / "a.csv"),
+                *options,
+                "--keep",
+                "subject",
+                "--min-rows",
+                "100",
+                "-o",
+                str(tmp_path / "x.npz"),
+            ]
+        )
+        == 1
+    )
+    assert "min_rows=100" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()

@@ -355,7 +355,7 @@ def test_harmonizer_fit_from_statistics_equals_fit():
             rows = slice(start, start + 4)
             yield statistics.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
 
-    combat = CombatHarmonizer(continuous_cols="age")._fit_from_statistics(
+    combat = CombatHarmonizer(continuous_cols="age").fit_from_statistics(
         statistics.location_scale_from_chunks(chunks), n_features=6, batch=site, covariates=covars
     )
     _assert_estimates_equal(expected.estimates_, combat.estimates_)

@@ -144,7 +144,7 @@ def fit(combat, X, batch, covariates):
             per_column.append(parts[0])
         yield _concatenate_features(dask.compute(*per_column))
 
-    return combat._fit_from_statistics(
+    return combat.fit_from_statistics(
         statistics.location_scale_from_chunks(chunks),
         n_samples=n_samples,
         n_features=n_features_in,

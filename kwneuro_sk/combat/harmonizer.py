@@ -780,7 +780,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         return self
 
-    def _fit_from_statistics(
+    def fit_from_statistics(
         self,
         location_scale,
         *,
@@ -793,11 +793,32 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         columns_in=None,
         route=None,
     ):
-        """Fit without a feature matrix in memory: sites and covariates of the ``n_samples``
-        rows are checked by :func:`read_metadata` (keyword route), the location/scale fit is
-        ``location_scale`` (see :meth:`_fit`). Used by streamed
-        :func:`~kwneuro_sk.harmonize_volumes` and dask input (``route`` names them in
-        errors)."""
+        """Fit from per-site statistics of features that are not in memory, with the sites
+        and covariates of every row at hand (the public entry point of streamed
+        :func:`~kwneuro_sk.harmonize_volumes` and of dask input).
+
+        Parameters
+        ----------
+        location_scale : callable
+            ``location_scale(batch_idx, n_batches, Z, ref)`` returns what
+            :func:`kwneuro_sk.combat.model.fit_location_scale` returns for the rows, e.g.
+            :func:`kwneuro_sk.combat.statistics.location_scale_from_chunks` over the merged
+            statistics of chunks of rows.
+        n_samples : int, default=None
+            Number of rows (``len(batch)`` by default).
+        n_features : int
+            Number of input columns.
+        batch, covariates
+            Sites and covariates of the rows, checked as in :meth:`fit` (keyword route).
+        feature_names_in, feature_names_out, columns_in : list, default=None
+            Column names, when known.
+        route : str, default=None
+            Named in error messages (``"dask"``, ``"streamed volumes"``).
+
+        Returns
+        -------
+        self : CombatHarmonizer
+        """
         self._validate_params()
         roles = ColumnRoles.of(self)
         if n_samples is None:

@@ -81,7 +81,7 @@ def harmonize(
             return reader.run(tasks, "fit")
 
         combat = CombatHarmonizer(**options)
-        combat._fit_from_statistics(
+        combat.fit_from_statistics(
             statistics.location_scale_from_chunks(chunks),
             n_samples=len(sources),
             n_features=int(mask_array.sum()),
