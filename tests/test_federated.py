@@ -430,3 +430,11 @@ def test_cli_summarize_combine_apply_equals_pooled(tmp_path, capsys):
     )
     assert "min_rows=100" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_statistics_routes_refuse_longitudinal_options():
+    X, site, _ = COHORT
+    combat = CombatHarmonizer()
+    combat.subject_col = "subject"  # set as i18's longitudinal parameter would be
+    with pytest.raises(ValueError, match="partial_fit does not support subject_col"):
+        combat.partial_fit(X, batch=site)

@@ -874,6 +874,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _check_incremental(self, method):
         """Options that statistics of chunks or sites cannot serve, refused by name."""
+        if getattr(self, "subject_col", None) is not None:  # longitudinal ComBat
+            raise ValueError(
+                f"{method} does not support subject_col: longitudinal ComBat estimates each "
+                "subject's random effect from all of that subject's rows, which per-site "
+                "statistics do not hold; fit on the pooled rows"
+            )
         if ColumnRoles.of(self).smooth:
             raise ValueError(
                 f"{method} does not support smooth_cols: the B-spline knots are quantiles "
