@@ -581,6 +581,38 @@ def test_volume_resources_in_and_out(cohort):
     assert not np.shares_memory(again[0].get_array(), resources[0].get_array())
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (None, r"volume resource has no data \(get_array\(\) returned None\)"),
+        (np.float16, r"dtype float16, which NIfTI cannot hold.*astype\(numpy.float32\)"),
+        (object, r"dtype object, which NIfTI cannot hold"),
+    ],
+)
+@pytest.mark.parametrize("output_dir", [False, True])
+def test_volume_resource_without_usable_data_is_named(cohort, tmp_path, data, problem, output_dir):
+    # kwneuro resources holding no array or float16 failed inside nibabel ("data dtype
+    # float16 not supported") without saying which volume; now the volume (or mask) is named
+    images, covars, mask_img, mask = cohort
+    resources = [StandInResource(np.asarray(img.dataobj), img.affine) for img in images]
+    bad = None if data is None else np.asarray(images[3].dataobj).astype(data)
+    resources[3] = StandInResource(bad, images[3].affine)
+    out = {"output_dir": tmp_path / "out"} if output_dir else {}
+    with pytest.raises(ValueError, match=r"^volume 3: .*" + problem):
+        harmonize_volumes(resources, covars, "site", mask_img, **out)
+    with pytest.raises(ValueError, match=r"^mask: .*" + problem):
+        harmonize_volumes(images, covars, "site", StandInResource(bad, mask_img.affine), **out)
+    assert not (tmp_path / "out").exists()
+
+
+def test_boolean_mask_resource_is_a_mask(cohort):
+    images, covars, mask_img, mask = cohort
+    as_bool, _ = harmonize_volumes(images, covars, "site", StandInResource(mask, mask_img.affine))
+    as_int, _ = harmonize_volumes(images, covars, "site", mask_img)
+    for a, b in zip(as_bool, as_int):
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
 def test_float64_output_equals_neurocombat_to_double_precision(cohort):
     images, covars, mask_img, mask = cohort
     out, est = harmonize_volumes(

@@ -317,15 +317,14 @@ class CombatEstimates:
         if info.get("smooth_cols"):  # ComBat-GAM: B-spline knots of each smooth covariate
             knots = info.get("smooth_knots")
             degree = info.get("smooth_degree")
-            if (
-                not isinstance(knots, list)
-                or len(knots) != len(info["smooth_cols"])
-                or any(np.ndim(k) != 1 or len(k) < 2 or np.any(np.diff(k) <= 0) for k in knots)
-            ):
+            if not isinstance(knots, list) or len(knots) != len(info["smooth_cols"]):
                 fail(
                     "info['smooth_knots']",
                     "must hold one increasing array of at least 2 knots per smooth column",
                 )
+            knots = [
+                _check_knots(k, col, fail) for col, k in zip(info["smooth_cols"], knots)
+            ]
             if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
                 fail("info['smooth_degree']", f"must be a positive integer; got {degree!r}")
             if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
@@ -653,6 +652,21 @@ def _array_field(value, field, fail):
     if array.dtype == object:
         array = np.asarray(value, dtype=object)
     return array
+
+
+def _check_knots(values, column, fail):
+    """One smooth column's B-spline knots: finite numbers, increasing, at least 2."""
+    field = f"info['smooth_knots'] of {column!r}"
+    knots = _array_field(values, field, fail)
+    if knots.ndim != 1 or knots.size < 2:
+        fail(field, f"must be a 1-D array of at least 2 knots; got shape {knots.shape}")
+    if knots.dtype.kind not in "iuf":
+        fail(field, f"must hold numbers; got {_preview(knots)} (dtype {knots.dtype})")
+    if not np.isfinite(knots).all():
+        fail(field, f"must hold finite numbers; got {_preview(knots)} (NaN or infinite)")
+    if np.any(np.diff(knots) <= 0):
+        fail(field, f"must be strictly increasing; got {_preview(knots)}")
+    return knots
 
 
 def _preview(values, n=5):
