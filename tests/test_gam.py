@@ -201,8 +201,36 @@ def test_damaged_knots_are_reported(lifespan):
     frame, _ = lifespan
     estimates = CombatHarmonizer("site", smooth_cols="age").fit(frame).estimates_
     estimates.info["smooth_knots"] = [np.array([5.0, 1.0, 9.0, 10.0, 12.0])]
-    with pytest.raises(ValueError, match=r"info\['smooth_knots'\] must hold one increasing"):
+    with pytest.raises(
+        ValueError, match=r"info\['smooth_knots'\] of 'age' must be strictly increasing"
+    ):
         CombatHarmonizer.from_estimates(estimates)
+
+
+@pytest.mark.parametrize(
+    ("knot", "problem"),
+    [
+        (np.nan, "must hold finite numbers"),
+        (np.inf, "must hold finite numbers"),
+        (-np.inf, "must hold finite numbers"),
+        ("forty", "must hold numbers"),
+    ],
+)
+def test_load_refuses_bad_knots(lifespan, tmp_path, knot, problem):
+    # a NaN, infinite or text knot in a model file is refused at load, naming the field and
+    # column, instead of failing later inside scikit-learn's SplineTransformer or numpy
+    frame, _ = lifespan
+    estimates = CombatHarmonizer("site", smooth_cols="age").fit(frame).estimates_
+    knots = list(estimates.info["smooth_knots"][0])
+    knots[2] = knot
+    estimates.info["smooth_knots"] = [np.array(knots)]
+    path = tmp_path / "damaged.npz"
+    estimates.save(path)
+    message = rf"damaged\.npz.*info\['smooth_knots'\] of 'age' {problem}"
+    with pytest.raises(ValueError, match=message):
+        CombatEstimates.load(path)
+    with pytest.raises(ValueError, match=message.split(".*")[1]):
+        estimates.check()
 
 
 def test_parameter_errors(lifespan):
