@@ -17,11 +17,69 @@ FEATURES = [f"f{i}" for i in range(8)]
 COVARIATES = dict(categorical_cols=["sex"], continuous_cols=["age", "dx", "time", "dx_time"])
 
 
+def make_longitudinal(seed=18, n_subjects=48, n_features=8):
+    """The cohort of tests/data/longcombat/input.csv (see tests/data/README.md)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_subjects):
+        k = int(rng.integers(2, 5))
+        site0 = int(rng.integers(3))
+        age0, sex, dx = rng.uniform(60, 80), rng.choice(["F", "M"]), int(rng.integers(2))
+        for v in range(k):
+            site = site0 if rng.random() < 0.75 else int(rng.integers(3))
+            t = v + rng.uniform(-0.2, 0.2)
+            rows.append(
+                dict(subject=f"s{s:02d}", site=f"site{site}", time=t, age=age0 + t, sex=sex, dx=dx)
+            )
+            if s < 2 and v == 0:  # travelling subjects: the same visit at a second site
+                rows.append(
+                    dict(
+                        subject=f"s{s:02d}",
+                        site=f"site{(site + 1) % 3}",
+                        time=t,
+                        age=age0 + t,
+                        sex=sex,
+                        dx=dx,
+                    )
+                )
+    d = pd.DataFrame(rows)
+    n = len(d)
+    subj = pd.factorize(d.subject)[0]
+    site = pd.factorize(d.site, sort=True)[0]
+    sd_subject = [1.0, 0.5, 2.0, 0.0, 1.0, 0.3, 1.5, 0.8]
+    for f in range(n_features):
+        u = rng.normal(0, sd_subject[f % 8], n_subjects)[subj]
+        w = rng.normal(0, 0.4, n_subjects)[subj]
+        gamma = rng.normal(0, 1, 3)[site]
+        delta = rng.uniform(0.5, 2, 3)[site]
+        y = (
+            10
+            + 0.05 * d.age
+            + 0.5 * (d.sex == "M")
+            + 0.3 * d.dx * d.time
+            - 0.2 * d.time
+            + u
+            + w * d.time
+            + gamma
+            + rng.normal(0, 1, n) * delta
+        )
+        d[f"f{f}"] = (y * (f + 1)).round(6)
+    d["dx_time"] = d.dx * d.time
+    d["time"] = d.time.round(6)
+    d["age"] = d.age.round(6)
+    d["dx_time"] = d.dx_time.round(6)
+    return d
+
+
 @pytest.fixture(scope="module")
 def cohort():
     """48 subjects with 2-4 visits at 3 sites (two travelling subjects scanned at two sites
     at the same visit); see tests/data/README.md."""
     return pd.read_csv(DATA / "input.csv")
+
+
+def test_stored_input_is_the_simulated_cohort(cohort):
+    pd.testing.assert_frame_equal(cohort, make_longitudinal(), check_exact=False, rtol=1e-12)
 
 
 def reference(name):
