@@ -216,6 +216,9 @@ _MASKER_EXPECTED_FAILURES.update(
         "check_estimators_empty_data_messages": _FIT_READS_ONLY_THE_ATLAS + " (an empty array is "
         "rejected as an array, with a TypeError)",
         "check_estimators_nan_inf": _FIT_READS_ONLY_THE_ATLAS,
+        "check_do_not_raise_errors_in_init_or_set_params": "passes a keyword literally named "
+        "'kwargs'; __init__ takes **kwargs only for nilearn's older clean__<option> spelling of "
+        "clean_args and refuses any other keyword with a TypeError.",
     }
 )
 
