@@ -4,7 +4,7 @@ from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer, CovBatHarmonize
 from kwneuro_sk.connectomes import ConnectomeExtractor
 from kwneuro_sk.fmriprep import fmriprep_cohort
 from kwneuro_sk.maskers import LabelsMasker
-from kwneuro_sk.volumes import harmonize_volumes
+from kwneuro_sk.volumes import VolumeEstimates, harmonize_volumes
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "CovBatHarmonizer",
     "LabelsMasker",
     "SiteSummary",
+    "VolumeEstimates",
     "fmriprep_cohort",
     "harmonize_volumes",
 ]

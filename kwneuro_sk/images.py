@@ -170,7 +170,8 @@ def load_image(source, *, name="image") -> SpatialImage:
 def _resource_image(resource, name):
     """A nibabel image of a kwneuro volume resource's array and affine (no copy)."""
     try:
-        array = np.asanyarray(resource.get_array())
+        raw = resource.get_array()
+        array = None if raw is None else np.asanyarray(raw)
         affine = np.asarray(resource.get_affine(), dtype=np.float64)
     except _READ_ERRORS as error:
         raise ValueError(
@@ -180,6 +181,17 @@ def _resource_image(resource, name):
         raise ValueError(
             f"{name}: the volume resource's affine has shape {affine.shape}; expected (4, 4)"
         )
+    if array is None:
+        raise ValueError(f"{name}: the volume resource has no data (get_array() returned None)")
+    if array.dtype.kind == "b":  # a true/false mask: as 0/1, which NIfTI can hold
+        array = array.astype(np.uint8)
+    try:
+        nib.Nifti1Header().set_data_dtype(array.dtype)
+    except nib.spatialimages.HeaderDataError:
+        raise ValueError(
+            f"{name}: the volume resource holds data of dtype {array.dtype}, which NIfTI "
+            "cannot hold; convert it to numbers NIfTI holds (e.g. .astype(numpy.float32))"
+        ) from None
     return nib.Nifti1Image(array, affine)
 
 

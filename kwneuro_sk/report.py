@@ -32,6 +32,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import plotting
+from kwneuro_sk.combat._covariates import CovariateEncoding
+from kwneuro_sk.combat._inputs import ColumnRoles
 
 __all__ = [
     "HarmonizationReport",
@@ -224,7 +226,7 @@ class HarmonizationReport:
 
 
 def _figure_png(fig):
-    plt = plotting._pyplot()
+    plt = plotting.load_pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
@@ -234,7 +236,7 @@ def _figure_png(fig):
 def _rows_of(harmonizer, X, batch, covariates):
     """Feature matrix (DataFrame), site labels and covariate frame of the rows given."""
     names = list(harmonizer.get_feature_names_out())
-    covariate_cols = list(harmonizer._metadata_columns())
+    covariate_cols = ColumnRoles.of(harmonizer).covariates
     if harmonizer.batch_col is not None:
         if not isinstance(X, pd.DataFrame) or harmonizer.batch_col not in X.columns:
             raise ValueError(
@@ -264,8 +266,8 @@ def _rows_of(harmonizer, X, batch, covariates):
 
 
 def _encoded_covariates(harmonizer, cov):
-    """The covariate design ``Z`` of the rows, encoded as the harmonizer encodes it."""
-    return harmonizer._covariates.transform(cov)
+    """The covariate design ``Z`` of the rows, encoded as the fitted model encodes it."""
+    return CovariateEncoding.from_state(harmonizer.estimates_.info).transform(cov)
 
 
 def _covariate_effects(harmonizer, after, sites, cov):
@@ -432,7 +434,7 @@ def harmonization_report(
     for stage, r2 in (("before", r2_before), ("after", r2_after)):
         metrics[f"site_r2_median_{stage}"] = float(np.median(r2))
         metrics[f"site_r2_max_{stage}"] = float(np.max(r2))
-    plt = plotting._pyplot()
+    plt = plotting.load_pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.2), constrained_layout=True)
     order = np.argsort(-r2_before)
     rank = np.arange(1, len(order) + 1)
