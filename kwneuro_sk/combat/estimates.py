@@ -322,9 +322,7 @@ class CombatEstimates:
                     "info['smooth_knots']",
                     "must hold one increasing array of at least 2 knots per smooth column",
                 )
-            knots = [
-                _check_knots(k, col, fail) for col, k in zip(info["smooth_cols"], knots)
-            ]
+            knots = [_check_knots(k, col, fail) for col, k in zip(info["smooth_cols"], knots)]
             if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
                 fail("info['smooth_degree']", f"must be a positive integer; got {degree!r}")
             if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
