@@ -663,11 +663,12 @@ def test_to_neurocombat_has_neurocombats_keys_and_values(cohort):
     assert ours["batches"].tolist() == np.asarray(theirs["batches"]).tolist()
 
 
-def test_kwneuro_drop_in():
+@pytest.mark.peer_kwneuro
+def test_kwneuro_drop_in(peer):
     """kwneuro's own harmonize_volumes call, with only the import changed, gives its numbers
-    and its kind of output (runs where kwneuro is installed; its pins clash with this
-    environment's numpy, so CI skips it and the stand-in test above covers the resources)."""
-    kwneuro_harmonize = pytest.importorskip("kwneuro.harmonize")
+    and its kind of output. kwneuro 1.0.0 pins numpy<2.4, so .ci/run runs this in its peer
+    environment (elsewhere it skips; the stand-in test above covers the resources)."""
+    kwneuro_harmonize = peer("kwneuro.harmonize")
     from kwneuro.resource import InMemoryVolumeResource
 
     rng = np.random.default_rng(123)

@@ -24,7 +24,7 @@ from sklearn.utils.validation import (
 )
 
 from kwneuro_sk._params import N_JOBS
-from kwneuro_sk.combat import _dask, model, statistics
+from kwneuro_sk.combat import _dask, longitudinal, model, statistics
 from kwneuro_sk.combat._covariates import (
     CovariateEncoding,
     fixed_knots,
@@ -34,6 +34,7 @@ from kwneuro_sk.combat._covariates import (
 )
 from kwneuro_sk.combat._inputs import (
     ColumnRoles,
+    Rows,
     check_harmonized_order,
     check_not_bool,
     check_same_columns,
@@ -107,6 +108,21 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         Values of new rows outside the training range of a smooth covariate: ``"linear"``
         continues the fitted curve along its slope at the boundary, ``"constant"`` holds it at
         its boundary value, ``"error"`` raises a ValueError naming the column.
+    subject_col : hashable, default=None
+        Longitudinal ComBat (Beer et al. 2020): the subject column of ``X`` (columns route),
+        or with ``batch_col=None`` the name under which subjects come as ``subjects=``. The
+        covariate model becomes a linear mixed model with a random intercept per subject,
+        fitted by REML for every feature (lme4's ``y ~ covariates + site + (1 | subject)``);
+        the site effects, standardization and empirical Bayes follow the authors'
+        ``longCombat`` R code. See :ref:`longitudinal`. Not with ``ref_batch``.
+    random_slope : hashable, default=None
+        With ``subject_col``: a continuous covariate (one of ``continuous_cols``, e.g. time
+        since baseline) that also gets a random slope per subject (lme4's
+        ``(1 + time | subject)``).
+    sigma_method : {"reml", "msr"}, default="reml"
+        With ``subject_col``: the scale that standardizes each feature, longCombat's
+        ``method``: the REML residual standard deviation, or the root mean squared
+        conditional residual.
     n_jobs : int, default=None
         Threads for the blocks of features in fit, transform and inverse_transform.
         ``None`` means 1 unless in a :func:`joblib.parallel_config` context; ``-1`` means
@@ -196,6 +212,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "smooth_knots": [Interval(Integral, 2, None, closed="left"), "array-like", dict],
         "smooth_degree": [Interval(Integral, 1, None, closed="left")],
         "smooth_extrapolation": [StrOptions({"linear", "constant", "error"})],
+        "subject_col": [Hashable, None],
+        "random_slope": [Hashable, None],
+        "sigma_method": [StrOptions({"reml", "msr"})],
         "n_jobs": N_JOBS,
     }
 
@@ -214,6 +233,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         smooth_knots=5,
         smooth_degree=3,
         smooth_extrapolation="linear",
+        subject_col=None,
+        random_slope=None,
+        sigma_method="reml",
         n_jobs=None,
     ):
         self.batch_col = batch_col
@@ -228,6 +250,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.smooth_knots = smooth_knots
         self.smooth_degree = smooth_degree
         self.smooth_extrapolation = smooth_extrapolation
+        self.subject_col = subject_col
+        self.random_slope = random_slope
+        self.sigma_method = sigma_method
         self.n_jobs = n_jobs
 
     # ---------------------------------------------------------------------------------------
@@ -235,7 +260,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None, *, batch=None, covariates=None):
+    def fit(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Estimate site, covariate and EB parameters from training rows.
 
         Parameters
@@ -253,23 +278,27 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             Site of each row, when ``batch_col`` is None.
         covariates : DataFrame of shape (n_samples, n_covariates), default=None
             Holds the ``categorical_cols``/``continuous_cols``, when ``batch_col`` is None.
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row, when ``batch_col`` is None and ``subject_col`` is set
+            (longitudinal ComBat).
 
         Returns
         -------
         self : CombatHarmonizer
         """
         if _dask.is_dask(X):  # a tree reduction of sufficient statistics
+            self._refuse_longitudinal("dask input")
             return _dask.fit(self, X, batch, covariates)
-        self._fit(self._read_rows(X, batch, covariates, reset=True))
+        self._fit(self._read_rows(X, batch, covariates, reset=True, subjects=subjects))
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_transform(self, X, y=None, *, batch=None, covariates=None):
+    def fit_transform(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``).
 
         Parameters
         ----------
-        X, y, batch, covariates
+        X, y, batch, covariates, subjects
             As in :meth:`fit`.
 
         Returns
@@ -277,9 +306,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         X_harmonized : ndarray of shape (n_samples, n_features_out)
         """
         if _dask.is_dask(X):
+            self._refuse_longitudinal("dask input")
             _dask.fit(self, X, batch, covariates)
             return _dask.transform(self, X, batch, covariates)
-        rows = self._read_rows(X, batch, covariates, reset=True)
+        rows = self._read_rows(X, batch, covariates, reset=True, subjects=subjects)
         self._fit(rows)
         return self._transform(rows)
 
@@ -488,11 +518,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             columns_in=first["columns_in"],
         )
 
-    def transform(self, X, *, batch=None, covariates=None):
+    def transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Harmonize rows with the fitted estimates and the rows' own covariates.
 
         Each row's result depends only on that row (and, for sites unseen in fit with
-        ``unseen_batch="adapt"``, on the other rows of its site in this call).
+        ``unseen_batch="adapt"``, on the other rows of its site in this call). With
+        ``subject_col`` (longitudinal ComBat), rows of subjects seen in fit use their fitted
+        random effects; the random effects of subjects new to the model are predicted from
+        their own rows in this call (best linear unbiased prediction with the fitted variance
+        components), so a new subject's result depends on its rows only.
 
         Parameters
         ----------
@@ -506,6 +540,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             by position; a ValueError names the first differing row label).
         covariates : DataFrame, default=None
             Covariate columns, when ``batch_col`` is None.
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row, when ``batch_col`` is None and ``subject_col`` is set.
 
         Returns
         -------
@@ -516,10 +552,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
+            self._refuse_longitudinal("dask input")
             return _dask.transform(self, X, batch, covariates)
-        return self._transform(self._read_rows(X, batch, covariates, reset=False))
+        return self._transform(
+            self._read_rows(X, batch, covariates, reset=False, subjects=subjects)
+        )
 
-    def inverse_transform(self, X, *, batch=None, covariates=None):
+    def inverse_transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Map harmonized features back to each row's site scale.
 
         Parameters
@@ -532,6 +571,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             Site of each row (required unless the site column is in ``X``).
         covariates : DataFrame, default=None
             Covariate columns (required unless they are in ``X``).
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row (longitudinal ComBat, unless the subject column is in ``X``);
+            only subjects seen in fit (the random effects of new subjects were predicted from
+            their unharmonized rows).
 
         Returns
         -------
@@ -550,7 +593,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 else list(X.columns)
             )
             check_harmonized_order(given, self._feature_names_out)
-        rows = self._split(X, batch, covariates, from_columns=from_columns)
+        rows = self._split(X, batch, covariates, from_columns=from_columns, subjects=subjects)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
             raise ValueError(
@@ -564,9 +607,14 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "inverse_transform needs sites seen in fit; unseen: "
                 f"{format_labels(pd.unique(rows.sites[idx < 0]))}"
             )
-        return model.adjust(
-            rows.features,
-            self._covariates.transform(rows.covariates),
+        offset = None
+        if self._longitudinal():
+            offset = self._random_effect_rows(rows, idx, inverse=True)
+        Z = self._covariates.transform(rows.covariates)
+        features = rows.features if offset is None else rows.features - offset
+        result = model.adjust(
+            features,
+            Z,
             idx,
             self._standardization(),
             self.gamma_star_,
@@ -575,6 +623,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             inverse=True,
             n_jobs=self._threads(),
         )
+        return result if offset is None else self._add_offset(result, offset, rows.features)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the harmonized feature columns (site and covariate columns excluded).
@@ -652,6 +701,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 smooth_degree=int(info["smooth_degree"]),
                 smooth_extrapolation=info["smooth_extrapolation"],
             )
+        if info.get("subject_col") is not None:  # longitudinal ComBat
+            combat.set_params(
+                subject_col=info["subject_col"],
+                random_slope=info["random_slope"],
+                sigma_method=info["sigma_method"],
+            )
+            combat.subjects_ = np.asarray(info["subjects"])
+            for name in _LONGITUDINAL_ARRAYS:
+                setattr(combat, name, np.asarray(estimates.estimates[name[:-1]]))
         for name in FITTED_ARRAYS:
             setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
         sigma = estimates.estimates.get("sigma")  # absent from files of earlier releases
@@ -715,10 +773,141 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
+        if self._longitudinal():
+            return self._fit_longitudinal(rows, batch_idx, counts, Z)
+        self._clear_longitudinal()
         standardization, mean, ss = model.fit_location_scale(
             rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
         )
         return self._finish_fit(counts, ref, standardization, mean, ss)
+
+    def _fit_longitudinal(self, rows, batch_idx, counts, Z):
+        """Longitudinal ComBat: REML mixed model of every feature, then longCombat's EB."""
+        n_batches = len(counts)
+        column = self.subject_col
+        labels, codes = longitudinal.subject_codes(rows.subjects, len(batch_idx), column)
+        times = self._slope_values(rows.covariates)
+        longitudinal.check_longitudinal_design(
+            codes, len(labels), 1 if times is None else 2, column
+        )
+        design = model.design_matrix(batch_idx, n_batches, Z)
+        fit = longitudinal.fit_mixed_model(
+            rows.features, design, codes, len(labels), times, sigma_method=self.sigma_method
+        )
+        intercepts = fit.coef[:n_batches]
+        grand_mean = counts @ intercepts / counts.sum()
+        standardization = model.StandardizationModel(
+            grand_mean, fit.coef[n_batches:], fit.sigma**2, fit.zero_variance, sigma=fit.sigma
+        )
+        offset = longitudinal.random_rows(fit.random_effects, codes, times)
+        groups = [np.flatnonzero(batch_idx == k) for k in range(n_batches)]
+        _, mean, ss = model.standardized_moments(rows.features - offset, Z, standardization, groups)
+        self.subjects_ = labels
+        self.random_effects_ = fit.random_effects
+        self.random_effects_cov_ = fit.cov
+        self.batch_effects_ = intercepts - grand_mean
+        self.singular_fit_ = fit.boundary
+        return self._finish_fit(counts, None, standardization, mean, ss)
+
+    def _longitudinal(self):
+        return getattr(self, "subject_col", None) is not None
+
+    def _clear_longitudinal(self):
+        for name in _LONGITUDINAL_STATE:
+            self.__dict__.pop(name, None)
+
+    def _refuse_longitudinal(self, route):
+        if self._longitudinal():
+            raise ValueError(
+                f"subject_col is not supported with {route}: longitudinal ComBat fits each "
+                "subject's random effect from all of that subject's rows at once; give the "
+                "rows in memory (a numpy array or pandas DataFrame)"
+            )
+
+    def _check_longitudinal_options(self):
+        """Options that longitudinal ComBat does not combine with, refused by name."""
+        if not self._longitudinal():
+            if getattr(self, "random_slope", None) is not None:
+                raise ValueError(
+                    f"random_slope={self.random_slope!r} needs subject_col (the subject "
+                    "whose slope varies)"
+                )
+            return
+        if self.ref_batch is not None:
+            raise ValueError(
+                "ref_batch is not supported with subject_col: longitudinal ComBat centres the "
+                "site effects on their size-weighted mean (as longCombat does)"
+            )
+        slope = self.random_slope
+        if slope is not None and slope not in ColumnRoles.of(self).continuous:
+            raise ValueError(
+                f"random_slope={slope!r} must be one of continuous_cols "
+                f"{list(ColumnRoles.of(self).continuous)}: the slope's fixed effect is "
+                "modelled with it (as in lme4's y ~ time + (1 + time | subject))"
+            )
+
+    def _slope_values(self, covariates):
+        if self.random_slope is None:
+            return None
+        return covariates[self.random_slope].to_numpy(dtype=np.float64)
+
+    def _random_effect_rows(self, rows, idx, Z=None, *, inverse=False):
+        """Each row's random-effect offset: fitted for subjects seen in fit, predicted from
+        their rows here for new subjects (refused by ``inverse_transform``)."""
+        column = self.subject_col
+        labels, codes = longitudinal.subject_codes(rows.subjects, len(idx), column)
+        times = self._slope_values(rows.covariates)
+        fitted_codes = pd.Index(self.subjects_).get_indexer(labels)
+        known = fitted_codes >= 0
+        n_features = self.random_effects_.shape[2]
+        offset = np.zeros((len(idx), n_features))
+        seen_rows = known[codes]
+        if seen_rows.any():
+            offset[seen_rows] = longitudinal.random_rows(
+                self.random_effects_,
+                fitted_codes[codes[seen_rows]],
+                None if times is None else times[seen_rows],
+            )
+        if seen_rows.all():
+            return offset
+        new_labels = labels[~known]
+        if inverse:
+            raise ValueError(
+                f"inverse_transform needs subjects seen in fit; new: "
+                f"{format_labels(new_labels[:10])}: their random effects were predicted from "
+                "their unharmonized rows, which are not at hand here"
+            )
+        new_rows = np.flatnonzero(~seen_rows)
+        unseen_site = idx[new_rows] < 0
+        if unseen_site.any():
+            raise ValueError(
+                f"subject(s) {format_labels(pd.unique(labels[codes[new_rows][unseen_site]])[:10])} "
+                "are new and at site(s) not seen in fit: a new subject's random effect is "
+                "predicted from its residuals after the fitted site effect, unknown for a new "
+                "site"
+            )
+        if Z is None:
+            Z = self._covariates.transform(rows.covariates)
+        features = np.asarray(rows.features[new_rows], dtype=np.float64)
+        fixed = self.grand_mean_ + self.batch_effects_[idx[new_rows]] + Z[new_rows] @ self.beta_
+        _, new_codes = np.unique(codes[new_rows], return_inverse=True)
+        predicted = longitudinal.predict_random_effects(
+            features - fixed,
+            new_codes.reshape(-1),
+            int(new_codes.max()) + 1,
+            None if times is None else times[new_rows],
+            self.random_effects_cov_,
+        )
+        offset[new_rows] = longitudinal.random_rows(
+            predicted, new_codes.reshape(-1), None if times is None else times[new_rows]
+        )
+        return offset
+
+    @staticmethod
+    def _add_offset(result, offset, features):
+        """``result + offset`` in the dtype of the input features."""
+        out = np.asarray(result, dtype=np.float64) + offset
+        return out.astype(features.dtype, copy=False)
 
     def _finish_fit(self, counts, ref, standardization, mean, ss):
         """EB estimates and fitted state from the location/scale fit."""
@@ -745,6 +934,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             estimates={
                 **{name: getattr(self, name + "_") for name in FITTED_ARRAYS},
                 "sigma": self._standardization().scale * ~self.zero_variance_features_,
+                **{
+                    name[:-1]: getattr(self, name)
+                    for name in _LONGITUDINAL_ARRAYS
+                    if self._longitudinal()
+                },
             },
             info={
                 "batches": self.batches_,
@@ -761,6 +955,16 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "n_features_in": self.n_features_in_,
                 "feature_names_in": getattr(self, "feature_names_in_", None),
                 "columns_in": self._columns_in,
+                **(
+                    {
+                        "subject_col": self.subject_col,
+                        "random_slope": self.random_slope,
+                        "sigma_method": self.sigma_method,
+                        "subjects": self.subjects_,
+                    }
+                    if self._longitudinal()
+                    else {}
+                ),
             },
         )
         if self.zero_variance_features_.any():
@@ -1122,6 +1326,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)
         idx = self._batch_indices(rows.sites)
+        if self._longitudinal():
+            offset = self._random_effect_rows(rows, idx, Z)
+            shifted = Rows(rows.features - offset, rows.sites, rows.covariates)
+            return self._add_offset(self._transform_rows(shifted, Z, idx), offset, rows.features)
+        return self._transform_rows(rows, Z, idx)
+
+    def _transform_rows(self, rows, Z, idx):
         gamma_star, delta_star = self.gamma_star_, self.delta_star_
         unseen = idx < 0
         if unseen.any():
@@ -1181,6 +1392,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _estimate_sites(self, n, mean, ss, usable):
         """EB location/scale estimates of each site (row) from its standardized moments."""
+        if self._longitudinal() and self.eb and self.parametric and not self.mean_only:
+            return [
+                longitudinal.longitudinal_eb(n[k], mean[k], ss[k], usable) for k in range(len(n))
+            ]
         return [
             model.estimate_batch(
                 n[k],
@@ -1246,7 +1461,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             f"{design.shape[0]} rows for {design.shape[1]} columns"
         )
 
-    def _read_rows(self, X, batch, covariates, *, reset):
+    def _read_rows(self, X, batch, covariates, *, reset, subjects=None):
         if isinstance(X, pd.DataFrame):
             # Columns are matched by name, whatever their type: scikit-learn checks string
             # names (feature_names_in_, with its own messages); the labels seen in fit are
@@ -1271,7 +1486,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                     X, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
                 )
             validate_data(self, X, reset=reset, skip_check_array=True)
-        rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
+        if reset:
+            self._check_longitudinal_options()
+        rows = self._split(
+            X, batch, covariates, from_columns=self.batch_col is not None, subjects=subjects
+        )
         if reset:
             self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
             self._feature_names_out = (
@@ -1285,10 +1504,30 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return rows
 
     def _metadata_columns(self):
-        return ColumnRoles.of(self).covariates
+        roles = ColumnRoles.of(self)
+        return roles.covariates + roles.subject_columns
 
-    def _split(self, X, batch, covariates, *, from_columns):
-        return read_rows(X, batch, covariates, ColumnRoles.of(self), from_columns=from_columns)
+    def _split(self, X, batch, covariates, *, from_columns, subjects=None):
+        return read_rows(
+            X,
+            batch,
+            covariates,
+            ColumnRoles.of(self),
+            from_columns=from_columns,
+            subjects=subjects,
+        )
+
+
+# Fitted arrays of longitudinal ComBat kept in CombatEstimates.estimates (without the "_").
+_LONGITUDINAL_ARRAYS = ("random_effects_", "random_effects_cov_", "batch_effects_", "singular_fit_")
+# Fitted attributes of longitudinal ComBat only (removed by a fit without subject_col).
+_LONGITUDINAL_STATE = (
+    "subjects_",
+    "random_effects_",
+    "random_effects_cov_",
+    "batch_effects_",
+    "singular_fit_",
+)
 
 
 def statistics_plain_list(values):
