@@ -4,7 +4,8 @@ longCombat (lme4) and combatlearn's ``method="longitudinal"``, on the same data 
 Synthetic cohort: ``--n-subjects`` subjects (default 200) with ``--visits`` visits each
 (default 3: 600 rows), three sites (a subject changes site between visits with probability
 0.2), covariates age, sex and time; each feature has a subject random intercept (standard
-deviation drawn per feature in 0-2), a site location and scale effect. Rows printed, with the
+deviation drawn per feature in 0-2) and random slope on time (0.2-0.6), a site location and
+scale effect. Rows printed, with the
 ratios to ours of the same run:
 
 - ``ours`` : ``CombatHarmonizer(subject_col="subject").fit_transform`` of the features as a
@@ -63,12 +64,14 @@ def make_cohort(n_subjects, visits, n_features, seed=0):
     age = rng.uniform(55, 80, n_subjects)[subject] + time_
     sex = rng.choice(["F", "M"], n_subjects)[subject]
     intercepts = rng.normal(size=(n_subjects, n_features)) * rng.uniform(0, 2, n_features)
+    slopes = rng.normal(size=(n_subjects, n_features)) * rng.uniform(0.2, 0.6, n_features)
     X = (
         10
         + 0.05 * age[:, None]
         + 0.5 * (sex == "M")[:, None]
         - 0.2 * time_[:, None]
         + intercepts[subject]
+        + slopes[subject] * time_[:, None]
         + rng.normal(size=(3, n_features))[site]
         + rng.normal(size=(subject.size, n_features)) * rng.uniform(0.5, 2, (3, n_features))[site]
     )

@@ -27,8 +27,9 @@ the subject's number of visits ``k``: the sums collapse to one term per distinct
 one evaluation of ``f`` and of its exact derivative for every feature costs
 ``O(K p**2 n_features)`` whatever the number of rows. The variance ratio of every feature is
 then found at once: ``f`` on a common grid of 62 ratios (``0`` and ``1e-6 .. 1e6``), then
-bisection of the analytic derivative inside each feature's bracket to a relative width of
-``1e-15`` (lme4's bobyqa stops at a trust radius of ``2e-7`` in ``sqrt(psi)``). A feature
+the zero of the analytic derivative inside each feature's bracket (Illinois regula falsi,
+bisection as fallback) to a relative step of ``1e-15`` (lme4's bobyqa stops at a trust radius
+of ``2e-7`` in ``sqrt(psi)``). A feature
 whose criterion rises from ``psi = 0`` has the boundary (singular) fit ``psi = 0``, which is
 ordinary least squares, as lme4 reports it.
 
@@ -36,7 +37,8 @@ The random slope's ``2 x 2`` ``psi`` is found the same way for all features at o
 criterion and its analytic gradient are evaluated for every feature in one pass of array
 operations over the subjects (``W_s`` in closed form), and minimized over lme4's Cholesky
 parameters ``L`` (from lme4's start ``L = I``) by BFGS run in lockstep over features, until
-the step is below ``1e-13`` relative or the gradient below ``1e-11``. The criterion depends on
+the step is below ``1e-13`` relative, the gradient below ``1e-11`` or the gain below ``1e-15``
+of the criterion (``1e-12`` within ``1e-5`` of the boundary). The criterion depends on
 ``L L'`` only, so the search is unconstrained; a fit whose Cholesky diagonal has an entry
 below ``1e-4`` is reported singular, as lme4's ``isSingular`` does. Where lme4's bounded
 search stops on the boundary ``L_11 = 0`` at a saddle of the criterion, this search can go on
