@@ -17,7 +17,7 @@ What you learn
    each site is brighter or darker all over; after, what remains is biology (the sites differ
    in mean age and in their share of patients).
 3. Save the estimates (one ``.npz`` file holding the mask and grid too), load them and
-   harmonize held-out subjects with ``CombatEstimates.apply_volumes``.
+   harmonize held-out subjects with ``VolumeEstimates.apply_volumes``.
 
 Run it with ``python examples/04_voxelwise_harmonize_volumes.py``. The demo images are cached in
 ``KWNEURO_SK_DATA``; figures and the estimates go to the folder named by

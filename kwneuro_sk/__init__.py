@@ -2,7 +2,7 @@
 
 from kwneuro_sk.combat import CombatEstimates, CombatHarmonizer, CovBatHarmonizer, SiteSummary
 from kwneuro_sk.maskers import LabelsMasker
-from kwneuro_sk.volumes import harmonize_volumes
+from kwneuro_sk.volumes import VolumeEstimates, harmonize_volumes
 
 __version__ = "0.1.0"
 
@@ -12,5 +12,6 @@ __all__ = [
     "CovBatHarmonizer",
     "LabelsMasker",
     "SiteSummary",
+    "VolumeEstimates",
     "harmonize_volumes",
 ]

@@ -369,7 +369,7 @@ def cmd_apply(args):
     if "volumes" in combat.estimates_.info:
         raise CommandError(
             f"{args.model} was made by harmonize_volumes (a voxel-wise model); "
-            "apply harmonizes tables: use CombatEstimates.apply_volumes in "
+            "apply harmonizes tables: use VolumeEstimates.apply_volumes in "
             "Python for images"
         )
     if combat.batch_col is None or columns is None:

@@ -21,8 +21,9 @@ __all__ = ["plot_combat_estimates", "plot_site_distributions", "plot_site_predic
 _INSTALL_HINT = 'Plotting needs matplotlib: pip install "kwneuro_sk[plotting]"'
 
 
-def _pyplot():
-    """matplotlib.pyplot, or an ImportError that says how to install it."""
+def load_pyplot():
+    """matplotlib.pyplot, or an ImportError that says how to install it (for the figures
+    here and those of :mod:`kwneuro_sk.report`)."""
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -103,7 +104,7 @@ def plot_site_distributions(
     >>> len(fig.axes)
     4
     """
-    plt = _pyplot()
+    plt = load_pyplot()
     names, before = _as_matrix(before, "before")
     _, after = _as_matrix(after, "after")
     if after.shape != before.shape:
@@ -212,7 +213,7 @@ def plot_combat_estimates(
     >>> [ax.get_ylabel() for ax in fig.axes]
     ['gamma (location)', 'delta (scale)']
     """
-    plt = _pyplot()
+    plt = load_pyplot()
     sites, estimates = _combat_arrays(harmonizer_or_estimates)
     n_sites = len(sites)
     n_features = estimates["gamma_star"].shape[1]
@@ -355,7 +356,7 @@ def plot_site_predictability(
     >>> [label.get_text() for label in fig.axes[0].get_xticklabels()]
     ['raw', 'ComBat']
     """
-    plt = _pyplot()
+    plt = load_pyplot()
     folds = _score_table(scores)
 
     if ax is None:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
-from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
@@ -34,6 +34,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import plotting
+from kwneuro_sk.combat._covariates import CovariateEncoding
+from kwneuro_sk.combat._inputs import ColumnRoles
 
 __all__ = [
     "HarmonizationReport",
@@ -195,9 +197,7 @@ def _prediction_folds(sites, cv, random_state):
         (scored[train], scored[test])
         for train, test in splitter.split(np.zeros((scored.size, 1)), sites[scored])
     ]
-    return _PredictionFolds(
-        splits, np.flatnonzero(~is_scored), unscored_sites, len(scored_names)
-    )
+    return _PredictionFolds(splits, np.flatnonzero(~is_scored), unscored_sites, len(scored_names))
 
 
 def _site_classifier(classifier, shape):
@@ -299,7 +299,7 @@ class HarmonizationReport:
 
 
 def _figure_png(fig):
-    plt = plotting._pyplot()
+    plt = plotting.load_pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
@@ -309,7 +309,7 @@ def _figure_png(fig):
 def _rows_of(harmonizer, X, batch, covariates):
     """Feature matrix (DataFrame), site labels and covariate frame of the rows given."""
     names = list(harmonizer.get_feature_names_out())
-    covariate_cols = list(harmonizer._metadata_columns())
+    covariate_cols = ColumnRoles.of(harmonizer).covariates
     if harmonizer.batch_col is not None:
         if not isinstance(X, pd.DataFrame) or harmonizer.batch_col not in X.columns:
             raise ValueError(
@@ -401,8 +401,8 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
 
 
 def _encoded_covariates(harmonizer, cov):
-    """The covariate design ``Z`` of the rows, encoded as the harmonizer encodes it."""
-    return harmonizer._covariates.transform(cov)
+    """The covariate design ``Z`` of the rows, encoded as the fitted model encodes it."""
+    return CovariateEncoding.from_state(harmonizer.estimates_.info).transform(cov)
 
 
 def _covariate_effects(harmonizer, after, sites, cov):
@@ -524,7 +524,7 @@ def harmonization_report(
     is_covbat = isinstance(harmonizer, CovBatHarmonizer)
     method = "CovBat" if is_covbat else "ComBat"
     notes = []
-    plt = plotting._pyplot()
+    plt = plotting.load_pyplot()
     metrics = {
         "n_samples": len(sites),
         "n_features": before.shape[1],
@@ -711,13 +711,13 @@ def harmonization_report(
         kwargs = (
             {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
         )
-        after_combat = CombatHarmonizer.from_estimates(harmonizer.estimates_).transform(
-            X, **kwargs
-        )
+        after_combat = CombatHarmonizer.from_estimates(harmonizer.estimates_).transform(X, **kwargs)
         paired = np.isin(labels, site_names[counts >= 2])  # a covariance needs 2 rows
         if np.unique(labels[paired]).size >= 2:
             distance = {
-                label: covariance_distance(np.asarray(data, dtype=np.float64)[paired], labels[paired])
+                label: covariance_distance(
+                    np.asarray(data, dtype=np.float64)[paired], labels[paired]
+                )
                 for label, data in (
                     ("before", before),
                     ("after ComBat", after_combat),
@@ -738,15 +738,19 @@ def harmonization_report(
                     f"Mean over site pairs of the Frobenius distance between the sites' "
                     f"covariance matrices (features scaled to unit variance). CovBat "
                     f"harmonized {harmonizer.n_components_} principal component scores."
-                    + (f" Sites with a single row have no covariance: {', '.join(single)}."
-                       if single else ""),
+                    + (
+                        f" Sites with a single row have no covariance: {', '.join(single)}."
+                        if single
+                        else ""
+                    ),
                     _figure_png(fig),
                     _table([(k, _fmt(v)) for k, v in distance.items()]),
                 )
             )
         else:
-            notes.append("The between-site covariance is not shown: fewer than 2 sites "
-                         "have 2 rows or more.")
+            notes.append(
+                "The between-site covariance is not shown: fewer than 2 sites have 2 rows or more."
+            )
 
     options = {k: v for k, v in harmonizer.get_params().items() if v is not None}
     summary = _table(
@@ -765,7 +769,8 @@ def harmonization_report(
         + (
             [
                 (
-                    "site prediction, linear (before -> after; chance)",
+                    "site prediction, linear (before -> after with the harmonizer refitted "
+                    "in each fold; chance)",
                     f"{_fmt(metrics['site_accuracy_linear_before'])} -> "
                     f"{_fmt(metrics['site_accuracy_linear_after'])}; {metrics['chance']:.2f}",
                 ),

@@ -1,7 +1,55 @@
 """Fixtures shared by the test modules."""
 
+import importlib
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
+
+# Set to 1 by .ci/run in its peer environment: there a missing peer is a failure, not a skip,
+# so that a parity test CI is meant to run cannot silently stop running.
+REQUIRE_PEERS = os.environ.get("KWNEURO_SK_REQUIRE_PEERS") == "1"
+
+
+def _missing_peer(what):
+    if REQUIRE_PEERS:
+        pytest.fail(f"{what} (KWNEURO_SK_REQUIRE_PEERS=1: peers are required here)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def peer():
+    """``peer("neuroHarmonize")`` imports a reference implementation that pins an older stack
+    than the suite's (kwneuro, neuroHarmonize): .ci/run installs them in an environment of their
+    own and runs the tests marked ``peer_*`` there. Elsewhere a missing peer skips the test."""
+
+    def load(module):
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            _missing_peer(f"peer {module!r} is not importable here: {exc}")
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def rscript_sva():
+    """The ``Rscript`` executable, once R's Bioconductor package sva is installed for it (Debian:
+    ``apt-get install r-base-core r-bioc-sva``; .ci/run installs them when missing)."""
+    rscript = shutil.which("Rscript")
+    if rscript is None:
+        _missing_peer("Rscript is not on PATH (apt-get install r-base-core r-bioc-sva)")
+    # find.package only looks the package up (loading sva takes seconds; the test loads it once)
+    check = subprocess.run(
+        [rscript, "-e", 'cat(length(find.package("sva", quiet = TRUE)))'],
+        capture_output=True,
+        text=True,
+    )
+    if check.stdout.strip() != "1":
+        _missing_peer(f"R package sva is not installed: {check.stderr.strip()[-300:]}")
+    return rscript
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_api_page_documents_the_public_names(html):
         "kwneuro_sk.CombatEstimates",
         "kwneuro_sk.LabelsMasker",
         "kwneuro_sk.harmonize_volumes",
-        "kwneuro_sk.CombatEstimates.apply_volumes",
+        "kwneuro_sk.VolumeEstimates.apply_volumes",
         "kwneuro_sk.datasets.make_site_features",
         "kwneuro_sk.plotting.plot_site_predictability",
     ]:

@@ -12,17 +12,21 @@ LabelsMasker takes images (paths or nibabel images), one per row, and its tags s
 them scikit-learn skips every check. ``_ArrayTaggedMasker`` (test-only) is the same masker with
 tags that claim 2-D array input, so that the checks run. Those about parameters, cloning,
 ``repr``, tags and unfitted errors pass; each check that feeds a numeric array to ``fit`` or
-``transform`` is listed below with why it cannot apply, and
-``test_masker_rejects_the_arrays_of_the_checks`` shows that the masker fails them with its own
-error asking for images, not by accident.
+``transform`` is listed below with why it cannot apply.
+
+Each expected failure is pinned: the check must fail, and the root of its exception must be our
+own error of the listed type and message (the sites asked for, images asked for). A check that
+starts passing, or fails for another reason, fails the test (``_run_pinned``); with
+``xfail_strict`` in pyproject.toml no other xfail can pass silently either.
 """
 
+import re
 import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
-from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from kwneuro_sk import CombatHarmonizer, LabelsMasker
 
@@ -30,10 +34,13 @@ _NEEDS_SITES = (
     "fits on a numeric X without sites; CombatHarmonizer must raise and ask for "
     "them (batch_col or batch=). Run with sites in _RowSiteHarmonizer."
 )
+# The error every bare expected failure must come from (the root of the check's exception).
+_SITES_ERROR = (ValueError, r"^CombatHarmonizer needs the site of each row: set batch_col")
 
-# Checks that fit (or fit then transform) the bare estimator on X alone.
+# Checks that fit (or fit then transform) the bare estimator on X alone: name -> (reason,
+# (type, pattern) of our own error at the root of the exception the check raises).
 _BARE_EXPECTED_FAILURES = {
-    name: _NEEDS_SITES
+    name: (_NEEDS_SITES, _SITES_ERROR)
     for name in [
         "check_fit_score_takes_y",
         "check_estimators_overwrite_params",
@@ -60,14 +67,55 @@ _BARE_EXPECTED_FAILURES = {
 }
 _BARE_EXPECTED_FAILURES.update(
     {
-        "check_positive_only_tag_during_fit": _NEEDS_SITES + " (the missing-sites ValueError is "
-        "read as a rejection of negative values)",
-        "check_estimators_nan_inf": _NEEDS_SITES + " (the missing sites are reported first, so "
-        "the NaN message is not reached)",
-        "check_fit2d_1sample": _NEEDS_SITES + " (the message is about the sites, not n_samples)",
-        "check_fit2d_1feature": _NEEDS_SITES + " (the message is about the sites, not n_features)",
+        "check_positive_only_tag_during_fit": (
+            _NEEDS_SITES + " (the missing-sites ValueError is read as a rejection of negative "
+            "values)",
+            _SITES_ERROR,
+        ),
+        "check_estimators_nan_inf": (
+            _NEEDS_SITES + " (the missing sites are reported first, so the NaN message is not "
+            "reached)",
+            _SITES_ERROR,
+        ),
+        "check_fit2d_1sample": (
+            _NEEDS_SITES + " (the message is about the sites, not n_samples)",
+            _SITES_ERROR,
+        ),
+        "check_fit2d_1feature": (
+            _NEEDS_SITES + " (the message is about the sites, not n_features)",
+            _SITES_ERROR,
+        ),
     }
 )
+
+
+def _check_name(check):
+    return getattr(check, "func", check).__name__
+
+
+def _root_error(exc):
+    """The first exception of the chain: the one raised by the estimator itself when a check
+    wraps it in its own AssertionError."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _run_pinned(check, estimator, expected_failures):
+    """Run a check; one listed in ``expected_failures`` must fail, and with our own error of the
+    pinned type and message (otherwise this test fails), and is then reported as xfail."""
+    name = _check_name(check)
+    if name not in expected_failures:
+        check(estimator)
+        return
+    reason, (error_type, pattern) = expected_failures[name]
+    with pytest.raises(Exception) as info:  # noqa: B017 - any failure; its root is checked below
+        check(estimator)
+    root = _root_error(info.value)
+    assert isinstance(root, error_type) and re.search(pattern, str(root)), (
+        f"{name} failed for another reason than pinned ({reason}): {root!r}"
+    )
+    pytest.xfail(reason)
 
 
 def _row_sites(X):
@@ -103,11 +151,9 @@ class _RowSiteHarmonizer(CombatHarmonizer):
         return super().partial_fit(X, y, batch=_row_sites(X))
 
 
-@parametrize_with_checks(
-    [CombatHarmonizer()], expected_failed_checks=lambda est: _BARE_EXPECTED_FAILURES
-)
+@parametrize_with_checks([CombatHarmonizer()])
 def test_bare_estimator_checks(estimator, check):
-    check(estimator)
+    _run_pinned(check, estimator, _BARE_EXPECTED_FAILURES)
 
 
 @parametrize_with_checks(
@@ -170,9 +216,12 @@ _FIT_READS_ONLY_THE_ATLAS = (
     "fit reads only labels_img and mask_img, never the subject images "
     "(X is only type-checked), so it cannot reject their values at fit."
 )
+_NUMERIC_ARRAY_ERROR = (TypeError, r"^X is a numeric array of shape .*; expected images")
+_NOT_IMAGES_ERROR = (TypeError, r"^X must be an image or a list, tuple, 1-D array or pandas")
+_SPARSE = "; the masker's TypeError asks for images rather than naming sparse input."
 
 _MASKER_EXPECTED_FAILURES = {
-    name: _ARRAY_IS_NOT_IMAGES
+    name: (_ARRAY_IS_NOT_IMAGES, _NUMERIC_ARRAY_ERROR)
     for name in [
         "check_fit_score_takes_y",
         "check_estimators_overwrite_params",
@@ -201,62 +250,49 @@ _MASKER_EXPECTED_FAILURES = {
 }
 _MASKER_EXPECTED_FAILURES.update(
     {
-        "check_dtype_object": "feeds a 2-D object array; X must be a 1-D collection of images, "
-        "so the masker raises a ValueError about its shape.",
-        "check_transformer_data_not_an_array": "feeds an array-like wrapper of numbers; X must be "
-        "images, so the masker raises a TypeError.",
-        "check_positive_only_tag_during_fit": _ARRAY_IS_NOT_IMAGES + " (read by the check as a "
-        "rejection of negative values)",
-        "check_estimator_sparse_tag": "feeds a sparse matrix; the masker's TypeError asks for "
-        "images rather than naming sparse input.",
-        "check_estimator_sparse_array": "feeds a sparse array; the masker's TypeError asks for "
-        "images rather than naming sparse input.",
-        "check_estimator_sparse_matrix": "feeds a sparse matrix; the masker's TypeError asks for "
-        "images rather than naming sparse input.",
-        "check_estimators_empty_data_messages": _FIT_READS_ONLY_THE_ATLAS + " (an empty array is "
-        "rejected as an array, with a TypeError)",
-        "check_estimators_nan_inf": _FIT_READS_ONLY_THE_ATLAS,
+        "check_dtype_object": (
+            "feeds a 2-D object array; X must be a 1-D collection of images, so the masker "
+            "raises a ValueError about its shape.",
+            (ValueError, r"^X must be a 1-D collection of images, got shape"),
+        ),
+        "check_transformer_data_not_an_array": (
+            "feeds an array-like wrapper of numbers; X must be images, so the masker raises a "
+            "TypeError.",
+            (TypeError, _NOT_IMAGES_ERROR[1] + r".*got _NotAnArray"),
+        ),
+        "check_positive_only_tag_during_fit": (
+            _ARRAY_IS_NOT_IMAGES + " (read by the check as a rejection of negative values)",
+            _NUMERIC_ARRAY_ERROR,
+        ),
+        "check_estimator_sparse_tag": (
+            "feeds a sparse array" + _SPARSE,
+            (TypeError, _NOT_IMAGES_ERROR[1] + r".*got csr_array"),
+        ),
+        "check_estimator_sparse_array": (
+            "feeds a sparse array" + _SPARSE,
+            (TypeError, _NOT_IMAGES_ERROR[1] + r".*got csr_array"),
+        ),
+        "check_estimator_sparse_matrix": (
+            "feeds a sparse matrix" + _SPARSE,
+            (TypeError, _NOT_IMAGES_ERROR[1] + r".*got csr_matrix"),
+        ),
+        "check_estimators_empty_data_messages": (
+            _FIT_READS_ONLY_THE_ATLAS + " (an empty array is rejected as an array, with a "
+            "TypeError)",
+            _NUMERIC_ARRAY_ERROR,
+        ),
+        "check_estimators_nan_inf": (_FIT_READS_ONLY_THE_ATLAS, _NUMERIC_ARRAY_ERROR),
     }
 )
 
 
-@parametrize_with_checks(
-    [_ArrayTaggedMasker(_tiny_atlas(), strategy="median", detrend=True)],
-    expected_failed_checks=lambda est: _MASKER_EXPECTED_FAILURES,
-)
+@parametrize_with_checks([_ArrayTaggedMasker(_tiny_atlas(), strategy="median", detrend=True)])
 def test_labels_masker_estimator_checks(estimator, check):
-    check(estimator)
+    _run_pinned(check, estimator, _MASKER_EXPECTED_FAILURES)
 
 
-def test_masker_rejects_the_arrays_of_the_checks():
-    # Every expected failure above is the masker refusing an array, not a crash inside it.
-    results = check_estimator(
-        _ArrayTaggedMasker(_tiny_atlas()),
-        on_fail=None,
-        on_skip=None,
-        expected_failed_checks=_MASKER_EXPECTED_FAILURES,
-    )
-    failed = {r["check_name"]: r["exception"] for r in results if r["status"] == "xfail"}
-    assert set(failed) == set(_MASKER_EXPECTED_FAILURES)
-    for name, reason in _MASKER_EXPECTED_FAILURES.items():
-        message = str(failed[name])
-        if reason.startswith(_ARRAY_IS_NOT_IMAGES) and "sparse" not in name:
-            # the masker's own TypeError, or the check's report of it
-            assert (
-                "expected images" in message
-                and isinstance(failed[name], TypeError)
-                or "raised TypeError" in message
-            ), (name, message)
-    passed = {r["check_name"] for r in results if r["status"] == "passed"}
-    assert {
-        "check_get_params_invariance",
-        "check_set_params",
-        "check_estimator_cloneable",
-        "check_no_attributes_set_in_init",
-        "check_parameters_default_constructible",
-        "check_estimators_unfitted",
-    } <= passed
-    with pytest.raises(TypeError, match="expected images"):
+def test_masker_asks_for_images():
+    with pytest.raises(TypeError, match=r"X is a numeric array of shape \(3, 2\); expected images"):
         LabelsMasker(_tiny_atlas()).fit(np.zeros((3, 2)))
 
 

@@ -10,18 +10,8 @@ PACKAGE = Path(kwneuro_sk.__file__).parent
 
 # Imports and private uses that are known and not yet removed: the test fails on any other
 # one, and also once one of these is gone (so the lists only shrink).
-KNOWN_CIRCLE_EDGES = {
-    # CombatEstimates.apply_volumes imports kwneuro_sk.volumes lazily (a model file applying
-    # itself to images): volumes -> combat.harmonizer -> combat.estimates -> volumes. To be
-    # moved to the image layer (issue 17 item 3).
-    ("kwneuro_sk.combat.estimates", "kwneuro_sk.volumes"),
-}
-KNOWN_PRIVATE_USES = {
-    # the HTML report reads the harmonizer's covariate encoding and matplotlib loader
-    ("kwneuro_sk.report", "_covariates"),
-    ("kwneuro_sk.report", "_metadata_columns"),
-    ("kwneuro_sk.report", "_pyplot"),
-}
+KNOWN_CIRCLE_EDGES = set()
+KNOWN_PRIVATE_USES = set()
 
 
 def module_name(path):

@@ -1,4 +1,4 @@
-"""harmonize_volumes, CombatEstimates.apply_volumes and CombatEstimates save/load."""
+"""harmonize_volumes, VolumeEstimates.apply_volumes and CombatEstimates save/load."""
 
 import contextlib
 import io
@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from neuroCombat import neuroCombat
 
-from kwneuro_sk import CombatEstimates, CombatHarmonizer, harmonize_volumes
+from kwneuro_sk import CombatEstimates, CombatHarmonizer, VolumeEstimates, harmonize_volumes
+from kwneuro_sk.volumes import apply_volumes
 
 # neuroCombat's ref_batch path calls np.int, removed in NumPy 1.24 (see conftest.py).
 pytestmark = pytest.mark.usefixtures("numpy_int_alias")
@@ -265,6 +266,9 @@ def test_save_load_round_trip(cohort, tmp_path, options):
     est.save(path)
     assert path.exists()  # the name is used as given
     loaded = CombatEstimates.load(path)
+    # a voxel-wise model comes back as what can apply itself to images
+    assert type(est) is VolumeEstimates and type(loaded) is VolumeEstimates
+    assert type(VolumeEstimates.load(path)) is VolumeEstimates
     assert loaded.estimates.keys() == est.estimates.keys()
     for name, value in est.estimates.items():
         np.testing.assert_array_equal(loaded.estimates[name], value)
@@ -300,7 +304,10 @@ def test_harmonizer_estimates_round_trip_with_columns(tmp_path):
     X["age"] = rng.uniform(20, 60, 30)
     combat = CombatHarmonizer("scanner", ["group"], ["age"], eb=False).fit(X)
     combat.estimates_.save(tmp_path / "est.npz")
-    rebuilt = CombatHarmonizer.from_estimates(CombatEstimates.load(tmp_path / "est.npz"))
+    loaded = CombatEstimates.load(tmp_path / "est.npz")
+    assert type(loaded) is CombatEstimates  # a table model: data only, no image methods
+    assert not hasattr(loaded, "apply_volumes")
+    rebuilt = CombatHarmonizer.from_estimates(loaded)
     np.testing.assert_array_equal(rebuilt.transform(X), combat.transform(X))
     assert rebuilt.feature_names_in_.tolist() == list(X.columns)
     assert rebuilt.get_feature_names_out().tolist() == ["f1", "f2", "f3", "f4"]
@@ -324,7 +331,23 @@ def test_apply_volumes_needs_volume_estimates():
     rng = np.random.default_rng(0)
     est = CombatHarmonizer().fit(rng.normal(size=(10, 3)), batch=np.repeat([0, 1], 5)).estimates_
     with pytest.raises(ValueError, match="not made by harmonize_volumes"):
-        est.apply_volumes([], pd.DataFrame())
+        apply_volumes(est, [], pd.DataFrame())
+    # a table model file cannot be loaded as a voxel-wise one
+    with pytest.raises(ValueError, match="not made by harmonize_volumes"):
+        VolumeEstimates(est.estimates, est.info).apply_volumes([], pd.DataFrame())
+
+
+def test_apply_volumes_dtype(cohort):
+    images, covars, mask_img, mask = cohort
+    out64, est = harmonize_volumes(images, covars, "site", mask_img, dtype=np.float64)
+    again64 = est.apply_volumes(images[:3], covars.iloc[:3], dtype=np.float64)
+    again32 = est.apply_volumes(images[:3], covars.iloc[:3])
+    for a64, a32, o64 in zip(again64, again32, out64):
+        assert a64.get_data_dtype() == np.float64 and a32.get_data_dtype() == np.float32
+        np.testing.assert_array_equal(a64.get_fdata(), o64.get_fdata())
+        np.testing.assert_array_equal(a32.get_fdata(), o64.get_fdata().astype(np.float32))
+    with pytest.raises(ValueError, match="dtype must be numpy.float32 or numpy.float64"):
+        est.apply_volumes(images[:1], covars.iloc[:1], dtype=np.int16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,11 +663,12 @@ def test_to_neurocombat_has_neurocombats_keys_and_values(cohort):
     assert ours["batches"].tolist() == np.asarray(theirs["batches"]).tolist()
 
 
-def test_kwneuro_drop_in():
+@pytest.mark.peer_kwneuro
+def test_kwneuro_drop_in(peer):
     """kwneuro's own harmonize_volumes call, with only the import changed, gives its numbers
-    and its kind of output (runs where kwneuro is installed; its pins clash with this
-    environment's numpy, so CI skips it and the stand-in test above covers the resources)."""
-    kwneuro_harmonize = pytest.importorskip("kwneuro.harmonize")
+    and its kind of output. kwneuro 1.0.0 pins numpy<2.4, so .ci/run runs this in its peer
+    environment (elsewhere it skips; the stand-in test above covers the resources)."""
+    kwneuro_harmonize = peer("kwneuro.harmonize")
     from kwneuro.resource import InMemoryVolumeResource
 
     rng = np.random.default_rng(123)

@@ -75,6 +75,13 @@ class CombatEstimates:
         ``volumes``: the site column name ``batch_col``, the boolean ``mask`` (voxels in
         feature order are ``mask.nonzero()``), its ``affine`` and ``shape``.
 
+    Notes
+    -----
+    This class holds data only. Applying a model to images belongs to the image layer:
+    :func:`~kwneuro_sk.harmonize_volumes` returns (and :meth:`load` reads a model with
+    ``info['volumes']`` as) a :class:`~kwneuro_sk.VolumeEstimates`, the subclass with
+    ``apply_volumes``.
+
     See Also
     --------
     kwneuro_sk.CombatHarmonizer.from_estimates : a fitted harmonizer from estimates.
@@ -95,6 +102,16 @@ class CombatEstimates:
 
     estimates: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+
+    # Subclasses that add methods for one kind of model, by the ``info`` key that marks it
+    # (``"volumes"``: kwneuro_sk.volumes.VolumeEstimates). :meth:`load` returns the subclass
+    # a file's info calls for, so this data layer imports none of the layers that use it.
+    _kinds = {}
+
+    def __init_subclass__(cls, info_key=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if info_key is not None:
+            CombatEstimates._kinds[info_key] = cls
 
     def save(self, path):
         """Write the estimates to one ``.npz`` file (no pickle; read back with :meth:`load`).
@@ -162,6 +179,8 @@ class CombatEstimates:
         Returns
         -------
         CombatEstimates
+            A :class:`~kwneuro_sk.VolumeEstimates` for a model made by
+            :func:`~kwneuro_sk.harmonize_volumes`.
 
         Raises
         ------
@@ -180,10 +199,14 @@ class CombatEstimates:
         with _open_npz(path) as npz:
             manifest = _read_manifest(npz, path)
             try:
-                loaded = cls(
-                    estimates=_decode(manifest["estimates"], npz, "estimates"),
-                    info=_decode(manifest["info"], npz, "info"),
-                )
+                estimates = _decode(manifest["estimates"], npz, "estimates")
+                info = _decode(manifest["info"], npz, "info")
+                kind = cls
+                if isinstance(info, dict):
+                    for key, sub in CombatEstimates._kinds.items():
+                        if key in info and issubclass(sub, cls):
+                            kind = sub
+                loaded = kind(estimates=estimates, info=info)
             except _BadField as error:
                 raise ValueError(f"invalid ComBat model in {path!r}: {error}") from None
             except RecursionError:
@@ -299,9 +322,7 @@ class CombatEstimates:
                     "info['smooth_knots']",
                     "must hold one increasing array of at least 2 knots per smooth column",
                 )
-            knots = [
-                _check_knots(k, col, fail) for col, k in zip(info["smooth_cols"], knots)
-            ]
+            knots = [_check_knots(k, col, fail) for col, k in zip(info["smooth_cols"], knots)]
             if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or degree < 1:
                 fail("info['smooth_degree']", f"must be a positive integer; got {degree!r}")
             if info.get("smooth_extrapolation") not in ("linear", "constant", "error"):
@@ -451,77 +472,6 @@ class CombatEstimates:
         for key in ("gamma_hat", "delta_hat", "gamma_bar", "t2", "a_prior", "b_prior"):
             out[key] = np.array(e[key], copy=True)
         return out
-
-    def apply_volumes(
-        self,
-        volumes,
-        covars,
-        *,
-        unseen_batch="error",
-        preserve_out_of_mask=False,
-        output_dir=None,
-        chunk_size=None,
-        n_jobs=None,
-        verbose=0,
-    ):
-        """Harmonize new subjects' volumes with these estimates (from ``harmonize_volumes``).
-
-        Each volume is harmonized with its own covariates, exactly as it would have been in the
-        fitted cohort; nothing is re-estimated for sites seen in the fit.
-
-        Parameters
-        ----------
-        volumes : sequence of str, path-like or nibabel images
-            3-D images on the grid of the fitted mask.
-        covars : pandas.DataFrame
-            One row per volume, with the site column and the covariate columns of the fit.
-        unseen_batch : {"error", "adapt"}, default="error"
-            Sites not seen in the fit: raise a ValueError naming them, or estimate their
-            location and scale from their volumes in this call (see
-            :class:`~kwneuro_sk.CombatHarmonizer`).
-        preserve_out_of_mask : bool, default=False
-            Keep the input values outside the mask instead of 0.
-        output_dir : str or path-like, default=None
-            Stream: read, harmonize and write one chunk of volumes at a time into this
-            directory and return the written paths (naming rule and memory budget in
-            :func:`~kwneuro_sk.harmonize_volumes`). Sites unseen in the fit cannot be adapted
-            this way.
-        chunk_size, n_jobs, verbose
-            Streaming options, as in :func:`~kwneuro_sk.harmonize_volumes`.
-
-        Returns
-        -------
-        list of nibabel images, or list of str with ``output_dir``
-            float32, with each input's affine and header.
-
-        Examples
-        --------
-        >>> import numpy as np, pandas as pd, nibabel as nib
-        >>> from kwneuro_sk import harmonize_volumes
-        >>> rng = np.random.default_rng(0)
-        >>> covars = pd.DataFrame({"site": np.repeat(["a", "b"], 5)})
-        >>> imgs = [nib.Nifti1Image(rng.normal(size=(4, 4, 4)), np.eye(4)) for _ in range(10)]
-        >>> mask = nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.uint8), np.eye(4))
-        >>> out, est = harmonize_volumes(imgs, covars, "site", mask)
-        >>> (again,) = est.apply_volumes(imgs[:1], covars.iloc[:1])  # one new subject alone
-        >>> bool(np.allclose(again.get_fdata(), out[0].get_fdata()))
-        True
-        """
-        # The one reference from the model to the image layer: the public function does the
-        # work, this method is its spelling on the estimates.
-        from kwneuro_sk.volumes import apply_volumes
-
-        return apply_volumes(
-            self,
-            volumes,
-            covars,
-            unseen_batch=unseen_batch,
-            preserve_out_of_mask=preserve_out_of_mask,
-            output_dir=output_dir,
-            chunk_size=chunk_size,
-            n_jobs=n_jobs,
-            verbose=verbose,
-        )
 
 
 # ------------------------------------------------------------------------------------------

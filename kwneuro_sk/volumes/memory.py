@@ -1,4 +1,4 @@
-"""Voxel-wise ComBat on 3-D images: :func:`harmonize_volumes` and :func:`apply_volumes`.
+"""Voxel-wise ComBat on 3-D images: :func:`harmonize_volumes`.
 
 The in-mask voxels of every volume are read once into one matrix (subjects x voxels, the
 orientation of :class:`~kwneuro_sk.CombatHarmonizer`), harmonized, and written back into images
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.utils._param_validation import StrOptions, validate_params
+from sklearn.utils._param_validation import validate_params
 
 from kwneuro_sk import images
 from kwneuro_sk._params import N_JOBS
-from kwneuro_sk.combat.estimates import CombatEstimates
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
 from kwneuro_sk.volumes import streaming as _streaming
+from kwneuro_sk.volumes.estimates import VolumeEstimates
 
-__all__ = ["CombatEstimates", "apply_volumes", "harmonize_volumes"]
+__all__ = ["harmonize_volumes"]
 
 
 @validate_params({"n_jobs": N_JOBS, "verbose": ["verbose"]}, prefer_skip_nested_validation=True)
@@ -51,8 +51,9 @@ def harmonize_volumes(
 
     Every voxel where ``mask > 0`` is a feature; each volume is a subject. The site and
     covariate effects are estimated by :class:`~kwneuro_sk.CombatHarmonizer` with the given
-    options, and the returned :class:`CombatEstimates` can harmonize new subjects later
-    (:meth:`CombatEstimates.apply_volumes`), also after :meth:`CombatEstimates.save`.
+    options, and the returned :class:`~kwneuro_sk.VolumeEstimates` can harmonize new subjects
+    later (:meth:`VolumeEstimates.apply_volumes`), also after :meth:`CombatEstimates.save` and
+    :meth:`CombatEstimates.load`.
 
     The signature is that of ``kwneuro.harmonize.harmonize_volumes`` (kwneuro 1.0.0): code
     written for it runs with only the import changed.
@@ -86,7 +87,7 @@ def harmonize_volumes(
         Degree of the B-splines, as in :class:`~kwneuro_sk.CombatHarmonizer`.
     smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
         Smooth covariate values beyond the training range (new subjects of
-        :meth:`CombatEstimates.apply_volumes`), as in :class:`~kwneuro_sk.CombatHarmonizer`.
+        :meth:`VolumeEstimates.apply_volumes`), as in :class:`~kwneuro_sk.CombatHarmonizer`.
     output_dir : str or path-like, default=None
         Stream: write every harmonized volume to this directory as a NIfTI file and return the
         paths, in memory that does not grow with the number of subjects (see Notes). ``None``
@@ -111,8 +112,9 @@ def harmonize_volumes(
         images with the input's affine and header for paths and nibabel images;
         in-memory kwneuro volume resources (with the input's metadata) for resources. With
         ``output_dir``, the paths of the written NIfTI files, in the order of ``volumes``.
-    estimates : CombatEstimates
-        The fitted model; ``info["volumes"]`` holds the site column, mask, affine and shape.
+    estimates : VolumeEstimates
+        The fitted model (a :class:`~kwneuro_sk.CombatEstimates`); ``info["volumes"]``
+        holds the site column, mask, affine and shape.
 
     Notes
     -----
@@ -170,7 +172,7 @@ def harmonize_volumes(
         smooth_extrapolation=smooth_extrapolation,
     )
     if output_dir is not None:
-        return _streaming.harmonize(
+        written, fitted = _streaming.harmonize(
             volumes,
             covars,
             batch_col,
@@ -183,6 +185,7 @@ def harmonize_volumes(
             preserve_out_of_mask=preserve_out_of_mask,
             options=options,
         )
+        return written, VolumeEstimates(estimates=fitted.estimates, info=fitted.info)
     sources = inputs.open_volumes(volumes, minimum=2)
     mask_array, mask_img = inputs.load_mask(mask, sources[0])
     covars = inputs.check_covars(covars, len(sources), batch_col)
@@ -196,102 +199,12 @@ def harmonize_volumes(
     combat = CombatHarmonizer(**options)
     harmonized = combat.fit_transform(X, batch=covars[batch_col], covariates=covars)
     del X
-    estimates = combat.estimates_
-    estimates.info["volumes"] = {
+    info = dict(combat.estimates_.info)
+    info["volumes"] = {
         "batch_col": batch_col,
         "mask": mask_array,
         "affine": images.grid_of(mask_img)[1],
         "shape": list(mask_array.shape),
     }
+    estimates = VolumeEstimates(estimates=combat.estimates_.estimates, info=info)
     return inputs.outputs(sources, kept, harmonized, mask_array), estimates
-
-
-@validate_params(
-    {
-        "n_jobs": N_JOBS,
-        "verbose": ["verbose"],
-        "unseen_batch": [StrOptions({"error", "adapt"})],
-    },
-    prefer_skip_nested_validation=True,
-)
-def apply_volumes(
-    estimates,
-    volumes,
-    covars,
-    *,
-    unseen_batch="error",
-    preserve_out_of_mask=False,
-    dtype=np.float32,
-    output_dir=None,
-    chunk_size=None,
-    n_jobs=None,
-    verbose=0,
-):
-    """Harmonize new subjects' volumes with estimates made by :func:`harmonize_volumes`.
-
-    The same as :meth:`CombatEstimates.apply_volumes` (documented there).
-
-    Parameters
-    ----------
-    estimates : CombatEstimates
-    volumes, covars, unseen_batch, preserve_out_of_mask, dtype
-        As in :meth:`CombatEstimates.apply_volumes`.
-    output_dir, chunk_size, n_jobs, verbose
-        Streaming, as in :func:`harmonize_volumes` (one pass over the files; sites unseen in
-        the fit with ``unseen_batch="adapt"`` need the in-memory path).
-
-    Returns
-    -------
-    list of images, or list of str with ``output_dir``
-
-    Examples
-    --------
-    >>> import numpy as np, pandas as pd, nibabel as nib
-    >>> from kwneuro_sk import harmonize_volumes
-    >>> from kwneuro_sk.volumes import apply_volumes
-    >>> rng = np.random.default_rng(0)
-    >>> covars = pd.DataFrame({"site": np.repeat(["a", "b"], 5)})
-    >>> imgs = [nib.Nifti1Image(rng.normal(size=(4, 4, 4)), np.eye(4)) for _ in range(10)]
-    >>> mask = nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.uint8), np.eye(4))
-    >>> out, est = harmonize_volumes(imgs, covars, "site", mask)
-    >>> (again,) = apply_volumes(est, imgs[:1], covars.iloc[:1])
-    >>> bool(np.array_equal(again.get_fdata(), out[0].get_fdata()))
-    True
-    """
-    grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
-    if grid is None:
-        raise ValueError(
-            "these estimates were not made by harmonize_volumes (no mask in "
-            "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
-            ".transform(...) for feature matrices"
-        )
-    dtype = inputs.output_dtype(dtype)
-    combat = CombatHarmonizer.from_estimates(estimates).set_params(unseen_batch=unseen_batch)
-    mask_array = np.asarray(grid["mask"], dtype=bool)
-    fitted_grid = (tuple(int(n) for n in grid["shape"]), np.asarray(grid["affine"], float))
-    if mask_array.shape != fitted_grid[0] or int(mask_array.sum()) != combat.n_features_in_:
-        raise ValueError(
-            "invalid ComBat model: info['volumes'] has a mask that does not match "
-            f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
-            "voxels"
-        )
-    if output_dir is not None:
-        return _streaming.apply(
-            combat,
-            volumes,
-            covars,
-            grid["batch_col"],
-            mask_array,
-            fitted_grid,
-            dtype=dtype,
-            output_dir=output_dir,
-            chunk_size=chunk_size,
-            n_jobs=n_jobs,
-            verbose=verbose,
-            preserve_out_of_mask=preserve_out_of_mask,
-        )
-    sources = inputs.open_volumes(volumes, minimum=1, reference=(fitted_grid, "the fitted mask"))
-    covars = inputs.check_covars(covars, len(sources), grid["batch_col"])
-    X, kept = inputs.read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
-    harmonized = combat.transform(X, batch=covars[grid["batch_col"]], covariates=covars)
-    return inputs.outputs(sources, kept, harmonized, mask_array)
