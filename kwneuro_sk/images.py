@@ -7,8 +7,8 @@ that one set of rules holds for the maskers and for voxel-wise harmonization ali
 - a missing file raises ``FileNotFoundError`` naming the path; a directory, a file that is not a
   neuroimaging image, or a truncated file raises ``ValueError`` naming the file;
 - ``.nii.gz`` files are read in one go and parsed with ``Nifti*Image.from_bytes`` (one read, one
-  C-speed decompression), other files with ``nibabel.load`` (header only until the data are
-  asked for);
+  C-speed decompression, with ISA-L's ``isal.igzip`` when installed), other files with
+  ``nibabel.load`` (header only until the data are asked for);
 - kwneuro volume resources are recognised by their public methods (``get_array``,
   ``get_affine``), so kwneuro is never imported here;
 - two images are in the same space when their shapes and affines agree (the semantics of
@@ -31,8 +31,15 @@ from nibabel.spatialimages import HeaderDataError, SpatialImage
 from nibabel.wrapstruct import WrapStructError
 from nilearn.image import resample_img, smooth_img
 
+try:  # optional (``pip install "kwneuro_sk[fast]"``): ISA-L gunzip, about twice zlib's speed
+    from isal import igzip as _igzip
+    from isal.isal_zlib import error as _IsalError
+except ImportError:  # pragma: no cover - exercised by monkeypatching _igzip in the tests
+    _igzip, _IsalError = None, zlib.error
+
 IMAGE_TYPES = (str, os.PathLike, SpatialImage)
 _READ_ERRORS = (
+    _IsalError,
     ImageFileError,
     OSError,
     EOFError,
@@ -136,12 +143,14 @@ def describe(source, index=None) -> str:
     return f"{kind}{where}"
 
 
-def load_image(source, *, name="image") -> SpatialImage:
+def load_image(source, *, name="image", writable=True) -> SpatialImage:
     """Open an image from a path, a nibabel image or a kwneuro volume resource.
 
     Paths are opened lazily where nibabel allows (header only). Raises FileNotFoundError
     (naming the path) for a missing file, ValueError naming the file for a directory or a file
-    nibabel cannot read, and TypeError for anything that is not an image.
+    nibabel cannot read, and TypeError for anything that is not an image. With
+    ``writable=False`` the voxels of an unscaled NIfTI file are a read-only view of the
+    decompressed bytes (no copy; for callers that only read them).
     """
     if isinstance(source, SpatialImage):
         return source
@@ -150,7 +159,7 @@ def load_image(source, *, name="image") -> SpatialImage:
         _check_file(path, name)
         try:
             if path.endswith(".nii.gz") or (path.endswith(".nii") and _is_gzip(path)):
-                img = _load_compressed_nifti(path)
+                img = _load_compressed_nifti(path, writable=writable)
                 if img is not None:
                     return img
             return nib.load(path)
@@ -210,7 +219,7 @@ def read_data(img, *, name="image", dtype=None) -> np.ndarray:
     return data
 
 
-def _load_compressed_nifti(path):
+def _load_compressed_nifti(path, *, writable=True):
     """Read a .nii.gz file in one go: one read, one C-speed decompression, no streaming.
 
     nibabel's streaming gzip reader spends a fifth of its time in Python-level buffering; here
@@ -220,7 +229,7 @@ def _load_compressed_nifti(path):
     """
     with open(path, "rb") as f:
         raw = f.read()
-    return _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
+    return _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC, writable=writable)
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -236,16 +245,38 @@ def _named(name, path):
     return name if repr(path) in name else f"{name} {path!r}"
 
 
-def _nifti_from_bytes(raw, *, compressed):
+def gunzip(raw: bytes) -> bytes:
+    """Decompress gzip bytes: ISA-L's ``isal.igzip`` when installed, else the standard
+    library (same result, same errors: EOFError for a truncated stream, BadGzipFile)."""
+    return gzip.decompress(raw) if _igzip is None else _igzip.decompress(raw)
+
+
+def _nifti_from_bytes(raw, *, compressed, writable=True):
     """A NIfTI-1/2 single-file image parsed from the bytes of a file, or None when the bytes
-    are not one (other formats go through ``nibabel.load``)."""
+    are not one (other formats go through ``nibabel.load``). With ``writable=False`` an
+    unscaled image's voxels are a read-only view of ``raw`` (see :func:`_view_of_bytes`)."""
     if compressed:
-        raw = gzip.decompress(raw)
+        raw = gunzip(raw)
     sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
     for size, image_class in ((348, nib.Nifti1Image), (540, nib.Nifti2Image)):
         if size in sizeof_hdr:
-            return image_class.from_bytes(raw)
+            img = image_class.from_bytes(raw)
+            return img if writable else _view_of_bytes(img, raw)
     return None
+
+
+def _view_of_bytes(img, raw):
+    """``img`` with its voxels as a read-only array over ``raw`` (no copy), when nibabel's
+    proxy asks for no scaling and ``raw`` holds every voxel; otherwise ``img`` unchanged (the
+    proxy then scales, or reports the truncated file when the data are read)."""
+    proxy = img.dataobj
+    if not nib.is_proxy(proxy) or (proxy.slope, proxy.inter) != (1.0, 0.0):
+        return img
+    dtype, offset = np.dtype(proxy.dtype), int(proxy.offset)
+    if dtype.hasobject or offset + dtype.itemsize * int(np.prod(proxy.shape)) > len(raw):
+        return img
+    data = np.ndarray(proxy.shape, dtype=dtype, buffer=raw, offset=offset, order=proxy.order)
+    return type(img)(data, img.affine, header=img.header)
 
 
 def is_nifti_path(source) -> bool:
@@ -278,13 +309,13 @@ def read_file_bytes(source, *, name="image") -> bytes:
         ) from error
 
 
-def image_from_bytes(raw, source, *, name="image") -> SpatialImage:
+def image_from_bytes(raw, source, *, name="image", writable=True) -> SpatialImage:
     """The image a .nii or .nii.gz file's bytes hold (see :func:`read_file_bytes`); the same
-    errors as :func:`load_image`."""
+    errors and the same ``writable`` as :func:`load_image`."""
     path = os.fspath(source)
     try:
         # gzip is recognised by its magic bytes, not the name (a misnamed file still reads)
-        img = _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC)
+        img = _nifti_from_bytes(raw, compressed=raw[:2] == _GZIP_MAGIC, writable=writable)
     except _READ_ERRORS as error:
         img, problem = None, f"{type(error).__name__}: {error}"
     else:

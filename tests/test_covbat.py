@@ -125,6 +125,13 @@ def test_fit_on_training_rows_apply_to_test_rows(reference):
     covbat = CovBatHarmonizer("site", ["sex"], ["age"]).fit(frame[train])
     out = covbat.transform(frame[~train])
     assert out.shape == ((~train).sum(), 20)
+    # the training rows transformed equal fit_transform on them
+    np.testing.assert_allclose(
+        covbat.transform(frame[train]),
+        CovBatHarmonizer("site", ["sex"], ["age"]).fit_transform(frame[train]),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # transform never changes the fitted state, and the new rows do not move the fit
     before = covbat.components_.copy()
     covbat.transform(frame)
@@ -307,7 +314,23 @@ def test_grid_search_over_percent_var():
         cv=StratifiedKFold(3, shuffle=True, random_state=0),
         scoring="roc_auc",
     ).fit(frame, label)
-    assert search.best_params_["covbatharmonizer__percent_var"] in (0.5, 0.8, 0.95)
+    # each candidate's score is the cross-validated score of that pipeline fitted fold by fold
+    # (the harmonizer refitted on each training fold), and the best is the highest of them
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    by_hand = [
+        cross_val_score(
+            clone(pipe).set_params(covbatharmonizer__percent_var=p),
+            frame,
+            label,
+            cv=cv,
+            scoring="roc_auc",
+        ).mean()
+        for p in (0.5, 0.8, 0.95)
+    ]
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], by_hand, rtol=1e-12)
+    best = (0.5, 0.8, 0.95)[int(np.argmax(by_hand))]
+    assert search.best_params_ == {"covbatharmonizer__percent_var": best}
+    assert search.best_score_ > 0.6  # the label is learnable after harmonization
     n_components = {
         p: CovBatHarmonizer("site", continuous_cols="age", percent_var=p).fit(frame).n_components_
         for p in (0.5, 0.8, 0.95)

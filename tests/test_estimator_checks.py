@@ -282,6 +282,12 @@ _MASKER_EXPECTED_FAILURES.update(
             _NUMERIC_ARRAY_ERROR,
         ),
         "check_estimators_nan_inf": (_FIT_READS_ONLY_THE_ATLAS, _NUMERIC_ARRAY_ERROR),
+        "check_do_not_raise_errors_in_init_or_set_params": (
+            "passes a keyword literally named 'kwargs'; __init__ takes **kwargs only for "
+            "nilearn's older clean__<option> spelling of clean_args and refuses any other "
+            "keyword with a TypeError naming it.",
+            (TypeError, r"^LabelsMasker got an unexpected keyword argument 'kwargs'"),
+        ),
     }
 )
 

@@ -262,6 +262,16 @@ def test_keyword_route_and_covbat(lifespan):
     np.testing.assert_allclose(by_keywords, by_columns, rtol=1e-12)
     covbat = CovBatHarmonizer("site", smooth_cols="age", percent_var=0.8).fit(frame)
     assert covbat.beta_.shape[0] == 6 and covbat.transform(frame).shape == features.shape
+    # CovBat with smooth_cols is CovBat (equal to the authors' R code, test_covbat.py) with
+    # the spline basis columns as linear covariates
+    spline = SplineTransformer(
+        n_knots=5, degree=3, knots="quantile", include_bias=False, extrapolation="linear"
+    ).fit(frame[["age"]])
+    basis = pd.DataFrame(spline.transform(frame[["age"]]), columns=[f"s{j}" for j in range(6)])
+    linear = CovBatHarmonizer(continuous_cols=list(basis), percent_var=0.8).fit_transform(
+        features, batch=frame["site"], covariates=basis
+    )
+    np.testing.assert_allclose(covbat.transform(frame), linear, rtol=1e-9, atol=1e-9)
 
 
 def test_grid_search_over_smooth_knots(lifespan):

@@ -304,8 +304,12 @@ def test_transform_reads_each_file_once(atlas_img, imgs, tmp_path, monkeypatch, 
     for i, img in enumerate(imgs):
         paths.append(str(tmp_path / f"sub-{i}{suffix}"))
         img.to_filename(paths[-1])
-    loads, reads = [], []
-    real_load, real_array = _images.load_image, ArrayProxy.__array__
+    loads, reads, unzips = [], [], []
+    real_load, real_array, real_gunzip = _images.load_image, ArrayProxy.__array__, _images.gunzip
+
+    def counting_gunzip(raw):
+        unzips.append(len(raw))
+        return real_gunzip(raw)
 
     def counting_load(source, **kwargs):
         loads.append(source)
@@ -317,11 +321,14 @@ def test_transform_reads_each_file_once(atlas_img, imgs, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(_images, "load_image", counting_load)
     monkeypatch.setattr(ArrayProxy, "__array__", counting_array)
+    monkeypatch.setattr(_images, "gunzip", counting_gunzip)
     masker = LabelsMasker(atlas_img).fit(paths)
-    assert loads == [atlas_img] and reads == []
+    assert loads == [atlas_img] and reads == [] and unzips == []
     signals = masker.transform(paths)
     assert loads[1:] == paths  # each image loaded once, in order
-    assert len(reads) == len(paths)  # and its data read once
+    # and its data read once: decompressed once and viewed (.nii.gz), or read by nibabel (.nii)
+    assert len(unzips) == (len(paths) if suffix == ".nii.gz" else 0)
+    assert len(reads) + len(unzips) == len(paths)
     np.testing.assert_allclose(signals, LabelsMasker(atlas_img).fit_transform(imgs))
 
 

@@ -95,11 +95,15 @@ def test_confounds_from_a_tsv_path_equal_the_array(atlas_img, runs, confounds, t
 
 
 def test_sample_mask_in_clean_args_is_refused_not_applied_to_every_run(atlas_img, runs):
-    masker = LabelsMasker(atlas_img, clean_args={"sample_mask": np.arange(10)}).fit()
+    # refused at fit (scikit-learn validates there) ...
     with pytest.raises(ValueError, match=r"clean_args\['sample_mask'\].*one entry per run"):
-        masker.transform_imgs(runs)
-    masker = LabelsMasker(atlas_img, clean_args={"confounds": np.ones((30, 1))}).fit()
+        LabelsMasker(atlas_img, clean_args={"sample_mask": np.arange(10)}).fit()
     with pytest.raises(ValueError, match=r"clean_args\['confounds'\]"):
+        LabelsMasker(atlas_img, clean__confounds=np.ones((30, 1))).fit()
+    # ... and at transform_imgs when set on a fitted masker
+    masker = LabelsMasker(atlas_img).fit()
+    masker.set_params(clean_args={"sample_mask": np.arange(10)})
+    with pytest.raises(ValueError, match=r"clean_args\['sample_mask'\].*one entry per run"):
         masker.transform_imgs(runs)
 
 

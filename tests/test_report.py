@@ -219,6 +219,17 @@ def test_covbat_report_has_covariance_section():
     assert m["covariance_distance_covbat"] < 0.5 * m["covariance_distance_combat"]
     assert m["covariance_distance_combat"] < m["covariance_distance_before"]
     assert m["site_accuracy_quadratic_after"] < m["site_accuracy_quadratic_after_combat"]
+    # the three distances are those of the data before, after ComBat alone, after CovBat
+    sites = frame["site"]
+    features = frame[[c for c in frame.columns if c.startswith("f")]].to_numpy()
+    combat = CombatHarmonizer("site", continuous_cols="age").fit_transform(frame)
+    expected = {
+        "before": covariance_distance(features, sites),
+        "combat": covariance_distance(combat, sites),
+        "covbat": covariance_distance(covbat.transform(frame), sites),
+    }
+    for stage, value in expected.items():
+        assert m[f"covariance_distance_{stage}"] == pytest.approx(value, rel=1e-10), stage
     for key in (
         "covariance_distance_before",
         "covariance_distance_combat",
@@ -235,6 +246,14 @@ def test_keyword_route(data):
         combat, features, batch=data["site"], covariates=data[["sex", "age"]]
     )
     _assert_self_contained(report.html)
+    # the same numbers as the column route
+    columns = data.drop(columns="diagnosis")
+    by_columns = harmonization_report(
+        CombatHarmonizer("site", ["sex"], ["age"]).fit(columns), columns
+    ).metrics
+    assert report.metrics.keys() == by_columns.keys()
+    for key, value in by_columns.items():
+        assert report.metrics[key] == pytest.approx(value, rel=1e-10), key
     with pytest.raises(ValueError, match="batch= is needed"):
         harmonization_report(combat, features)
 
@@ -273,5 +292,15 @@ def test_cli_harmonize_report(tmp_path):
         )
         == 0
     )
-    _assert_self_contained(page.read_text(encoding="utf-8"))
-    assert pd.read_csv(out).shape == data.shape
+    html = page.read_text(encoding="utf-8")
+    _assert_self_contained(html)
+    written = pd.read_csv(out)
+    assert written.shape == data.shape
+    # the harmonized values and the report are those of the same model fitted in Python
+    rows = data.drop(columns=["subject", "diagnosis"])
+    combat = CombatHarmonizer("site", ["sex"], ["age"]).fit(rows)
+    features = list(combat.get_feature_names_out())
+    np.testing.assert_allclose(written[features], combat.transform(rows), rtol=1e-10)
+    metrics = harmonization_report(combat, rows).metrics
+    for key in ("site_r2_median_before", "site_r2_median_after", "site_accuracy_linear_after"):
+        assert f"{metrics[key]:.3f}" in html, key

@@ -38,16 +38,34 @@ class ColumnRoles:
     categorical: tuple = ()
     continuous: tuple = ()
     smooth: tuple = ()
+    subject: object = None  # longitudinal ComBat: the subject column (or name of subjects=)
 
     @classmethod
     def from_params(
-        cls, batch_col=None, categorical_cols=None, continuous_cols=None, smooth_cols=None
+        cls,
+        batch_col=None,
+        categorical_cols=None,
+        continuous_cols=None,
+        smooth_cols=None,
+        subject_col=None,
     ):
         """Checked roles from the estimator parameters of the same names."""
         categorical, continuous, smooth = covariate_columns(
             batch_col, categorical_cols, continuous_cols, smooth_cols=smooth_cols or []
         )
-        return cls(batch_col, tuple(categorical), tuple(continuous), tuple(smooth))
+        if subject_col is not None:
+            if subject_col == batch_col:
+                raise ValueError(
+                    f"subject_col={subject_col!r} is also batch_col: the subject and site "
+                    "columns must differ"
+                )
+            if subject_col in [*categorical, *continuous, *smooth]:
+                raise ValueError(
+                    f"subject_col={subject_col!r} is also listed as a covariate; the subject "
+                    "enters the model as a random effect only, so remove it from "
+                    "categorical_cols/continuous_cols/smooth_cols"
+                )
+        return cls(batch_col, tuple(categorical), tuple(continuous), tuple(smooth), subject_col)
 
     @classmethod
     def of(cls, estimator):
@@ -57,6 +75,7 @@ class ColumnRoles:
             estimator.categorical_cols,
             estimator.continuous_cols,
             getattr(estimator, "smooth_cols", None),
+            getattr(estimator, "subject_col", None),
         )
 
     @classmethod
@@ -67,6 +86,7 @@ class ColumnRoles:
             list(info.get("categorical_cols") or []),
             list(info.get("continuous_cols") or []),
             list(info.get("smooth_cols") or []),
+            info.get("subject_col"),
         )
 
     @property
@@ -82,11 +102,18 @@ class ColumnRoles:
     @property
     def metadata(self):
         """Columns of X that are not features in the columns route (none without batch_col)."""
-        return [] if self.batch_col is None else [self.batch_col, *self.covariates]
+        if self.batch_col is None:
+            return []
+        return [self.batch_col, *self.covariates, *self.subject_columns]
+
+    @property
+    def subject_columns(self):
+        """``[subject]`` in longitudinal ComBat, else ``[]``."""
+        return [] if self.subject is None else [self.subject]
 
     def features(self, columns):
         """The feature columns among ``columns`` (all of them without ``batch_col``)."""
-        return feature_columns_of(columns, self.batch_col, self.covariates)
+        return feature_columns_of(columns, self.batch_col, self.covariates + self.subject_columns)
 
 
 def read_metadata(batch, covariates, n_rows, roles, *, route=None):
@@ -142,6 +169,7 @@ class Rows:
     features: np.ndarray  # (n_samples, n_features) float32 or float64
     sites: np.ndarray  # (n_samples,) labels
     covariates: pd.DataFrame  # (n_samples, n_covariate_columns), positional index
+    subjects: object = None  # (n_samples,) subject labels (longitudinal ComBat), unchecked
 
 
 def metadata_columns(batch_col, covariate_cols):
@@ -163,7 +191,7 @@ def feature_columns_of(columns, batch_col, covariate_cols):
     return [c for c in columns if c not in meta]
 
 
-def read_rows(X, batch, covariates, roles, *, from_columns):
+def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
     """Split the input of one in-memory call into features, sites and covariates, validated.
 
     Parameters
@@ -173,11 +201,24 @@ def read_rows(X, batch, covariates, roles, *, from_columns):
     roles : ColumnRoles
     from_columns : bool
         Read sites and covariates from the columns of X (``roles.batch_col``).
+    subjects : array-like, optional
+        Keyword-route subject labels (longitudinal ComBat, ``roles.subject`` set).
     """
     batch_col = roles.batch_col
+    if subjects is not None and roles.subject is None:
+        raise ValueError(
+            "subjects= was given but subject_col is None; set subject_col (for example "
+            "subject_col='subject') to fit longitudinal ComBat with a random effect per subject"
+        )
     if from_columns:
-        if batch is not None or covariates is not None:
-            given = "batch" if batch is not None else "covariates"
+        if batch is not None or covariates is not None or subjects is not None:
+            given = (
+                "batch"
+                if batch is not None
+                else "covariates"
+                if covariates is not None
+                else "subjects"
+            )
             raise ValueError(
                 f"{given}= was given as a keyword while batch_col={batch_col!r} says "
                 "sites and covariates are columns of X; give them one way: drop the "
@@ -190,22 +231,32 @@ def read_rows(X, batch, covariates, roles, *, from_columns):
                 "an array, call its set_output(transform='pandas'); or pass the sites "
                 "with batch= and batch_col=None"
             )
-        missing = [c for c in [batch_col, *roles.covariates] if c not in X.columns]
+        missing = [
+            c for c in [batch_col, *roles.covariates, *roles.subject_columns] if c not in X.columns
+        ]
         if missing:
             raise ValueError(missing_columns_message(missing, X.columns))
         features = X[roles.features(X.columns)]
         batch, covariates = X[batch_col], X[roles.covariates]
+        if roles.subject is not None:
+            subjects = X[roles.subject]
     else:
         if batch is None:
             raise ValueError(
                 "CombatHarmonizer needs the site of each row: set batch_col to the site "
                 "column of a DataFrame X, or pass batch="
             )
-        check_same_index(X=X, batch=batch, covariates=covariates)
+        if roles.subject is not None and subjects is None:
+            raise ValueError(
+                f"subject_col={roles.subject!r} (longitudinal ComBat) needs the subject of "
+                "each row: pass subjects= beside batch= (or give X the subject column with "
+                "batch_col set)"
+            )
+        check_same_index(X=X, batch=batch, covariates=covariates, subjects=subjects)
         features = X
     features = feature_array(features)
     sites, cov_frame = read_metadata(batch, covariates, features.shape[0], roles)
-    return Rows(features, sites, cov_frame)
+    return Rows(features, sites, cov_frame, subjects)
 
 
 def check_same_index(**objects):
@@ -400,25 +451,32 @@ def check_not_bool(X):
 
 def site_labels(sites, n_samples, *, where=""):
     """One site label per row, as a numpy array (categoricals as their categories' dtype)."""
-    if isinstance(sites, pd.DataFrame) or np.ndim(sites) != 1:
+    return row_labels(sites, n_samples, kind="site", argument="batch", where=where)
+
+
+def row_labels(values, n_samples, *, kind, argument, where=""):
+    """One ``kind`` label per row (sites, subjects), as a numpy array, checked: 1-D, one per
+    row, none missing; categoricals as their categories' dtype. Errors name ``argument``."""
+    if isinstance(values, pd.DataFrame) or np.ndim(values) != 1:
         raise ValueError(
-            f"batch must be a 1-D sequence of site labels, one per row of X{where}; "
-            f"got shape {np.shape(sites)}"
+            f"{argument} must be a 1-D sequence of {kind} labels, one per row of X{where}; "
+            f"got shape {np.shape(values)}"
         )
-    sites = sites if isinstance(sites, pd.Series) else pd.Series(sites)
-    if len(sites) != n_samples:
+    values = values if isinstance(values, pd.Series) else pd.Series(values)
+    if len(values) != n_samples:
         raise ValueError(
-            f"batch has {len(sites)} site labels for {n_samples} rows of X{where}; give "
-            "one site label per row"
+            f"{argument} has {len(values)} {kind} labels for {n_samples} rows of X{where}; "
+            f"give one {kind} label per row"
         )
-    missing = pd.isna(sites).to_numpy()
+    missing = pd.isna(values).to_numpy()
     if missing.any():
         raise ValueError(
-            f"site labels are missing (NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
+            f"{kind} labels{'' if argument == 'batch' else f' ({argument})'} are missing "
+            f"(NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
         )
-    if isinstance(sites.dtype, pd.CategoricalDtype):
-        sites = sites.astype(sites.cat.categories.dtype)
-    return sites.to_numpy()
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(values.cat.categories.dtype)
+    return values.to_numpy()
 
 
 def covariate_frame(frame, n_samples, continuous, *, where=""):

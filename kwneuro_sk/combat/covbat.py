@@ -211,7 +211,11 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
     """
 
     _parameter_constraints: dict = {
-        **CombatHarmonizer._parameter_constraints,
+        **{
+            name: constraint
+            for name, constraint in CombatHarmonizer._parameter_constraints.items()
+            if name not in ("subject_col", "random_slope", "sigma_method")
+        },
         "percent_var": [Interval(Real, 0, 1, closed="neither")],
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
         "std_var": ["boolean"],
@@ -237,21 +241,11 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         std_var=True,
         n_jobs=None,
     ):
-        super().__init__(
-            batch_col=batch_col,
-            categorical_cols=categorical_cols,
-            continuous_cols=continuous_cols,
-            eb=eb,
-            parametric=parametric,
-            mean_only=mean_only,
-            ref_batch=ref_batch,
-            unseen_batch=unseen_batch,
-            smooth_cols=smooth_cols,
-            smooth_knots=smooth_knots,
-            smooth_degree=smooth_degree,
-            smooth_extrapolation=smooth_extrapolation,
-            n_jobs=n_jobs,
-        )
+        # Every parameter is set here, none by CombatHarmonizer.__init__, whose longitudinal
+        # options (subject_col, ...) CovBat does not have.
+        for name, value in locals().items():
+            if name not in ("self", "__class__", "percent_var", "n_components", "std_var"):
+                setattr(self, name, value)
         self.percent_var = percent_var
         self.n_components = n_components
         self.std_var = std_var

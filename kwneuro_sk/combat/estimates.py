@@ -419,6 +419,8 @@ class CombatEstimates:
 
         if "volumes" in info:
             _check_volumes(info["volumes"], sizes["features"], fail)
+        if info.get("subject_col") is not None:
+            _check_longitudinal(self.estimates, info, sizes, fail)
         return self
 
     def to_neurocombat(self):
@@ -707,3 +709,40 @@ def _check_volumes(volumes, n_features, fail):
         hash(volumes["batch_col"])
     except TypeError:
         fail("info['volumes']['batch_col']", "must be a column name")
+
+
+def _check_longitudinal(estimates, info, sizes, fail):
+    """The fitted state of longitudinal ComBat (subject_col set): subjects, random effects."""
+    if info.get("sigma_method") not in ("reml", "msr"):
+        fail("info['sigma_method']", f"must be 'reml' or 'msr'; got {info.get('sigma_method')!r}")
+    if info.get("random_slope") is not None and info["random_slope"] not in info["continuous_cols"]:
+        fail("info['random_slope']", "must be one of info['continuous_cols']")
+    if info.get("ref_batch") is not None:
+        fail("info['ref_batch']", "must be None with subject_col")
+    subjects = _array_field(info.get("subjects"), "info['subjects']", fail)
+    if subjects.ndim != 1 or subjects.size < 1 or subjects.dtype.kind not in "biufUSO":
+        fail("info['subjects']", "must list the subjects seen in fit")
+    if len(pd.unique(pd.Series(subjects, dtype=object))) != subjects.size:
+        fail("info['subjects']", "has repeated subject labels")
+    q = 1 if info.get("random_slope") is None else 2
+    expected = {
+        "random_effects": ((subjects.size, q, sizes["features"]), "f"),
+        "random_effects_cov": ((q, q, sizes["features"]), "f"),
+        "batch_effects": ((sizes["batches"], sizes["features"]), "f"),
+        "singular_fit": ((sizes["features"],), "b"),
+    }
+    for key, (shape, kind) in expected.items():
+        if key not in estimates:
+            fail(f"estimates[{key!r}]", "is missing (subject_col is set)")
+        value = _array_field(estimates[key], f"estimates[{key!r}]", fail)
+        if value.shape != shape or value.dtype.kind != kind:
+            fail(
+                f"estimates[{key!r}]",
+                f"must be {kind} of shape {shape}; got {value.dtype} {value.shape}",
+            )
+        if kind == "f" and not np.isfinite(value).all():
+            fail(f"estimates[{key!r}]", "has NaN or infinite values")
+    cov = np.asarray(estimates["random_effects_cov"], dtype=np.float64)
+    diagonal = cov[np.arange(q), np.arange(q)]
+    if (diagonal < 0).any():
+        fail("estimates['random_effects_cov']", "has negative variances")

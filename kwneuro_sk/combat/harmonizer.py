@@ -24,8 +24,14 @@ from sklearn.utils.validation import (
 )
 
 from kwneuro_sk._params import N_JOBS
-from kwneuro_sk.combat import _dask, model, statistics
-from kwneuro_sk.combat._covariates import CovariateEncoding, format_labels, raw_design
+from kwneuro_sk.combat import _dask, longitudinal, model, statistics
+from kwneuro_sk.combat._covariates import (
+    CovariateEncoding,
+    fixed_knots,
+    format_labels,
+    quantile_knots,
+    raw_design,
+)
 from kwneuro_sk.combat._inputs import (
     ColumnRoles,
     Rows,
@@ -33,10 +39,10 @@ from kwneuro_sk.combat._inputs import (
     check_not_bool,
     check_same_columns,
     feature_columns,
-    read_metadata,
     read_rows,
 )
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
+from kwneuro_sk.combat.statistics import SiteStatistics
 from kwneuro_sk.combat.summary import SiteSummary
 
 
@@ -88,16 +94,35 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         (scikit-learn's :class:`~sklearn.preprocessing.SplineTransformer`) with knots at
         quantiles of its training values; the basis columns enter the design like any other
         covariate. Use it for age in lifespan cohorts whose sites cover different age ranges.
-    smooth_knots : int, default=5
+    smooth_knots : int, array-like of float or dict, default=5
         Number of knots of each smooth covariate, boundary knots (training minimum and maximum)
-        included; the basis has ``smooth_knots + smooth_degree - 2`` columns. More knots allow
-        more wiggly curves.
+        included, placed at quantiles of the training values; or the knot positions
+        themselves (increasing): one sequence for every smooth column, or a dict mapping each
+        smooth column to its sequence. The basis has ``n_knots + smooth_degree - 2`` columns.
+        More knots allow more wiggly curves. Fixed positions are what :meth:`partial_fit` and
+        federated fits need (quantiles of all the rows are unknown to a chunk or a site);
+        :meth:`fit` with the same positions gives the same model.
     smooth_degree : int, default=3
         Polynomial degree of the B-splines (3: cubic).
     smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
         Values of new rows outside the training range of a smooth covariate: ``"linear"``
         continues the fitted curve along its slope at the boundary, ``"constant"`` holds it at
         its boundary value, ``"error"`` raises a ValueError naming the column.
+    subject_col : hashable, default=None
+        Longitudinal ComBat (Beer et al. 2020): the subject column of ``X`` (columns route),
+        or with ``batch_col=None`` the name under which subjects come as ``subjects=``. The
+        covariate model becomes a linear mixed model with a random intercept per subject,
+        fitted by REML for every feature (lme4's ``y ~ covariates + site + (1 | subject)``);
+        the site effects, standardization and empirical Bayes follow the authors'
+        ``longCombat`` R code. See :ref:`longitudinal`. Not with ``ref_batch``.
+    random_slope : hashable, default=None
+        With ``subject_col``: a continuous covariate (one of ``continuous_cols``, e.g. time
+        since baseline) that also gets a random slope per subject (lme4's
+        ``(1 + time | subject)``).
+    sigma_method : {"reml", "msr"}, default="reml"
+        With ``subject_col``: the scale that standardizes each feature, longCombat's
+        ``method``: the REML residual standard deviation, or the root mean squared
+        conditional residual.
     n_jobs : int, default=None
         Threads for the blocks of features in fit, transform and inverse_transform.
         ``None`` means 1 unless in a :func:`joblib.parallel_config` context; ``-1`` means
@@ -184,9 +209,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "ref_batch": "no_validation",
         "unseen_batch": [StrOptions({"error", "adapt"})],
         "smooth_cols": [str, "array-like", None],
-        "smooth_knots": [Interval(Integral, 2, None, closed="left")],
+        "smooth_knots": [Interval(Integral, 2, None, closed="left"), "array-like", dict],
         "smooth_degree": [Interval(Integral, 1, None, closed="left")],
         "smooth_extrapolation": [StrOptions({"linear", "constant", "error"})],
+        "subject_col": [Hashable, None],
+        "random_slope": [Hashable, None],
+        "sigma_method": [StrOptions({"reml", "msr"})],
         "n_jobs": N_JOBS,
     }
 
@@ -205,6 +233,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         smooth_knots=5,
         smooth_degree=3,
         smooth_extrapolation="linear",
+        subject_col=None,
+        random_slope=None,
+        sigma_method="reml",
         n_jobs=None,
     ):
         self.batch_col = batch_col
@@ -219,6 +250,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.smooth_knots = smooth_knots
         self.smooth_degree = smooth_degree
         self.smooth_extrapolation = smooth_extrapolation
+        self.subject_col = subject_col
+        self.random_slope = random_slope
+        self.sigma_method = sigma_method
         self.n_jobs = n_jobs
 
     # ---------------------------------------------------------------------------------------
@@ -226,7 +260,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # ---------------------------------------------------------------------------------------
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None, *, batch=None, covariates=None):
+    def fit(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Estimate site, covariate and EB parameters from training rows.
 
         Parameters
@@ -244,23 +278,27 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             Site of each row, when ``batch_col`` is None.
         covariates : DataFrame of shape (n_samples, n_covariates), default=None
             Holds the ``categorical_cols``/``continuous_cols``, when ``batch_col`` is None.
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row, when ``batch_col`` is None and ``subject_col`` is set
+            (longitudinal ComBat).
 
         Returns
         -------
         self : CombatHarmonizer
         """
         if _dask.is_dask(X):  # a tree reduction of sufficient statistics
+            self._refuse_longitudinal("dask input")
             return _dask.fit(self, X, batch, covariates)
-        self._fit(self._read_rows(X, batch, covariates, reset=True))
+        self._fit(self._read_rows(X, batch, covariates, reset=True, subjects=subjects))
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_transform(self, X, y=None, *, batch=None, covariates=None):
+    def fit_transform(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``).
 
         Parameters
         ----------
-        X, y, batch, covariates
+        X, y, batch, covariates, subjects
             As in :meth:`fit`.
 
         Returns
@@ -268,9 +306,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         X_harmonized : ndarray of shape (n_samples, n_features_out)
         """
         if _dask.is_dask(X):
+            self._refuse_longitudinal("dask input")
             _dask.fit(self, X, batch, covariates)
             return _dask.transform(self, X, batch, covariates)
-        rows = self._read_rows(X, batch, covariates, reset=True)
+        rows = self._read_rows(X, batch, covariates, reset=True, subjects=subjects)
         self._fit(rows)
         return self._transform(rows)
 
@@ -289,8 +328,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
         :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
 
-        Every option of :meth:`fit` is supported except ``smooth_cols`` (its knots are
-        quantiles of all the rows, unknown until the last chunk): a ValueError says so.
+        Every option of :meth:`fit` is supported; ``smooth_cols`` needs ``smooth_knots`` as
+        knot positions (the default quantile knots of all the rows are unknown until the last
+        chunk: a ValueError says so), and then equals :meth:`fit` with the same knots.
 
         Parameters
         ----------
@@ -470,30 +510,23 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                         f"{_preview_value(summary.features[key])} vs "
                         f"{_preview_value(first[key])}"
                     )
-        merged = statistics.merge_all(s.statistics for s in summaries)
-        try:
-            merged = merged.aligned(sorted(merged.sites), merged.columns)
-        except TypeError as exc:
-            raise TypeError(
-                "site labels must be of one sortable type (all strings or all numbers); got "
-                f"{format_labels(merged.sites)}"
-            ) from exc
-        self.n_features_in_ = int(first["n_features_in"])
-        if first["feature_names_in"] is not None:
-            self.feature_names_in_ = np.asarray(first["feature_names_in"], dtype=object)
-        elif "feature_names_in_" in self.__dict__:
-            del self.feature_names_in_
-        self._columns_in = None if first["columns_in"] is None else list(first["columns_in"])
-        names = first["feature_names"]
-        self._feature_names_out = None if names is None else np.asarray(names, dtype=object)
-        self._partial_statistics = None
-        return self._fit_statistics(merged)
+        return self.fit_from_statistics(
+            statistics.merge_all(s.statistics for s in summaries),
+            n_features_in=first["n_features_in"],
+            feature_names_in=first["feature_names_in"],
+            feature_names_out=first["feature_names"],
+            columns_in=first["columns_in"],
+        )
 
-    def transform(self, X, *, batch=None, covariates=None):
+    def transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Harmonize rows with the fitted estimates and the rows' own covariates.
 
         Each row's result depends only on that row (and, for sites unseen in fit with
-        ``unseen_batch="adapt"``, on the other rows of its site in this call).
+        ``unseen_batch="adapt"``, on the other rows of its site in this call). With
+        ``subject_col`` (longitudinal ComBat), rows of subjects seen in fit use their fitted
+        random effects; the random effects of subjects new to the model are predicted from
+        their own rows in this call (best linear unbiased prediction with the fitted variance
+        components), so a new subject's result depends on its rows only.
 
         Parameters
         ----------
@@ -507,6 +540,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             by position; a ValueError names the first differing row label).
         covariates : DataFrame, default=None
             Covariate columns, when ``batch_col`` is None.
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row, when ``batch_col`` is None and ``subject_col`` is set.
 
         Returns
         -------
@@ -517,10 +552,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
+            self._refuse_longitudinal("dask input")
             return _dask.transform(self, X, batch, covariates)
-        return self._transform(self._read_rows(X, batch, covariates, reset=False))
+        return self._transform(
+            self._read_rows(X, batch, covariates, reset=False, subjects=subjects)
+        )
 
-    def inverse_transform(self, X, *, batch=None, covariates=None):
+    def inverse_transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Map harmonized features back to each row's site scale.
 
         Parameters
@@ -533,6 +571,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             Site of each row (required unless the site column is in ``X``).
         covariates : DataFrame, default=None
             Covariate columns (required unless they are in ``X``).
+        subjects : array-like of shape (n_samples,), default=None
+            Subject of each row (longitudinal ComBat, unless the subject column is in ``X``);
+            only subjects seen in fit (the random effects of new subjects were predicted from
+            their unharmonized rows).
 
         Returns
         -------
@@ -551,7 +593,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 else list(X.columns)
             )
             check_harmonized_order(given, self._feature_names_out)
-        rows = self._split(X, batch, covariates, from_columns=from_columns)
+        rows = self._split(X, batch, covariates, from_columns=from_columns, subjects=subjects)
         n_out = len(self.grand_mean_)
         if rows.features.shape[1] != n_out:
             raise ValueError(
@@ -565,9 +607,14 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "inverse_transform needs sites seen in fit; unseen: "
                 f"{format_labels(pd.unique(rows.sites[idx < 0]))}"
             )
-        return model.adjust(
-            rows.features,
-            self._covariates.transform(rows.covariates),
+        offset = None
+        if self._longitudinal():
+            offset = self._random_effect_rows(rows, idx, inverse=True)
+        Z = self._covariates.transform(rows.covariates)
+        features = rows.features if offset is None else rows.features - offset
+        result = model.adjust(
+            features,
+            Z,
             idx,
             self._standardization(),
             self.gamma_star_,
@@ -576,6 +623,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             inverse=True,
             n_jobs=self._threads(),
         )
+        return result if offset is None else self._add_offset(result, offset, rows.features)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the harmonized feature columns (site and covariate columns excluded).
@@ -653,6 +701,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 smooth_degree=int(info["smooth_degree"]),
                 smooth_extrapolation=info["smooth_extrapolation"],
             )
+        if info.get("subject_col") is not None:  # longitudinal ComBat
+            combat.set_params(
+                subject_col=info["subject_col"],
+                random_slope=info["random_slope"],
+                sigma_method=info["sigma_method"],
+            )
+            combat.subjects_ = np.asarray(info["subjects"])
+            for name in _LONGITUDINAL_ARRAYS:
+                setattr(combat, name, np.asarray(estimates.estimates[name[:-1]]))
         for name in FITTED_ARRAYS:
             setattr(combat, name + "_", np.asarray(estimates.estimates[name]))
         sigma = estimates.estimates.get("sigma")  # absent from files of earlier releases
@@ -675,10 +732,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
-    def _fit(self, rows, location_scale=None):
-        """Fit on ``rows``; ``location_scale(batch_idx, n_batches, Z, ref)``, when given,
-        replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
-        accumulated elsewhere: files, dask blocks)."""
+    def _fit(self, rows):
+        """Fit on the rows in memory (fits from statistics: :meth:`fit_from_statistics`)."""
         self._partial_statistics = None  # fit starts afresh; partial_fit accumulates
         self._fit_pending = False
         try:
@@ -718,13 +773,141 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.covariate_names_ = self._covariates.names
         Z = self._covariates.transform(rows.covariates)
         self._check_design(batch_idx, n_batches, Z)
-        if location_scale is None:
-            standardization, mean, ss = model.fit_location_scale(
-                rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
-            )
-        else:
-            standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
+        if self._longitudinal():
+            return self._fit_longitudinal(rows, batch_idx, counts, Z)
+        self._clear_longitudinal()
+        standardization, mean, ss = model.fit_location_scale(
+            rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
+        )
         return self._finish_fit(counts, ref, standardization, mean, ss)
+
+    def _fit_longitudinal(self, rows, batch_idx, counts, Z):
+        """Longitudinal ComBat: REML mixed model of every feature, then longCombat's EB."""
+        n_batches = len(counts)
+        column = self.subject_col
+        labels, codes = longitudinal.subject_codes(rows.subjects, len(batch_idx), column)
+        times = self._slope_values(rows.covariates)
+        longitudinal.check_longitudinal_design(
+            codes, len(labels), 1 if times is None else 2, column
+        )
+        design = model.design_matrix(batch_idx, n_batches, Z)
+        fit = longitudinal.fit_mixed_model(
+            rows.features, design, codes, len(labels), times, sigma_method=self.sigma_method
+        )
+        intercepts = fit.coef[:n_batches]
+        grand_mean = counts @ intercepts / counts.sum()
+        standardization = model.StandardizationModel(
+            grand_mean, fit.coef[n_batches:], fit.sigma**2, fit.zero_variance, sigma=fit.sigma
+        )
+        offset = longitudinal.random_rows(fit.random_effects, codes, times)
+        groups = [np.flatnonzero(batch_idx == k) for k in range(n_batches)]
+        _, mean, ss = model.standardized_moments(rows.features - offset, Z, standardization, groups)
+        self.subjects_ = labels
+        self.random_effects_ = fit.random_effects
+        self.random_effects_cov_ = fit.cov
+        self.batch_effects_ = intercepts - grand_mean
+        self.singular_fit_ = fit.boundary
+        return self._finish_fit(counts, None, standardization, mean, ss)
+
+    def _longitudinal(self):
+        return getattr(self, "subject_col", None) is not None
+
+    def _clear_longitudinal(self):
+        for name in _LONGITUDINAL_STATE:
+            self.__dict__.pop(name, None)
+
+    def _refuse_longitudinal(self, route):
+        if self._longitudinal():
+            raise ValueError(
+                f"subject_col is not supported with {route}: longitudinal ComBat fits each "
+                "subject's random effect from all of that subject's rows at once; give the "
+                "rows in memory (a numpy array or pandas DataFrame)"
+            )
+
+    def _check_longitudinal_options(self):
+        """Options that longitudinal ComBat does not combine with, refused by name."""
+        if not self._longitudinal():
+            if getattr(self, "random_slope", None) is not None:
+                raise ValueError(
+                    f"random_slope={self.random_slope!r} needs subject_col (the subject "
+                    "whose slope varies)"
+                )
+            return
+        if self.ref_batch is not None:
+            raise ValueError(
+                "ref_batch is not supported with subject_col: longitudinal ComBat centres the "
+                "site effects on their size-weighted mean (as longCombat does)"
+            )
+        slope = self.random_slope
+        if slope is not None and slope not in ColumnRoles.of(self).continuous:
+            raise ValueError(
+                f"random_slope={slope!r} must be one of continuous_cols "
+                f"{list(ColumnRoles.of(self).continuous)}: the slope's fixed effect is "
+                "modelled with it (as in lme4's y ~ time + (1 + time | subject))"
+            )
+
+    def _slope_values(self, covariates):
+        if self.random_slope is None:
+            return None
+        return covariates[self.random_slope].to_numpy(dtype=np.float64)
+
+    def _random_effect_rows(self, rows, idx, Z=None, *, inverse=False):
+        """Each row's random-effect offset: fitted for subjects seen in fit, predicted from
+        their rows here for new subjects (refused by ``inverse_transform``)."""
+        column = self.subject_col
+        labels, codes = longitudinal.subject_codes(rows.subjects, len(idx), column)
+        times = self._slope_values(rows.covariates)
+        fitted_codes = pd.Index(self.subjects_).get_indexer(labels)
+        known = fitted_codes >= 0
+        n_features = self.random_effects_.shape[2]
+        offset = np.zeros((len(idx), n_features))
+        seen_rows = known[codes]
+        if seen_rows.any():
+            offset[seen_rows] = longitudinal.random_rows(
+                self.random_effects_,
+                fitted_codes[codes[seen_rows]],
+                None if times is None else times[seen_rows],
+            )
+        if seen_rows.all():
+            return offset
+        new_labels = labels[~known]
+        if inverse:
+            raise ValueError(
+                f"inverse_transform needs subjects seen in fit; new: "
+                f"{format_labels(new_labels[:10])}: their random effects were predicted from "
+                "their unharmonized rows, which are not at hand here"
+            )
+        new_rows = np.flatnonzero(~seen_rows)
+        unseen_site = idx[new_rows] < 0
+        if unseen_site.any():
+            raise ValueError(
+                f"subject(s) {format_labels(pd.unique(labels[codes[new_rows][unseen_site]])[:10])} "
+                "are new and at site(s) not seen in fit: a new subject's random effect is "
+                "predicted from its residuals after the fitted site effect, unknown for a new "
+                "site"
+            )
+        if Z is None:
+            Z = self._covariates.transform(rows.covariates)
+        features = np.asarray(rows.features[new_rows], dtype=np.float64)
+        fixed = self.grand_mean_ + self.batch_effects_[idx[new_rows]] + Z[new_rows] @ self.beta_
+        _, new_codes = np.unique(codes[new_rows], return_inverse=True)
+        predicted = longitudinal.predict_random_effects(
+            features - fixed,
+            new_codes.reshape(-1),
+            int(new_codes.max()) + 1,
+            None if times is None else times[new_rows],
+            self.random_effects_cov_,
+        )
+        offset[new_rows] = longitudinal.random_rows(
+            predicted, new_codes.reshape(-1), None if times is None else times[new_rows]
+        )
+        return offset
+
+    @staticmethod
+    def _add_offset(result, offset, features):
+        """``result + offset`` in the dtype of the input features."""
+        out = np.asarray(result, dtype=np.float64) + offset
+        return out.astype(features.dtype, copy=False)
 
     def _finish_fit(self, counts, ref, standardization, mean, ss):
         """EB estimates and fitted state from the location/scale fit."""
@@ -751,6 +934,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             estimates={
                 **{name: getattr(self, name + "_") for name in FITTED_ARRAYS},
                 "sigma": self._standardization().scale * ~self.zero_variance_features_,
+                **{
+                    name[:-1]: getattr(self, name)
+                    for name in _LONGITUDINAL_ARRAYS
+                    if self._longitudinal()
+                },
             },
             info={
                 "batches": self.batches_,
@@ -767,6 +955,16 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "n_features_in": self.n_features_in_,
                 "feature_names_in": getattr(self, "feature_names_in_", None),
                 "columns_in": self._columns_in,
+                **(
+                    {
+                        "subject_col": self.subject_col,
+                        "random_slope": self.random_slope,
+                        "sigma_method": self.sigma_method,
+                        "subjects": self.subjects_,
+                    }
+                    if self._longitudinal()
+                    else {}
+                ),
             },
         )
         if self.zero_variance_features_.any():
@@ -780,61 +978,157 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         return self
 
-    def fit_from_statistics(
-        self,
-        location_scale,
-        *,
-        n_samples=None,
-        n_features,
-        batch,
-        covariates,
-        feature_names_in=None,
-        feature_names_out=None,
-        columns_in=None,
-        route=None,
-    ):
-        """Fit from per-site statistics of features that are not in memory, with the sites
-        and covariates of every row at hand (the public entry point of streamed
-        :func:`~kwneuro_sk.harmonize_volumes` and of dask input).
+    @available_if(lambda self: self._check_statistics_route("row_statistics"))
+    def row_statistics(self, X, *, batch=None, covariates=None):
+        """Per-site statistics of rows, without fitting: what :meth:`partial_fit`,
+        :meth:`site_summary`, dask input and streamed
+        :func:`~kwneuro_sk.harmonize_volumes` compute for each chunk of rows.
+
+        The estimator is left unchanged. Statistics of disjoint rows merge with
+        :meth:`SiteStatistics.add <kwneuro_sk.combat.statistics.SiteStatistics.add>` (or
+        :func:`~kwneuro_sk.combat.statistics.merge_all`), in any grouping, and
+        :meth:`fit_from_statistics` fits from them: the model of :meth:`fit` on all the rows.
 
         Parameters
         ----------
-        location_scale : callable
-            ``location_scale(batch_idx, n_batches, Z, ref)`` returns what
-            :func:`kwneuro_sk.combat.model.fit_location_scale` returns for the rows, e.g.
-            :func:`kwneuro_sk.combat.statistics.location_scale_from_chunks` over the merged
-            statistics of chunks of rows.
-        n_samples : int, default=None
-            Number of rows (``len(batch)`` by default).
-        n_features : int
-            Number of input columns.
-        batch, covariates
-            Sites and covariates of the rows, checked as in :meth:`fit` (keyword route).
+        X, batch, covariates
+            As in :meth:`fit`. With ``smooth_cols``, ``smooth_knots`` must be knot positions.
+
+        Returns
+        -------
+        statistics : kwneuro_sk.combat.statistics.SiteStatistics
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> from kwneuro_sk.combat.statistics import merge_all
+        >>> rng = np.random.default_rng(0)
+        >>> X, site = rng.normal(size=(40, 3)), np.tile(["a", "b"], 20)
+        >>> combat = CombatHarmonizer()
+        >>> parts = [combat.row_statistics(X[r], batch=site[r]) for r in np.split(np.arange(40), 4)]
+        >>> _ = combat.fit_from_statistics(merge_all(parts), n_features_in=3)
+        >>> whole = CombatHarmonizer().fit(X, batch=site)
+        >>> bool(np.allclose(combat.gamma_star_, whole.gamma_star_, rtol=1e-10))
+        True
+        """
+        if _dask.is_dask(X):
+            X = X.compute()
+        helper = clone(self)
+        helper._validate_params()
+        helper._check_incremental("row_statistics")
+        return helper._statistics_of(helper._read_rows(X, batch, covariates, reset=True))
+
+    def with_fixed_knots(self, covariates):
+        """A copy whose ``smooth_knots`` are the knot positions :meth:`fit` would place on
+        these covariates (quantiles of each smooth column), for fits from statistics.
+
+        With the covariates of all the training rows at hand, :meth:`partial_fit` (and
+        :meth:`row_statistics`) on the copy equals :meth:`fit` on the original. Without
+        ``smooth_cols``, or with knot positions already given, the copy has the same
+        parameters.
+
+        Parameters
+        ----------
+        covariates : DataFrame
+            Holds the ``smooth_cols`` of all the training rows.
+
+        Returns
+        -------
+        combat : CombatHarmonizer
+            Unfitted, with ``smooth_knots`` a dict of knot positions.
+
+        Examples
+        --------
+        >>> import numpy as np, pandas as pd
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> ages = pd.DataFrame({"age": np.arange(20, 70, 2.0)})
+        >>> fixed = CombatHarmonizer(smooth_cols="age", smooth_knots=3).with_fixed_knots(ages)
+        >>> fixed.smooth_knots["age"].tolist()
+        [20.0, 44.0, 68.0]
+        """
+        self._validate_params()
+        smooth = ColumnRoles.of(self).smooth
+        helper = clone(self)
+        if not smooth:
+            return helper
+        if not isinstance(covariates, pd.DataFrame):
+            raise TypeError(
+                f"covariates must be a DataFrame holding smooth_cols {list(smooth)}; got "
+                f"{type(covariates).__name__}"
+            )
+        for col in smooth:
+            if col not in covariates.columns:
+                raise ValueError(
+                    f"smooth covariate {col!r} not found in covariates (columns: "
+                    f"{list(covariates.columns)})"
+                )
+            try:
+                values = covariates[col].to_numpy(dtype=np.float64)
+            except (TypeError, ValueError):
+                values = np.array([np.nan])
+            if not np.isfinite(values).all():
+                raise ValueError(
+                    f"smooth covariate {col!r} must hold finite numbers to place its knots"
+                )
+        return helper.set_params(smooth_knots=quantile_knots(covariates, smooth, self.smooth_knots))
+
+    @available_if(lambda self: self._check_statistics_route("fit_from_statistics"))
+    def fit_from_statistics(
+        self,
+        statistics,
+        *,
+        n_features_in=None,
+        feature_names_in=None,
+        feature_names_out=None,
+        columns_in=None,
+    ):
+        """Fit from merged per-site statistics of all the training rows (the one fit of
+        :meth:`partial_fit`, :meth:`fit_from_summaries`, dask input and streamed
+        :func:`~kwneuro_sk.harmonize_volumes`).
+
+        Parameters
+        ----------
+        statistics : kwneuro_sk.combat.statistics.SiteStatistics
+            From :meth:`row_statistics` of chunks of rows, merged. Made with this
+            estimator's covariate options (the smooth knots they hold are used).
+        n_features_in : int, default=None
+            Number of input columns (the statistics' number of features by default).
         feature_names_in, feature_names_out, columns_in : list, default=None
             Column names, when known.
-        route : str, default=None
-            Named in error messages (``"dask"``, ``"streamed volumes"``).
 
         Returns
         -------
         self : CombatHarmonizer
+            Fitted (see :meth:`row_statistics` for an example).
         """
+        if not isinstance(statistics, SiteStatistics):
+            raise TypeError(
+                "fit_from_statistics takes the SiteStatistics of row_statistics (merged); got "
+                f"{type(statistics).__name__}"
+            )
         self._validate_params()
-        roles = ColumnRoles.of(self)
-        if n_samples is None:
-            n_samples = len(batch)
-        sites, cov_frame = read_metadata(batch, covariates, int(n_samples), roles, route=route)
-        rows = Rows(None, sites, cov_frame)
-        self.n_features_in_ = int(n_features)
+        self._check_incremental("fit_from_statistics", needs_knots=False)
+        if n_features_in is None:
+            n_features_in = statistics.n_features
+        self.n_features_in_ = int(n_features_in)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
-        elif hasattr(self, "feature_names_in_"):
+        elif "feature_names_in_" in self.__dict__:
             del self.feature_names_in_
         self._feature_names_out = (
             None if feature_names_out is None else np.asarray(feature_names_out, dtype=object)
         )
         self._columns_in = None if columns_in is None else list(columns_in)
-        return self._fit(rows, location_scale)
+        self._partial_statistics = None
+        try:
+            merged = statistics.aligned(sorted(statistics.sites), statistics.columns)
+        except TypeError as exc:
+            raise TypeError(
+                "site labels must be of one sortable type (all strings or all numbers); got "
+                f"{format_labels(statistics.sites)}"
+            ) from exc
+        return self._fit_statistics(merged)
 
     # Fitted state computed from the statistics on first use after partial_fit.
     _FITTED_STATE = frozenset(
@@ -866,25 +1160,48 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if name in CombatHarmonizer._FITTED_STATE and state.get("_fit_pending"):
             self._fit_statistics(state["_partial_statistics"])
             return state[name]
+        if name in CombatHarmonizer._STATISTICS_ROUTES:
+            # hidden by available_if: say why (CovBatHarmonizer), not just "no attribute"
+            self._check_statistics_route(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    _STATISTICS_ROUTES = frozenset(
+        {
+            "partial_fit",
+            "row_statistics",
+            "fit_from_statistics",
+            "site_summary",
+            "fit_from_summaries",
+        }
+    )
 
     def _check_statistics_route(self, method):
         """Whether the estimator can be fitted from statistics (``available_if`` check)."""
         return True
 
-    def _check_incremental(self, method):
+    def _check_incremental(self, method, needs_knots=True):
         """Options that statistics of chunks or sites cannot serve, refused by name."""
+        if method in ("site_summary", "fit_from_summaries") and ColumnRoles.of(self).smooth:
+            raise ValueError(
+                f"{method} does not support smooth_cols: site summaries do not carry B-spline "
+                "knots yet; fit on the pooled rows, use partial_fit with smooth_knots as knot "
+                "positions, or model the covariate in continuous_cols"
+            )
         if getattr(self, "subject_col", None) is not None:  # longitudinal ComBat
             raise ValueError(
                 f"{method} does not support subject_col: longitudinal ComBat estimates each "
                 "subject's random effect from all of that subject's rows, which per-site "
                 "statistics do not hold; fit on the pooled rows"
             )
-        if ColumnRoles.of(self).smooth:
+        smooth = ColumnRoles.of(self).smooth
+        if smooth and needs_knots and fixed_knots(self.smooth_knots, smooth) is None:
             raise ValueError(
-                f"{method} does not support smooth_cols: the B-spline knots are quantiles "
-                "of all the training rows, unknown to a chunk or a site; fit on the pooled "
-                "rows, or model the covariate in continuous_cols"
+                f"{method} with smooth_cols needs the B-spline knots fixed in advance: "
+                f"smooth_knots={self.smooth_knots} places them at quantiles of all the "
+                "training rows, unknown to a chunk or a site. Give the knot positions, e.g. "
+                f"smooth_knots={{{smooth[0]!r}: [20, 35, 50, 65, 80]}} (fit with the same "
+                "knots gives the same model), fit on the pooled rows, or model the covariate "
+                "in continuous_cols"
             )
 
     def _feature_description(self):
@@ -899,12 +1216,28 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             "batch_col": self.batch_col,
         }
 
+    def _smooth_settings(self):
+        """Spline settings of each smooth column on fixed knots (for SiteStatistics)."""
+        roles = ColumnRoles.of(self)
+        knots = fixed_knots(self.smooth_knots, roles.smooth) or {}
+        return statistics.plain_smooth(
+            {
+                col: {
+                    "knots": knots[col],
+                    "degree": self.smooth_degree,
+                    "extrapolation": self.smooth_extrapolation,
+                }
+                for col in roles.smooth
+            }
+        )
+
     def _statistics_of(self, rows):
         """Per-site statistics of validated rows (covariates unencoded)."""
         roles = ColumnRoles.of(self)
-        keys, Z = raw_design(rows.covariates, roles.categorical, roles.numeric)
+        smooth = self._smooth_settings()
+        keys, Z = raw_design(rows.covariates, roles.categorical, roles.continuous, smooth)
         try:
-            return statistics.SiteStatistics.of_rows(rows.features, rows.sites, keys, Z)
+            return SiteStatistics.of_rows(rows.features, rows.sites, keys, Z, smooth)
         except TypeError as exc:
             raise TypeError(
                 "site labels must be of one sortable type (all strings or all "
@@ -933,8 +1266,17 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "their variance cannot be estimated; use mean_only=True to adjust only the site "
                 "means, or drop or merge those sites"
             )
-        moments, levels = stats.encoded(roles.categorical, roles.continuous)
-        self._covariates = CovariateEncoding(roles.categorical, roles.continuous, levels)
+        self._check_smooth_settings(stats.smooth, roles.smooth)
+        moments, levels = stats.encoded(roles.categorical, roles.continuous, roles.smooth)
+        self._covariates = CovariateEncoding(
+            roles.categorical,
+            roles.continuous,
+            levels,
+            roles.smooth,
+            [stats.smooth[col]["knots"] for col in roles.smooth],
+            self.smooth_degree,
+            self.smooth_extrapolation,
+        )
         self.covariate_names_ = self._covariates.names
         n_design = n_batches + moments.zbar.shape[1]
         if counts.sum() <= n_design:
@@ -959,9 +1301,38 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         standardization, mean, ss = statistics.fit_from_moments(moments, ref)
         return self._finish_fit(counts, ref, standardization, mean, ss)
 
+    def _check_smooth_settings(self, given, smooth):
+        """The spline settings of statistics agree with this estimator's smooth options."""
+        if list(given) != list(smooth):
+            raise ValueError(
+                f"the statistics were made with smooth covariates {list(given)}; this "
+                f"harmonizer has smooth_cols={list(smooth)}"
+            )
+        fixed = fixed_knots(self.smooth_knots, smooth)
+        for col in smooth:
+            spec = given[col]
+            wanted = {"degree": self.smooth_degree, "extrapolation": self.smooth_extrapolation}
+            if fixed is not None:
+                wanted["knots"] = [float(k) for k in fixed[col]]
+            elif len(spec["knots"]) != self.smooth_knots:
+                wanted["knots"] = f"{self.smooth_knots} knots"
+            for key, value in wanted.items():
+                if spec[key] != value:
+                    raise ValueError(
+                        f"the statistics of smooth covariate {col!r} were made with "
+                        f"{key}={spec[key]!r}; this harmonizer has {value!r}"
+                    )
+
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)
         idx = self._batch_indices(rows.sites)
+        if self._longitudinal():
+            offset = self._random_effect_rows(rows, idx, Z)
+            shifted = Rows(rows.features - offset, rows.sites, rows.covariates)
+            return self._add_offset(self._transform_rows(shifted, Z, idx), offset, rows.features)
+        return self._transform_rows(rows, Z, idx)
+
+    def _transform_rows(self, rows, Z, idx):
         gamma_star, delta_star = self.gamma_star_, self.delta_star_
         unseen = idx < 0
         if unseen.any():
@@ -1021,6 +1392,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _estimate_sites(self, n, mean, ss, usable):
         """EB location/scale estimates of each site (row) from its standardized moments."""
+        if self._longitudinal() and self.eb and self.parametric and not self.mean_only:
+            return [
+                longitudinal.longitudinal_eb(n[k], mean[k], ss[k], usable) for k in range(len(n))
+            ]
         return [
             model.estimate_batch(
                 n[k],
@@ -1086,7 +1461,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             f"{design.shape[0]} rows for {design.shape[1]} columns"
         )
 
-    def _read_rows(self, X, batch, covariates, *, reset):
+    def _read_rows(self, X, batch, covariates, *, reset, subjects=None):
         if isinstance(X, pd.DataFrame):
             # Columns are matched by name, whatever their type: scikit-learn checks string
             # names (feature_names_in_, with its own messages); the labels seen in fit are
@@ -1111,7 +1486,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                     X, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
                 )
             validate_data(self, X, reset=reset, skip_check_array=True)
-        rows = self._split(X, batch, covariates, from_columns=self.batch_col is not None)
+        if reset:
+            self._check_longitudinal_options()
+        rows = self._split(
+            X, batch, covariates, from_columns=self.batch_col is not None, subjects=subjects
+        )
         if reset:
             self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
             self._feature_names_out = (
@@ -1125,10 +1504,30 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return rows
 
     def _metadata_columns(self):
-        return ColumnRoles.of(self).covariates
+        roles = ColumnRoles.of(self)
+        return roles.covariates + roles.subject_columns
 
-    def _split(self, X, batch, covariates, *, from_columns):
-        return read_rows(X, batch, covariates, ColumnRoles.of(self), from_columns=from_columns)
+    def _split(self, X, batch, covariates, *, from_columns, subjects=None):
+        return read_rows(
+            X,
+            batch,
+            covariates,
+            ColumnRoles.of(self),
+            from_columns=from_columns,
+            subjects=subjects,
+        )
+
+
+# Fitted arrays of longitudinal ComBat kept in CombatEstimates.estimates (without the "_").
+_LONGITUDINAL_ARRAYS = ("random_effects_", "random_effects_cov_", "batch_effects_", "singular_fit_")
+# Fitted attributes of longitudinal ComBat only (removed by a fit without subject_col).
+_LONGITUDINAL_STATE = (
+    "subjects_",
+    "random_effects_",
+    "random_effects_cov_",
+    "batch_effects_",
+    "singular_fit_",
+)
 
 
 def statistics_plain_list(values):

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import sys
 import threading
 import warnings
-from numbers import Real
+from numbers import Integral, Real
 
 import joblib
+import nibabel as nib
 import nilearn
 import numpy as np
+import pandas as pd
 from nibabel.spatialimages import SpatialImage
+from nilearn.image import high_variance_confounds as _nilearn_hv_confounds
+from nilearn.image import mean_img
 from nilearn.signal import clean
+from nilearn.signal import high_variance_confounds as _hv_confounds_of_series
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import (
     HasMethods,
@@ -28,6 +34,7 @@ from kwneuro_sk import images as _images
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
+from kwneuro_sk.maskers.report import masker_report
 from kwneuro_sk.maskers.runs import (
     check_confounds_length,
     per_run,
@@ -38,6 +45,16 @@ from kwneuro_sk.maskers.runs import (
 # "Do not standardize" in nilearn.signal.clean: None since nilearn 0.13 (False deprecated there),
 # only False before.
 _NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
+
+# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set.
+_HV_OPTIONS = tuple(
+    name
+    for name in inspect.signature(_nilearn_hv_confounds).parameters
+    if name not in ("imgs", "mask_img")
+)
+_HV_DEFAULTS = {
+    name: inspect.signature(_nilearn_hv_confounds).parameters[name].default for name in _HV_OPTIONS
+}
 
 
 class LabelsMasker(TransformerMixin, BaseEstimator):
@@ -83,11 +100,15 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         How the voxels of a region are summarized. Variance is the population variance, as in
         nilearn (``scipy.ndimage.variance``).
     memory : str, os.PathLike or joblib.Memory, default=None
-        Cache of per-image results, for images given as paths. The key holds a hash of the
-        file's content (the bytes read anyway: each file is still read once), the parameters
-        and the fitted atlas, so a file rewritten in place (even with the same size and time
-        stamp) or a re-pointed symlink is recomputed, and a renamed or copied file is found.
-        ``None`` disables caching.
+        Cache of per-image results (3D images and 4D runs), for images given as paths. The key
+        holds a hash of the file's content (the compressed bytes, read anyway: no
+        decompression is needed to find a cached result, and each file is still read once),
+        the spatial parameters and the fitted atlas, so a file rewritten in place (even with
+        the same size and time stamp) or a re-pointed symlink is recomputed, and a renamed or
+        copied file is found. For 4D runs the cache holds the region time series before
+        cleaning (and the high-variance confounds when asked for); cleaning, confounds, sample
+        masks and ``dtype`` are applied after it on every call, so changing them never reads
+        a run again. ``None`` disables caching.
     n_jobs : int, default=None
         Number of images processed at the same time. Every image goes through
         :class:`joblib.Parallel` (threads by default: reading and reducing release the GIL), so
@@ -112,7 +133,36 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         Repetition time in seconds (sampling period of the volumes).
     clean_args : dict, default=None
         Further keyword arguments of :func:`nilearn.signal.clean` (e.g. ``{"filter":
-        "cosine"}``, ``butterworth__`` options).
+        "cosine"}``, ``butterworth__`` options). ``sample_mask`` and ``confounds`` belong to
+        one run each and are refused here (give them to :meth:`transform_imgs`). The older
+        nilearn spelling ``LabelsMasker(..., clean__filter="cosine")`` is accepted too and
+        means ``clean_args={"filter": "cosine"}`` (with a FutureWarning).
+    high_variance_confounds : bool or dict, default=False
+        nilearn's meaning: with True, the confounds of
+        :func:`nilearn.image.high_variance_confounds` with its defaults (5 components from
+        the 2% of voxels of highest variance of the whole image, after detrending) are
+        computed from each run and regressed out with its other confounds. A dict sets that
+        function's options by their nilearn names, ``n_confounds``, ``percentile`` and
+        ``detrend`` (e.g. ``{"n_confounds": 10, "percentile": 5.0}``). They are computed from
+        the voxels already read for extraction (each run is still read once).
+    dtype : dtype-like, "auto" or None, default=None
+        nilearn's meaning: data type of the returned signals. ``None`` keeps float64;
+        ``"auto"`` gives int32 for images of an integer type and float32 otherwise (an image
+        whose header scales its values counts as float); a type casts to it. ``bool`` is
+        refused.
+    memory_level : int, default=1
+        nilearn's meaning: 0 disables the ``memory`` cache, 1 or more caches each image's
+        region signals (the one level of caching this masker has).
+    reports : bool, default=True
+        Keep what :meth:`generate_report` needs: with True, :meth:`fit` remembers the first
+        image it was given (its mean over time is the background of the report's figure;
+        it is read only when the report is made, never in :meth:`fit`).
+    cmap : str or matplotlib colormap, default="CMRmap_r"
+        Colormap of the report's background image.
+    lut : pandas.DataFrame, str or os.PathLike, default=None
+        nilearn's look-up table: a table (or TSV file) with columns ``index`` (label value)
+        and ``name``. The same as passing it as ``labels``; give one of ``labels`` and
+        ``lut``, not both.
 
         The signal-cleaning parameters (``standardize`` to ``clean_args``) have nilearn's
         meaning and defaults. They apply along the time axis of 4D images, in
@@ -135,9 +185,13 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     labels_ : list
         The background label followed by the label value of every output column.
     labels_img_ : nibabel.Nifti1Image
-        In-memory copy of the atlas.
+        In-memory copy of the atlas, on its own grid (nilearn resamples it to the images given
+        to ``fit``; here it is resampled per image grid when images are read).
     mask_img_ : nibabel.Nifti1Image or None
         In-memory copy of the mask, on its own grid.
+    clean_args_ : dict
+        The checked ``clean_args`` (``clean__`` keywords included) passed to
+        :func:`nilearn.signal.clean`.
 
     See Also
     --------
@@ -180,6 +234,12 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         "high_pass": [Interval(Real, 0, None, closed="neither"), None],
         "t_r": [Interval(Real, 0, None, closed="neither"), None],
         "clean_args": [dict, None],
+        "high_variance_confounds": ["boolean", dict],
+        "dtype": "no_validation",  # checked in fit: a NumPy dtype, "auto" or None
+        "memory_level": [Interval(Integral, 0, None, closed="left")],
+        "reports": ["boolean"],
+        "cmap": "no_validation",  # any matplotlib colormap or its name
+        "lut": [pd.DataFrame, str, os.PathLike, None],
     }
 
     def __init__(
@@ -202,7 +262,15 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         high_pass=None,
         t_r=None,
         clean_args=None,
+        high_variance_confounds=False,
+        dtype=None,
+        memory_level=1,
+        reports=True,
+        cmap="CMRmap_r",
+        lut=None,
+        **kwargs,
     ):
+        clean_args = _merge_clean_keywords(clean_args, kwargs)
         self.labels_img = labels_img
         self.labels = labels
         self.background_label = background_label
@@ -220,28 +288,72 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self.high_pass = high_pass
         self.t_r = t_r
         self.clean_args = clean_args
+        self.high_variance_confounds = high_variance_confounds
+        self.dtype = dtype
+        self.memory_level = memory_level
+        self.reports = reports
+        self.cmap = cmap
+        self.lut = lut
 
-    # ------------------------------------------------------------------ fit
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X=None, y=None):
-        """Read the atlas (and mask) and fix the output regions.
-
-        The subject images are not read; ``X`` is only checked to be a collection of images.
+    def set_params(self, **params):
+        """Set parameters; nilearn's older ``clean__<option>`` keywords go into ``clean_args``.
 
         Parameters
         ----------
-        X : list of images, optional
-            Ignored apart from a type check; present for pipeline compatibility.
+        **params : dict
+            Estimator parameters.
+
+        Returns
+        -------
+        self : LabelsMasker
+        """
+        keywords = {key: params.pop(key) for key in list(params) if key.startswith("clean__")}
+        if keywords:
+            if "clean_args" in params:  # both spellings in one call: they must not overlap
+                base = params["clean_args"]
+            else:  # the new values replace the current ones, as set_params does
+                base = {
+                    key: value
+                    for key, value in (self.clean_args or {}).items()
+                    if f"clean__{key}" not in keywords
+                }
+            params["clean_args"] = _merge_clean_keywords(base, keywords)
+        return super().set_params(**params)
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None, *, imgs=None):
+        """Read the atlas (and mask) and fix the output regions.
+
+        The subject images are not read; ``X`` is only checked to be a collection of images
+        (with ``reports=True`` its first image is remembered for :meth:`generate_report`).
+
+        Parameters
+        ----------
+        X : image or list of images, optional
+            3D images or 4D runs; not read.
         y : None
             Ignored.
+        imgs : image or list of images, optional
+            nilearn's name of ``X`` (``masker.fit(imgs=runs)``); give one of them.
 
         Returns
         -------
         self : LabelsMasker
             The fitted masker.
         """
-        if X is not None:
-            _images.as_image_list(X)
+        if imgs is not None:
+            if X is not None:
+                raise ValueError("fit got both X and imgs; they are the same argument.")
+            X = imgs
+        sources = [] if X is None else _images.as_image_list(X)
+        self._check_dtype()
+        self._check_hv_options()
+        if self.labels is not None and self.lut is not None:
+            raise ValueError(
+                "Give either labels or lut (a look-up table), not both: they both name the regions."
+            )
+        self.clean_args_ = self._checked_clean_args()
         atlas_img = _images.load_image(self.labels_img, name="labels_img")
         atlas = np.array(_images.atlas_data(atlas_img, name="labels_img"))
         atlas_grid = _images.grid_of(atlas_img)
@@ -254,19 +366,22 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 f"{format_label(self.background_label)}."
             )
         names = region_names(
-            self.labels,
+            self.labels if self.lut is None else self.lut,
             all_ids,
             has_background=bool(np.any(atlas == self.background_label)),
         )
 
         self.mask_img_, mask_on_atlas = self._load_mask(atlas_grid)
         region_ids = all_ids
+        self._names_by_id = names
+        self._dropped_by_mask = np.empty(0, dtype=all_ids.dtype)
         if mask_on_atlas is not None:
             kept = np.where(mask_on_atlas, atlas, self.background_label)
             region_ids = _region_values(kept, self.background_label)
             if region_ids.size == 0:
                 raise ValueError("No region of labels_img is left inside mask_img.")
             dropped = np.setdiff1d(all_ids, region_ids)
+            self._dropped_by_mask = dropped
             if dropped.size:
                 warnings.warn(
                     f"mask_img removes {dropped.size} regions of labels_img entirely "
@@ -297,7 +412,59 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self._atlas_token = joblib.hash(
             (atlas, atlas_grid[1], mask_data, self.background_label, region_ids)
         )
+        self._report_source = sources[0] if self.reports and sources else None
         return self
+
+    def _check_dtype(self):
+        """``dtype``: None, "auto" or something ``numpy.dtype`` reads as a number type."""
+        if self.dtype is None or (isinstance(self.dtype, str) and self.dtype == "auto"):
+            return
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            raise TypeError(
+                f"dtype must be None, 'auto' or a NumPy number type, got {self.dtype!r}."
+            ) from None
+        if dtype.kind == "b":
+            raise TypeError("dtype cannot be bool: region signals are numbers.")
+        if dtype.kind not in "iuf":
+            raise TypeError(f"dtype must be an integer or float type, got {dtype}.")
+
+    def _target_dtype(self, source_dtype):
+        """nilearn's rule for the output type (None: keep float64)."""
+        if self.dtype is None:
+            return None
+        if isinstance(self.dtype, str) and self.dtype == "auto":
+            return np.dtype(np.int32 if np.dtype(source_dtype).kind == "i" else np.float32)
+        return np.dtype(self.dtype)
+
+    def _check_hv_options(self):
+        """The options of nilearn.image.high_variance_confounds to use, or None when off."""
+        option = self.high_variance_confounds
+        if not isinstance(option, dict):
+            return dict(_HV_DEFAULTS) if option else None
+        unknown = sorted(set(option) - set(_HV_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"high_variance_confounds has unknown option(s) {unknown}; the options of "
+                f"nilearn.image.high_variance_confounds are {list(_HV_OPTIONS)}."
+            )
+        options = {**_HV_DEFAULTS, **option}
+        n_confounds, percentile = options["n_confounds"], options["percentile"]
+        if (
+            isinstance(n_confounds, bool)
+            or not isinstance(n_confounds, Integral)
+            or n_confounds < 1
+        ):
+            raise ValueError(
+                f"high_variance_confounds['n_confounds'] must be a positive integer, got "
+                f"{n_confounds!r}."
+            )
+        if not isinstance(percentile, Real) or not 0 < percentile <= 100:
+            raise ValueError(
+                f"high_variance_confounds['percentile'] must be in (0, 100], got {percentile!r}."
+            )
+        return options
 
     def _load_mask(self, atlas_grid):
         """In-memory mask on its own grid, and the mask as booleans on the atlas grid."""
@@ -331,7 +498,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         Returns
         -------
         signals : ndarray of shape (n_images, n_regions)
-            float64; NaN where a region has no (finite) voxel in an image.
+            float64 (or ``dtype``); NaN where a region has no (finite) voxel in an image.
         """
         check_is_fitted(self)
         cleaning = [name for name, value in self._cleaning_requested().items() if value]
@@ -346,9 +513,13 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if not sources:
             raise ValueError("X contains no images.")
         signals = np.empty((len(sources), self.n_elements_))
+        targets = set()
         results = self._map(sources, allow_4d=False)
-        for row, image_signals in enumerate(results):
+        for row, (image_signals, _, source_dtype) in enumerate(results):
             signals[row] = image_signals[0]
+            targets.add(self._target_dtype(source_dtype))
+        if targets != {None}:
+            signals = signals.astype(np.result_type(*targets))
         return signals
 
     def transform_imgs(
@@ -400,7 +571,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         Returns
         -------
         signals : list of ndarray of shape (n_kept_volumes, n_regions)
-            One array per run.
+            One array per run, float64 (or ``dtype``).
         """
         check_is_fitted(self)
         overrides = {
@@ -435,6 +606,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if cleaning["standardize"] is None:
             cleaning["standardize"] = _NO_STANDARDIZE
         clean_args = self._checked_clean_args()
+        hv_options = self._check_hv_options()
 
         sources = _images.as_image_list(imgs_list, name="imgs_list")
         if not sources:
@@ -447,15 +619,39 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         # Tables are read (and a missing file reported) before any image is opened.
         run_confounds = [read_confounds(conf, run=name) for conf, name in zip(run_confounds, names)]
         outputs = []
-        results = self._map(sources, allow_4d=True, n_jobs=n_jobs)
-        for signals, conf, mask, name in zip(results, run_confounds, run_masks, names):
+        results = self._map(sources, allow_4d=True, n_jobs=n_jobs, hv_options=hv_options)
+        for (signals, hv, source_dtype), conf, mask, name in zip(
+            results, run_confounds, run_masks, names
+        ):
             n_scans = signals.shape[0]
             check_confounds_length(conf, n_scans, run=name)
             mask = read_sample_mask(mask, n_scans, run=name)
-            outputs.append(
-                clean(signals, confounds=conf, sample_mask=mask, **cleaning, **clean_args)
-            )
+            if hv is not None:
+                conf = hv if conf is None else np.hstack([conf, hv])
+            cleaned = clean(signals, confounds=conf, sample_mask=mask, **cleaning, **clean_args)
+            target = self._target_dtype(source_dtype)
+            outputs.append(cleaned if target is None else cleaned.astype(target))
         return outputs
+
+    def transform_single_imgs(self, imgs, confounds=None, sample_mask=None):
+        """Region time series of one 4D run (nilearn's method of the same name).
+
+        Parameters
+        ----------
+        imgs : image
+            One 4D run (path or nibabel image).
+        confounds : array, DataFrame, path or list of those, default=None
+            The run's confounds (see :meth:`transform_imgs`).
+        sample_mask : array, default=None
+            The run's volumes to keep, as indices or a boolean mask.
+
+        Returns
+        -------
+        signals : ndarray of shape (n_kept_volumes, n_regions)
+        """
+        return self.transform_imgs(
+            [imgs], confounds=[confounds], n_jobs=1, sample_mask=[sample_mask]
+        )[0]
 
     def _checked_clean_args(self):
         """``clean_args`` as a dict; per-run inputs and the masker's own options refused."""
@@ -494,7 +690,106 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             "low_pass": self.low_pass is not None,
             "high_pass": self.high_pass is not None,
             "clean_args": bool(self.clean_args),
+            "high_variance_confounds": bool(self.high_variance_confounds),
         }
+
+    def generate_report(self, engine="matplotlib", title=None):
+        """An HTML report of the fitted masker, for a person to read.
+
+        It shows the atlas contours over the mean of the first image given to :meth:`fit`
+        (``reports=True``; the image is read now, not at fit), the mask's contours, and a
+        table of every region: output column, label value, name, size (voxels, mm^3, share
+        of the labelled voxels) and whether it is lost: removed by ``mask_img`` (not an
+        output column) or absent once the atlas is resampled to an image grid met in
+        ``transform`` (a NaN column for those images).
+
+        Parameters
+        ----------
+        engine : {"matplotlib"}, default="matplotlib"
+            Plotting engine (nilearn's parameter; only matplotlib is supported here).
+        title : str, optional
+            Title of the page.
+
+        Returns
+        -------
+        report : kwneuro_sk.maskers.report.MaskerReport
+            A :class:`nilearn.reporting.HTMLReport`: ``report.save_as_html(path)`` writes a
+            self-contained page;
+            ``report.open_in_browser()`` shows it; a notebook displays it inline.
+        """
+        check_is_fitted(self)
+        if engine != "matplotlib":
+            raise ValueError(
+                f"engine={engine!r} is not supported by LabelsMasker.generate_report; use "
+                "'matplotlib'."
+            )
+        notes = []
+        if not self.reports:
+            notes.append(
+                "reports=False at fit: no image was kept, so the atlas is drawn without the "
+                "mean image behind it."
+            )
+        elif self._report_source is None:
+            notes.append(
+                "No image was given to fit: the atlas is drawn alone. Fit with the images "
+                "(masker.fit(imgs)) to see it over their mean."
+            )
+        params = self.get_params(deep=False)
+        summary = {
+            "output columns (regions)": self.n_elements_,
+            "atlas shape": " x ".join(str(n) for n in self.labels_img_.shape),
+            "atlas voxel size (mm)": " x ".join(
+                f"{v:g}" for v in np.sqrt((self.labels_img_.affine[:3, :3] ** 2).sum(axis=0))
+            ),
+            "mask_img": "none" if self.mask_img_ is None else "yes (contours in green)",
+            "image grids met so far": len(self._plans),
+        }
+        return masker_report(
+            title=title or "LabelsMasker report",
+            regions=self._region_table(),
+            labels_img=self.labels_img_,
+            mask_img=self.mask_img_,
+            background=self._report_source,
+            cmap=self.cmap,
+            summary=summary,
+            params={key: _short_repr(value) for key, value in params.items()},
+            notes=notes,
+        )
+
+    def _region_table(self):
+        """One row per atlas region: output column, label value, name, size, status."""
+        atlas_key = _images.grid_key(self._atlas_grid)
+        plan = self._plans[atlas_key]
+        voxel_mm3 = float(abs(np.linalg.det(self._atlas_grid[1][:3, :3])))
+        counts = np.zeros(self.n_elements_, dtype=np.int64)
+        counts[plan.columns] = plan.lengths
+        total = max(int(counts.sum()), 1)
+        other_grids = {
+            key: set(grid_plan.columns.tolist())
+            for key, grid_plan in self._plans.items()
+            if key != atlas_key
+        }
+        rows = []
+        for column, label in enumerate(self._region_ids.tolist()):
+            lost_on = [
+                " x ".join(str(n) for n in key[0])
+                for key, present in other_grids.items()
+                if column not in present
+            ]
+            status = "kept"
+            if lost_on:
+                status = f"lost by resampling to the {', '.join(lost_on)} grid"
+            rows.append((column, label, self._region_names[column], int(counts[column]), status))
+        for label in self._dropped_by_mask.tolist():
+            name = str(self._names_by_id.get(label, format_label(label)))
+            rows.append((None, label, name, 0, "removed by mask_img (not an output column)"))
+        table = pd.DataFrame(
+            rows, columns=["column", "label value", "region name", "voxels", "status"]
+        )
+        table["label value"] = [format_label(v) for v in table["label value"]]
+        table.insert(4, "size (mm^3)", (table["voxels"] * voxel_mm3).round(1))
+        table.insert(5, "relative size (%)", (100 * table["voxels"] / total).round(2))
+        return table
 
     def inverse_transform(self, signals):
         """Paint region values back into the atlas.
@@ -549,8 +844,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------ internals
-    def _map(self, sources, *, allow_4d, n_jobs="masker"):
-        """Yield the (n_vols, n_regions) signals of each source, in order.
+    def _map(self, sources, *, allow_4d, n_jobs="masker", hv_options=None):
+        """Yield ``(signals, hv_confounds, source_dtype)`` of each source, in order: the
+        (n_vols, n_regions) signals, the high-variance confounds (None unless ``hv_options``)
+        and the data type nilearn's ``dtype="auto"`` reads from the image.
 
         Every source goes through :class:`joblib.Parallel`, so that ``n_jobs=None`` follows a
         :func:`joblib.parallel_config` context and its backend. With one job, joblib runs the
@@ -561,7 +858,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         """
         memory = self.memory
         memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
-        if memory.location is None or allow_4d:
+        if memory.location is None or self.memory_level == 0:
             memory = None
         if isinstance(n_jobs, str):
             n_jobs = self.n_jobs
@@ -571,7 +868,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         chunks = np.array_split(np.arange(len(sources)), n_tasks)
         tasks = (
             joblib.delayed(_signals_of_chunk)(
-                self, [sources[i] for i in chunk], int(chunk[0]), allow_4d, memory
+                self, [sources[i] for i in chunk], int(chunk[0]), allow_4d, memory, hv_options
             )
             for chunk in chunks
         )
@@ -582,7 +879,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             done += len(chunk_signals)
             self._report(done, len(sources))
 
-    def _signals(self, source, index, allow_4d, memory):
+    def _signals(self, source, index, allow_4d, memory, hv_options=None):
         """Signals of one image, through the ``memory`` cache for paths when there is one.
 
         The cache is keyed on the file's content, never on its name or time stamps: the
@@ -590,14 +887,14 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         (no second read); other formats are keyed on their decoded voxels and affine.
         """
         if memory is None or not isinstance(source, (str, os.PathLike)):
-            return self._image_signals(source, index, allow_4d)
+            return self._image_signals(source, index, allow_4d, hv_options=hv_options)
         name = f"image {_images.describe(source, index)}"
         if _images.is_nifti_path(source):
             raw = _images.read_file_bytes(source, name=name)
             content = hashlib.blake2b(raw, digest_size=20).hexdigest()
 
             def decode():
-                return _images.image_from_bytes(raw, source, name=name)
+                return _images.image_from_bytes(raw, source, name=name, writable=False)
         else:
             img = _images.load_image(source, name=name)
             data = _images.read_data(img, name=name)
@@ -607,8 +904,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             def decode():
                 return img
 
-        cached = memory.cache(_cached_signals, ignore=["masker", "source", "index", "decode"])
-        return cached(self._cache_key(content), self, source, index, decode)
+        cached = memory.cache(
+            _cached_signals, ignore=["masker", "source", "index", "decode", "allow_4d"]
+        )
+        key = (*self._cache_key(content), allow_4d, hv_options)
+        return cached(key, self, source, index, decode, allow_4d)
 
     def _report(self, done, total):
         if self.verbose and (self.verbose > 1 or done == total or done % max(1, total // 10) == 0):
@@ -653,6 +953,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: object.__getstate__ gives __dict__ itself
         state.pop("_plan_lock", None)  # a lock cannot be pickled; a new one is made on load
+        source = state.get("_report_source")
+        if source is not None and not isinstance(source, (str, os.PathLike)):
+            # an in-memory run travels as its mean image (what the report draws), not whole
+            state["_report_source"] = mean_img(source, copy_header=True)
         return state
 
     def __setstate__(self, state):
@@ -660,12 +964,18 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if hasattr(self, "_plans"):
             self._plan_lock = threading.Lock()
 
-    def _image_signals(self, source, index, allow_4d, img=None):
-        """(n_vols, n_regions) signals of one image: load once, align, smooth, reduce."""
+    def _image_signals(self, source, index, allow_4d, img=None, hv_options=None):
+        """``(signals, hv_confounds, source_dtype)`` of one image: load once, align, smooth,
+        reduce; the high-variance confounds come from the same voxels, before resampling and
+        smoothing (as nilearn computes them from the image given)."""
         name = f"image {_images.describe(source, index)}"
         if img is None:
-            img = _images.load_image(source, name=name)
+            img = _images.load_image(source, name=name, writable=False)
+        source_dtype = _source_dtype(img)
         data = _images.volume_data(img, name=name, allow_4d=allow_4d)
+        hv = None
+        if hv_options is not None:
+            hv = _hv_confounds_of_series(_images.flat_voxels(data).T, **hv_options)
         grid = _images.grid_of(img)
         if _images.same_grid(grid, self._atlas_grid):
             plan = self._plans[_images.grid_key(self._atlas_grid)]
@@ -687,20 +997,69 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if self.smoothing_fwhm is not None:
             data = _smooth_keeping_nan(data, grid[1], self.smoothing_fwhm)
         values = gather(_images.flat_voxels(data), plan)
-        return reduce_regions(values, plan, self.strategy)
+        return reduce_regions(values, plan, self.strategy), hv, source_dtype
 
 
-def _signals_of_chunk(masker, sources, first_index, allow_4d, memory):
+def _signals_of_chunk(masker, sources, first_index, allow_4d, memory, hv_options):
     """Worker task: signals of consecutive images."""
     return [
-        masker._signals(source, first_index + offset, allow_4d, memory)
+        masker._signals(source, first_index + offset, allow_4d, memory, hv_options)
         for offset, source in enumerate(sources)
     ]
 
 
-def _cached_signals(key, masker, source, index, decode):
-    """Cached per-image signals; only ``key`` (content hash, parameters, atlas) is hashed."""
-    return masker._image_signals(source, index, False, img=decode())
+def _cached_signals(key, masker, source, index, decode, allow_4d):
+    """Cached per-image results; only ``key`` (content hash, parameters, atlas, 4D or not,
+    high-variance options) is hashed."""
+    return masker._image_signals(source, index, allow_4d, img=decode(), hv_options=key[-1])
+
+
+def _source_dtype(img):
+    """The data type nilearn reads an image as: float64 when the header scales the values,
+    else the stored type."""
+    proxy = img.dataobj
+    if nib.is_proxy(proxy) and (proxy.slope, proxy.inter) != (1.0, 0.0):
+        return np.dtype(np.float64)
+    return np.dtype(proxy.dtype) if hasattr(proxy, "dtype") else img.get_data_dtype()
+
+
+def _merge_clean_keywords(clean_args, keywords):
+    """The older nilearn spelling ``clean__<option>=value`` folded into ``clean_args``."""
+    if not keywords:
+        return clean_args
+    unknown = [key for key in keywords if not key.startswith("clean__")]
+    if unknown:
+        raise TypeError(
+            f"LabelsMasker got an unexpected keyword argument {unknown[0]!r} (only the "
+            "nilearn spelling clean__<option> of clean_args is accepted as a keyword)."
+        )
+    merged = {} if clean_args is None else dict(clean_args)
+    for key, value in keywords.items():
+        option = key[len("clean__") :]
+        if option in merged:
+            raise ValueError(
+                f"{key} and clean_args[{option!r}] both set {option!r}; give it once, in "
+                "clean_args."
+            )
+        merged[option] = value
+    options = ", ".join(f"{key[len('clean__') :]!r}: ..." for key in keywords)
+    warnings.warn(
+        f"The keyword(s) {sorted(keywords)} are nilearn's older spelling of clean_args; they "
+        f"are read as clean_args={{{options}}}. Pass clean_args instead.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return merged
+
+
+def _is_count(value) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _short_repr(value) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _python_value(value):
