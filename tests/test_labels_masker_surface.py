@@ -279,6 +279,29 @@ def test_cache_of_runs_skips_decompression_and_keeps_cleaning_live(
     assert counter.calls == 4
 
 
+def test_cached_runs_are_not_even_read_again_but_copies_are_found(
+    atlas_img, run_paths, tmp_path, monkeypatch
+):
+    import shutil
+
+    masker = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit()
+    first = masker.transform_imgs(run_paths)
+    reads = []
+    real_read = _images.read_file_bytes
+    monkeypatch.setattr(
+        _images, "read_file_bytes", lambda path, **kw: reads.append(path) or real_read(path, **kw)
+    )
+    counter = _CountingGunzip(monkeypatch)
+    again = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit().transform_imgs(run_paths)
+    assert reads == [] and counter.calls == 0  # the file digest is remembered: no read at all
+    np.testing.assert_array_equal(first[1], again[1])
+    copy = tmp_path / "copy_bold.nii.gz"
+    shutil.copy(run_paths[1], copy)
+    (from_copy,) = masker.transform_imgs([str(copy)])
+    assert reads == [str(copy)] and counter.calls == 0  # read and hashed, not decompressed
+    np.testing.assert_array_equal(from_copy, first[1])
+
+
 def test_cache_of_runs_is_invalidated_by_a_rewritten_file(
     atlas_img, runs, run_paths, tmp_path, monkeypatch
 ):
