@@ -344,7 +344,8 @@ def main_runs(args):
     )
     load = results["nibabel_load"]["seconds"]
     print(
-        f"{'method':<14} {'seconds':>9} {'s/run':>8} {'vs nilearn':>11} {'vs load':>8} {'peak MB':>8}"
+        f"{'method':<14} {'seconds':>9} {'s/run':>8} {'vs nilearn':>11} {'vs load':>8} "
+        f"{'peak MB':>8}"
     )
     for method in RUN_METHODS:
         seconds, peak = results[method]["seconds"], results[method]["peak_mb"]
@@ -353,7 +354,8 @@ def main_runs(args):
             f"{seconds / results['nilearn']['seconds']:11.2f} {seconds / load:8.2f} {peak:8.0f}"
         )
     print(
-        f"\n{'memory=':<18} {'first call s':>12} {'second call s':>14} {'speed-up':>9} {'peak MB':>8}"
+        f"\n{'memory=':<18} {'first call s':>12} {'second call s':>14} {'speed-up':>9} "
+        f"{'peak MB':>8}"
     )
     for method, run in caches.items():
         print(

@@ -107,10 +107,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         call does not even read an unchanged file; any write to a file moves its change time
         (which cannot be set back), so a file rewritten in place (even with the same size and
         a restored modification time) or a re-pointed symlink is recomputed, and a renamed or
-        copied file is hashed again and found. For 4D runs the cache holds the region time series before
-        cleaning (and the high-variance confounds when asked for); cleaning, confounds, sample
-        masks and ``dtype`` are applied after it on every call, so changing them never reads
-        a run again. ``None`` disables caching.
+        copied file is hashed again and found. For 4D runs the cache holds the region time
+        series before cleaning (and the high-variance confounds when asked for); cleaning,
+        confounds, sample masks and ``dtype`` are applied after it on every call, so changing
+        them never reads a run again. ``None`` disables caching.
     n_jobs : int, default=None
         Number of images processed at the same time. Every image goes through
         :class:`joblib.Parallel` (threads by default: reading and reducing release the GIL), so
@@ -194,6 +194,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     clean_args_ : dict
         The checked ``clean_args`` (``clean__`` keywords included) passed to
         :func:`nilearn.signal.clean`.
+    lut_ : pandas.DataFrame
+        nilearn's look-up table of the output: columns ``index`` (label value) and ``name``,
+        the background first, then one row per output column.
+    memory_ : joblib.Memory
+        The cache (``Memory(location=None)`` when ``memory`` is None).
 
     See Also
     --------
@@ -400,6 +405,16 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self.region_ids_.update(enumerate(region_ids.tolist()))
         self.region_names_ = dict(enumerate(self._region_names.tolist()))
         self.labels_ = [_python_value(self.background_label), *region_ids.tolist()]
+        self.lut_ = pd.DataFrame(
+            {
+                "index": self.labels_,
+                "name": ["Background", *self._region_names.tolist()],
+            }
+        )
+        memory = self.memory
+        self.memory_ = check_memory(
+            os.fspath(memory) if isinstance(memory, os.PathLike) else memory
+        )
         self._atlas_grid = atlas_grid
         self._plan_lock = threading.Lock()
         self._plans = {
