@@ -499,28 +499,10 @@ def make_demo_cohort(
         "random_state": random_state,
         "roi_radius": roi_radius,
     }
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"n{n_subjects}_sites{n_sites}_seed{random_state}_{digest}"
-    root = get_data_dir(data_dir) / "demo_cohort"
-    folder = root / name
-
-    if not _is_complete(folder):
-        root.mkdir(parents=True, exist_ok=True)
-        if verbose:
-            print(f"[kwneuro_sk] writing the demo cohort to {folder}")
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        try:
-            _write_cohort(staging, params)
-            if folder.exists():  # incomplete leftover from an older run
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except OSError:
-            if not _is_complete(folder):  # a concurrent run did not finish it either
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    elif verbose:
-        print(f"[kwneuro_sk] using the demo cohort in {folder}")
+    name = f"n{n_subjects}_sites{n_sites}_seed{random_state}"
+    folder = _build_once(
+        get_data_dir(data_dir) / "demo_cohort", name, params, _write_cohort, "demo cohort", verbose
+    )
     return _load_cohort(folder)
 
 
@@ -780,15 +762,46 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.to_filename(path)
 
 
+def _build_once(root: Path, name: str, params: dict, write, what: str, verbose: int) -> Path:
+    """The folder ``root/<name>_<key of params>``, written by ``write(folder, params)`` unless
+    complete. It is built under a temporary name and renamed when complete, so an interrupted
+    run leaves no half-written folder; ``write`` writes ``params.json`` last."""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{name}_{digest}"
+    folder = root / name
+    if not _is_complete(folder):
+        root.mkdir(parents=True, exist_ok=True)
+        if verbose:
+            print(f"[kwneuro_sk] writing the {what} to {folder}")
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            write(staging, params)
+            if folder.exists():  # incomplete leftover from an older run
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except OSError:
+            if not _is_complete(folder):  # a concurrent run did not finish it either
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    elif verbose:
+        print(f"[kwneuro_sk] using the {what} in {folder}")
+    return folder
+
+
 def _is_complete(folder: Path) -> bool:
     manifest = folder / "params.json"
     if not manifest.is_file():
         return False
     try:
-        files = json.loads(manifest.read_text())["files"]
+        manifest = json.loads(manifest.read_text())
+        files = manifest["files"]
     except (ValueError, KeyError):
         return False
-    fixed = ["atlas.nii.gz", "atlas_labels.tsv", "covariates.tsv", "effects.json"]
+    # the demo cohort's manifest lists its subject images only
+    fixed = manifest.get(
+        "fixed", ["atlas.nii.gz", "atlas_labels.tsv", "covariates.tsv", "effects.json"]
+    )
     return all((folder / name).is_file() for name in [*fixed, *files])
 
 
@@ -816,6 +829,346 @@ def _load_cohort(folder: Path) -> DemoCohort:
         covariates=covariates,
         effects=effects,
         path=str(folder),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Resting-state fMRI cohort (fMRIPrep-shaped)
+# --------------------------------------------------------------------------------------------
+
+_FMRI_GENERATOR_VERSION = 1
+_FMRI_NETWORKS = ("default", "visual", "motor")
+_FMRI_REGIONS_PER_NETWORK = 4
+_FMRI_SPACE = "MNI152NLin2009cAsym"
+_FMRI_VOXEL_MM = 4.0
+_FMRI_LOADING = 0.65  # loading of a region on its network's signal (subject mean)
+_FMRI_DIAGNOSIS_LOADING_DROP = 0.45  # patients: lower loading of the affected default regions
+_FMRI_AFFECTED_REGIONS = (0, 1)  # the first two default-mode regions
+_FMRI_SITE_NOISE_SD = (1.0, 4.0)  # voxel noise (relative to the region signal), per site
+_FMRI_SITE_SCALE = (0.8, 1.25)  # intensity scale, per site
+_FMRI_SITE_ARTIFACT_SD = 0.6  # a scanner-specific spatial pattern of shared fluctuation
+
+
+@dataclass(frozen=True)
+class FMRICohort:
+    """A simulated multi-site resting-state cohort written by :func:`make_fmri_cohort`.
+
+    Attributes
+    ----------
+    path : str
+        The fMRIPrep-shaped derivatives folder (``participants.tsv``,
+        ``sub-*/func/*_desc-preproc_bold.nii.gz`` and ``*_desc-confounds_timeseries.tsv``).
+    participants : pandas.DataFrame
+        One row per subject: ``participant_id``, ``site``, ``age``, ``sex``, ``diagnosis``,
+        ``image`` (path of the run) and ``confounds`` (path of its confounds table).
+    atlas : str
+        Path of the labels image (on the runs' grid): 0 is background, region ``k`` has
+        value ``k``.
+    labels : list of str
+        Region names; ``labels[k - 1]`` names the region with value ``k``.
+    labels_file : str
+        TSV look-up table with columns ``index``, ``name``, ``network``.
+    t_r : float
+        Repetition time in seconds.
+    affected_connections : list of str
+        The connections the diagnosis weakens, named ``"<region>--<region>"`` as
+        :class:`~kwneuro_sk.ConnectomeExtractor` names its columns.
+    """
+
+    path: str
+    participants: pd.DataFrame
+    atlas: str
+    labels: list[str]
+    labels_file: str
+    t_r: float
+    affected_connections: list[str]
+
+
+@validate_params(
+    {
+        "n_subjects": [Interval(Integral, 2, None, closed="left")],
+        "n_sites": [Interval(Integral, 1, None, closed="left")],
+        "n_volumes": [Interval(Integral, 20, None, closed="left")],
+        "t_r": [Interval(Real, 0, None, closed="neither")],
+        "data_dir": [str, os.PathLike, None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def make_fmri_cohort(
+    n_subjects: int = 40,
+    n_sites: int = 4,
+    *,
+    n_volumes: int = 100,
+    t_r: float = 2.0,
+    data_dir: str | os.PathLike | None = None,
+    random_state: int = 0,
+    verbose: int = 0,
+) -> FMRICohort:
+    """Write (or reuse) a simulated multi-site resting-state cohort laid out as fMRIPrep does.
+
+    Small and fast: one 4D run per subject on a (14, 10, 10) grid of 4 mm voxels, twelve
+    slab-shaped regions (four in each of a ``default``, ``visual`` and ``motor`` network), made
+    with no network access. Per subject:
+
+    - **Neural signal**: each region loads on its network's slow fluctuation (loading about
+      0.65, varying by subject) plus its own fluctuation, so regions of one network are
+      correlated.
+    - **Diagnosis**: in patients the first two default-mode regions load less on the
+      default-mode signal, which weakens their connections within the network (a weak
+      effect, listed in ``affected_connections``).
+    - **Nuisance signals, in the confounds table**: head motion (six parameters with their
+      derivatives and squares, and ``framewise_displacement``; a few sudden jumps that the
+      ``scrub`` strategy removes), a physiological signal shared by the regions and seen in
+      ``white_matter`` and ``csf``, slow drifts spanned by the ``cosine*`` columns, and
+      ``global_signal``. Derivative columns start with ``n/a`` as in fMRIPrep.
+    - **Site**: sites differ in voxel noise level (which lowers every correlation), in
+      intensity scale, and in a scanner-specific spatial pattern of shared fluctuation that
+      no confound captures, so a site can be recognized from its connectomes. Sites also
+      differ in mean age and fraction of patients (as :func:`make_demo_cohort`).
+
+    Files go to ``<data_dir>/fmri_cohort/<key>/`` and a complete folder is reused; the folder
+    is built under a temporary name and renamed when complete. Names follow fMRIPrep:
+    ``sub-001/func/sub-001_task-rest_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz``
+    and ``sub-001_task-rest_desc-confounds_timeseries.tsv`` (+ ``.json``), with
+    ``participants.tsv`` and ``dataset_description.json`` at the top, and the atlas under
+    ``atlas/``.
+
+    Parameters
+    ----------
+    n_subjects : int, default=40
+        Number of subjects (one run each), at least two per site.
+    n_sites : int, default=4
+        Number of sites, labelled ``site1``, ``site2``, ...
+    n_volumes : int, default=100
+        Volumes per run (at least 20).
+    t_r : float, default=2.0
+        Repetition time in seconds.
+    data_dir : str or path-like, default=None
+        Cache root; see :func:`get_data_dir`.
+    random_state : int, default=0
+        Seed: the same seed gives identical files.
+    verbose : int, default=0
+        Print where the cohort is written or found when greater than 0.
+
+    Returns
+    -------
+    FMRICohort
+        Paths, the participants table (with each run and confounds path) and the ground truth.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from kwneuro_sk.datasets import make_fmri_cohort
+    >>> cohort = make_fmri_cohort(n_subjects=8, n_volumes=30, data_dir=tempfile.mkdtemp())
+    >>> list(cohort.participants.columns)
+    ['participant_id', 'site', 'age', 'sex', 'diagnosis', 'image', 'confounds']
+    >>> cohort.participants["image"].str.endswith("_desc-preproc_bold.nii.gz").all()
+    np.True_
+    >>> len(cohort.labels), cohort.affected_connections[0]
+    (12, 'default 1--default 2')
+    """
+    n_subjects, n_sites = _check_design(n_subjects, n_sites)
+    params = {
+        "generator_version": _FMRI_GENERATOR_VERSION,
+        "n_subjects": n_subjects,
+        "n_sites": n_sites,
+        "n_volumes": int(n_volumes),
+        "t_r": float(t_r),
+        "random_state": int(random_state),
+    }
+    name = f"n{n_subjects}_sites{n_sites}_vols{int(n_volumes)}_seed{int(random_state)}"
+    folder = _build_once(
+        get_data_dir(data_dir) / "fmri_cohort",
+        name,
+        params,
+        _write_fmri_cohort,
+        "fMRI cohort",
+        verbose,
+    )
+    return _load_fmri_cohort(folder)
+
+
+def _fmri_atlas():
+    """Twelve slabs of 8 x 8 voxels along x inside a one-voxel background border."""
+    n_regions = len(_FMRI_NETWORKS) * _FMRI_REGIONS_PER_NETWORK
+    atlas = np.zeros((n_regions + 2, 10, 10), dtype=np.int16)
+    for region in range(n_regions):
+        atlas[region + 1, 1:-1, 1:-1] = region + 1
+    affine = np.diag([_FMRI_VOXEL_MM] * 3 + [1.0])
+    affine[:3, 3] = -np.array(atlas.shape) * _FMRI_VOXEL_MM / 2
+    networks = [net for net in _FMRI_NETWORKS for _ in range(_FMRI_REGIONS_PER_NETWORK)]
+    names = [f"{net} {k % _FMRI_REGIONS_PER_NETWORK + 1}" for k, net in enumerate(networks)]
+    table = pd.DataFrame({"index": np.arange(1, n_regions + 1), "name": names, "network": networks})
+    return atlas, affine, table
+
+
+def _affected_connections(names: list[str]) -> list[str]:
+    """Connections between an affected default-mode region and another default-mode region."""
+    default = [k for k in range(len(names)) if k < _FMRI_REGIONS_PER_NETWORK]
+    pairs = sorted(
+        {(min(a, b), max(a, b)) for a in _FMRI_AFFECTED_REGIONS for b in default if a != b}
+    )
+    return [f"{names[a]}--{names[b]}" for a, b in pairs]
+
+
+def _slow(rng, shape, sigma=1.5):
+    """Unit-variance noise smoothed along time (axis 0)."""
+    values = ndimage.gaussian_filter1d(rng.standard_normal(shape), sigma, axis=0)
+    return (values - values.mean(axis=0)) / values.std(axis=0)
+
+
+def _with_expansions(frame: pd.DataFrame) -> pd.DataFrame:
+    """fMRIPrep's expansions of each column: derivative1 (first row n/a), power2, both."""
+    out = {}
+    for column in frame.columns:
+        values = frame[column].to_numpy()
+        derivative = np.concatenate([[np.nan], np.diff(values)])
+        out[column] = values
+        out[f"{column}_derivative1"] = derivative
+        out[f"{column}_power2"] = values**2
+        out[f"{column}_derivative1_power2"] = derivative**2
+    return pd.DataFrame(out)
+
+
+def _simulate_run(rng, n_volumes, t_r, patient, site_noise, site_pattern, n_regions):
+    """(n_volumes, n_regions) region signals and the run's fMRIPrep confounds table."""
+    n_nets = len(_FMRI_NETWORKS)
+    network_of = np.repeat(np.arange(n_nets), _FMRI_REGIONS_PER_NETWORK)
+    loading = np.clip(_FMRI_LOADING + 0.08 * rng.standard_normal(n_regions), 0.2, 0.95)
+    if patient:
+        loading[list(_FMRI_AFFECTED_REGIONS)] -= _FMRI_DIAGNOSIS_LOADING_DROP
+    signal = loading * _slow(rng, (n_volumes, n_nets))[:, network_of]
+    signal += np.sqrt(1 - loading**2) * _slow(rng, (n_volumes, n_regions))
+    signal += _FMRI_SITE_ARTIFACT_SD * _slow(rng, (n_volumes, 1)) * site_pattern
+
+    # head motion: slow random walks (mm, rad) and a few sudden jumps
+    translation = np.cumsum(0.02 * rng.standard_normal((n_volumes, 3)), axis=0)
+    rotation = np.cumsum(0.0004 * rng.standard_normal((n_volumes, 3)), axis=0)
+    jumps = rng.choice(np.arange(10, n_volumes - 10), size=rng.poisson(1.0), replace=False)
+    for volume in jumps:
+        translation[volume:] += rng.choice([-1, 1], 3) * 0.4
+    motion = np.hstack([translation, rotation])
+    centred = (motion - motion.mean(axis=0)) / (motion.std(axis=0) + 1e-12)
+    signal += centred @ (0.3 * rng.standard_normal((6, n_regions)))
+    signal[jumps] += 2.0 * rng.standard_normal((len(jumps), n_regions))
+
+    physio = _slow(rng, (n_volumes, 1), sigma=0.7)
+    signal += 0.6 * physio * rng.uniform(0.5, 1.0, n_regions)
+
+    n_cosines = max(1, int(np.floor(2 * n_volumes * t_r / 128.0)))
+    time = (np.arange(n_volumes) + 0.5) / n_volumes
+    cosines = np.column_stack([np.cos(np.pi * time * k) for k in range(1, n_cosines + 1)])
+    cosines *= np.sqrt(2.0 / n_volumes)
+    signal += cosines @ (3.0 * rng.standard_normal((n_cosines, n_regions)))
+
+    region_noise = site_noise / 8.0  # voxel noise averaged over a region's 64 voxels
+    displacement = np.abs(np.diff(translation, axis=0)).sum(axis=1)
+    displacement += 50.0 * np.abs(np.diff(rotation, axis=0)).sum(axis=1)
+    dvars = np.sqrt(np.mean(np.diff(signal, axis=0) ** 2, axis=1) + region_noise**2)
+    columns = {
+        "global_signal": signal.mean(axis=1),
+        "csf": 0.8 * physio[:, 0] + 0.3 * rng.standard_normal(n_volumes),
+        "white_matter": physio[:, 0] + 0.3 * rng.standard_normal(n_volumes),
+    }
+    columns.update(zip(["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"], motion.T))
+    table = _with_expansions(pd.DataFrame(columns))
+    table.insert(0, "framewise_displacement", np.concatenate([[np.nan], displacement]))
+    table.insert(0, "std_dvars", np.concatenate([[np.nan], dvars / np.median(dvars)]))
+    table.insert(0, "dvars", np.concatenate([[np.nan], dvars]))
+    for k in range(n_cosines):
+        table[f"cosine{k:02d}"] = cosines[:, k]
+    return signal, table
+
+
+def _write_fmri_cohort(folder: Path, params: dict) -> None:
+    """Simulate and write every file of the fMRI cohort; params.json is written last."""
+    atlas, affine, table = _fmri_atlas()
+    n_regions = len(table)
+    n_volumes, t_r = params["n_volumes"], params["t_r"]
+    cov_seed, site_seed, subject_seed = np.random.SeedSequence(params["random_state"]).spawn(3)
+    participants = _simulate_covariates(
+        params["n_subjects"], params["n_sites"], np.random.default_rng(cov_seed)
+    ).rename(columns={"subject": "participant_id"})
+    sites = _site_names(params["n_sites"])
+    site_rng = np.random.default_rng(site_seed)
+    noise_sd = dict(zip(sites, site_rng.permutation(_spread(_FMRI_SITE_NOISE_SD, len(sites)))))
+    scale = dict(zip(sites, site_rng.permutation(_spread(_FMRI_SITE_SCALE, len(sites)))))
+    pattern = {site: site_rng.standard_normal(n_regions) for site in sites}
+    baseline = 100.0 + 10.0 * site_rng.random(n_regions)
+
+    region_of_voxel = atlas.ravel().astype(np.intp)  # 0: background inside the box
+    files, images, confounds = [], [], []
+    rngs = (np.random.default_rng(s) for s in subject_seed.spawn(len(participants)))
+    for row, rng in zip(participants.itertuples(index=False), rngs):
+        signal, confounds_table = _simulate_run(
+            rng,
+            n_volumes,
+            t_r,
+            row.diagnosis == "patient",
+            noise_sd[row.site],
+            pattern[row.site],
+            n_regions,
+        )
+        background = 0.3 * _slow(rng, (n_volumes, 1))
+        values = np.hstack([background, signal]) + np.concatenate([[100.0], baseline])
+        voxels = values[:, region_of_voxel]
+        voxels += noise_sd[row.site] * rng.standard_normal(voxels.shape)
+        data = (scale[row.site] * voxels).T.reshape(atlas.shape + (n_volumes,))
+        func = Path(row.participant_id) / "func"
+        (folder / func).mkdir(parents=True)
+        stem = f"{row.participant_id}_task-rest"
+        image = func / f"{stem}_space-{_FMRI_SPACE}_desc-preproc_bold.nii.gz"
+        tsv = func / f"{stem}_desc-confounds_timeseries.tsv"
+        img = nib.Nifti1Image(data.astype(np.float32), affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["pixdim"][4] = t_r
+        img.to_filename(folder / image)
+        confounds_table.to_csv(folder / tsv, sep="\t", index=False, na_rep="n/a")
+        sidecar = tsv.with_suffix(".json")
+        (folder / sidecar).write_text(json.dumps({"RepetitionTime": t_r}))
+        files += [str(image), str(tsv), str(sidecar)]
+        images.append(str(image))
+        confounds.append(str(tsv))
+
+    (folder / "atlas").mkdir()
+    _save(atlas, affine, folder / "atlas" / "atlas.nii.gz")
+    table.to_csv(folder / "atlas" / "atlas_labels.tsv", sep="\t", index=False)
+    participants.to_csv(folder / "participants.tsv", sep="\t", index=False)
+    description = {
+        "Name": "kwneuro_sk simulated multi-site resting-state cohort",
+        "BIDSVersion": "1.8.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "kwneuro_sk.datasets.make_fmri_cohort"}],
+    }
+    (folder / "dataset_description.json").write_text(json.dumps(description, indent=1))
+    fixed = ["atlas/atlas.nii.gz", "atlas/atlas_labels.tsv", "participants.tsv"]
+    manifest = {**params, "fixed": fixed, "files": files, "images": images, "confounds": confounds}
+    (folder / "params.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _load_fmri_cohort(folder: Path) -> FMRICohort:
+    manifest = json.loads((folder / "params.json").read_text())
+    participants = pd.read_csv(
+        folder / "participants.tsv",
+        sep="\t",
+        dtype={"participant_id": str, "site": str, "age": float, "sex": str, "diagnosis": str},
+    )
+    participants["image"] = [str(folder / name) for name in manifest["images"]]
+    participants["confounds"] = [str(folder / name) for name in manifest["confounds"]]
+    table = pd.read_csv(
+        folder / "atlas" / "atlas_labels.tsv", sep="\t", dtype={"name": str, "network": str}
+    )
+    labels = table["name"].tolist()
+    return FMRICohort(
+        path=str(folder),
+        participants=participants,
+        atlas=str(folder / "atlas" / "atlas.nii.gz"),
+        labels=labels,
+        labels_file=str(folder / "atlas" / "atlas_labels.tsv"),
+        t_r=float(manifest["t_r"]),
+        affected_connections=_affected_connections(labels),
     )
 
 

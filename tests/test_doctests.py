@@ -15,6 +15,8 @@ PUBLIC = {
         "CovBatHarmonizer",
         "CombatEstimates",
         "LabelsMasker",
+        "ConnectomeExtractor",
+        "fmriprep_cohort",
         "harmonize_volumes",
     ],
     "kwneuro_sk.volumes": ["apply_volumes"],
@@ -22,6 +24,7 @@ PUBLIC = {
     "kwneuro_sk.datasets": [
         "make_site_features",
         "make_demo_cohort",
+        "make_fmri_cohort",
         "get_data_dir",
         "SimulatedEffects",
     ],

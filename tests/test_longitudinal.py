@@ -356,3 +356,72 @@ def test_plain_fit_after_longitudinal_fit_clears_its_state(cohort):
     combat.set_params(subject_col=None).fit(cohort.drop(columns="subject"))
     assert not hasattr(combat, "random_effects_")
     assert "random_effects" not in combat.estimates_.estimates
+
+
+# ------------------------------------------------------------------------------------------
+# random slope
+# ------------------------------------------------------------------------------------------
+
+SLOPE_FEATURES = ["f0", "f1", "f2", "f6"]  # the features lme4 fits away from the boundary
+
+
+@pytest.mark.parametrize("sigma_method", ["reml", "msr"])
+def test_random_slope_equals_r_longcombat(cohort, sigma_method):
+    # R's reference holds only features whose lme4 fit is not singular: the empirical Bayes
+    # priors couple the features, and lme4 stops at a boundary saddle for f7 (see below).
+    data = cohort.drop(columns=[f for f in FEATURES if f not in SLOPE_FEATURES])
+    combat = harmonizer(random_slope="time", sigma_method=sigma_method)
+    result = combat.fit_transform(data)
+    expected = pd.read_csv(DATA / f"{sigma_method}_slope.csv").to_numpy()
+    error = np.abs(result - expected).max(axis=0) / np.ptp(cohort[SLOPE_FEATURES], axis=0)
+    assert error.max() < 1e-6
+    fits = pd.read_csv(DATA / "lme4_fits.csv").query("model == 'slope'").set_index("feature")
+    for j, feature in enumerate(SLOPE_FEATURES):
+        L = np.array([float(v) for v in fits.theta[feature].split()])
+        lower = np.array([[L[0], 0.0], [L[1], L[2]]])
+        np.testing.assert_allclose(
+            combat.random_effects_cov_[:, :, j], lower @ lower.T, rtol=1e-5, atol=1e-7
+        )
+
+
+def test_random_slope_singular_fits_and_boundary_saddles(cohort):
+    combat = harmonizer(random_slope="time").fit(cohort)
+    fits = pd.read_csv(DATA / "lme4_fits.csv").query("model == 'slope'")
+    np.testing.assert_array_equal(combat.singular_fit_, fits.singular.to_numpy())
+    # Where lme4 is not singular, the REML sigma is lme4's; for f7 lme4 stops at theta11 = 0
+    # (a saddle of the criterion), the fit here has a lower REML criterion and so another sigma.
+    regular = ~fits.singular.to_numpy()
+    np.testing.assert_allclose(
+        np.sqrt(combat.var_pooled_[regular]), fits.sigma.to_numpy()[regular], rtol=1e-6
+    )
+
+
+def test_random_slope_new_subject_blup(cohort):
+    combat = harmonizer(random_slope="time").fit(cohort[cohort.subject < "s40"])
+    rows = cohort[cohort.subject == "s44"]
+    site = combat.batches_.searchsorted(rows.site.to_numpy())
+    Z = np.column_stack(
+        [(rows.sex == "M").astype(float), rows.age, rows.dx, rows.time, rows.dx_time]
+    )
+    fixed = combat.grand_mean_ + combat.batch_effects_[site] + Z @ combat.beta_
+    Zs = np.column_stack([np.ones(len(rows)), rows.time])
+    offset = np.empty((len(rows), len(FEATURES)))
+    for j in range(len(FEATURES)):
+        psi = combat.random_effects_cov_[:, :, j]
+        r = rows[FEATURES[j]].to_numpy() - fixed[:, j]
+        u = psi @ Zs.T @ np.linalg.solve(np.eye(len(rows)) + Zs @ psi @ Zs.T, r)
+        offset[:, j] = Zs @ u
+    sigma = np.sqrt(combat.var_pooled_)
+    location = combat.grand_mean_ + Z @ combat.beta_ + offset
+    standardized = (rows[FEATURES].to_numpy() - location) / sigma
+    expected = (standardized - combat.gamma_star_[site]) / np.sqrt(
+        combat.delta_star_[site]
+    ) * sigma + location
+    np.testing.assert_allclose(combat.transform(rows), expected, rtol=1e-10)
+    assert combat.transform(rows.iloc[[0]]).shape == (1, len(FEATURES))
+
+
+def test_random_slope_needs_more_rows_than_random_effects(cohort):
+    two_visits = cohort.groupby("subject").head(2)
+    with pytest.raises(ValueError, match="a random slope needs more visits"):
+        harmonizer(random_slope="time").fit(two_visits)

@@ -32,10 +32,15 @@ bisection of the analytic derivative inside each feature's bracket to a relative
 whose criterion rises from ``psi = 0`` has the boundary (singular) fit ``psi = 0``, which is
 ordinary least squares, as lme4 reports it.
 
-The random slope's ``2 x 2`` ``psi`` is found the same way for all features at once
-(:func:`fit_random_slope`): the criterion is evaluated for every feature in one pass of
-matrix products over the subjects, and minimized over lme4's Cholesky parametrization by a
-Nelder-Mead simplex run in lockstep over features.
+The random slope's ``2 x 2`` ``psi`` is found the same way for all features at once: the
+criterion and its analytic gradient are evaluated for every feature in one pass of array
+operations over the subjects (``W_s`` in closed form), and minimized over lme4's Cholesky
+parameters ``L`` (from lme4's start ``L = I``) by BFGS run in lockstep over features, until
+the step is below ``1e-13`` relative or the gradient below ``1e-11``. The criterion depends on
+``L L'`` only, so the search is unconstrained; a fit whose Cholesky diagonal has an entry
+below ``1e-4`` is reported singular, as lme4's ``isSingular`` does. Where lme4's bounded
+search stops on the boundary ``L_11 = 0`` at a saddle of the criterion, this search can go on
+to a lower criterion (and so give another fit).
 
 After the fit, longitudinal ComBat standardizes ``(y - fitted + a_b) / sigma``, where
 ``fitted`` includes the subject's random effects and ``a_b = c_b - sum_b' n_b' c_b' / n`` are
@@ -61,6 +66,9 @@ _GRID = np.concatenate([[0.0], np.logspace(-6.0, 6.0, 61)])
 # Bisection steps of the derivative inside a grid bracket (width ratio ~2.5): 2.5 * 2**-56 ~
 # 3.5e-17 relative, below the precision of the derivative itself.
 _BISECTIONS = 56
+# lme4's isSingular tolerance: a Cholesky diagonal entry of the random-effect covariance
+# (relative to sigma) below it is a boundary (singular) fit.
+_SINGULAR_TOL = 1e-4
 # Iterations of longitudinal ComBat's parametric empirical Bayes (longCombat's niter).
 LONGITUDINAL_EB_ITERATIONS = 30
 # Features per block of the mixed-model fit (bounds the per-feature p x p temporaries).
@@ -189,9 +197,8 @@ def _fit_block(Y, design, codes, n_subjects, times, sigma_method):
         cov = psi[None, None, :]
         boundary = psi == 0
     else:
-        cov, sol, pwrss, random_scaled = _random_slope(Y0, design, codes, n_subjects, times)
-        boundary = (cov[0, 0] * cov[1, 1] - cov[0, 1] ** 2) <= 1e-10 * np.maximum(
-            cov[0, 0] * cov[1, 1], 1e-300
+        cov, sol, pwrss, random_scaled, boundary = _random_slope(
+            Y0, design, codes, n_subjects, times
         )
     coef = coef_ols + sol * scale
     sigma_reml = np.sqrt(pwrss / dof) * scale
@@ -205,6 +212,7 @@ def _fit_block(Y, design, codes, n_subjects, times, sigma_method):
     sigma = np.where(zero, 0.0, sigma)
     sigma_reml = np.where(zero, 0.0, sigma_reml)
     random_effects[..., zero] = 0.0
+    cov[..., zero] = 0.0
     return MixedModelFit(coef, sigma, sigma_reml, cov, random_effects, zero, boundary)
 
 
@@ -314,8 +322,174 @@ def _random_intercept(Y0, design, codes, n_subjects):
 # ----------------------------------------------------------------------------------------------
 
 
+class _SlopeSums:
+    """Per-subject sums the REML criterion of ``(1 + t | subject)`` depends on."""
+
+    def __init__(self, Y0, design, codes, n_subjects, times):
+        n_rows, self.p = design.shape
+        self.dof = n_rows - self.p
+        T = _slope_cross(codes, n_subjects, times)
+        self.t00, self.t01, self.t11 = T[:, 0, 0], T[:, 0, 1], T[:, 1, 1]
+        # Z_s' X_s and Z_s' y_s, with Z_s = [1 | t]
+        self.ZX = np.stack(
+            [
+                _subject_sums(codes, n_subjects, design),
+                _subject_sums(codes, n_subjects, times[:, None] * design),
+            ],
+            axis=1,
+        )  # (S, 2, p)
+        self.ZY = np.stack(
+            [
+                _subject_sums(codes, n_subjects, Y0),
+                _subject_sums(codes, n_subjects, times[:, None] * Y0),
+            ],
+            axis=1,
+        )  # (S, 2, V)
+        zx0, zx1 = self.ZX[:, 0], self.ZX[:, 1]
+        outer = lambda a, b: (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)  # noqa: E731
+        self.P00, self.P11 = outer(zx0, zx0), outer(zx1, zx1)
+        self.P01 = outer(zx0, zx1) + outer(zx1, zx0)
+        self.C = (Y0**2).sum(axis=0)
+        self.A = design.T @ design
+
+    def evaluate(self, theta, features=None, gradient=True):
+        """Criterion (and its gradient in lme4's Cholesky parameters) of the features
+        (indices; all by default) at their own ``theta`` (V, 3) = (l11, l21, l22)."""
+        ZY = self.ZY if features is None else self.ZY[:, :, features]
+        C = self.C if features is None else self.C[features]
+        l11, l21, l22 = theta[:, 0], theta[:, 1], theta[:, 2]
+        p00, p01, p11 = l11 * l11, l11 * l21, l21 * l21 + l22 * l22  # psi = L L'
+        t00, t01, t11 = self.t00[:, None], self.t01[:, None], self.t11[:, None]
+        # M = I + T psi per subject and feature (S, V), its determinant and inverse N
+        m00 = 1.0 + t00 * p00 + t01 * p01
+        m01 = t00 * p01 + t01 * p11
+        m10 = t01 * p00 + t11 * p01
+        m11 = 1.0 + t01 * p01 + t11 * p11
+        det = m00 * m11 - m01 * m10
+        n00, n01, n10, n11 = m11 / det, -m01 / det, -m10 / det, m00 / det
+        # W = psi N (symmetric): V_s^-1 = I - Z_s W_s Z_s'
+        w00 = p00 * n00 + p01 * n10
+        w01 = p00 * n01 + p01 * n11
+        w11 = p01 * n01 + p11 * n11
+        n_features = theta.shape[0]
+        p = self.p
+        H = self.A[None] - (w00.T @ self.P00 + w01.T @ self.P01 + w11.T @ self.P11).reshape(
+            n_features, p, p
+        )
+        zy0, zy1 = ZY[:, 0], ZY[:, 1]
+        zx0, zx1 = self.ZX[:, 0], self.ZX[:, 1]
+        b = -((w00 * zy0 + w01 * zy1).T @ zx0 + (w01 * zy0 + w11 * zy1).T @ zx1)  # (V, p)
+        yvy = C - (w00 * zy0**2 + 2.0 * w01 * zy0 * zy1 + w11 * zy1**2).sum(axis=0)
+        sign, logdet_h = np.linalg.slogdet(H)
+        Hinv = np.linalg.inv(H)
+        sol = np.einsum("vpq,vq->vp", Hinv, b)
+        pwrss = yvy - (b * sol).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = self.dof * np.log(pwrss) + np.log(det).sum(axis=0) + logdet_h
+        value = np.where((sign > 0) & (pwrss > 0) & (det > 0).all(axis=0), value, np.inf)
+        if not gradient:
+            return value, None, (w00, w01, w11, sol, pwrss)
+        # Z_s' r_s at the GLS solution, and a_s = N_s Z_s' r_s
+        r0 = zy0 - zx0 @ sol.T
+        r1 = zy1 - zx1 @ sol.T
+        a0, a1 = n00 * r0 + n01 * r1, n10 * r0 + n11 * r1
+        k = -self.dof / pwrss
+        g00 = k * (a0 * a0).sum(axis=0)
+        g01 = k * (a0 * a1).sum(axis=0)
+        g11 = k * (a1 * a1).sum(axis=0)
+        # + sum_s N_s T_s
+        g00 += (n00 * t00 + n01 * t01).sum(axis=0)
+        g01 += 0.5 * ((n00 * t01 + n01 * t11) + (n10 * t00 + n11 * t01)).sum(axis=0)
+        g11 += (n10 * t01 + n11 * t11).sum(axis=0)
+        # - sum_s N_s (ZX_s H^-1 ZX_s') N_s'
+        F0 = np.matmul(zx0[None], Hinv)  # (V, S, p)
+        F1 = np.matmul(zx1[None], Hinv)
+        e00 = (F0 * zx0[None]).sum(axis=2).T  # (S, V)
+        e01 = (F0 * zx1[None]).sum(axis=2).T
+        e11 = (F1 * zx1[None]).sum(axis=2).T
+        # (N E N')_ab = sum_cd N_ac E_cd N_bd
+        q00 = n00 * (n00 * e00 + n01 * e01) + n01 * (n00 * e01 + n01 * e11)
+        q01 = n00 * (n10 * e00 + n11 * e01) + n01 * (n10 * e01 + n11 * e11)
+        q11 = n10 * (n10 * e00 + n11 * e01) + n11 * (n10 * e01 + n11 * e11)
+        g00 -= q00.sum(axis=0)
+        g01 -= q01.sum(axis=0)
+        g11 -= q11.sum(axis=0)
+        # df/dL = 2 G L (lower-triangular entries), G symmetric
+        grad = np.stack(
+            [2.0 * (g00 * l11 + g01 * l21), 2.0 * (g01 * l11 + g11 * l21), 2.0 * g11 * l22],
+            axis=1,
+        )
+        return value, grad, (w00, w01, w11, sol, pwrss)
+
+
 def _random_slope(Y0, design, codes, n_subjects, times):
-    raise NotImplementedError("random_slope is not supported yet")
+    sums = _SlopeSums(Y0, design, codes, n_subjects, times)
+    n_features = Y0.shape[1]
+    theta = np.tile([1.0, 0.0, 1.0], (n_features, 1))  # lme4's start
+    theta = _bfgs(lambda x, idx: sums.evaluate(x, idx)[:2], theta)
+    _, _, (w00, w01, w11, sol, pwrss) = sums.evaluate(theta, gradient=False)
+    l11, l21, l22 = theta[:, 0], theta[:, 1], theta[:, 2]
+    cov = np.empty((2, 2, n_features))
+    cov[0, 0], cov[0, 1], cov[1, 1] = l11 * l11, l11 * l21, l21 * l21 + l22 * l22
+    cov[1, 0] = cov[0, 1]
+    # BLUP u_s = W_s Z_s' r_s
+    r0 = sums.ZY[:, 0] - sums.ZX[:, 0] @ sol.T
+    r1 = sums.ZY[:, 1] - sums.ZX[:, 1] @ sol.T
+    random = np.stack([w00 * r0 + w01 * r1, w01 * r0 + w11 * r1], axis=1)
+    singular = (np.abs(l11) < _SINGULAR_TOL) | (np.abs(l22) < _SINGULAR_TOL)
+    return cov, sol.T, pwrss, random, singular
+
+
+def _bfgs(evaluate, x, max_iter=400):
+    """BFGS with a backtracking (Armijo) line search, run in lockstep for many small
+    problems: ``evaluate(x, idx)`` -> (values, gradients (., d)) of the problems ``idx`` at
+    ``x`` (one row each; ``idx=None``: all)."""
+    n, d = x.shape
+    f, g = evaluate(x, None)
+    Hinv = np.tile(np.eye(d), (n, 1, 1))
+    active = np.isfinite(f)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        direction = -np.einsum("vij,vj->vi", Hinv, g)
+        slope = (direction * g).sum(axis=1)
+        bad = slope >= 0  # not a descent direction: restart from the gradient
+        if bad.any():
+            Hinv[bad] = np.eye(d)
+            direction[bad] = -g[bad]
+            slope[bad] = -(g[bad] ** 2).sum(axis=1)
+        step = np.ones(n)
+        todo = active.copy()
+        x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
+        for _ in range(60):
+            idx = np.flatnonzero(todo)
+            if idx.size == 0:
+                break
+            trial = x[idx] + step[idx, None] * direction[idx]
+            ft, gt = evaluate(trial, idx)
+            ok = ft <= f[idx] + 1e-4 * step[idx] * slope[idx]
+            accepted = idx[ok]
+            x_new[accepted], f_new[accepted], g_new[accepted] = trial[ok], ft[ok], gt[ok]
+            todo[accepted] = False
+            step[idx[~ok]] *= 0.5
+        stalled = todo  # no decrease found: converged to rounding
+        s = x_new - x
+        yv = g_new - g
+        sy = (s * yv).sum(axis=1)
+        update = active & ~stalled & (sy > 1e-300)
+        if update.any():
+            rho = 1.0 / sy[update]
+            eye = np.eye(d)[None]
+            left = eye - rho[:, None, None] * s[update][:, :, None] * yv[update][:, None, :]
+            Hinv[update] = left @ Hinv[update] @ left.transpose(0, 2, 1) + rho[:, None, None] * (
+                s[update][:, :, None] * s[update][:, None, :]
+            )
+        small = (np.abs(s) <= 1e-13 * (1.0 + np.abs(x_new))).all(axis=1) | (
+            np.abs(g_new).max(axis=1) <= 1e-11
+        )
+        x, f, g = x_new, f_new, g_new
+        active &= ~(stalled | small)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
