@@ -313,6 +313,7 @@ def harmonization_report(
     *,
     batch=None,
     covariates=None,
+    subjects=None,
     cv=5,
     max_features=3,
     title="Harmonization report",
@@ -330,6 +331,8 @@ def harmonization_report(
         The same rows harmonized; computed with ``harmonizer.transform`` when None.
     batch, covariates : default=None
         Sites and covariates, when the harmonizer takes them as keywords.
+    subjects : array-like, default=None
+        Subjects, when a longitudinal harmonizer (``subject_col``) takes them as keywords.
     cv : int, default=5
         Folds of the site-prediction cross-validation.
     max_features : int, default=3
@@ -372,6 +375,8 @@ def harmonization_report(
         kwargs = (
             {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
         )
+        if subjects is not None:
+            kwargs["subjects"] = subjects
         X_harmonized = harmonizer.transform(X, **kwargs)
     after = np.asarray(X_harmonized, dtype=np.float64)
     if after.shape != before.shape:
@@ -391,6 +396,10 @@ def harmonization_report(
         "n_sites": len(site_names),
         "chance": chance,
     }
+    if getattr(harmonizer, "subject_col", None) is not None:  # longitudinal ComBat
+        method = "longitudinal ComBat"
+        metrics["n_subjects_fitted"] = len(harmonizer.subjects_)
+        metrics["singular_fits"] = int(np.sum(harmonizer.singular_fit_))
     sections = []
 
     # 1. distributions
