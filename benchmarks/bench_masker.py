@@ -305,9 +305,12 @@ def main_runs(args):
     import nilearn
 
     n_regions = args.n_regions if args.n_regions != 400 else 100
+    from kwneuro_sk import images
+
+    gunzip = "zlib (pip install 'kwneuro_sk[fast]' for isal)" if images._igzip is None else "isal"
     print(
         f"{platform.node()} | {os.cpu_count()} cores | load {os.getloadavg()[0]:.1f} | "
-        f"nilearn {nilearn.__version__}"
+        f"nilearn {nilearn.__version__} | kwneuro_sk decompresses with {gunzip}"
     )
     with tempfile.TemporaryDirectory() as directory:
         print(
