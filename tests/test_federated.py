@@ -142,9 +142,71 @@ def test_covbat_has_no_statistics_routes():
     assert not hasattr(CovBatHarmonizer(), "partial_fit")
 
 
+@pytest.mark.parametrize(
+    "knots",
+    [[20.0, 35.0, 50.0, 65.0, 80.0], {"age": [20.0, 40.0, 60.0, 80.0]}],
+    ids=["sequence", "dict"],
+)
+def test_partial_fit_with_fixed_smooth_knots_equals_fit(knots):
+    X, site, covariates = COHORT
+    params = {"categorical_cols": ["sex", "group"], "smooth_cols": "age", "smooth_knots": knots}
+    whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
+    expected_knots = knots["age"] if isinstance(knots, dict) else knots
+    np.testing.assert_array_equal(whole.estimates_.info["smooth_knots"][0], expected_knots)
+    incremental = CombatHarmonizer(**params)
+    for rows in np.array_split(np.arange(len(X)), 6):
+        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    assert_same_model(whole, incremental)
+    assert incremental.covariate_names_[-1] == f"age_spline{len(expected_knots)}"
+    np.testing.assert_allclose(
+        incremental.transform(X, batch=site, covariates=covariates),
+        whole.transform(X, batch=site, covariates=covariates),
+        rtol=1e-10,
+        atol=1e-10 * np.abs(X).max(),
+    )
+
+
+def test_partial_fit_with_knots_placed_by_fits_rule():
+    """The knots fit places (quantiles of all the rows), fixed from the covariate table."""
+    X, site, covariates = COHORT
+    params = {"smooth_cols": "age", "smooth_knots": 4}
+    whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
+    incremental = CombatHarmonizer(**params).with_fixed_knots(covariates)
+    for rows in np.array_split(np.arange(len(X)), 5):
+        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    assert_same_model(whole, incremental)
+    with pytest.raises(ValueError, match="smooth covariate 'age' not found in covariates"):
+        CombatHarmonizer(**params).with_fixed_knots(covariates[["sex"]])
+
+
+def test_smooth_knots_positions_are_checked():
+    X, site, covariates = COHORT
+    for bad in ([20.0], [20.0, 50.0, 40.0], [20.0, np.nan, 80.0], [[20.0, 50.0]]):
+        with pytest.raises(ValueError, match="smooth_knots of smooth covariate 'age' must be"):
+            CombatHarmonizer(smooth_cols="age", smooth_knots=bad).fit(
+                X, batch=site, covariates=covariates
+            )
+    with pytest.raises(ValueError, match="missing \\['age'\\], not smooth columns \\['agee'\\]"):
+        CombatHarmonizer(smooth_cols="age", smooth_knots={"agee": [1.0, 2.0]}).fit(
+            X, batch=site, covariates=covariates
+        )
+
+
+def test_covbat_partial_fit_message():
+    from kwneuro_sk import CovBatHarmonizer
+
+    for method in ("partial_fit", "row_statistics", "fit_from_statistics", "site_summary"):
+        with pytest.raises(AttributeError, match=f"CovBatHarmonizer has no {method}: the PCA"):
+            getattr(CovBatHarmonizer(), method)
+
+
 def test_partial_fit_refusals():
     X, site, covariates = COHORT
-    with pytest.raises(ValueError, match="does not support smooth_cols"):
+    with pytest.raises(
+        ValueError,
+        match="partial_fit with smooth_cols needs the B-spline knots fixed in advance: "
+        "smooth_knots=5 places them at quantiles",
+    ):
         CombatHarmonizer(smooth_cols="age").partial_fit(X, batch=site, covariates=covariates)
     one_site = CombatHarmonizer().partial_fit(X[site == "a"], batch=site[site == "a"])
     with pytest.raises(ValueError, match="at least two sites"):

@@ -300,12 +300,16 @@ def test_large_offset_statistics_stay_accurate(offset):
     X = offset + noise
     shifted = X - offset  # exact (Sterbenz): the reference has no offset to lose digits to
     reference, ref_mean, ref_ss = model.fit_location_scale(shifted, batch_idx, n_batches, Z)
+    keys = [("value", "age"), ("value", "group")]
+
+    def part(rows):
+        return statistics.SiteStatistics.of_rows(X[rows], batch_idx[rows], keys, Z[rows])
+
     total = None
     for start in range(0, n, 7):
-        rows = slice(start, start + 7)
-        part = statistics.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
-        total = part if total is None else statistics.merge_moments(total, part)
-    fitted, mean, ss = statistics.fit_from_moments(total)
+        chunk = part(slice(start, start + 7))
+        total = chunk if total is None else total.add(chunk)
+    fitted, mean, ss = statistics.fit_from_moments(total.moments)
     np.testing.assert_allclose(fitted.var_pooled, reference.var_pooled, rtol=1e-10)
     beta_scale = np.abs(reference.beta).max(axis=1, keepdims=True)  # each covariate's
     assert np.all(np.abs(fitted.beta - reference.beta) <= 1e-10 * beta_scale)
@@ -317,53 +321,69 @@ def test_large_offset_statistics_stay_accurate(offset):
     )
     np.testing.assert_allclose(ss, ref_ss, rtol=1e-10)
     np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-10)
-    # the tree of the dask path merges in another order, to the same numbers
-    parts = [
-        statistics.chunk_moments(X[s : s + 11], batch_idx[s : s + 11], n_batches, Z[s : s + 11])
-        for s in range(0, n, 11)
-    ]
-    _, _, tree_ss = statistics.fit_from_moments(statistics.tree_merge(parts))
+    # merged in another grouping (dask's tree), to the same numbers
+    merged = statistics.merge_all([part(slice(s, s + 11)) for s in range(0, n, 11)])
+    _, _, tree_ss = statistics.fit_from_moments(merged.moments)
     np.testing.assert_allclose(tree_ss, ref_ss, rtol=1e-10)
 
 
 def test_merge_of_sites_absent_from_a_chunk():
     rng = np.random.default_rng(1)
     X, Z = rng.normal(size=(10, 4)), rng.normal(size=(10, 1))
-    batch_idx = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-    whole = statistics.chunk_moments(X, batch_idx, 3, Z)
-    merged = statistics.tree_merge(
-        [
-            statistics.chunk_moments(X[r], batch_idx[r], 3, Z[r])
-            for r in (slice(0, 3), slice(3, 7), slice(7, 10))
-        ]
-    )
-    for name in ("n", "zbar", "xbar", "czz", "czx", "cxx"):
-        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), atol=1e-12)
+    sites = np.array(["a", "a", "a", "b", "b", "b", "b", "c", "c", "c"])
+    keys = [("value", "z")]
+    whole = statistics.SiteStatistics.of_rows(X, sites, keys, Z)
+    parts = [
+        statistics.SiteStatistics.of_rows(X[r], sites[r], keys, Z[r])
+        for r in (slice(0, 3), slice(3, 7), slice(7, 10))
+    ]
+    assert [p.sites for p in parts] == [["a"], ["b"], ["c"]]
+    for merged in (statistics.merge_all(parts), parts[2].merge(parts[0]).merge(parts[1])):
+        assert merged.sites == ["a", "b", "c"]
+        for name in ("n", "zbar", "xbar", "czz", "czx", "cxx"):
+            np.testing.assert_allclose(
+                getattr(merged.moments, name), getattr(whole.moments, name), atol=1e-12
+            )
     with pytest.raises(ValueError, match="no statistics"):
-        statistics.tree_merge([])
+        statistics.merge_all([])
 
 
 def test_harmonizer_fit_from_statistics_equals_fit():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(30, 6)) + np.repeat([0.0, 2.0, -1.0], 10)[:, None]
     site = np.repeat(["a", "b", "c"], 10)
-    covars = pd.DataFrame({"age": rng.uniform(20, 80, 30)})
-    expected = CombatHarmonizer(continuous_cols="age").fit(X, batch=site, covariates=covars)
-
-    def chunks(batch_idx, n_batches, Z):
-        for start in range(0, 30, 4):
-            rows = slice(start, start + 4)
-            yield statistics.chunk_moments(X[rows], batch_idx[rows], n_batches, Z[rows])
-
-    combat = CombatHarmonizer(continuous_cols="age").fit_from_statistics(
-        statistics.location_scale_from_chunks(chunks), n_features=6, batch=site, covariates=covars
+    covars = pd.DataFrame({"age": rng.uniform(20, 80, 30), "sex": rng.integers(0, 2, 30)})
+    options = dict(categorical_cols="sex", smooth_cols="age", smooth_knots=4)
+    expected = CombatHarmonizer(continuous_cols=None, **options).fit(
+        X, batch=site, covariates=covars
     )
+    combat = CombatHarmonizer(**options)
+    # quantile knots need all the rows' covariates: with_fixed_knots places them as fit does
+    chunker = combat.with_fixed_knots(covars)
+    assert combat.smooth_knots == 4 and list(chunker.smooth_knots) == ["age"]
+    parts = [
+        chunker.row_statistics(X[r], batch=site[r], covariates=covars.iloc[r])
+        for r in np.array_split(np.arange(30), 7)
+    ]
+    combat.fit_from_statistics(statistics.merge_all(parts))
+    assert combat.n_features_in_ == 6
     _assert_estimates_equal(expected.estimates_, combat.estimates_)
     np.testing.assert_allclose(
         combat.transform(X, batch=site, covariates=covars),
         expected.transform(X, batch=site, covariates=covars),
-        rtol=1e-12,
+        rtol=1e-10,
+        atol=1e-12,
     )
+    with pytest.raises(TypeError, match="SiteStatistics of row_statistics"):
+        combat.fit_from_statistics(parts[0].moments)
+    # statistics made with other knots, or another number of them, are refused by name
+    other = CombatHarmonizer(**{**options, "smooth_knots": 5}).with_fixed_knots(covars)
+    with pytest.raises(ValueError, match="'age' were made with knots=.*4 knots"):
+        combat.fit_from_statistics(other.row_statistics(X, batch=site, covariates=covars))
+    with pytest.raises(ValueError, match="different B-spline settings for smooth covariate 'age'"):
+        statistics.merge_all(
+            [parts[0], other.row_statistics(X[:5], batch=site[:5], covariates=covars[:5])]
+        )
 
 
 class StandInResource:

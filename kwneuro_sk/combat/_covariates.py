@@ -11,6 +11,8 @@ model restores it exactly, without refitting anything.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
 import pandas as pd
 from sklearn.preprocessing import SplineTransformer
@@ -82,6 +84,56 @@ def spline_knots(values, n_knots, column):
     return knots
 
 
+def fixed_knots(smooth_knots, smooth):
+    """Knot positions of each smooth column given by the ``smooth_knots`` parameter, or None
+    when it is a number of knots (placed at quantiles of the training rows).
+
+    ``smooth_knots`` may be one increasing sequence (the knots of every smooth column) or a
+    dict mapping each smooth column to its increasing sequence.
+    """
+    if isinstance(smooth_knots, Integral) and not isinstance(smooth_knots, bool):
+        return None
+    if isinstance(smooth_knots, dict):
+        missing = [c for c in smooth if c not in smooth_knots]
+        extra = [c for c in smooth_knots if c not in smooth]
+        if missing or extra:
+            raise ValueError(
+                f"smooth_knots as a dict must give the knots of each smooth_cols column "
+                f"{list(smooth)}; missing {missing}, not smooth columns {extra}"
+            )
+        given = {col: smooth_knots[col] for col in smooth}
+    else:
+        given = {col: smooth_knots for col in smooth}
+    knots = {}
+    for col, value in given.items():
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            array = None
+        if (
+            array is None
+            or array.ndim != 1
+            or len(array) < 2
+            or not np.isfinite(array).all()
+            or np.any(np.diff(array) <= 0)
+        ):
+            raise ValueError(
+                f"smooth_knots of smooth covariate {col!r} must be a number of knots (>= 2) "
+                f"or at least 2 finite, increasing knot positions; got {value!r}"
+            )
+        knots[col] = array
+    return knots
+
+
+def quantile_knots(frame, smooth, smooth_knots):
+    """Knots of each smooth column from the covariates of all the training rows: the given
+    positions, or ``smooth_knots`` quantile knots (the rule of :meth:`CovariateEncoding.fit`)."""
+    given = fixed_knots(smooth_knots, smooth)
+    if given is not None:
+        return given
+    return {col: spline_knots(frame[col], smooth_knots, col) for col in smooth}
+
+
 def spline_basis(values, knots, degree, extrapolation, column):
     """B-spline basis of ``values`` on ``knots`` (n_rows, n_knots + degree - 2).
 
@@ -144,7 +196,8 @@ class CovariateEncoding:
         extrapolation="linear",
     ):
         """Learn the levels of each categorical column and the knots of each smooth column
-        from the training covariates."""
+        from the training covariates (``n_knots``: a number of quantile knots, or knot
+        positions as in :func:`fixed_knots`)."""
         levels = []
         for col in categorical:
             values = pd.unique(frame[col].astype(object))
@@ -155,15 +208,16 @@ class CovariateEncoding:
                     f"categorical covariate {col!r} mixes level types that cannot "
                     f"be sorted: {format_labels(values)}"
                 ) from exc
-        knots = [spline_knots(frame[col], n_knots, col) for col in smooth]
-        width = n_knots + degree - 2
+        by_column = quantile_knots(frame, smooth, n_knots)
+        knots = [by_column[col] for col in smooth]
         for col in smooth:
+            width = len(by_column[col]) + degree - 2
             n_values = frame[col].nunique()
             if n_values <= width:
                 # the basis and the site intercepts span at most n_values directions
                 raise ValueError(
                     f"smooth covariate {col!r} has {n_values} distinct values, too few for its "
-                    f"B-spline basis of {width} columns (smooth_knots={n_knots}, "
+                    f"B-spline basis of {width} columns ({len(by_column[col])} knots, "
                     f"smooth_degree={degree}; it needs at least {width + 1} distinct values): "
                     "lower smooth_knots or smooth_degree, or model it in continuous_cols"
                 )
@@ -268,11 +322,17 @@ class CovariateEncoding:
         )
 
 
-def raw_design(frame, categorical, continuous):
+def raw_design(frame, categorical, continuous, smooth=None):
     """Unencoded covariate columns of a validated covariate table, for
     :class:`~kwneuro_sk.combat.statistics.SiteStatistics`: one indicator column per level of
-    each categorical covariate present in ``frame`` (keyed ``("level", column, level)``) and
-    the values of each continuous covariate (``("value", column)``).
+    each categorical covariate present in ``frame`` (keyed ``("level", column, level)``), the
+    values of each continuous covariate (``("value", column)``) and the B-spline basis of each
+    smooth covariate on fixed knots (``("spline", column, j)``).
+
+    Parameters
+    ----------
+    smooth : dict, default=None
+        ``{column: {"knots": ..., "degree": ..., "extrapolation": ...}}``.
 
     Returns
     -------
@@ -289,4 +349,14 @@ def raw_design(frame, categorical, continuous):
     for col in continuous:
         keys.append(("value", col))
         parts.append(frame[[col]].to_numpy(dtype=np.float64))
+    for col, spec in (smooth or {}).items():
+        basis = spline_basis(
+            frame[col].to_numpy(dtype=np.float64),
+            spec["knots"],
+            spec["degree"],
+            spec["extrapolation"],
+            col,
+        )
+        keys += [("spline", col, j) for j in range(basis.shape[1])]
+        parts.append(basis)
     return keys, np.hstack(parts)

@@ -120,48 +120,45 @@ def fit(combat, X, batch, covariates):
         column_names = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
     n_samples = int(sum(lengths))
     offsets = np.cumsum([0] + lengths)
-
-    def chunks(batch_idx, n_batches, Z):
-        block_moments = dask.delayed(_block_moments, pure=True)
-        merge = dask.delayed(statistics.merge_moments, pure=True)
-        per_column = []
-        for j, names in enumerate(column_names):
+    # sites and covariates checked once, with row numbers of the whole input; the blocks then
+    # go through the keyword route of row_statistics (the site and covariate columns of a
+    # DataFrame are already on the client)
+    sites, frame = read_metadata(batch, covariates, n_samples, roles, route="dask")
+    chunker = combat.with_fixed_knots(frame).set_params(batch_col=None)
+    block_statistics = dask.delayed(_block_statistics, pure=True)
+    merge = dask.delayed(statistics.merge_all, pure=True)
+    per_column = []
+    for j, names in enumerate(column_names):
+        parts = [
+            block_statistics(
+                chunker,
+                row[j],
+                sites[offsets[i] : offsets[i + 1]],
+                frame.iloc[offsets[i] : offsets[i + 1]],
+                names,
+            )
+            for i, row in enumerate(blocks)
+        ]
+        while len(parts) > 1:  # a balanced tree of pairwise merges
             parts = [
-                block_moments(
-                    row[j],
-                    batch_idx[offsets[i] : offsets[i + 1]],
-                    n_batches,
-                    Z[offsets[i] : offsets[i + 1]],
-                    names,
-                )
-                for i, row in enumerate(blocks)
+                merge(parts[k : k + 2]) if k + 1 < len(parts) else parts[k]
+                for k in range(0, len(parts), 2)
             ]
-            while len(parts) > 1:  # a balanced tree of pairwise merges
-                parts = [
-                    merge(parts[k], parts[k + 1]) if k + 1 < len(parts) else parts[k]
-                    for k in range(0, len(parts), 2)
-                ]
-            per_column.append(parts[0])
-        yield _concatenate_features(dask.compute(*per_column))
-
+        per_column.append(parts[0])
     return combat.fit_from_statistics(
-        statistics.location_scale_from_chunks(chunks),
-        n_samples=n_samples,
-        n_features=n_features_in,
-        batch=batch,
-        covariates=covariates,
+        statistics.join_features(dask.compute(*per_column)),
+        n_features_in=n_features_in,
         feature_names_in=names_in,
         feature_names_out=names_out,
         columns_in=columns_in,
-        route="dask",
     )
 
 
-def _block_moments(block, batch_idx, n_batches, Z, column_names):
+def _block_statistics(chunker, block, sites, covariates, column_names):
     values = np.asarray(block.to_numpy() if isinstance(block, pd.DataFrame) else block)
-    if values.shape[0] != len(batch_idx):
+    if values.shape[0] != len(sites):
         raise ValueError(
-            f"a block of X has {values.shape[0]} rows where {len(batch_idx)} were expected"
+            f"a block of X has {values.shape[0]} rows where {len(sites)} were expected"
         )
     with np.errstate(all="ignore"):
         bad = np.flatnonzero(~np.isfinite(values.sum(axis=0)))
@@ -172,21 +169,7 @@ def _block_moments(block, batch_idx, n_batches, Z, column_names):
             f"{[column_names[i] for i in bad[:10]]}; ComBat needs finite values "
             "(impute or drop them first)"
         )
-    return statistics.chunk_moments(values, batch_idx, n_batches, Z)
-
-
-def _concatenate_features(parts):
-    """Statistics of column blocks (same rows) joined along the features."""
-    first = parts[0]
-    return statistics.SiteMoments(
-        n=first.n,
-        zbar=first.zbar,
-        czz=first.czz,
-        xbar=np.concatenate([p.xbar for p in parts], axis=-1),
-        czx=np.concatenate([p.czx for p in parts], axis=-1),
-        cxx=np.concatenate([p.cxx for p in parts], axis=-1),
-        magnitude=np.concatenate([p.magnitude for p in parts], axis=-1),
-    )
+    return chunker.row_statistics(values, batch=sites, covariates=covariates)
 
 
 def transform(combat, X, batch, covariates):

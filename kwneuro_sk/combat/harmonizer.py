@@ -25,7 +25,13 @@ from sklearn.utils.validation import (
 
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.combat import _dask, longitudinal, model, statistics
-from kwneuro_sk.combat._covariates import CovariateEncoding, format_labels, raw_design
+from kwneuro_sk.combat._covariates import (
+    CovariateEncoding,
+    fixed_knots,
+    format_labels,
+    quantile_knots,
+    raw_design,
+)
 from kwneuro_sk.combat._inputs import (
     ColumnRoles,
     Rows,
@@ -33,10 +39,10 @@ from kwneuro_sk.combat._inputs import (
     check_not_bool,
     check_same_columns,
     feature_columns,
-    read_metadata,
     read_rows,
 )
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
+from kwneuro_sk.combat.statistics import SiteStatistics
 from kwneuro_sk.combat.summary import SiteSummary
 
 
@@ -88,10 +94,14 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         (scikit-learn's :class:`~sklearn.preprocessing.SplineTransformer`) with knots at
         quantiles of its training values; the basis columns enter the design like any other
         covariate. Use it for age in lifespan cohorts whose sites cover different age ranges.
-    smooth_knots : int, default=5
+    smooth_knots : int, array-like of float or dict, default=5
         Number of knots of each smooth covariate, boundary knots (training minimum and maximum)
-        included; the basis has ``smooth_knots + smooth_degree - 2`` columns. More knots allow
-        more wiggly curves.
+        included, placed at quantiles of the training values; or the knot positions
+        themselves (increasing): one sequence for every smooth column, or a dict mapping each
+        smooth column to its sequence. The basis has ``n_knots + smooth_degree - 2`` columns.
+        More knots allow more wiggly curves. Fixed positions are what :meth:`partial_fit` and
+        federated fits need (quantiles of all the rows are unknown to a chunk or a site);
+        :meth:`fit` with the same positions gives the same model.
     smooth_degree : int, default=3
         Polynomial degree of the B-splines (3: cubic).
     smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
@@ -199,7 +209,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         "ref_batch": "no_validation",
         "unseen_batch": [StrOptions({"error", "adapt"})],
         "smooth_cols": [str, "array-like", None],
-        "smooth_knots": [Interval(Integral, 2, None, closed="left")],
+        "smooth_knots": [Interval(Integral, 2, None, closed="left"), "array-like", dict],
         "smooth_degree": [Interval(Integral, 1, None, closed="left")],
         "smooth_extrapolation": [StrOptions({"linear", "constant", "error"})],
         "subject_col": [Hashable, None],
@@ -318,8 +328,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
         :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
 
-        Every option of :meth:`fit` is supported except ``smooth_cols`` (its knots are
-        quantiles of all the rows, unknown until the last chunk): a ValueError says so.
+        Every option of :meth:`fit` is supported; ``smooth_cols`` needs ``smooth_knots`` as
+        knot positions (the default quantile knots of all the rows are unknown until the last
+        chunk: a ValueError says so), and then equals :meth:`fit` with the same knots.
 
         Parameters
         ----------
@@ -499,24 +510,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                         f"{_preview_value(summary.features[key])} vs "
                         f"{_preview_value(first[key])}"
                     )
-        merged = statistics.merge_all(s.statistics for s in summaries)
-        try:
-            merged = merged.aligned(sorted(merged.sites), merged.columns)
-        except TypeError as exc:
-            raise TypeError(
-                "site labels must be of one sortable type (all strings or all numbers); got "
-                f"{format_labels(merged.sites)}"
-            ) from exc
-        self.n_features_in_ = int(first["n_features_in"])
-        if first["feature_names_in"] is not None:
-            self.feature_names_in_ = np.asarray(first["feature_names_in"], dtype=object)
-        elif "feature_names_in_" in self.__dict__:
-            del self.feature_names_in_
-        self._columns_in = None if first["columns_in"] is None else list(first["columns_in"])
-        names = first["feature_names"]
-        self._feature_names_out = None if names is None else np.asarray(names, dtype=object)
-        self._partial_statistics = None
-        return self._fit_statistics(merged)
+        return self.fit_from_statistics(
+            statistics.merge_all(s.statistics for s in summaries),
+            n_features_in=first["n_features_in"],
+            feature_names_in=first["feature_names_in"],
+            feature_names_out=first["feature_names"],
+            columns_in=first["columns_in"],
+        )
 
     def transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Harmonize rows with the fitted estimates and the rows' own covariates.
@@ -732,10 +732,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
-    def _fit(self, rows, location_scale=None):
-        """Fit on ``rows``; ``location_scale(batch_idx, n_batches, Z, ref)``, when given,
-        replaces :func:`model.fit_location_scale` on ``rows.features`` (fits from statistics
-        accumulated elsewhere: files, dask blocks)."""
+    def _fit(self, rows):
+        """Fit on the rows in memory (fits from statistics: :meth:`fit_from_statistics`)."""
         self._partial_statistics = None  # fit starts afresh; partial_fit accumulates
         self._fit_pending = False
         try:
@@ -778,12 +776,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if self._longitudinal():
             return self._fit_longitudinal(rows, batch_idx, counts, Z)
         self._clear_longitudinal()
-        if location_scale is None:
-            standardization, mean, ss = model.fit_location_scale(
-                rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
-            )
-        else:
-            standardization, mean, ss = location_scale(batch_idx, n_batches, Z, ref)
+        standardization, mean, ss = model.fit_location_scale(
+            rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
+        )
         return self._finish_fit(counts, ref, standardization, mean, ss)
 
     def _fit_longitudinal(self, rows, batch_idx, counts, Z):
@@ -983,62 +978,157 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         return self
 
-    def fit_from_statistics(
-        self,
-        location_scale,
-        *,
-        n_samples=None,
-        n_features,
-        batch,
-        covariates,
-        feature_names_in=None,
-        feature_names_out=None,
-        columns_in=None,
-        route=None,
-    ):
-        """Fit from per-site statistics of features that are not in memory, with the sites
-        and covariates of every row at hand (the public entry point of streamed
-        :func:`~kwneuro_sk.harmonize_volumes` and of dask input).
+    @available_if(lambda self: self._check_statistics_route("row_statistics"))
+    def row_statistics(self, X, *, batch=None, covariates=None):
+        """Per-site statistics of rows, without fitting: what :meth:`partial_fit`,
+        :meth:`site_summary`, dask input and streamed
+        :func:`~kwneuro_sk.harmonize_volumes` compute for each chunk of rows.
+
+        The estimator is left unchanged. Statistics of disjoint rows merge with
+        :meth:`SiteStatistics.add <kwneuro_sk.combat.statistics.SiteStatistics.add>` (or
+        :func:`~kwneuro_sk.combat.statistics.merge_all`), in any grouping, and
+        :meth:`fit_from_statistics` fits from them: the model of :meth:`fit` on all the rows.
 
         Parameters
         ----------
-        location_scale : callable
-            ``location_scale(batch_idx, n_batches, Z, ref)`` returns what
-            :func:`kwneuro_sk.combat.model.fit_location_scale` returns for the rows, e.g.
-            :func:`kwneuro_sk.combat.statistics.location_scale_from_chunks` over the merged
-            statistics of chunks of rows.
-        n_samples : int, default=None
-            Number of rows (``len(batch)`` by default).
-        n_features : int
-            Number of input columns.
-        batch, covariates
-            Sites and covariates of the rows, checked as in :meth:`fit` (keyword route).
+        X, batch, covariates
+            As in :meth:`fit`. With ``smooth_cols``, ``smooth_knots`` must be knot positions.
+
+        Returns
+        -------
+        statistics : kwneuro_sk.combat.statistics.SiteStatistics
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> from kwneuro_sk.combat.statistics import merge_all
+        >>> rng = np.random.default_rng(0)
+        >>> X, site = rng.normal(size=(40, 3)), np.tile(["a", "b"], 20)
+        >>> combat = CombatHarmonizer()
+        >>> parts = [combat.row_statistics(X[r], batch=site[r]) for r in np.split(np.arange(40), 4)]
+        >>> _ = combat.fit_from_statistics(merge_all(parts), n_features_in=3)
+        >>> whole = CombatHarmonizer().fit(X, batch=site)
+        >>> bool(np.allclose(combat.gamma_star_, whole.gamma_star_, rtol=1e-10))
+        True
+        """
+        if _dask.is_dask(X):
+            X = X.compute()
+        helper = clone(self)
+        helper._validate_params()
+        helper._check_incremental("row_statistics")
+        return helper._statistics_of(helper._read_rows(X, batch, covariates, reset=True))
+
+    def with_fixed_knots(self, covariates):
+        """A copy whose ``smooth_knots`` are the knot positions :meth:`fit` would place on
+        these covariates (quantiles of each smooth column), for fits from statistics.
+
+        With the covariates of all the training rows at hand, :meth:`partial_fit` (and
+        :meth:`row_statistics`) on the copy equals :meth:`fit` on the original. Without
+        ``smooth_cols``, or with knot positions already given, the copy has the same
+        parameters.
+
+        Parameters
+        ----------
+        covariates : DataFrame
+            Holds the ``smooth_cols`` of all the training rows.
+
+        Returns
+        -------
+        combat : CombatHarmonizer
+            Unfitted, with ``smooth_knots`` a dict of knot positions.
+
+        Examples
+        --------
+        >>> import numpy as np, pandas as pd
+        >>> from kwneuro_sk import CombatHarmonizer
+        >>> ages = pd.DataFrame({"age": np.arange(20, 70, 2.0)})
+        >>> fixed = CombatHarmonizer(smooth_cols="age", smooth_knots=3).with_fixed_knots(ages)
+        >>> fixed.smooth_knots["age"].tolist()
+        [20.0, 44.0, 68.0]
+        """
+        self._validate_params()
+        smooth = ColumnRoles.of(self).smooth
+        helper = clone(self)
+        if not smooth:
+            return helper
+        if not isinstance(covariates, pd.DataFrame):
+            raise TypeError(
+                f"covariates must be a DataFrame holding smooth_cols {list(smooth)}; got "
+                f"{type(covariates).__name__}"
+            )
+        for col in smooth:
+            if col not in covariates.columns:
+                raise ValueError(
+                    f"smooth covariate {col!r} not found in covariates (columns: "
+                    f"{list(covariates.columns)})"
+                )
+            try:
+                values = covariates[col].to_numpy(dtype=np.float64)
+            except (TypeError, ValueError):
+                values = np.array([np.nan])
+            if not np.isfinite(values).all():
+                raise ValueError(
+                    f"smooth covariate {col!r} must hold finite numbers to place its knots"
+                )
+        return helper.set_params(smooth_knots=quantile_knots(covariates, smooth, self.smooth_knots))
+
+    @available_if(lambda self: self._check_statistics_route("fit_from_statistics"))
+    def fit_from_statistics(
+        self,
+        statistics,
+        *,
+        n_features_in=None,
+        feature_names_in=None,
+        feature_names_out=None,
+        columns_in=None,
+    ):
+        """Fit from merged per-site statistics of all the training rows (the one fit of
+        :meth:`partial_fit`, :meth:`fit_from_summaries`, dask input and streamed
+        :func:`~kwneuro_sk.harmonize_volumes`).
+
+        Parameters
+        ----------
+        statistics : kwneuro_sk.combat.statistics.SiteStatistics
+            From :meth:`row_statistics` of chunks of rows, merged. Made with this
+            estimator's covariate options (the smooth knots they hold are used).
+        n_features_in : int, default=None
+            Number of input columns (the statistics' number of features by default).
         feature_names_in, feature_names_out, columns_in : list, default=None
             Column names, when known.
-        route : str, default=None
-            Named in error messages (``"dask"``, ``"streamed volumes"``).
 
         Returns
         -------
         self : CombatHarmonizer
+            Fitted (see :meth:`row_statistics` for an example).
         """
+        if not isinstance(statistics, SiteStatistics):
+            raise TypeError(
+                "fit_from_statistics takes the SiteStatistics of row_statistics (merged); got "
+                f"{type(statistics).__name__}"
+            )
         self._validate_params()
-        self._refuse_longitudinal(route or "statistics of rows not in memory")
-        roles = ColumnRoles.of(self)
-        if n_samples is None:
-            n_samples = len(batch)
-        sites, cov_frame = read_metadata(batch, covariates, int(n_samples), roles, route=route)
-        rows = Rows(None, sites, cov_frame)
-        self.n_features_in_ = int(n_features)
+        self._check_incremental("fit_from_statistics", needs_knots=False)
+        if n_features_in is None:
+            n_features_in = statistics.n_features
+        self.n_features_in_ = int(n_features_in)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
-        elif hasattr(self, "feature_names_in_"):
+        elif "feature_names_in_" in self.__dict__:
             del self.feature_names_in_
         self._feature_names_out = (
             None if feature_names_out is None else np.asarray(feature_names_out, dtype=object)
         )
         self._columns_in = None if columns_in is None else list(columns_in)
-        return self._fit(rows, location_scale)
+        self._partial_statistics = None
+        try:
+            merged = statistics.aligned(sorted(statistics.sites), statistics.columns)
+        except TypeError as exc:
+            raise TypeError(
+                "site labels must be of one sortable type (all strings or all numbers); got "
+                f"{format_labels(statistics.sites)}"
+            ) from exc
+        return self._fit_statistics(merged)
 
     # Fitted state computed from the statistics on first use after partial_fit.
     _FITTED_STATE = frozenset(
@@ -1070,25 +1160,48 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if name in CombatHarmonizer._FITTED_STATE and state.get("_fit_pending"):
             self._fit_statistics(state["_partial_statistics"])
             return state[name]
+        if name in CombatHarmonizer._STATISTICS_ROUTES:
+            # hidden by available_if: say why (CovBatHarmonizer), not just "no attribute"
+            self._check_statistics_route(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    _STATISTICS_ROUTES = frozenset(
+        {
+            "partial_fit",
+            "row_statistics",
+            "fit_from_statistics",
+            "site_summary",
+            "fit_from_summaries",
+        }
+    )
 
     def _check_statistics_route(self, method):
         """Whether the estimator can be fitted from statistics (``available_if`` check)."""
         return True
 
-    def _check_incremental(self, method):
+    def _check_incremental(self, method, needs_knots=True):
         """Options that statistics of chunks or sites cannot serve, refused by name."""
+        if method in ("site_summary", "fit_from_summaries") and ColumnRoles.of(self).smooth:
+            raise ValueError(
+                f"{method} does not support smooth_cols: site summaries do not carry B-spline "
+                "knots yet; fit on the pooled rows, use partial_fit with smooth_knots as knot "
+                "positions, or model the covariate in continuous_cols"
+            )
         if getattr(self, "subject_col", None) is not None:  # longitudinal ComBat
             raise ValueError(
                 f"{method} does not support subject_col: longitudinal ComBat estimates each "
                 "subject's random effect from all of that subject's rows, which per-site "
                 "statistics do not hold; fit on the pooled rows"
             )
-        if ColumnRoles.of(self).smooth:
+        smooth = ColumnRoles.of(self).smooth
+        if smooth and needs_knots and fixed_knots(self.smooth_knots, smooth) is None:
             raise ValueError(
-                f"{method} does not support smooth_cols: the B-spline knots are quantiles "
-                "of all the training rows, unknown to a chunk or a site; fit on the pooled "
-                "rows, or model the covariate in continuous_cols"
+                f"{method} with smooth_cols needs the B-spline knots fixed in advance: "
+                f"smooth_knots={self.smooth_knots} places them at quantiles of all the "
+                "training rows, unknown to a chunk or a site. Give the knot positions, e.g. "
+                f"smooth_knots={{{smooth[0]!r}: [20, 35, 50, 65, 80]}} (fit with the same "
+                "knots gives the same model), fit on the pooled rows, or model the covariate "
+                "in continuous_cols"
             )
 
     def _feature_description(self):
@@ -1103,12 +1216,28 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             "batch_col": self.batch_col,
         }
 
+    def _smooth_settings(self):
+        """Spline settings of each smooth column on fixed knots (for SiteStatistics)."""
+        roles = ColumnRoles.of(self)
+        knots = fixed_knots(self.smooth_knots, roles.smooth) or {}
+        return statistics.plain_smooth(
+            {
+                col: {
+                    "knots": knots[col],
+                    "degree": self.smooth_degree,
+                    "extrapolation": self.smooth_extrapolation,
+                }
+                for col in roles.smooth
+            }
+        )
+
     def _statistics_of(self, rows):
         """Per-site statistics of validated rows (covariates unencoded)."""
         roles = ColumnRoles.of(self)
-        keys, Z = raw_design(rows.covariates, roles.categorical, roles.numeric)
+        smooth = self._smooth_settings()
+        keys, Z = raw_design(rows.covariates, roles.categorical, roles.continuous, smooth)
         try:
-            return statistics.SiteStatistics.of_rows(rows.features, rows.sites, keys, Z)
+            return SiteStatistics.of_rows(rows.features, rows.sites, keys, Z, smooth)
         except TypeError as exc:
             raise TypeError(
                 "site labels must be of one sortable type (all strings or all "
@@ -1137,8 +1266,17 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "their variance cannot be estimated; use mean_only=True to adjust only the site "
                 "means, or drop or merge those sites"
             )
-        moments, levels = stats.encoded(roles.categorical, roles.continuous)
-        self._covariates = CovariateEncoding(roles.categorical, roles.continuous, levels)
+        self._check_smooth_settings(stats.smooth, roles.smooth)
+        moments, levels = stats.encoded(roles.categorical, roles.continuous, roles.smooth)
+        self._covariates = CovariateEncoding(
+            roles.categorical,
+            roles.continuous,
+            levels,
+            roles.smooth,
+            [stats.smooth[col]["knots"] for col in roles.smooth],
+            self.smooth_degree,
+            self.smooth_extrapolation,
+        )
         self.covariate_names_ = self._covariates.names
         n_design = n_batches + moments.zbar.shape[1]
         if counts.sum() <= n_design:
@@ -1162,6 +1300,28 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 )
         standardization, mean, ss = statistics.fit_from_moments(moments, ref)
         return self._finish_fit(counts, ref, standardization, mean, ss)
+
+    def _check_smooth_settings(self, given, smooth):
+        """The spline settings of statistics agree with this estimator's smooth options."""
+        if list(given) != list(smooth):
+            raise ValueError(
+                f"the statistics were made with smooth covariates {list(given)}; this "
+                f"harmonizer has smooth_cols={list(smooth)}"
+            )
+        fixed = fixed_knots(self.smooth_knots, smooth)
+        for col in smooth:
+            spec = given[col]
+            wanted = {"degree": self.smooth_degree, "extrapolation": self.smooth_extrapolation}
+            if fixed is not None:
+                wanted["knots"] = [float(k) for k in fixed[col]]
+            elif len(spec["knots"]) != self.smooth_knots:
+                wanted["knots"] = f"{self.smooth_knots} knots"
+            for key, value in wanted.items():
+                if spec[key] != value:
+                    raise ValueError(
+                        f"the statistics of smooth covariate {col!r} were made with "
+                        f"{key}={spec[key]!r}; this harmonizer has {value!r}"
+                    )
 
     def _transform(self, rows):
         Z = self._covariates.transform(rows.covariates)

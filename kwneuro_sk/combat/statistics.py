@@ -14,16 +14,20 @@ intercepts are ``xbar_k - zbar_k @ beta`` and the residual sum of squares of sit
 for the same rows).
 
 The statistics of a chunk of rows are computed about the chunk's own site means
-(:func:`chunk_moments`), and two chunks are merged with the pairwise update of Chan, Golub &
-LeVeque (1979) (:func:`merge_moments`): no raw sums of squares are ever formed, so data with a
-large offset (T1 intensities around 1e4 with a standard deviation of 10) lose no precision.
+(:func:`chunk_moments`), keyed by site label and covariate column (:class:`SiteStatistics`),
+and two sets are merged with the pairwise update of Chan, Golub & LeVeque (1979)
+(:meth:`SiteStatistics.add`): no raw sums of squares are ever formed, so data with a large
+offset (T1 intensities around 1e4 with a standard deviation of 10) lose no precision.
+:class:`SiteStatistics` is the one statistics object of the package: ``partial_fit``, federated
+summaries, dask blocks and streamed volumes all produce and merge it, and
+:meth:`kwneuro_sk.CombatHarmonizer.fit_from_statistics` fits from it.
 Memory is that of the statistics, ``n_sites x (n_covariates + 2) x n_features`` values,
 whatever the number of rows. Plain numpy; no pandas, no scikit-learn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -126,42 +130,6 @@ def chunk_moments(X, batch_idx, n_batches, Z):
     return moments
 
 
-def merge_moments(a, b):
-    """Statistics of the union of two disjoint sets of rows (Chan et al. pairwise update).
-
-    For each site, with ``d = mean_b - mean_a`` and ``w = n_a n_b / (n_a + n_b)``:
-    ``C = C_a + C_b + w * d_z d_x'``; the means move by ``d * n_b / (n_a + n_b)``.
-    """
-    n = a.n + b.n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(n > 0, b.n / n, 0.0)
-        weight = np.where(n > 0, a.n * b.n / n, 0.0)
-    dx = b.xbar - a.xbar
-    dz = b.zbar - a.zbar
-    return SiteMoments(
-        n=n,
-        zbar=a.zbar + share[:, None] * dz,
-        xbar=a.xbar + share[:, None] * dx,
-        czz=a.czz + b.czz + weight[:, None, None] * dz[:, :, None] * dz[:, None, :],
-        czx=a.czx + b.czx + weight[:, None, None] * dz[:, :, None] * dx[:, None, :],
-        cxx=a.cxx + b.cxx + weight[:, None] * dx**2,
-        magnitude=np.maximum(a.magnitude, b.magnitude),
-    )
-
-
-def tree_merge(parts):
-    """Merge a list of statistics pairwise, as a balanced tree."""
-    parts = list(parts)
-    if not parts:
-        raise ValueError("no statistics to merge")
-    while len(parts) > 1:
-        parts = [
-            merge_moments(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
-            for i in range(0, len(parts), 2)
-        ]
-    return parts[0]
-
-
 def fit_from_moments(moments, ref=None):
     """ComBat's location/scale fit from merged statistics.
 
@@ -206,20 +174,6 @@ def fit_from_moments(moments, ref=None):
     return standardization, (intercepts - grand_mean) / scale, rss / scale**2
 
 
-def location_scale_from_chunks(chunks):
-    """A ``location_scale(batch_idx, n_batches, Z, ref)`` callable for the harmonizer's fit
-    that merges the statistics given by ``chunks(batch_idx, n_batches, Z)`` (an iterable of
-    :class:`SiteMoments`, merged in order as they arrive, so only two are held at once)."""
-
-    def location_scale(batch_idx, n_batches, Z, ref):
-        total = None
-        for part in chunks(batch_idx, n_batches, Z):
-            total = part if total is None else merge_moments(total, part)
-        return fit_from_moments(total, ref)
-
-    return location_scale
-
-
 # --------------------------------------------------------------------------------------------
 # Statistics keyed by site label and covariate column: what partial_fit, federated summaries,
 # dask blocks and streamed volumes produce and merge
@@ -244,12 +198,14 @@ class SiteStatistics:
 
     The covariates enter *unencoded*: each level of a categorical covariate has its own
     indicator column (keyed ``("level", column, level)``), each continuous covariate its
-    values (``("value", column)``). Merging two sets of statistics aligns sites and columns
-    (a site or level absent from one side has zero rows there), so chunks, dask blocks and
-    sites may hold different sites and levels. :meth:`encoded` picks the columns of the
-    ComBat design (the first sorted level of each categorical covariate dropped) once all
-    rows are merged: the statistics of a subset of columns are the rows and columns of the
-    full ones.
+    values (``("value", column)``), each smooth covariate the columns of its B-spline basis on
+    fixed knots (``("spline", column, j)``; the knots, degree and extrapolation are in
+    ``smooth``, and only statistics with the same ones merge). Merging two sets of
+    statistics aligns sites and columns (a site or level absent from one side has zero rows
+    there), so chunks, dask blocks and sites may hold different sites and levels.
+    :meth:`encoded` picks the columns of the ComBat design (the first sorted level of each
+    categorical covariate dropped) once all rows are merged: the statistics of a subset of
+    columns are the rows and columns of the full ones.
 
     Attributes
     ----------
@@ -258,19 +214,23 @@ class SiteStatistics:
     columns : list of tuple
         Key of each covariate column of the moments.
     moments : SiteMoments
+    smooth : dict
+        ``{column: {"knots": list, "degree": int, "extrapolation": str}}`` of each smooth
+        covariate (empty without smooth covariates).
     """
 
     sites: list
     columns: list
     moments: SiteMoments
+    smooth: dict = field(default_factory=dict)
 
     @classmethod
-    def of_rows(cls, X, sites, columns, Z):
+    def of_rows(cls, X, sites, columns, Z, smooth=None):
         """Statistics of rows ``X`` with site labels ``sites`` and covariate columns ``Z``
-        (keyed by ``columns``)."""
+        (keyed by ``columns``; ``smooth`` as the attribute)."""
         labels, batch_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
         moments = chunk_moments(X, batch_idx.ravel(), len(labels), Z)
-        return cls(labels.tolist(), list(columns), moments)
+        return cls(labels.tolist(), list(columns), moments, plain_smooth(smooth))
 
     @property
     def n_features(self):
@@ -292,7 +252,7 @@ class SiteStatistics:
         out.zbar[rows] = m.zbar
         out.czx[rows] = m.czx
         out.czz[np.ix_(site_at, col_at, col_at)] = m.czz
-        return SiteStatistics(list(sites), list(columns), out)
+        return SiteStatistics(list(sites), list(columns), out, self.smooth)
 
     def merge(self, other):
         """Statistics of the rows of ``self`` and ``other`` together (disjoint rows); neither
@@ -308,6 +268,7 @@ class SiteStatistics:
                 f"statistics of {other.n_features} features cannot be merged with statistics "
                 f"of {self.n_features} features"
             )
+        check_same_smooth(self.smooth, other.smooth)
         total = self
         new_sites = [s for s in other.sites if s not in set(self.sites)]
         new_columns = [c for c in other.columns if c not in set(self.columns)]
@@ -358,12 +319,14 @@ class SiteStatistics:
         """Sorted levels of a categorical covariate seen in the rows."""
         return sorted(key[2] for key in self.columns if key[0] == "level" and key[1] == column)
 
-    def encoded(self, categorical, continuous):
+    def encoded(self, categorical, continuous, smooth=()):
         """The moments of the ComBat design's covariate columns: for each categorical column
-        its levels but the first (sorted), then the continuous columns; and the levels."""
+        its levels but the first (sorted), then the continuous columns, then the spline
+        columns of each smooth column; and the levels."""
         levels = [self.levels(col) for col in categorical]
         keys = [("level", col, lv) for col, lvs in zip(categorical, levels) for lv in lvs[1:]]
         keys += [("value", col) for col in continuous]
+        keys += [key for col in smooth for key in self.columns if key[:2] == ("spline", col)]
         at = [self.columns.index(k) for k in keys]
         m = self.moments
         moments = SiteMoments(
@@ -389,9 +352,56 @@ def merge_all(parts):
     for part in parts:
         sites = _union(sites, part.sites, "site")
         columns += [c for c in part.columns if c not in set(columns)]
+        check_same_smooth(parts[0].smooth, part.smooth)
     total = SiteStatistics(
-        sites, columns, SiteMoments.empty(len(sites), len(columns), parts[0].n_features)
+        sites,
+        columns,
+        SiteMoments.empty(len(sites), len(columns), parts[0].n_features),
+        parts[0].smooth,
     )
     for part in parts:
         total = total.add(part)
     return total
+
+
+def join_features(parts):
+    """Statistics of the same rows over consecutive blocks of features, joined along the
+    features (dask's column blocks)."""
+    first = parts[0]
+    parts = [p.aligned(first.sites, first.columns) for p in parts]
+    m = first.moments
+    moments = SiteMoments(
+        n=m.n,
+        zbar=m.zbar,
+        czz=m.czz,
+        xbar=np.concatenate([p.moments.xbar for p in parts], axis=-1),
+        czx=np.concatenate([p.moments.czx for p in parts], axis=-1),
+        cxx=np.concatenate([p.moments.cxx for p in parts], axis=-1),
+        magnitude=np.concatenate([p.moments.magnitude for p in parts], axis=-1),
+    )
+    return SiteStatistics(first.sites, first.columns, moments, first.smooth)
+
+
+def plain_smooth(smooth):
+    """The spline settings of smooth covariates as plain data (lists, int, str)."""
+    return {
+        col: {
+            "knots": [float(k) for k in spec["knots"]],
+            "degree": int(spec["degree"]),
+            "extrapolation": str(spec["extrapolation"]),
+        }
+        for col, spec in (smooth or {}).items()
+    }
+
+
+def check_same_smooth(a, b):
+    """Statistics with other spline knots, degree or extrapolation do not merge."""
+    if a == b:
+        return
+    for col in list(a) + [c for c in b if c not in a]:
+        if a.get(col) != b.get(col):
+            raise ValueError(
+                f"statistics with different B-spline settings for smooth covariate {col!r} "
+                f"cannot be merged: {a.get(col)} vs {b.get(col)}; give every chunk or site "
+                "the same smooth_knots, smooth_degree and smooth_extrapolation"
+            )

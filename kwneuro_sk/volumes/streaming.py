@@ -3,9 +3,11 @@
 
 Two passes over the files, each reading a chunk of subjects at a time:
 
-1. fit: every chunk's in-mask values become per-site centred statistics
-   (:func:`kwneuro_sk.combat.statistics.chunk_moments`), merged in input order as the chunks
-   arrive; the harmonizer is fitted from them;
+1. fit: every chunk's in-mask values become per-site statistics
+   (:meth:`CombatHarmonizer.row_statistics`, the
+   :class:`~kwneuro_sk.combat.statistics.SiteStatistics` of ``partial_fit`` and federated
+   summaries), merged in input order as the chunks arrive; the harmonizer is fitted from them
+   (:meth:`CombatHarmonizer.fit_from_statistics`);
 2. apply: every chunk is read again, harmonized with the fitted harmonizer (row by row, so a
    chunk gives what the whole cohort gives) and written, one file per subject.
 
@@ -27,7 +29,6 @@ import numpy as np
 
 from kwneuro_sk import images
 from kwneuro_sk._files import StagedFiles
-from kwneuro_sk.combat import statistics
 from kwneuro_sk.combat._inputs import ColumnRoles, read_metadata
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
@@ -63,7 +64,7 @@ def harmonize(
     roles = ColumnRoles.from_params(
         None, options["categorical_cols"], options["continuous_cols"], options["smooth_cols"]
     )
-    read_metadata(sites, covars, len(sources), roles, route="streamed volumes")
+    _, covariates = read_metadata(sites, covars, len(sources), roles, route="streamed volumes")
     if sites.nunique() < 2:
         raise ValueError(
             f"harmonize_volumes needs volumes from at least 2 sites in column "
@@ -73,22 +74,18 @@ def harmonize(
         targets = output_paths(sources, output_dir, staged, mask=mask)
         reader = _Reader(sources, mask_array, grid, dtype, chunk_size, n_jobs, verbose)
 
-        def chunks(batch_idx, n_batches, Z):
-            tasks = (
-                joblib.delayed(_chunk_moments)(reader, chunk, batch_idx[chunk], n_batches, Z[chunk])
-                for chunk in reader.chunks
-            )
-            return reader.run(tasks, "fit")
-
         combat = CombatHarmonizer(**options)
-        combat.fit_from_statistics(
-            statistics.location_scale_from_chunks(chunks),
-            n_samples=len(sources),
-            n_features=int(mask_array.sum()),
-            batch=sites,
-            covariates=covars,
-            route="streamed volumes",
+        chunker = combat.with_fixed_knots(covariates)
+        tasks = (
+            joblib.delayed(_chunk_statistics)(reader, chunk, chunker, sites, covars)
+            for chunk in reader.chunks
         )
+        total = None
+        for part in reader.run(tasks, "fit"):
+            total = part if total is None else total.add(part)
+        del part  # the statistics are not held through the second pass
+        combat.fit_from_statistics(total, n_features_in=int(mask_array.sum()))
+        del total
         estimates = combat.estimates_
         estimates.info["volumes"] = {
             "batch_col": batch_col,
@@ -278,9 +275,9 @@ class _Reader:
             yield result
 
 
-def _chunk_moments(reader, chunk, batch_idx, n_batches, Z):
+def _chunk_statistics(reader, chunk, chunker, sites, covars):
     X, _, _ = reader.read(chunk)
-    return statistics.chunk_moments(X, batch_idx, n_batches, Z)
+    return chunker.row_statistics(X, batch=sites.iloc[chunk], covariates=covars.iloc[chunk])
 
 
 def _write_all(reader, combat, covars, batch_col, targets, preserve_out_of_mask, staged):
