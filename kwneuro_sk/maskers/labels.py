@@ -33,7 +33,6 @@ from kwneuro_sk import images as _images
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
-from kwneuro_sk.maskers.report import masker_report
 from kwneuro_sk.maskers.runs import (
     check_confounds_length,
     per_run,
@@ -735,6 +734,9 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             ``report.open_in_browser()`` shows it; a notebook displays it inline.
         """
         check_is_fitted(self)
+        # imported here: nilearn.reporting (and matplotlib) only load when a report is made
+        from kwneuro_sk.maskers.report import masker_report
+
         if engine != "matplotlib":
             raise ValueError(
                 f"engine={engine!r} is not supported by LabelsMasker.generate_report; use "
