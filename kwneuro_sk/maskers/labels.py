@@ -805,6 +805,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         table = pd.DataFrame(
             rows, columns=["column", "label value", "region name", "voxels", "status"]
         )
+        table["column"] = table["column"].astype("Int64")  # a removed region has none
         table["label value"] = [format_label(v) for v in table["label value"]]
         table.insert(4, "size (mm^3)", (table["voxels"] * voxel_mm3).round(1))
         table.insert(5, "relative size (%)", (100 * table["voxels"] / total).round(2))
