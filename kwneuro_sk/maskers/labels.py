@@ -917,8 +917,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             if isinstance(memory.location, str):
                 store = os.path.join(memory.location, "kwneuro_sk_file_digests")
             content, raw = _images.file_digest(source, name=name, store=store)
+            held = [raw]  # handed over once, so the compressed bytes go as soon as decoded
+            del raw
 
             def decode():
+                raw = held.pop()
                 if raw is None:  # digest known, result not cached (other parameters)
                     return _images.load_image(source, name=name, writable=False)
                 return _images.image_from_bytes(raw, source, name=name, writable=False)
