@@ -149,11 +149,37 @@ def peak_memory(function):
         tracemalloc.stop()
 
 
+def read_pass_time(X, repeats=7):
+    """Median wall time of one pass reading every value of X (``X.sum()``): the floor any
+    harmonization of X stands on, and a unit that moves with the machine's speed and load as
+    ours does, unlike a peer's time."""
+    times, _ = wall_times(lambda: X.sum(), repeats)
+    return float(np.median(times))
+
+
+def load_average():
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def relative_difference(ours, reference):
     return float(np.max(np.abs(ours - reference) / np.abs(reference)))
 
 
-def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, fresh=0, seed=0):
+def compare(
+    name,
+    X,
+    covars,
+    parametric,
+    repeats,
+    peer,
+    extrapolate_from=None,
+    fresh=0,
+    seed=0,
+    memory=True,
+):
     """One row of the comparison table: a dict of printable values, plus, under keys starting
     with ``_``, the peer's time and output and whether the numbers agree.
 
@@ -164,31 +190,36 @@ def compare(name, X, covars, parametric, repeats, peer, extrapolate_from=None, f
     times, ours_out = wall_times(lambda: run_ours(X, covars, parametric), repeats)
     ours_time = float(np.median(times))
     firsts = first_calls(*X.shape, seed, parametric, X.dtype.name, fresh) if fresh else np.array([])
-    ours_peak = peak_memory(lambda: run_ours(X, covars, parametric))
+    ours_peak = peak_memory(lambda: run_ours(X, covars, parametric)) if memory else None
+    read = read_pass_time(X)
     row = dict(
         case=name,
         ours=spread(times),
+        passes=f"{ours_time / read:.0f} ({times.min() / read:.0f}-{times.max() / read:.0f})",
         first=spread(firsts) if fresh else "-",
-        ours_mem=f"{ours_peak / X.nbytes:.2f}x",
+        ours_mem=f"{ours_peak / X.nbytes:.2f}x" if memory else "-",
         peer="-",
         ratio="-",
         diff="-",
         peer_mem="-",
         _agree=True,
+        _ours_time=ours_time,
+        _passes=ours_time / read,
     )
     if isinstance(peer, np.ndarray):
         diff = relative_difference(ours_out, peer)
         row.update(diff=f"{diff:.1e}", _agree=diff < 1e-6)
     elif peer:
         peer_time, peer_out = best_time(lambda: run_neurocombat(X, covars, parametric), 1)
-        peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
+        if memory:
+            peer_peak = peak_memory(lambda: run_neurocombat(X, covars, parametric))
         diff = relative_difference(ours_out, peer_out)
         row.update(
             peer=f"{peer_time:.2f}",
             ratio=f"{peer_time / ours_time:.0f}x ({peer_time / times.max():.0f}-"
             f"{peer_time / times.min():.0f}x)",
             diff=f"{diff:.1e}",
-            peer_mem=f"{peer_peak / X.nbytes:.2f}x",
+            peer_mem=f"{peer_peak / X.nbytes:.2f}x" if memory else "-",
             _agree=diff < 1e-8,
             _peer_time=peer_time,
             _peer_out=peer_out,
@@ -286,6 +317,104 @@ def describe_machine():
     )
 
 
+def comparison_rows(args, n, g_param, g_np, g_np_big):
+    """The rows of one run of the comparison table."""
+    memory = not args.no_memory
+    X, covars = make_cohort(n, g_param)
+    rows = [
+        compare(
+            f"parametric {n} x {g_param:,} float64",
+            X,
+            covars,
+            True,
+            args.repeats,
+            True,
+            fresh=args.fresh,
+            memory=memory,
+        )
+    ]
+    reference = rows[0].pop("_peer_out")
+    rows.append(
+        compare(
+            f"parametric {n} x {g_param:,} float32",
+            X.astype(np.float32),
+            covars,
+            True,
+            args.repeats,
+            reference,
+            fresh=args.fresh,
+            memory=memory,
+        )
+    )
+    del X, reference
+
+    X, covars = make_cohort(n, g_np, seed=2)
+    rows.append(
+        compare(
+            f"non-parametric {n} x {g_np:,}",
+            X,
+            covars,
+            False,
+            args.repeats,
+            True,
+            fresh=args.fresh,
+            seed=2,
+            memory=memory,
+        )
+    )
+    rows[-1].pop("_peer_out")
+    if not args.no_extrapolated:
+        X, covars = make_cohort(n, g_np_big, seed=3)
+        rows.append(
+            compare(
+                f"non-parametric {n} x {g_np_big:,}",
+                X,
+                covars,
+                False,
+                1,
+                False,
+                extrapolate_from=(rows[-1]["_peer_time"], g_np),
+                memory=memory,
+            )
+        )
+    return rows
+
+
+def print_spread_over_runs(rows, runs):
+    """Per case, the range over the runs of our median, read passes, neuroCombat and speed-up."""
+    table = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+
+        def span(values, fmt):
+            return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+        peer = [r["_peer_time"] for r in mine if "_peer_time" in r]
+        table.append(
+            dict(
+                case=case,
+                ours=span([r["_ours_time"] for r in mine], "{:.3f}"),
+                passes=span([r["_passes"] for r in mine], "{:.0f}"),
+                peer=span(peer, "{:.2f}") if peer else "-",
+                ratio=span([p / r["_ours_time"] for p, r in zip(peer, mine)], "{:.1f}") + "x"
+                if peer
+                else "-",
+            )
+        )
+    print(f"Spread over the {runs} runs (min-max of the per-run values above)")
+    print_table(
+        table,
+        [
+            ("case", "case"),
+            ("ours", "ours median (s)"),
+            ("passes", "read passes"),
+            ("peer", "neuroCombat (s)"),
+            ("ratio", "speed-up"),
+        ],
+    )
+    print()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -306,6 +435,21 @@ def main(argv=None):
     parser.add_argument(
         "--n-jobs", type=int, default=1, help="CombatHarmonizer(n_jobs=...) for ours (default 1)"
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the comparison table (default 1); with 2 or "
+        "more, the spread over the runs is printed too",
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the tracemalloc peaks (much faster)"
+    )
+    parser.add_argument(
+        "--no-extrapolated",
+        action="store_true",
+        help="skip the non-parametric 300 x 50,000 row (ours only, ~40 s)",
+    )
     parser.add_argument("--first-call", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global N_JOBS
@@ -323,85 +467,42 @@ def main(argv=None):
 
     print(describe_machine())
     print()
-    X, covars = make_cohort(n, g_param)
-    rows = [
-        compare(
-            f"parametric {n} x {g_param:,} float64",
-            X,
-            covars,
-            True,
-            args.repeats,
-            True,
-            fresh=args.fresh,
+    all_rows = []
+    for run in range(1, args.runs + 1):
+        print(f"run {run} of {args.runs}: load average {load_average()} (1, 5, 15 min)")
+        rows = comparison_rows(args, n, g_param, g_np, g_np_big)
+        print(
+            f"ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds: ours as "
+            f"median (min-max) of {args.repeats} calls in one process; 'read passes' = our time "
+            "/ the time of one pass reading the input (X.sum()); 'first call' the first "
+            f"call in each of {args.fresh} fresh processes; neuroCombat one run; speed-up = "
+            "neuroCombat / our median (range over our calls); peak = tracemalloc peak / input "
+            "array size)"
         )
-    ]
-    reference = rows[0].pop("_peer_out")
-    rows.append(
-        compare(
-            f"parametric {n} x {g_param:,} float32",
-            X.astype(np.float32),
-            covars,
-            True,
-            args.repeats,
-            reference,
-            fresh=args.fresh,
+        print_table(
+            rows,
+            [
+                ("case", "case"),
+                ("ours", "ours (s)"),
+                ("passes", "read passes"),
+                ("first", "first call (s)"),
+                ("peer", "neuroCombat (s)"),
+                ("ratio", "speed-up"),
+                ("diff", "max rel diff"),
+                ("ours_mem", "ours peak"),
+                ("peer_mem", "neuroCombat peak"),
+            ],
         )
-    )
-    del X, reference
-
-    X, covars = make_cohort(n, g_np, seed=2)
-    rows.append(
-        compare(
-            f"non-parametric {n} x {g_np:,}",
-            X,
-            covars,
-            False,
-            args.repeats,
-            True,
-            fresh=args.fresh,
-            seed=2,
-        )
-    )
-    rows[-1].pop("_peer_out")
-    X, covars = make_cohort(n, g_np_big, seed=3)
-    rows.append(
-        compare(
-            f"non-parametric {n} x {g_np_big:,}",
-            X,
-            covars,
-            False,
-            1,
-            False,
-            extrapolate_from=(rows[-1]["_peer_time"], g_np),
-        )
-    )
-    del X
-
-    print(
-        f"ComBat fit_transform, ours vs neuroCombat 0.2.12 (wall time in seconds: ours as "
-        f"median (min-max) of {args.repeats} calls in one process, 'first call' the first "
-        f"call in each of {args.fresh} fresh processes; neuroCombat one run; speed-up = "
-        "neuroCombat / our median (range over our calls); peak = tracemalloc peak / input "
-        "array size)"
-    )
-    print_table(
-        rows,
-        [
-            ("case", "case"),
-            ("ours", "ours (s)"),
-            ("first", "first call (s)"),
-            ("peer", "neuroCombat (s)"),
-            ("ratio", "speed-up"),
-            ("diff", "max rel diff"),
-            ("ours_mem", "ours peak"),
-            ("peer_mem", "neuroCombat peak"),
-        ],
-    )
+        print(f"run {run} ended: load average {load_average()}")
+        print()
+        all_rows.extend(rows)
     print(
         "float32 row: difference against neuroCombat's float64 output on the same values "
         f"(float32 rounding). Extrapolated: neuroCombat's non-parametric time at {g_np:,} "
         f"features times (G / {g_np:,})^2, since its cost is O(G^2 n)."
     )
+    if args.runs > 1:
+        print_spread_over_runs(all_rows, args.runs)
 
     if not args.no_scaling:
         table, per_value = scaling_rows(sizes, args.repeats)
@@ -429,7 +530,7 @@ def main(argv=None):
             ],
         )
 
-    disagree = [r["case"] for r in rows if not r["_agree"]]
+    disagree = sorted({r["case"] for r in all_rows if not r["_agree"]})
     if disagree:
         sys.exit(f"results differ from neuroCombat beyond 1e-8 (1e-6 for float32): {disagree}")
 

@@ -83,6 +83,13 @@ def _read_table(path):
         ) from None
     if frame.empty:
         raise CommandError(f"{path} has a header but no rows")
+    header = pd.read_csv(path, sep=_separator(path), dtype=str, header=None, nrows=1)
+    names = header.iloc[0].tolist()
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:  # pandas would rename the second one ('f0.1') and write it back so
+        raise CommandError(
+            f"{path} has more than one column named {repeated}; give every column its own name"
+        )
     return frame
 
 
@@ -220,13 +227,15 @@ def _progress(done, total, start):
 def _combat_input(args, frame):
     """The table ComBat reads (site and covariate columns as labels/numbers, features as
     numbers) and the feature columns, from the harmonize/summarize options."""
-    text = [args.batch_col, *args.categorical]
+    subject = [args.subject] if getattr(args, "subject", None) else []
+    text = [args.batch_col, *args.categorical, *subject]
     smooth = getattr(args, "smooth", [])
     features = [c for c in frame.columns if c not in {*text, *args.continuous, *smooth, *args.keep}]
     X = pd.concat(
         [
             _labels(frame, [args.batch_col], args.features, "--batch-col"),
             _labels(frame, args.categorical, args.features, "--categorical"),
+            _labels(frame, subject, args.features, "--subject"),
             _numbers(frame, args.continuous, args.features, role="--continuous"),
             _numbers(frame, smooth, args.features, role="--smooth"),
             _numbers(frame, features, args.features),
@@ -314,6 +323,7 @@ def cmd_harmonize(args):
             "--continuous": args.continuous,
             "--smooth": args.smooth,
             "--keep": args.keep,
+            "--subject": [args.subject] if args.subject else [],
         },
     )
     X, features = _combat_input(args, frame)
@@ -329,6 +339,9 @@ def cmd_harmonize(args):
             ref_batch=_match_label(args.ref_batch, frame[args.batch_col]),
             smooth_cols=args.smooth or None,
             smooth_knots=args.smooth_knots,
+            subject_col=args.subject,
+            random_slope=args.random_slope,
+            sigma_method=args.sigma_method,
         ).set_output(transform="pandas")
         harmonized = combat.fit_transform(X)
         out = frame.copy()  # every other column written back exactly as read
@@ -395,6 +408,8 @@ def cmd_apply(args):
     for col in text:
         _labels(frame, [col], args.features, "site" if col == combat.batch_col else "categorical")
     parts = [_as_fitted_labels(frame[c], labels).rename(c) for c, labels in text.items()]
+    if roles.subject is not None:  # longitudinal model: subjects seen in fit or new ones
+        parts.append(_labels(frame, [roles.subject], args.features, "subject"))
     X = pd.concat(
         [
             *parts,
@@ -583,6 +598,24 @@ def build_parser():
         help="knots per smooth covariate (default 5)",
     )
     harm.add_argument(
+        "--subject",
+        metavar="COL",
+        help="subject column of repeated scans: longitudinal ComBat with a random intercept "
+        "per subject (see the user guide, Longitudinal data)",
+    )
+    harm.add_argument(
+        "--random-slope",
+        metavar="COL",
+        help="with --subject: a --continuous column (e.g. time) with a random slope per subject",
+    )
+    harm.add_argument(
+        "--sigma-method",
+        choices=["reml", "msr"],
+        default="reml",
+        help="with --subject: scale of the standardization, the REML residual standard "
+        "deviation (default) or the mean squared residual",
+    )
+    harm.add_argument(
         "--report",
         metavar="REPORT.html",
         help="also write a self-contained HTML report (needs matplotlib)",
@@ -682,6 +715,8 @@ _CLI_TERMS = [
     (r"(?<![\w'\[])smooth_cols(?![\w'])", "--smooth"),
     (r"(?<![\w'\[])smooth_knots(?![\w'])", "--smooth-knots"),
     (r"(?<![\w'\[])batch_col(?![\w'=])", "--batch-col"),
+    (r"(?<![\w'\[])subject_col(?![\w'])", "--subject"),
+    (r"(?<![\w'\[])random_slope(?![\w'])", "--random-slope"),
 ]
 
 

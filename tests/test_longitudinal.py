@@ -425,3 +425,115 @@ def test_random_slope_needs_more_rows_than_random_effects(cohort):
     two_visits = cohort.groupby("subject").head(2)
     with pytest.raises(ValueError, match="a random slope needs more visits"):
         harmonizer(random_slope="time").fit(two_visits)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------
+
+
+def test_cli_harmonize_and_apply_with_subject(cohort, tmp_path, capsys):
+    from kwneuro_sk.cli import main
+
+    table = tmp_path / "cohort.csv"
+    cohort.to_csv(table, index=False)
+    out, model = tmp_path / "out.csv", tmp_path / "model.npz"
+    options = ["--batch-col", "site", "--categorical", "sex"]
+    options += ["--continuous", "age", "dx", "time", "dx_time", "--subject", "subject"]
+    status = main(
+        ["harmonize", str(table), *options, "--sigma-method", "msr", "-o", str(out)]
+        + ["--save-model", str(model)]
+    )
+    assert status == 0
+    written = pd.read_csv(out)
+    expected = reference("msr_intercept")
+    assert relative_error(written[FEATURES].to_numpy(), expected, cohort).max() < 1e-6
+    assert written.subject.tolist() == cohort.subject.tolist()
+    # apply: seen subjects get their fitted random effects, new subjects their BLUP
+    new = cohort[cohort.subject >= "s40"].assign(subject=lambda d: "new-" + d.subject)
+    new_table, applied = tmp_path / "new.csv", tmp_path / "applied.csv"
+    new.to_csv(new_table, index=False)
+    assert main(["apply", str(model), str(new_table), "-o", str(applied)]) == 0
+    python = harmonizer(sigma_method="msr").fit(cohort)
+    np.testing.assert_allclose(
+        pd.read_csv(applied)[FEATURES].to_numpy(), python.transform(new), rtol=1e-12
+    )
+
+
+def test_cli_random_slope_needs_a_continuous_column(cohort, tmp_path, capsys):
+    from kwneuro_sk.cli import main
+
+    table = tmp_path / "cohort.csv"
+    cohort.to_csv(table, index=False)
+    status = main(
+        ["harmonize", str(table), "--batch-col", "site", "--categorical", "sex"]
+        + ["--subject", "subject", "--random-slope", "time", "-o", str(tmp_path / "o.csv")]
+    )
+    assert status != 0
+    err = capsys.readouterr().err
+    assert "--random-slope='time' must be one of --continuous" in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_report_of_a_longitudinal_model(cohort):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kwneuro_sk.report import harmonization_report
+
+    combat = CombatHarmonizer(subject_col="subject", **COVARIATES).fit(
+        cohort[FEATURES], batch=cohort.site, covariates=cohort, subjects=cohort.subject
+    )
+    report = harmonization_report(
+        combat,
+        cohort[FEATURES],
+        batch=cohort.site,
+        covariates=cohort,
+        subjects=cohort.subject,
+        max_features=1,
+        cv=3,
+    )
+    assert report.metrics["n_subjects_fitted"] == 48
+    assert report.metrics["singular_fits"] == 1  # f3, as lme4
+    assert "longitudinal ComBat" in report.html
+
+
+# ------------------------------------------------------------------------------------------
+# volumes
+# ------------------------------------------------------------------------------------------
+
+
+def test_harmonize_volumes_with_subjects_equals_the_estimator(cohort, tmp_path):
+    import nibabel as nib
+
+    from kwneuro_sk import harmonize_volumes
+
+    # the 8 features as the voxels of 2 x 2 x 2 images, one image per visit
+    values = cohort[FEATURES].to_numpy()
+    imgs = [nib.Nifti1Image(v.reshape(2, 2, 2), np.eye(4)) for v in values]
+    mask = nib.Nifti1Image(np.ones((2, 2, 2), dtype=np.uint8), np.eye(4))
+    out, est = harmonize_volumes(
+        imgs, cohort, "site", mask, subject_col="subject", dtype=np.float64, **COVARIATES
+    )
+    expected = harmonizer().fit_transform(cohort)
+    result = np.stack([img.get_fdata().reshape(-1) for img in out])
+    np.testing.assert_allclose(result, expected, rtol=1e-12)
+    # a new subject's visits, with the saved model
+    path = tmp_path / "model.npz"
+    est.save(path)
+    new = cohort.iloc[:3].assign(subject="new")
+    again = est.load(path).apply_volumes(imgs[:3], new, dtype=np.float64)
+    np.testing.assert_allclose(
+        np.stack([img.get_fdata().reshape(-1) for img in again]),
+        harmonizer().fit(cohort).transform(new),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="covars needs its subject column 'subject'"):
+        est.apply_volumes(imgs[:3], new.drop(columns="subject"))
+    with pytest.raises(ValueError, match=r"output_dir=\.\.\.\) streams the volumes"):
+        est.apply_volumes(imgs[:3], new, output_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"do not support subject_col"):
+        harmonize_volumes(
+            imgs, cohort, "site", mask, subject_col="subject", output_dir=tmp_path / "s"
+        )
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()

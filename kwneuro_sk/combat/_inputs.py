@@ -156,6 +156,12 @@ def read_metadata(batch, covariates, n_rows, roles, *, route=None):
                 f"covariate column(s) {missing} not found in covariates={where} "
                 f"(columns: {list(covariates.columns)})"
             )
+        repeated = [c for c in columns if int((covariates.columns == c).sum()) > 1]
+        if repeated:
+            raise ValueError(
+                f"covariates={where} has more than one column named {repeated}; give each "
+                "covariate one column"
+            )
         frame = covariates[columns]
     else:  # only the columns named in categorical_cols/continuous_cols/smooth_cols are used
         frame = pd.DataFrame(index=range(n_rows))
@@ -237,6 +243,11 @@ def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
         if missing:
             raise ValueError(missing_columns_message(missing, X.columns))
         features = X[roles.features(X.columns)]
+        if features.shape[1] == 0:
+            raise ValueError(
+                f"X has no feature columns: its columns {list(X.columns)[:10]} are all the "
+                "site and covariate columns; ComBat harmonizes the other columns of X"
+            )
         batch, covariates = X[batch_col], X[roles.covariates]
         if roles.subject is not None:
             subjects = X[roles.subject]

@@ -481,9 +481,9 @@ def _bfgs(evaluate, x, max_iter=400):
             rho = 1.0 / sy[update]
             eye = np.eye(d)[None]
             left = eye - rho[:, None, None] * s[update][:, :, None] * yv[update][:, None, :]
-            Hinv[update] = left @ Hinv[update] @ left.transpose(0, 2, 1) + rho[
-                :, None, None
-            ] * (s[update][:, :, None] * s[update][:, None, :])
+            Hinv[update] = left @ Hinv[update] @ left.transpose(0, 2, 1) + rho[:, None, None] * (
+                s[update][:, :, None] * s[update][:, None, :]
+            )
         small = (np.abs(s) <= 1e-13 * (1.0 + np.abs(x_new))).all(axis=1) | (
             np.abs(g_new).max(axis=1) <= 1e-11
         )

@@ -191,6 +191,13 @@ def apply_volumes(
             f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
             "voxels"
         )
+    longitudinal = combat.get_params()["subject_col"] is not None
+    if output_dir is not None and longitudinal:
+        raise ValueError(
+            "apply_volumes(output_dir=...) streams the volumes, which longitudinal models "
+            "(subject_col) do not support: a new subject's random effect is predicted from all "
+            "of its volumes at once; leave output_dir unset"
+        )
     if output_dir is not None:
         return _streaming.apply(
             combat,
@@ -209,5 +216,16 @@ def apply_volumes(
     sources = inputs.open_volumes(volumes, minimum=1, reference=(fitted_grid, "the fitted mask"))
     covars = inputs.check_covars(covars, len(sources), grid["batch_col"])
     X, kept = inputs.read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
-    harmonized = combat.transform(X, batch=covars[grid["batch_col"]], covariates=covars)
+    subjects = None
+    if longitudinal:
+        subject_col = combat.get_params()["subject_col"]
+        if subject_col not in covars.columns:
+            raise ValueError(
+                f"the model is longitudinal: covars needs its subject column {subject_col!r} "
+                f"(columns: {list(covars.columns)})"
+            )
+        subjects = covars[subject_col]
+    harmonized = combat.transform(
+        X, batch=covars[grid["batch_col"]], covariates=covars, subjects=subjects
+    )
     return inputs.outputs(sources, kept, harmonized, mask_array)

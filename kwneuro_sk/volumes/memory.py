@@ -42,6 +42,9 @@ def harmonize_volumes(
     smooth_knots=5,
     smooth_degree=3,
     smooth_extrapolation="linear",
+    subject_col=None,
+    random_slope=None,
+    sigma_method="reml",
     output_dir=None,
     chunk_size=None,
     n_jobs=None,
@@ -85,6 +88,15 @@ def harmonize_volumes(
         Knots of each smooth covariate, as in :class:`~kwneuro_sk.CombatHarmonizer`.
     smooth_degree : int, default=3
         Degree of the B-splines, as in :class:`~kwneuro_sk.CombatHarmonizer`.
+    subject_col : hashable, default=None
+        Column of ``covars`` with the subject of each volume, for repeated scans of the same
+        subjects: longitudinal ComBat with a random intercept per subject (see
+        :class:`~kwneuro_sk.CombatHarmonizer` and the user guide, Longitudinal data). In
+        memory only: with ``output_dir`` it raises a ValueError (each subject's random
+        effect needs all of its volumes at once, which one pass of per-site statistics does
+        not hold).
+    random_slope, sigma_method
+        With ``subject_col``, as in :class:`~kwneuro_sk.CombatHarmonizer`.
     smooth_extrapolation : {"linear", "constant", "error"}, default="linear"
         Smooth covariate values beyond the training range (new subjects of
         :meth:`VolumeEstimates.apply_volumes`), as in :class:`~kwneuro_sk.CombatHarmonizer`.
@@ -171,6 +183,19 @@ def harmonize_volumes(
         smooth_degree=smooth_degree,
         smooth_extrapolation=smooth_extrapolation,
     )
+    if subject_col is not None:
+        options.update(
+            subject_col=subject_col, random_slope=random_slope, sigma_method=sigma_method
+        )
+        if output_dir is not None:
+            raise ValueError(
+                "harmonize_volumes(output_dir=...) streams the volumes through per-site "
+                "statistics, which do not support subject_col (longitudinal ComBat fits each "
+                "subject's random effect from all of its volumes at once); leave output_dir "
+                "unset to harmonize in memory and save the images yourself"
+            )
+    elif random_slope is not None:
+        raise ValueError(f"random_slope={random_slope!r} needs subject_col")
     if output_dir is not None:
         written, fitted = _streaming.harmonize(
             volumes,
@@ -197,7 +222,10 @@ def harmonize_volumes(
         )
     X, kept = inputs.read_in_mask(sources, mask_array, preserve_out_of_mask, dtype)
     combat = CombatHarmonizer(**options)
-    harmonized = combat.fit_transform(X, batch=covars[batch_col], covariates=covars)
+    subjects = None if subject_col is None else _subject_column(covars, subject_col)
+    harmonized = combat.fit_transform(
+        X, batch=covars[batch_col], covariates=covars, subjects=subjects
+    )
     del X
     info = dict(combat.estimates_.info)
     info["volumes"] = {
@@ -208,3 +236,13 @@ def harmonize_volumes(
     }
     estimates = VolumeEstimates(estimates=combat.estimates_.estimates, info=info)
     return inputs.outputs(sources, kept, harmonized, mask_array), estimates
+
+
+def _subject_column(covars, subject_col):
+    """The subject of each volume (longitudinal ComBat), from ``covars``."""
+    if subject_col not in covars.columns:
+        raise ValueError(
+            f"subject_col {subject_col!r} is not a column of covars "
+            f"(columns: {list(covars.columns)})"
+        )
+    return covars[subject_col]
