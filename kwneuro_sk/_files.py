@@ -139,9 +139,10 @@ class StagedFiles:
         for folder in reversed(self._created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
-        if exc is not None and isinstance(exc, Exception) and (removed or self._created):
+        if exc is not None and isinstance(exc, Exception):
             parts = [f"{removed} unfinished output file(s)"] if removed else []
             parts += ["the folder(s) it created"] if self._created else []
-            exc.add_note(f"{self.caller}: nothing was written ({' and '.join(parts)} removed)")
+            detail = f" ({' and '.join(parts)} removed)" if parts else ""
+            exc.add_note(f"{self.caller}: nothing was written{detail}")
         self._pending, self._written, self._created = [], [], []
         return False

@@ -20,7 +20,9 @@ Resampling and smoothing go through nilearn.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import threading
 import zlib
 
 import nibabel as nib
@@ -307,6 +309,56 @@ def read_file_bytes(source, *, name="image") -> bytes:
         raise ValueError(
             f"{_named(name, path)} cannot be read ({type(error).__name__}: {error})"
         ) from error
+
+
+def file_digest(source, *, name="image", store=None) -> tuple[str, bytes | None]:
+    """SHA-256 of a file's bytes, and the bytes read (None when no read was needed).
+
+    With ``store`` (a folder), the digest is remembered under the file's identity and state
+    (real path, device, inode, size, modification and change times in nanoseconds); a later
+    call on the unchanged file returns it without reading the file. Any write to the file
+    changes its change time (which, unlike the modification time, cannot be set back), so a
+    rewritten file is read and hashed again; a copy or a renamed file is hashed again and gives
+    the same digest. (On a file system whose time stamps are coarser than the time between
+    two writes of the same size, keep ``store=None``.)
+    """
+    path = os.fspath(source)
+    _check_file(path, name)
+    before = _file_state(path)
+    memo = None
+    if store is not None:
+        memo = os.path.join(store, hashlib.sha256(repr(before).encode()).hexdigest())
+        try:
+            with open(memo, encoding="ascii") as f:
+                digest = f.read()
+            if len(digest) == 64:
+                return digest, None
+        except OSError:
+            pass
+    raw = read_file_bytes(path, name=name)
+    digest = hashlib.sha256(raw).hexdigest()
+    if memo is not None and _file_state(path) == before:
+        try:
+            os.makedirs(store, exist_ok=True)
+            partial = f"{memo}.{os.getpid()}.{threading.get_ident()}.part"
+            with open(partial, "w", encoding="ascii") as f:
+                f.write(digest)
+            os.replace(partial, memo)  # all or nothing: a reader never sees half a digest
+        except OSError:
+            pass  # a read-only cache folder only loses the shortcut
+    return digest, raw
+
+
+def _file_state(path):
+    st = os.stat(path)
+    return (
+        os.path.realpath(path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
 
 
 def image_from_bytes(raw, source, *, name="image", writable=True) -> SpatialImage:

@@ -143,11 +143,13 @@ def plot_site_distributions(
                     color=colors[s],
                     label=str(site),
                 )
-            ax.set_title(f"{names[column]}: {stage} harmonization", fontsize="medium")
+            ax.set_title(
+                f"{names[column]}: {stage} harmonization", fontsize="medium", parse_math=False
+            )
             ax.set_yticks([])
         axes[row, 1].sharex(axes[row, 0])
         axes[row, 0].set_ylabel("density")
-    axes[0, 1].legend(title="site", fontsize="small", loc="upper right")
+    _as_text(axes[0, 1].legend(title="site", fontsize="small", loc="upper right").get_texts())
     return fig
 
 
@@ -247,7 +249,7 @@ def plot_combat_estimates(
                 label=f"{name}* (empirical Bayes)" if s == 0 else None,
             )
         ax.axhline(no_effect, color="0.3", linestyle="--", linewidth=1)
-        ax.set_xticks(range(n_sites), [str(site) for site in sites])
+        ax.set_xticks(range(n_sites), [str(site) for site in sites], parse_math=False)
         ax.set_xlim(-0.6, n_sites - 0.4)
         ax.set_xlabel("site")
         ax.set_ylabel(label)
@@ -391,7 +393,7 @@ def plot_site_predictability(
     if chance is not None:
         ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
         ax.legend(fontsize="small", loc="upper right")
-    ax.set_xticks(positions, list(folds))
+    ax.set_xticks(positions, list(folds), parse_math=False)
     ax.set_ylabel(metric)
     top = max([1.0, *(np.max(values) for values in folds.values())])
     ax.set_ylim(0, top * 1.08)
@@ -428,6 +430,13 @@ def _score_table(scores) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # Input helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _as_text(texts):
+    """Draw labels (site, feature and condition names) as written: a ``$`` in a name is a
+    dollar sign, not the start of matplotlib mathtext."""
+    for text in texts:
+        text.set_parse_math(False)
 
 
 def _as_matrix(data, name) -> tuple[list[str], np.ndarray]:

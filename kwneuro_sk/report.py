@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -118,6 +120,11 @@ def site_predictability(features, sites, *, classifier="linear", cv=5, random_st
     ndarray of shape (n_folds,)
         Balanced accuracy of each fold; chance is ``1 / n_sites``.
 
+    Notes
+    -----
+    Sites with fewer than 4 rows are left out (too few to be both trained on and tested in
+    every fold); the others are scored, and at least 2 of them are needed.
+
     Examples
     --------
     >>> import numpy as np
@@ -130,20 +137,86 @@ def site_predictability(features, sites, *, classifier="linear", cv=5, random_st
     """
     X = np.asarray(features, dtype=np.float64)
     sites = np.asarray(sites).astype(str)
+    folds = _prediction_folds(sites, cv, random_state)
+    if folds.splits is None:
+        raise ValueError(folds.why_not)
+    estimator = _site_classifier(classifier, X.shape)
+    return np.array(
+        [_fold_score(estimator, X[train], X[test], sites, train, test) for train, test in folds]
+    )
+
+
+_PREDICTION_METHOD = (
+    "After harmonization, without leakage: in each fold the harmonizer is refitted on the "
+    "training rows only, and the held-out rows are harmonized by that refit (with their "
+    "sites), as a new cohort would be; the classifier is trained on the harmonized training "
+    "rows and scored on the held-out ones."
+)
+
+_MIN_SCORED_ROWS = 4  # per site: at least 2 training rows in every fold (QDA, ComBat scale)
+
+
+@dataclass
+class _PredictionFolds:
+    """Stratified folds of the site-prediction cross-validation over the scored sites.
+
+    Iterating gives ``(train, test)`` row positions of the scored sites; ``fit_rows(train)``
+    adds the rows of the sites too small to be scored, which every harmonizer fit sees."""
+
+    splits: list | None
+    unscored: np.ndarray  # rows of sites with too few rows to be scored
+    unscored_sites: list
+    n_scored_sites: int
+    why_not: str = ""
+
+    def __iter__(self):
+        return iter(self.splits)
+
+    def fit_rows(self, train):
+        return np.sort(np.concatenate([train, self.unscored]))
+
+
+def _prediction_folds(sites, cv, random_state):
+    names, counts = np.unique(sites, return_counts=True)
+    scored_names = names[counts >= _MIN_SCORED_ROWS]
+    is_scored = np.isin(sites, scored_names)
+    unscored_sites = names[counts < _MIN_SCORED_ROWS].tolist()
+    if len(scored_names) < 2:
+        return _PredictionFolds(
+            None,
+            np.flatnonzero(~is_scored),
+            unscored_sites,
+            len(scored_names),
+            f"site prediction needs at least 2 sites with {_MIN_SCORED_ROWS} rows or more; "
+            f"{len(scored_names)} of the {len(names)} sites have that many",
+        )
+    scored = np.flatnonzero(is_scored)
+    n_splits = max(2, min(cv, int(counts[counts >= _MIN_SCORED_ROWS].min())))
+    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
+    splits = [
+        (scored[train], scored[test])
+        for train, test in splitter.split(np.zeros((scored.size, 1)), sites[scored])
+    ]
+    return _PredictionFolds(splits, np.flatnonzero(~is_scored), unscored_sites, len(scored_names))
+
+
+def _site_classifier(classifier, shape):
     if classifier == "linear":
-        estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    elif classifier == "quadratic":
-        n_components = max(1, min(10, X.shape[1], X.shape[0] // 4))
-        estimator = make_pipeline(
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    if classifier == "quadratic":
+        n_components = max(1, min(10, shape[1], shape[0] // 4))
+        return make_pipeline(
             StandardScaler(),
             PCA(n_components, random_state=0),
             QuadraticDiscriminantAnalysis(reg_param=0.1),
         )
-    else:
-        estimator = classifier
-    smallest = int(pd.Series(sites).value_counts().min())
-    folds = StratifiedKFold(max(2, min(cv, smallest)), shuffle=True, random_state=random_state)
-    return cross_val_score(estimator, X, sites, cv=folds, scoring="balanced_accuracy")
+    return classifier
+
+
+def _fold_score(estimator, X_train, X_test, sites, train, test):
+    """Balanced accuracy on the test rows of a classifier fitted on the training rows."""
+    model = clone(estimator).fit(X_train, sites[train])
+    return balanced_accuracy_score(sites[test], model.predict(X_test))
 
 
 def covariance_distance(features, sites):
@@ -243,6 +316,7 @@ def _rows_of(harmonizer, X, batch, covariates):
                 f"X must be a DataFrame holding the site column "
                 f"{harmonizer.batch_col!r}, as given to fit"
             )
+        _check_covariate_columns(covariate_cols, X, "X")
         features = X[names] if all(n in X.columns for n in names) else None
         sites, cov = X[harmonizer.batch_col], X[covariate_cols]
     else:
@@ -252,17 +326,78 @@ def _rows_of(harmonizer, X, batch, covariates):
             X[names] if isinstance(X, pd.DataFrame) else pd.DataFrame(np.asarray(X), columns=names)
         )
         sites = batch
-        cov = (
-            covariates[covariate_cols]
-            if covariate_cols
-            else pd.DataFrame(index=range(len(features)))
-        )
+        if covariate_cols:
+            if not isinstance(covariates, pd.DataFrame):
+                raise ValueError(
+                    f"covariates= is needed: a DataFrame holding the covariate column(s) "
+                    f"{covariate_cols} the harmonizer was fitted with"
+                )
+            _check_covariate_columns(covariate_cols, covariates, "covariates=")
+            cov = covariates[covariate_cols]
+        else:
+            cov = pd.DataFrame(index=range(len(features)))
     if features is None:
         raise ValueError(
             f"X lacks feature columns the harmonizer was fitted on: "
             f"{[n for n in names if n not in X.columns][:10]}"
         )
     return features.reset_index(drop=True), np.asarray(sites), cov.reset_index(drop=True)
+
+
+def _check_covariate_columns(columns, frame, where):
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"covariate column(s) {missing} the harmonizer was fitted with are not in {where} "
+            f"(columns: {list(frame.columns)[:20]})"
+        )
+
+
+def _subset(rows, X, batch, covariates, from_columns):
+    """fit/transform arguments of some rows of the call (positions ``rows``)."""
+
+    def take(obj):
+        if obj is None:
+            return None
+        if isinstance(obj, (pd.DataFrame, pd.Series)):
+            return obj.iloc[rows]
+        return np.asarray(obj)[rows]
+
+    if from_columns:
+        return (take(X),), {}
+    return (take(X),), {"batch": take(batch), "covariates": take(covariates)}
+
+
+def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
+    """Per fold: the harmonizer refitted on the fold's training rows (and the rows of sites
+    too small to be scored), then the training and held-out rows harmonized by it.
+
+    Returns ``{key: [(train_values, test_values), ...]}`` for ``"after"`` (and
+    ``"after_combat"``: the ComBat step of a refitted CovBat)."""
+    from kwneuro_sk.combat.harmonizer import CombatHarmonizer
+
+    from_columns = harmonizer.batch_col is not None
+    result = {"after": [], "after_combat": []}
+    for k, (train, test) in enumerate(folds):
+        args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns)
+        try:
+            model = clone(harmonizer).fit(*args, **kwargs)
+        except ValueError as error:
+            raise ValueError(
+                f"site prediction after harmonization refits the harmonizer on the training "
+                f"rows of each of {len(folds.splits)} cross-validation folds; fold {k + 1} "
+                f"could not be fitted ({error}). Give more rows per site or a smaller cv"
+            ) from error
+        models = {"after": model}
+        if is_covbat:
+            models["after_combat"] = CombatHarmonizer.from_estimates(model.estimates_)
+        for key, fitted in models.items():
+            values = []
+            for rows in (train, test):
+                args, kwargs = _subset(rows, X, batch, covariates, from_columns)
+                values.append(np.asarray(fitted.transform(*args, **kwargs), dtype=np.float64))
+            result[key].append(tuple(values))
+    return result
 
 
 def _encoded_covariates(harmonizer, cov):
@@ -346,9 +481,13 @@ def harmonization_report(
 
     Notes
     -----
-    Site predictability is measured on the rows given, harmonized by the fitted harmonizer:
-    when it was fitted on these same rows, the "after" numbers are in-sample (see the user
-    guide on model selection for the cross-validated way).
+    The distributions, variance shares and covariate effects describe the rows given as
+    harmonized by ``harmonizer`` (``X_harmonized``). Site prediction after harmonization is
+    measured without leakage: in each stratified fold a clone of the harmonizer is fitted on
+    the training rows only, the classifier is trained on those rows harmonized by it, and
+    scored on the held-out rows harmonized by it with their own sites (every site is in every
+    training fold). With no site effect it is near chance, as a new cohort would see it.
+    Sites with fewer than 4 rows are in every fit but not scored.
 
     Examples
     --------
@@ -386,15 +525,15 @@ def harmonization_report(
         )
     after_frame = pd.DataFrame(after, columns=before.columns)
     site_names, counts = np.unique(sites.astype(str), return_counts=True)
-    chance = 1.0 / len(site_names)
     Z = _encoded_covariates(harmonizer, cov)
     is_covbat = isinstance(harmonizer, CovBatHarmonizer)
     method = "CovBat" if is_covbat else "ComBat"
+    notes = []
+    plt = plotting.load_pyplot()
     metrics = {
         "n_samples": len(sites),
         "n_features": before.shape[1],
         "n_sites": len(site_names),
-        "chance": chance,
     }
     if getattr(harmonizer, "subject_col", None) is not None:  # longitudinal ComBat
         method = "longitudinal ComBat"
@@ -443,7 +582,6 @@ def harmonization_report(
     for stage, r2 in (("before", r2_before), ("after", r2_after)):
         metrics[f"site_r2_median_{stage}"] = float(np.median(r2))
         metrics[f"site_r2_max_{stage}"] = float(np.max(r2))
-    plt = plotting.load_pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.2), constrained_layout=True)
     order = np.argsort(-r2_before)
     rank = np.arange(1, len(order) + 1)
@@ -476,46 +614,70 @@ def harmonization_report(
     )
 
     # 4. site predictability
-    scores = {}
-    inputs = [
-        ("before", "before", before.to_numpy(dtype=np.float64)),
-        ("after " + method, "after", after),
-    ]
+    folds = _prediction_folds(sites.astype(str), cv, 0)
+    labels = sites.astype(str)
+    inputs = [("before", "before"), ("after " + method, "after")]
     if is_covbat:
-        combat_only = CombatHarmonizer.from_estimates(harmonizer.estimates_)
-        kwargs = (
-            {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
+        inputs.insert(1, ("after ComBat", "after_combat"))
+    if folds.splits is not None:
+        refitted = _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat)
+        before_values = before.to_numpy(dtype=np.float64)
+        prediction_chance = 1.0 / folds.n_scored_sites
+        metrics["chance"] = prediction_chance
+        kinds = ("linear", "quadratic")
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), constrained_layout=True)
+        rows = []
+        for ax, kind in zip(axes, kinds):
+            estimator = _site_classifier(kind, before.shape)
+            scores = {}
+            for label, key in inputs:
+                per_fold = np.array(
+                    [
+                        _fold_score(
+                            estimator,
+                            *(
+                                (before_values[train], before_values[test])
+                                if key == "before"
+                                else refitted[key][k]
+                            ),
+                            labels,
+                            train,
+                            test,
+                        )
+                        for k, (train, test) in enumerate(folds)
+                    ]
+                )
+                scores[label] = per_fold
+                metrics[f"site_accuracy_{kind}_{key}"] = float(per_fold.mean())
+                rows.append((f"{kind}, {label}", _fmt(per_fold.mean())))
+            plotting.plot_site_predictability(
+                scores,
+                chance=prediction_chance,
+                metric="balanced accuracy",
+                ax=ax,
+                title=f"{kind} classifier",
+            )
+        left_out = (
+            f" Sites with fewer than {_MIN_SCORED_ROWS} rows are not scored (their rows are "
+            f"in every harmonizer fit): {', '.join(folds.unscored_sites)}."
+            if folds.unscored_sites
+            else ""
         )
-        after_combat = np.asarray(combat_only.transform(X, **kwargs), dtype=np.float64)
-        inputs.insert(1, ("after ComBat", "after_combat", after_combat))
-    kinds = ("linear", "quadratic")
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), constrained_layout=True)
-    rows = []
-    for ax, kind in zip(axes, kinds):
-        scores[kind] = {}
-        for label, key, data in inputs:
-            folds = site_predictability(data, sites, classifier=kind, cv=cv)
-            scores[kind][label] = folds
-            metrics[f"site_accuracy_{kind}_{key}"] = float(folds.mean())
-            rows.append((f"{kind}, {label}", _fmt(folds.mean())))
-        plotting.plot_site_predictability(
-            scores[kind],
-            chance=chance,
-            metric="balanced accuracy",
-            ax=ax,
-            title=f"{kind} classifier",
+        sections.append(
+            (
+                "Site predictability (cross-validated)",
+                f"Balanced accuracy of predicting the site ({folds.n_scored_sites} sites, "
+                f"chance {prediction_chance:.2f}) with {len(folds.splits)}-fold "
+                "stratified cross-validation: logistic regression (linear: site means) and "
+                "quadratic discriminant analysis on up to 10 principal components (quadratic: "
+                f"site covariances too). {_PREDICTION_METHOD}{left_out}",
+                _figure_png(fig),
+                _table(rows),
+            )
         )
-    sections.append(
-        (
-            "Site predictability (cross-validated)",
-            f"Balanced accuracy of predicting the site ({len(site_names)} sites, chance "
-            f"{chance:.2f}) with {cv}-fold stratified cross-validation: logistic "
-            "regression (linear: site means) and quadratic discriminant analysis on "
-            "10 principal components (quadratic: site covariances too).",
-            _figure_png(fig),
-            _table(rows),
-        )
-    )
+    else:
+        metrics["chance"] = float("nan")
+        notes.append(f"Site predictability is not shown: {folds.why_not}.")
 
     # 5. covariate effects
     effects = _covariate_effects(harmonizer, after, sites, cov)
@@ -537,7 +699,7 @@ def harmonization_report(
             ax.scatter(x, y, s=10, alpha=0.7)
             lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
             ax.plot([lo, hi], [lo, hi], "--", color="0.4", linewidth=1)
-            ax.set_title(f"{name}: r = {corr:.3f}", fontsize="medium")
+            ax.set_title(f"{name}: r = {corr:.3f}", fontsize="medium", parse_math=False)
             ax.set_xlabel("fitted (before harmonization)")
             ax.set_ylabel("re-estimated after")
             rows.append((name, f"r = {corr:.3f}"))
@@ -555,24 +717,49 @@ def harmonization_report(
 
     # 6. covariance between sites
     if is_covbat:
-        distance = {label: covariance_distance(data, sites) for label, _, data in inputs}
-        metrics["covariance_distance_before"] = distance["before"]
-        metrics["covariance_distance_combat"] = distance["after ComBat"]
-        metrics["covariance_distance_covbat"] = distance["after CovBat"]
-        fig, ax = plt.subplots(figsize=(5.5, 3.2), constrained_layout=True)
-        ax.bar(list(distance), list(distance.values()), color=["C3", "C1", "C0"], alpha=0.8)
-        ax.set_ylabel("mean Frobenius distance")
-        ax.set_title("between-site covariance distance", fontsize="medium")
-        sections.append(
-            (
-                "Between-site covariance (CovBat)",
-                f"Mean over site pairs of the Frobenius distance between the sites' "
-                f"covariance matrices (features scaled to unit variance). CovBat "
-                f"harmonized {harmonizer.n_components_} principal component scores.",
-                _figure_png(fig),
-                _table([(k, _fmt(v)) for k, v in distance.items()]),
-            )
+        kwargs = (
+            {} if harmonizer.batch_col is not None else {"batch": batch, "covariates": covariates}
         )
+        after_combat = CombatHarmonizer.from_estimates(harmonizer.estimates_).transform(X, **kwargs)
+        paired = np.isin(labels, site_names[counts >= 2])  # a covariance needs 2 rows
+        if np.unique(labels[paired]).size >= 2:
+            distance = {
+                label: covariance_distance(
+                    np.asarray(data, dtype=np.float64)[paired], labels[paired]
+                )
+                for label, data in (
+                    ("before", before),
+                    ("after ComBat", after_combat),
+                    ("after CovBat", after),
+                )
+            }
+            metrics["covariance_distance_before"] = distance["before"]
+            metrics["covariance_distance_combat"] = distance["after ComBat"]
+            metrics["covariance_distance_covbat"] = distance["after CovBat"]
+            fig, ax = plt.subplots(figsize=(5.5, 3.2), constrained_layout=True)
+            ax.bar(list(distance), list(distance.values()), color=["C3", "C1", "C0"], alpha=0.8)
+            ax.set_ylabel("mean Frobenius distance")
+            ax.set_title("between-site covariance distance", fontsize="medium")
+            single = site_names[counts < 2].tolist()
+            sections.append(
+                (
+                    "Between-site covariance (CovBat)",
+                    f"Mean over site pairs of the Frobenius distance between the sites' "
+                    f"covariance matrices (features scaled to unit variance). CovBat "
+                    f"harmonized {harmonizer.n_components_} principal component scores."
+                    + (
+                        f" Sites with a single row have no covariance: {', '.join(single)}."
+                        if single
+                        else ""
+                    ),
+                    _figure_png(fig),
+                    _table([(k, _fmt(v)) for k, v in distance.items()]),
+                )
+            )
+        else:
+            notes.append(
+                "The between-site covariance is not shown: fewer than 2 sites have 2 rows or more."
+            )
 
     options = {k: v for k, v in harmonizer.get_params().items() if v is not None}
     summary = _table(
@@ -587,17 +774,24 @@ def harmonization_report(
                 f"{_fmt(metrics['site_r2_median_before'])} -> "
                 f"{_fmt(metrics['site_r2_median_after'])}",
             ),
-            (
-                "site prediction, linear (before -> after; chance)",
-                f"{_fmt(metrics['site_accuracy_linear_before'])} -> "
-                f"{_fmt(metrics['site_accuracy_linear_after'])}; {chance:.2f}",
-            ),
-            (
-                "site prediction, quadratic (before -> after)",
-                f"{_fmt(metrics['site_accuracy_quadratic_before'])} -> "
-                f"{_fmt(metrics['site_accuracy_quadratic_after'])}",
-            ),
         ]
+        + (
+            [
+                (
+                    "site prediction, linear (before -> after with the harmonizer refitted "
+                    "in each fold; chance)",
+                    f"{_fmt(metrics['site_accuracy_linear_before'])} -> "
+                    f"{_fmt(metrics['site_accuracy_linear_after'])}; {metrics['chance']:.2f}",
+                ),
+                (
+                    "site prediction, quadratic (before -> after)",
+                    f"{_fmt(metrics['site_accuracy_quadratic_before'])} -> "
+                    f"{_fmt(metrics['site_accuracy_quadratic_after'])}",
+                ),
+            ]
+            if "site_accuracy_linear_after" in metrics
+            else []
+        )
         + (
             [
                 (
@@ -607,11 +801,12 @@ def harmonization_report(
                     f"{_fmt(metrics['covariance_distance_covbat'])}",
                 )
             ]
-            if is_covbat
+            if "covariance_distance_covbat" in metrics
             else []
         )
     )
     body = [f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", summary]
+    body += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
     for heading, text, png, extra in sections:
         body.append(f"<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p>")
         body.append(f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{png}">')

@@ -98,8 +98,10 @@ def test_sample_mask_in_clean_args_is_refused_not_applied_to_every_run(atlas_img
     # refused at fit (scikit-learn validates there) ...
     with pytest.raises(ValueError, match=r"clean_args\['sample_mask'\].*one entry per run"):
         LabelsMasker(atlas_img, clean_args={"sample_mask": np.arange(10)}).fit()
+    with pytest.warns(FutureWarning, match="clean__confounds"):
+        older_spelling = LabelsMasker(atlas_img, clean__confounds=np.ones((30, 1)))
     with pytest.raises(ValueError, match=r"clean_args\['confounds'\]"):
-        LabelsMasker(atlas_img, clean__confounds=np.ones((30, 1))).fit()
+        older_spelling.fit()
     # ... and at transform_imgs when set on a fitted masker
     masker = LabelsMasker(atlas_img).fit()
     masker.set_params(clean_args={"sample_mask": np.arange(10)})

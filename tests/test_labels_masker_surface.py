@@ -215,6 +215,8 @@ def test_lut_is_nilearn_look_up_table(atlas_img):
         theirs = MultiNiftiLabelsMasker(atlas_img, lut=lut).fit()
     assert ours.region_names_ == theirs.region_names_ == {0: "a", 1: "b", 2: "c", 3: "d"}
     assert ours.region_ids_ == theirs.region_ids_
+    pd.testing.assert_frame_equal(ours.lut_, theirs.lut_[["index", "name"]])
+    assert ours.memory_.location is None
     with pytest.raises(ValueError, match="either labels or lut"):
         LabelsMasker(atlas_img, labels=["a", "b", "c", "d"], lut=lut).fit()
 
@@ -279,6 +281,29 @@ def test_cache_of_runs_skips_decompression_and_keeps_cleaning_live(
     assert counter.calls == 4
 
 
+def test_cached_runs_are_not_even_read_again_but_copies_are_found(
+    atlas_img, run_paths, tmp_path, monkeypatch
+):
+    import shutil
+
+    masker = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit()
+    first = masker.transform_imgs(run_paths)
+    reads = []
+    real_read = _images.read_file_bytes
+    monkeypatch.setattr(
+        _images, "read_file_bytes", lambda path, **kw: reads.append(path) or real_read(path, **kw)
+    )
+    counter = _CountingGunzip(monkeypatch)
+    again = LabelsMasker(atlas_img, memory=tmp_path / "cache").fit().transform_imgs(run_paths)
+    assert reads == [] and counter.calls == 0  # the file digest is remembered: no read at all
+    np.testing.assert_array_equal(first[1], again[1])
+    copy = tmp_path / "copy_bold.nii.gz"
+    shutil.copy(run_paths[1], copy)
+    (from_copy,) = masker.transform_imgs([str(copy)])
+    assert reads == [str(copy)] and counter.calls == 0  # read and hashed, not decompressed
+    np.testing.assert_array_equal(from_copy, first[1])
+
+
 def test_cache_of_runs_is_invalidated_by_a_rewritten_file(
     atlas_img, runs, run_paths, tmp_path, monkeypatch
 ):
@@ -294,6 +319,34 @@ def test_cache_of_runs_is_invalidated_by_a_rewritten_file(
     assert counter.calls == 1  # only the rewritten run is read again
     np.testing.assert_allclose(after[0], 2 * before[0], rtol=1e-6)
     np.testing.assert_array_equal(after[1], before[1])
+
+
+def test_nilearn_cache_serves_a_rewritten_file_stale_ours_does_not(atlas_img, runs, tmp_path):
+    # the difference the docs table states: nilearn 0.14 keys a path by its name
+    path = str(tmp_path / "run_bold.nii.gz")
+    runs[1].to_filename(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = MultiNiftiLabelsMasker(atlas_img, memory=str(tmp_path / "nilearn")).fit()
+        (theirs_before,) = theirs.transform_imgs([path])
+    ours = LabelsMasker(atlas_img, memory=tmp_path / "ours").fit()
+    (ours_before,) = ours.transform_imgs([path])
+    nib.Nifti1Image(runs[1].get_fdata().astype(np.float32) + 10, AFFINE).to_filename(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (theirs_after,) = theirs.transform_imgs([path])
+    (ours_after,) = ours.transform_imgs([path])
+    np.testing.assert_array_equal(theirs_after, theirs_before)  # stale
+    np.testing.assert_allclose(ours_after, ours_before + 10, rtol=1e-6)
+
+
+def test_cache_with_threads_equals_one_job(atlas_img, run_paths, tmp_path):
+    one = LabelsMasker(atlas_img, detrend=True).fit().transform_imgs(run_paths)
+    masker = LabelsMasker(atlas_img, detrend=True, memory=tmp_path / "cache").fit()
+    for _ in range(2):  # a miss, then a hit, both with two threads
+        threads = masker.transform_imgs(run_paths, n_jobs=2)
+        for a, b in zip(one, threads):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_memory_level_zero_disables_the_cache(atlas_img, run_paths, tmp_path, monkeypatch):

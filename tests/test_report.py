@@ -8,11 +8,17 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from kwneuro_sk import CombatHarmonizer, CovBatHarmonizer
 from kwneuro_sk.cli import main
 from kwneuro_sk.datasets import make_site_features
+from kwneuro_sk.plotting import plot_combat_estimates, plot_site_distributions
 from kwneuro_sk.report import (
     covariance_distance,
     harmonization_report,
@@ -83,8 +89,102 @@ def test_report_numbers_equal_the_measures_on_arrays(data):
     ).astype(float)
     r2 = site_variance_explained(before, data["site"], Z)
     assert report.metrics["site_r2_median_before"] == pytest.approx(np.median(r2))
-    accuracy = site_predictability(after, data["site"]).mean()
-    assert report.metrics["site_accuracy_linear_after"] == pytest.approx(accuracy)
+    accuracy = site_predictability(before, data["site"]).mean()
+    assert report.metrics["site_accuracy_linear_before"] == pytest.approx(accuracy)
+    # "after" is scikit-learn's cross-validation of the pipeline harmonizer -> classifier:
+    # the harmonizer refitted on each fold's training rows, the held-out rows transformed
+    reference = cross_val_score(
+        make_pipeline(clone(combat), StandardScaler(), LogisticRegression(max_iter=2000)),
+        data,
+        data["site"],
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+        scoring="balanced_accuracy",
+    )
+    assert report.metrics["site_accuracy_linear_after"] == pytest.approx(reference.mean())
+    assert "refitted on the training rows only" in report.html
+
+
+def _noise(seed=0, n_per_site=30, n_features=10):
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        rng.normal(size=(3 * n_per_site, n_features)),
+        columns=[f"f{j}" for j in range(n_features)],
+    )
+    frame["site"] = np.repeat(["a", "b", "c"], n_per_site)
+    return frame
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_site_prediction_after_has_no_leakage(seed):
+    # no site effect: harmonizing all rows with a model fitted on them and then
+    # cross-validating a site classifier scored 0.07-0.2 (chance 0.33), the signature of
+    # leakage; with the harmonizer refitted on each fold's training rows it is at chance
+    frame = _noise(seed)
+    report = harmonization_report(CombatHarmonizer("site", eb=False).fit(frame), frame)
+    m = report.metrics
+    assert m["chance"] == pytest.approx(1 / 3)
+    assert m["site_accuracy_linear_after"] == pytest.approx(1 / 3, abs=0.05)
+    assert m["site_accuracy_quadratic_after"] > 1 / 3 - 0.1
+    # with empirical Bayes the held-out rows are moved by the part of each training site's
+    # sample mean that EB removes, the rest stays in the training rows: somewhat below
+    # chance (documented), but above the in-sample measure
+    combat = CombatHarmonizer("site").fit(frame)
+    in_sample = site_predictability(combat.transform(frame), frame["site"]).mean()
+    after = harmonization_report(combat, frame).metrics["site_accuracy_linear_after"]
+    assert in_sample < after < 1 / 3
+
+
+def test_one_row_site_with_mean_only():
+    # a site with a single row (allowed with mean_only=True) gave NaN fold scores and a
+    # ValueError; it is now in every refit but not scored, and the report says so
+    frame = _noise(n_features=6)
+    frame.loc[0, "site"] = "solo"
+    combat = CombatHarmonizer("site", mean_only=True).fit(frame)
+    report = harmonization_report(combat, frame)
+    assert all(np.isfinite(v) for v in report.metrics.values())
+    assert report.metrics["chance"] == pytest.approx(1 / 3)  # the 3 scored sites
+    assert "Sites with fewer than 4 rows are not scored" in report.html
+    assert "solo" in report.html
+    covbat = CovBatHarmonizer("site", mean_only=True).fit(frame)
+    covbat_report = harmonization_report(covbat, frame)
+    assert np.isfinite(covbat_report.metrics["covariance_distance_covbat"])
+    assert "Sites with a single row have no covariance: solo" in covbat_report.html
+    with pytest.raises(ValueError, match="needs at least 2 sites with 4 rows or more"):
+        site_predictability(frame[["f0", "f1"]].iloc[:5], frame["site"].iloc[:5])
+
+
+def test_missing_covariate_column_is_named(data):
+    combat = CombatHarmonizer("site", ["sex", "diagnosis"], ["age"]).fit(data)
+    with pytest.raises(ValueError, match=r"covariate column\(s\) \['age'\] .* not in X"):
+        harmonization_report(combat, data.drop(columns="age"))
+    features = data.filter(like="feature")
+    keyword = CombatHarmonizer(categorical_cols=["sex"], continuous_cols=["age"]).fit(
+        features, batch=data["site"], covariates=data[["sex", "age"]]
+    )
+    with pytest.raises(ValueError, match=r"\['age'\] .* not in covariates="):
+        harmonization_report(keyword, features, batch=data["site"], covariates=data[["sex"]])
+    with pytest.raises(ValueError, match=r"covariates= is needed.*\['sex', 'age'\]"):
+        harmonization_report(keyword, features, batch=data["site"])
+
+
+def test_dollar_signs_in_names_are_text():
+    # matplotlib reads "$...$" as mathtext: "x$^$" failed to draw, "A$B$" drew an italic B
+    frame = _noise(n_features=4).rename(columns={"f0": "cost$_$"})
+    frame["site"] = frame["site"].map({"a": "A$B$", "b": "x$^$", "c": "c"})
+    combat = CombatHarmonizer("site").fit(frame)
+    report = harmonization_report(combat, frame, max_features=4)
+    _assert_self_contained(report.html)
+    assert "A$B$" in report.html
+    fig = plot_combat_estimates(combat)
+    labels = fig.axes[0].get_xticklabels()
+    assert [t.get_text() for t in labels] == ["A$B$", "c", "x$^$"]
+    assert not any(t.get_parse_math() for t in labels)
+    after = combat.transform(frame)
+    fig = plot_site_distributions(frame[combat.get_feature_names_out()], after, frame["site"])
+    legend = fig.axes[1].get_legend().get_texts()
+    assert sorted(t.get_text() for t in legend) == ["A$B$", "c", "x$^$"]
+    assert not any(t.get_parse_math() for t in legend)
+    assert not any(ax.title.get_parse_math() for ax in fig.axes)
 
 
 def test_site_variance_explained_by_hand():

@@ -189,6 +189,53 @@ def test_same_labels_in_another_order_are_refused_not_paired_by_position():
 # --------------------------------------------------------------------------------------------
 
 
+def test_no_feature_columns_is_named():
+    # every column of X is the site or a covariate: was numpy's "at least one array or dtype
+    # is required"
+    with pytest.raises(
+        ValueError, match=r"X has no feature columns: its columns \['site', 'age'\]"
+    ):
+        CombatHarmonizer("site", continuous_cols="age").fit(COHORT[["site", "age"]])
+
+
+def test_duplicated_covariate_or_site_columns_are_named():
+    # covariates= with two 'age' columns: was pandas' "truth value of a Series is ambiguous";
+    # covars of harmonize_volumes with two site columns: pandas' "unique requires a Series"
+    from kwneuro_sk import harmonize_volumes
+
+    twice = pd.concat([COVARS, COVARS[["age"]]], axis=1)
+    with pytest.raises(ValueError, match=r"covariates= has more than one column named \['age'\]"):
+        CombatHarmonizer(continuous_cols="age").fit(X, batch=SITE, covariates=twice)
+    import nibabel
+
+    img = nibabel.Nifti1Image(np.ones((2, 2, 2), dtype=np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="covars has more than one column named 'site'"):
+        harmonize_volumes([img] * N, pd.concat([COVARS, COVARS[["site"]]], axis=1), "site", img)
+
+
+def test_cli_refuses_repeated_column_names(tmp_path, capsys):
+    # pandas renames the second 'f0' to 'f0.1', which was harmonized and written back so
+    from kwneuro_sk.cli import main
+
+    table = tmp_path / "t.csv"
+    COHORT.rename(columns={"f1": "f0"}).to_csv(table, index=False)
+    assert (
+        main(["harmonize", str(table), "--batch-col", "site", "-o", str(tmp_path / "o.csv")]) != 0
+    )
+    assert "t.csv has more than one column named ['f0']" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_model_with_a_nan_category_level_is_refused(tmp_path):
+    from kwneuro_sk import CombatEstimates
+
+    estimates = CombatHarmonizer("site", "sex").fit(COHORT.drop(columns="age")).estimates_
+    estimates.info["categories"] = [["F", float("nan")]]
+    estimates.save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=r"info\['categories'\] has a NaN level for 'sex'"):
+        CombatEstimates.load(tmp_path / "m.npz")
+
+
 def test_continuous_and_smooth_same_column_says_what_to_do():
     with pytest.raises(ValueError, match="remove them from continuous_cols"):
         CombatHarmonizer(continuous_cols="age", smooth_cols="age").fit(
@@ -256,31 +303,104 @@ def _broken(path, how, tmp_path):
     return out
 
 
-@pytest.mark.parametrize(
-    "how, message",
-    [
-        ("nan voxel", "NaN or infinite voxel"),
-        ("moved affine", "affine"),
-        ("truncated file", "broken.nii.gz"),
-    ],
-)
-def test_streamed_apply_failing_midway_leaves_nothing(volume_model, tmp_path, how, message):
-    paths, covars, _, estimates = volume_model
-    volumes = list(paths)
-    volumes[5] = _broken(paths[5], how, tmp_path)
-    output_dir = tmp_path / "new" / "out"
-    with pytest.raises((ValueError, OSError), match=message) as info:
-        estimates.apply_volumes(volumes, covars, output_dir=output_dir, chunk_size=2)
+def _truncated_nii(path, tmp_path):
+    """An uncompressed .nii whose header opens but whose data stop halfway."""
+    img = nib.load(path)
+    full = str(tmp_path / "full.nii")
+    nib.save(nib.Nifti1Image(img.get_fdata(), AFFINE), full)
+    raw = open(full, "rb").read()
+    out = str(tmp_path / "cut.nii")
+    open(out, "wb").write(raw[: 352 + (len(raw) - 352) // 2])
+    return out
+
+
+def _fails_leaving_nothing(run, tmp_path, message, caller):
+    """``run(output_dir, broken)`` with a broken volume fails naming it, in a new folder (which
+    is removed) and in a folder holding earlier outputs (left as they were), with a note."""
+    with pytest.raises(ValueError, match=message) as info:
+        run(tmp_path / "new" / "out", True)
     assert not (tmp_path / "new").exists()  # the folders this call created are gone too
-    assert "nothing was written" in " ".join(getattr(info.value, "__notes__", []))
-    # earlier outputs in an existing folder are left as they were
+    assert info.value.__notes__[0].startswith(f"{caller}: nothing was written")
     existing = tmp_path / "existing"
-    written = estimates.apply_volumes(paths, covars, output_dir=existing)
+    written = run(existing, False)
     before = {p: open(p, "rb").read() for p in written}
-    with pytest.raises((ValueError, OSError), match=message):
-        estimates.apply_volumes(volumes, covars, output_dir=existing, chunk_size=2)
+    with pytest.raises(ValueError, match=message) as info:
+        run(existing, True)
+    assert info.value.__notes__[0].startswith(f"{caller}: nothing was written")
     assert sorted(os.listdir(existing)) == sorted(os.path.basename(p) for p in written)
     assert all(open(p, "rb").read() == content for p, content in before.items())
+    return info.value
+
+
+BREAKAGES = pytest.mark.parametrize(
+    "how, message",
+    [
+        ("nan voxel", "volume 5 .*NaN or infinite voxel"),
+        ("moved affine", "volume 5 .*affine"),
+        ("truncated file", "volume 5 .*broken.nii.gz"),
+        ("truncated .nii", "volume 5 .*cut.nii"),
+    ],
+)
+
+
+def _with_broken_volume(paths, how, tmp_path):
+    volumes = list(paths)
+    if how == "truncated .nii":
+        volumes[5] = _truncated_nii(paths[5], tmp_path)
+    else:
+        volumes[5] = _broken(paths[5], how, tmp_path)
+    return volumes
+
+
+@BREAKAGES
+@pytest.mark.parametrize("caller", ["apply_volumes", "harmonize_volumes"])
+def test_streamed_call_failing_midway_leaves_nothing(volume_model, tmp_path, how, message, caller):
+    # a streamed call (output_dir=...) meeting a bad volume after others were read: no output,
+    # no folder it made, earlier outputs in an existing folder unchanged, and a note saying so
+    # (also when the folder existed and nothing had to be removed)
+    from kwneuro_sk import harmonize_volumes
+
+    paths, covars, mask, estimates = volume_model
+    volumes = _with_broken_volume(paths, how, tmp_path)
+
+    def run(output_dir, broken):
+        given = volumes if broken else paths
+        if caller == "apply_volumes":
+            return estimates.apply_volumes(given, covars, output_dir=output_dir, chunk_size=2)
+        return harmonize_volumes(given, covars, "site", mask, output_dir=output_dir, chunk_size=2)[
+            0
+        ]
+
+    error = _fails_leaving_nothing(run, tmp_path, message, caller)
+    if caller == "harmonize_volumes":  # caught in the fit pass, before any output was staged
+        assert error.__notes__ == ["harmonize_volumes: nothing was written"]
+
+
+def test_streamed_harmonize_failing_in_the_write_pass_removes_its_files(
+    volume_model, tmp_path, monkeypatch
+):
+    # a volume that becomes unreadable between the fit pass and the write pass (replaced on a
+    # network drive, say): the outputs of the chunks written so far are removed
+    from kwneuro_sk import harmonize_volumes, images
+
+    paths, covars, mask, _ = volume_model
+    read_data, reads = images.read_data, []
+
+    def flaky(img, *, name="image", dtype=None):
+        if name.startswith("volume 5 "):
+            reads.append(name)
+            if len(reads) > 1:
+                raise ValueError(f"{name}: the image data could not be read (simulated)")
+        return read_data(img, name=name, dtype=dtype)
+
+    monkeypatch.setattr(images, "read_data", flaky)
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match="volume 5 .*could not be read") as info:
+        harmonize_volumes(paths, covars, "site", mask, output_dir=output_dir, chunk_size=2)
+    assert len(reads) == 2  # once in the fit pass, failing in the write pass
+    notes = " ".join(info.value.__notes__)
+    assert "nothing was written (8 unfinished output file(s)" in notes
+    assert not output_dir.exists()
 
 
 def test_streamed_outputs_are_checked_before_the_first_write(volume_model, tmp_path):

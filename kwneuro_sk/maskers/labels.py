@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import sys
@@ -34,7 +33,6 @@ from kwneuro_sk import images as _images
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
-from kwneuro_sk.maskers.report import masker_report
 from kwneuro_sk.maskers.runs import (
     check_confounds_length,
     per_run,
@@ -101,14 +99,17 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         nilearn (``scipy.ndimage.variance``).
     memory : str, os.PathLike or joblib.Memory, default=None
         Cache of per-image results (3D images and 4D runs), for images given as paths. The key
-        holds a hash of the file's content (the compressed bytes, read anyway: no
-        decompression is needed to find a cached result, and each file is still read once),
-        the spatial parameters and the fitted atlas, so a file rewritten in place (even with
-        the same size and time stamp) or a re-pointed symlink is recomputed, and a renamed or
-        copied file is found. For 4D runs the cache holds the region time series before
-        cleaning (and the high-variance confounds when asked for); cleaning, confounds, sample
-        masks and ``dtype`` are applied after it on every call, so changing them never reads
-        a run again. ``None`` disables caching.
+        holds a SHA-256 of the file's content (the compressed bytes: no decompression is
+        needed to find a cached result, and on a miss the bytes hashed are the bytes decoded),
+        the spatial parameters and the fitted atlas. The digest is remembered in the cache
+        folder under the file's inode, size and modification and change times, so a later
+        call does not even read an unchanged file; any write to a file moves its change time
+        (which cannot be set back), so a file rewritten in place (even with the same size and
+        a restored modification time) or a re-pointed symlink is recomputed, and a renamed or
+        copied file is hashed again and found. For 4D runs the cache holds the region time
+        series before cleaning (and the high-variance confounds when asked for); cleaning,
+        confounds, sample masks and ``dtype`` are applied after it on every call, so changing
+        them never reads a run again. ``None`` disables caching.
     n_jobs : int, default=None
         Number of images processed at the same time. Every image goes through
         :class:`joblib.Parallel` (threads by default: reading and reducing release the GIL), so
@@ -192,6 +193,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     clean_args_ : dict
         The checked ``clean_args`` (``clean__`` keywords included) passed to
         :func:`nilearn.signal.clean`.
+    lut_ : pandas.DataFrame
+        nilearn's look-up table of the output: columns ``index`` (label value) and ``name``,
+        the background first, then one row per output column.
+    memory_ : joblib.Memory
+        The cache (``Memory(location=None)`` when ``memory`` is None).
 
     See Also
     --------
@@ -398,6 +404,16 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         self.region_ids_.update(enumerate(region_ids.tolist()))
         self.region_names_ = dict(enumerate(self._region_names.tolist()))
         self.labels_ = [_python_value(self.background_label), *region_ids.tolist()]
+        self.lut_ = pd.DataFrame(
+            {
+                "index": self.labels_,
+                "name": ["Background", *self._region_names.tolist()],
+            }
+        )
+        memory = self.memory
+        self.memory_ = check_memory(
+            os.fspath(memory) if isinstance(memory, os.PathLike) else memory
+        )
         self._atlas_grid = atlas_grid
         self._plan_lock = threading.Lock()
         self._plans = {
@@ -718,6 +734,9 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             ``report.open_in_browser()`` shows it; a notebook displays it inline.
         """
         check_is_fitted(self)
+        # imported here: nilearn.reporting (and matplotlib) only load when a report is made
+        from kwneuro_sk.maskers.report import masker_report
+
         if engine != "matplotlib":
             raise ValueError(
                 f"engine={engine!r} is not supported by LabelsMasker.generate_report; use "
@@ -786,6 +805,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         table = pd.DataFrame(
             rows, columns=["column", "label value", "region name", "voxels", "status"]
         )
+        table["column"] = table["column"].astype("Int64")  # a removed region has none
         table["label value"] = [format_label(v) for v in table["label value"]]
         table.insert(4, "size (mm^3)", (table["voxels"] * voxel_mm3).round(1))
         table.insert(5, "relative size (%)", (100 * table["voxels"] / total).round(2))
@@ -882,18 +902,28 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     def _signals(self, source, index, allow_4d, memory, hv_options=None):
         """Signals of one image, through the ``memory`` cache for paths when there is one.
 
-        The cache is keyed on the file's content, never on its name or time stamps: the
-        bytes of a .nii/.nii.gz file are read once, hashed, and decoded only on a cache miss
-        (no second read); other formats are keyed on their decoded voxels and affine.
+        The cache is keyed on the file's content, never on its name or time stamps: a
+        .nii/.nii.gz file's bytes are hashed (SHA-256) and decoded only on a cache miss (no
+        second read). The digest is remembered in the cache folder under the file's identity
+        and state (inode, size, modification and change times), so an unchanged file is not
+        even read on a later call, and any write to it (which moves its change time) makes it
+        read and hashed again. Other formats are keyed on their decoded voxels and affine.
         """
         if memory is None or not isinstance(source, (str, os.PathLike)):
             return self._image_signals(source, index, allow_4d, hv_options=hv_options)
         name = f"image {_images.describe(source, index)}"
         if _images.is_nifti_path(source):
-            raw = _images.read_file_bytes(source, name=name)
-            content = hashlib.blake2b(raw, digest_size=20).hexdigest()
+            store = None
+            if isinstance(memory.location, str):
+                store = os.path.join(memory.location, "kwneuro_sk_file_digests")
+            content, raw = _images.file_digest(source, name=name, store=store)
+            held = [raw]  # handed over once, so the compressed bytes go as soon as decoded
+            del raw
 
             def decode():
+                raw = held.pop()
+                if raw is None:  # digest known, result not cached (other parameters)
+                    return _images.load_image(source, name=name, writable=False)
                 return _images.image_from_bytes(raw, source, name=name, writable=False)
         else:
             img = _images.load_image(source, name=name)
