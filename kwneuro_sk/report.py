@@ -353,7 +353,7 @@ def _check_covariate_columns(columns, frame, where):
         )
 
 
-def _subset(rows, X, batch, covariates, from_columns):
+def _subset(rows, X, batch, covariates, from_columns, subjects=None):
     """fit/transform arguments of some rows of the call (positions ``rows``)."""
 
     def take(obj):
@@ -365,10 +365,13 @@ def _subset(rows, X, batch, covariates, from_columns):
 
     if from_columns:
         return (take(X),), {}
-    return (take(X),), {"batch": take(batch), "covariates": take(covariates)}
+    kwargs = {"batch": take(batch), "covariates": take(covariates)}
+    if subjects is not None:  # longitudinal ComBat, keyword route
+        kwargs["subjects"] = take(subjects)
+    return (take(X),), kwargs
 
 
-def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
+def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat, subjects=None):
     """Per fold: the harmonizer refitted on the fold's training rows (and the rows of sites
     too small to be scored), then the training and held-out rows harmonized by it.
 
@@ -379,7 +382,7 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
     from_columns = harmonizer.batch_col is not None
     result = {"after": [], "after_combat": []}
     for k, (train, test) in enumerate(folds):
-        args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns)
+        args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns, subjects)
         try:
             model = clone(harmonizer).fit(*args, **kwargs)
         except ValueError as error:
@@ -394,7 +397,7 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
         for key, fitted in models.items():
             values = []
             for rows in (train, test):
-                args, kwargs = _subset(rows, X, batch, covariates, from_columns)
+                args, kwargs = _subset(rows, X, batch, covariates, from_columns, subjects)
                 values.append(np.asarray(fitted.transform(*args, **kwargs), dtype=np.float64))
             result[key].append(tuple(values))
     return result
@@ -620,7 +623,9 @@ def harmonization_report(
     if is_covbat:
         inputs.insert(1, ("after ComBat", "after_combat"))
     if folds.splits is not None:
-        refitted = _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat)
+        refitted = _refitted_predictions(
+            harmonizer, X, batch, covariates, folds, is_covbat, subjects
+        )
         before_values = before.to_numpy(dtype=np.float64)
         prediction_chance = 1.0 / folds.n_scored_sites
         metrics["chance"] = prediction_chance
