@@ -83,6 +83,13 @@ def _read_table(path):
         ) from None
     if frame.empty:
         raise CommandError(f"{path} has a header but no rows")
+    header = pd.read_csv(path, sep=_separator(path), dtype=str, header=None, nrows=1)
+    names = header.iloc[0].tolist()
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:  # pandas would rename the second one ('f0.1') and write it back so
+        raise CommandError(
+            f"{path} has more than one column named {repeated}; give every column its own name"
+        )
     return frame
 
 

@@ -199,7 +199,8 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         self : ConnectomeExtractor
             The fitted extractor.
         """
-        self._fit(X)
+        _, series = self._fit(X)
+        self.connectivity_measure_.fit(series)
         return self
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -219,7 +220,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
             As :meth:`transform`.
         """
         runs, series = self._fit(X)
-        return self._output(runs, self.connectivity_measure_.transform(series))
+        return self._output(runs, self.connectivity_measure_.fit_transform(series))
 
     def _fit(self, X):
         self._check_options()
@@ -244,7 +245,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
             kind=self.kind,
             vectorize=True,
             discard_diagonal=self.discard_diagonal,
-        ).fit(series)
+        )
         return runs, series
 
     def _check_options(self):
@@ -517,12 +518,30 @@ def _vector_pairs(n_regions, discard_diagonal):
     return rows[order], cols[order]
 
 
+# Content hashes of files already hashed by this process, keyed on what a rewrite changes: the
+# status change time (ctime) moves on every write and cannot be set back, unlike mtime.
+_FILE_TOKENS: dict = {}
+
+
 def _file_token(path):
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file's bytes (read, not decompressed), once per process per file version."""
+    stat = os.stat(path)
+    version = (
+        os.path.realpath(path),
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    )
+    token = _FILE_TOKENS.get(version)
+    if token is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        token = _FILE_TOKENS[version] = digest.hexdigest()
+    return token
 
 
 def _image_token(img, name):

@@ -64,6 +64,7 @@ def test_user_guide_pages_exist_and_are_linked(html):
         "numerics",
         "command_line",
         "large_cohorts",
+        "connectomes",
     ]:
         assert (html / "user_guide" / f"{page}.html").is_file(), page
         assert f"user_guide/{page}.html" in index, page

@@ -96,11 +96,38 @@ def check_voxelwise(stdout, output):
         assert (output / name).stat().st_size > 0
 
 
+def check_connectomes(stdout, output):
+    raw, combat, leaky, chance = numbers(
+        r"site balanced accuracy: raw {n}, ComBat in the pipeline {n}, ComBat before CV {n}, "
+        r"chance {n}",
+        stdout,
+    )
+    assert chance == pytest.approx(0.25, abs=0.01)
+    assert raw > 0.6  # sites are easy to tell apart from raw connectomes
+    assert combat < raw - 0.3  # ComBat inside the pipeline removes most of it
+    assert leaky < chance - 0.1  # fitted on every subject first: below chance, the leak shows
+    (auc_raw, _, _) = numbers(
+        r"diagnosis ROC AUC, leave-site-out: raw {n}, ComBat in the pipeline {n}, "
+        r"ComBat before CV {n}",
+        stdout,
+    )
+    assert auc_raw > 0.55  # the weak diagnosis effect is found at unseen sites
+    (best,) = numbers(r"best denoising: \{.*\} with ROC AUC {n}", stdout)
+    assert 0.5 < best <= 1
+    table = pd.read_csv(output / "05_connectomes_across_sites.csv")
+    assert table["connectomes"].tolist() == [
+        "raw connectomes",
+        "ComBat in the pipeline",
+        "ComBat before CV (leaky)",
+    ]
+
+
 CHECKS = {
     "01_tabular_harmonization.py": check_tabular,
     "02_image_pipeline_gridsearch.py": check_grid_search,
     "03_leave_one_site_out.py": check_leave_one_site_out,
     "04_voxelwise_harmonize_volumes.py": check_voxelwise,
+    "05_connectomes_across_sites.py": check_connectomes,
 }
 
 

@@ -340,6 +340,15 @@ def test_nilearn_cache_serves_a_rewritten_file_stale_ours_does_not(atlas_img, ru
     np.testing.assert_allclose(ours_after, ours_before + 10, rtol=1e-6)
 
 
+def test_cache_with_threads_equals_one_job(atlas_img, run_paths, tmp_path):
+    one = LabelsMasker(atlas_img, detrend=True).fit().transform_imgs(run_paths)
+    masker = LabelsMasker(atlas_img, detrend=True, memory=tmp_path / "cache").fit()
+    for _ in range(2):  # a miss, then a hit, both with two threads
+        threads = masker.transform_imgs(run_paths, n_jobs=2)
+        for a, b in zip(one, threads):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_memory_level_zero_disables_the_cache(atlas_img, run_paths, tmp_path, monkeypatch):
     masker = LabelsMasker(atlas_img, memory=tmp_path / "cache", memory_level=0).fit()
     counter = _CountingGunzip(monkeypatch)

@@ -189,6 +189,63 @@ def test_same_labels_in_another_order_are_refused_not_paired_by_position():
 # --------------------------------------------------------------------------------------------
 
 
+def test_no_feature_columns_is_named():
+    # every column of X is the site or a covariate: was numpy's "at least one array or dtype
+    # is required"
+    with pytest.raises(
+        ValueError, match=r"X has no feature columns: its columns \['site', 'age'\]"
+    ):
+        CombatHarmonizer("site", continuous_cols="age").fit(COHORT[["site", "age"]])
+
+
+def test_dask_dataframe_repeated_or_no_feature_columns_are_named():
+    # a repeated column name: was "'DataFrame' object has no attribute 'dtype'"
+    twice = dd.from_pandas(pd.concat([COHORT, COHORT[["f0"]]], axis=1), npartitions=3)
+    with pytest.raises(ValueError, match=r"more than one column named \['f0'\] \(dask input\)"):
+        CombatHarmonizer("site", "sex", "age").fit(twice)
+    only_metadata = dd.from_pandas(COHORT[["site", "age"]], npartitions=3)
+    with pytest.raises(ValueError, match=r"X has no feature columns \(dask input\)"):
+        CombatHarmonizer("site", continuous_cols="age").fit(only_metadata)
+
+
+def test_duplicated_covariate_or_site_columns_are_named():
+    # covariates= with two 'age' columns: was pandas' "truth value of a Series is ambiguous";
+    # covars of harmonize_volumes with two site columns: pandas' "unique requires a Series"
+    from kwneuro_sk import harmonize_volumes
+
+    twice = pd.concat([COVARS, COVARS[["age"]]], axis=1)
+    with pytest.raises(ValueError, match=r"covariates= has more than one column named \['age'\]"):
+        CombatHarmonizer(continuous_cols="age").fit(X, batch=SITE, covariates=twice)
+    import nibabel
+
+    img = nibabel.Nifti1Image(np.ones((2, 2, 2), dtype=np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="covars has more than one column named 'site'"):
+        harmonize_volumes([img] * N, pd.concat([COVARS, COVARS[["site"]]], axis=1), "site", img)
+
+
+def test_cli_refuses_repeated_column_names(tmp_path, capsys):
+    # pandas renames the second 'f0' to 'f0.1', which was harmonized and written back so
+    from kwneuro_sk.cli import main
+
+    table = tmp_path / "t.csv"
+    COHORT.rename(columns={"f1": "f0"}).to_csv(table, index=False)
+    assert (
+        main(["harmonize", str(table), "--batch-col", "site", "-o", str(tmp_path / "o.csv")]) != 0
+    )
+    assert "t.csv has more than one column named ['f0']" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_model_with_a_nan_category_level_is_refused(tmp_path):
+    from kwneuro_sk import CombatEstimates
+
+    estimates = CombatHarmonizer("site", "sex").fit(COHORT.drop(columns="age")).estimates_
+    estimates.info["categories"] = [["F", float("nan")]]
+    estimates.save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=r"info\['categories'\] has a NaN level for 'sex'"):
+        CombatEstimates.load(tmp_path / "m.npz")
+
+
 def test_continuous_and_smooth_same_column_says_what_to_do():
     with pytest.raises(ValueError, match="remove them from continuous_cols"):
         CombatHarmonizer(continuous_cols="age", smooth_cols="age").fit(

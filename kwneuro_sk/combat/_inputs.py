@@ -156,6 +156,12 @@ def read_metadata(batch, covariates, n_rows, roles, *, route=None):
                 f"covariate column(s) {missing} not found in covariates={where} "
                 f"(columns: {list(covariates.columns)})"
             )
+        repeated = [c for c in columns if int((covariates.columns == c).sum()) > 1]
+        if repeated:
+            raise ValueError(
+                f"covariates={where} has more than one column named {repeated}; give each "
+                "covariate one column"
+            )
         frame = covariates[columns]
     else:  # only the columns named in categorical_cols/continuous_cols/smooth_cols are used
         frame = pd.DataFrame(index=range(n_rows))
@@ -237,6 +243,11 @@ def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
         if missing:
             raise ValueError(missing_columns_message(missing, X.columns))
         features = X[roles.features(X.columns)]
+        if features.shape[1] == 0:
+            raise ValueError(
+                f"X has no feature columns: its columns {list(X.columns)[:10]} are all the "
+                "site and covariate columns; ComBat harmonizes the other columns of X"
+            )
         batch, covariates = X[batch_col], X[roles.covariates]
         if roles.subject is not None:
             subjects = X[roles.subject]
@@ -484,10 +495,13 @@ def covariate_frame(frame, n_samples, continuous, *, where=""):
     if len(frame) != n_samples:
         raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X{where}")
     frame = frame.reset_index(drop=True)
-    for col in frame.columns:
-        if frame[col].isna().any():
-            rows = np.flatnonzero(frame[col].isna().to_numpy())[:10].tolist()
-            raise ValueError(f"covariate {col!r} has missing values (NaN) in row(s) {rows}")
+    missing = frame.isna().to_numpy()  # one check of the whole table, then the culprit
+    if missing.any():
+        j = int(np.flatnonzero(missing.any(axis=0))[0])
+        rows = np.flatnonzero(missing[:, j])[:10].tolist()
+        raise ValueError(
+            f"covariate {frame.columns[j]!r} has missing values (NaN) in row(s) {rows}"
+        )
     for col in continuous:
         if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
             raise ValueError(

@@ -308,6 +308,8 @@ class CombatEstimates:
                     "info['categories']",
                     f"has levels of {col!r} that are not labels (text or numbers)",
                 )
+            if any(isinstance(v, (float, np.floating)) and np.isnan(v) for v in levels):
+                fail("info['categories']", f"has a NaN level for {col!r}")
             if len(set(levels)) != len(levels):
                 fail("info['categories']", f"has repeated levels for {col!r}")
         covariate_names = _array_field(info["covariate_names"], "info['covariate_names']", fail)

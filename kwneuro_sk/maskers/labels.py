@@ -33,7 +33,6 @@ from kwneuro_sk import images as _images
 from kwneuro_sk._params import N_JOBS
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
-from kwneuro_sk.maskers.report import masker_report
 from kwneuro_sk.maskers.runs import (
     check_confounds_length,
     per_run,
@@ -735,6 +734,9 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             ``report.open_in_browser()`` shows it; a notebook displays it inline.
         """
         check_is_fitted(self)
+        # imported here: nilearn.reporting (and matplotlib) only load when a report is made
+        from kwneuro_sk.maskers.report import masker_report
+
         if engine != "matplotlib":
             raise ValueError(
                 f"engine={engine!r} is not supported by LabelsMasker.generate_report; use "
@@ -803,6 +805,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         table = pd.DataFrame(
             rows, columns=["column", "label value", "region name", "voxels", "status"]
         )
+        table["column"] = table["column"].astype("Int64")  # a removed region has none
         table["label value"] = [format_label(v) for v in table["label value"]]
         table.insert(4, "size (mm^3)", (table["voxels"] * voxel_mm3).round(1))
         table.insert(5, "relative size (%)", (100 * table["voxels"] / total).round(2))
@@ -914,8 +917,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             if isinstance(memory.location, str):
                 store = os.path.join(memory.location, "kwneuro_sk_file_digests")
             content, raw = _images.file_digest(source, name=name, store=store)
+            held = [raw]  # handed over once, so the compressed bytes go as soon as decoded
+            del raw
 
             def decode():
+                raw = held.pop()
                 if raw is None:  # digest known, result not cached (other parameters)
                     return _images.load_image(source, name=name, writable=False)
                 return _images.image_from_bytes(raw, source, name=name, writable=False)

@@ -89,6 +89,11 @@ def check_covars(covars, n_volumes, batch_col):
         raise ValueError(
             f"column(s) {[batch_col]} not found in covars (columns: {list(covars.columns)})"
         )
+    if int((covars.columns == batch_col).sum()) > 1:
+        raise ValueError(
+            f"covars has more than one column named {batch_col!r} (batch_col); give the "
+            "sites one column"
+        )
     return covars.reset_index(drop=True)
 
 
