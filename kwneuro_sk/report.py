@@ -368,6 +368,10 @@ def _subset(rows, X, batch, covariates, from_columns):
     return (take(X),), {"batch": take(batch), "covariates": take(covariates)}
 
 
+class _FoldFailure(Exception):
+    """A fold of the site-prediction cross-validation could not be refitted or applied."""
+
+
 def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
     """Per fold: the harmonizer refitted on the fold's training rows (and the rows of sites
     too small to be scored), then the training and held-out rows harmonized by it.
@@ -379,24 +383,23 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
     from_columns = harmonizer.batch_col is not None
     result = {"after": [], "after_combat": []}
     for k, (train, test) in enumerate(folds):
-        args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns)
         try:
+            args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns)
             model = clone(harmonizer).fit(*args, **kwargs)
+            models = {"after": model}
+            if is_covbat:
+                models["after_combat"] = CombatHarmonizer.from_estimates(model.estimates_)
+            for key, fitted in models.items():
+                values = []
+                for rows in (train, test):
+                    args, kwargs = _subset(rows, X, batch, covariates, from_columns)
+                    values.append(np.asarray(fitted.transform(*args, **kwargs), dtype=np.float64))
+                result[key].append(tuple(values))
         except ValueError as error:
-            raise ValueError(
-                f"site prediction after harmonization refits the harmonizer on the training "
-                f"rows of each of {len(folds.splits)} cross-validation folds; fold {k + 1} "
-                f"could not be fitted ({error}). Give more rows per site or a smaller cv"
+            raise _FoldFailure(
+                f"the harmonizer refitted on the training rows of cross-validation fold "
+                f"{k + 1} of {len(folds.splits)} could not harmonize its rows ({error})"
             ) from error
-        models = {"after": model}
-        if is_covbat:
-            models["after_combat"] = CombatHarmonizer.from_estimates(model.estimates_)
-        for key, fitted in models.items():
-            values = []
-            for rows in (train, test):
-                args, kwargs = _subset(rows, X, batch, covariates, from_columns)
-                values.append(np.asarray(fitted.transform(*args, **kwargs), dtype=np.float64))
-            result[key].append(tuple(values))
     return result
 
 
@@ -683,8 +686,16 @@ def harmonization_report(
     inputs = [("before", "before"), ("after " + method, "after")]
     if is_covbat:
         inputs.insert(1, ("after ComBat", "after_combat"))
+    refitted = None
     if folds.splits is not None:
-        refitted = _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat)
+        try:
+            refitted = _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat)
+        except _FoldFailure as failure:
+            notes.append(
+                f"Site predictability is not shown: {failure}. Rare categorical levels or "
+                "sites with few rows can leave a fold without them; a smaller cv helps."
+            )
+    if refitted is not None:
         before_values = before.to_numpy(dtype=np.float64)
         prediction_chance = 1.0 / folds.n_scored_sites
         metrics["chance"] = prediction_chance
@@ -739,8 +750,7 @@ def harmonization_report(
                 _table(rows),
             )
         )
-    else:
-        metrics["chance"] = float("nan")
+    elif folds.splits is None:
         notes.append(f"Site predictability is not shown: {folds.why_not}.")
 
     # 5. covariate effects
