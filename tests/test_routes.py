@@ -198,6 +198,16 @@ def test_no_feature_columns_is_named():
         CombatHarmonizer("site", continuous_cols="age").fit(COHORT[["site", "age"]])
 
 
+def test_dask_dataframe_repeated_or_no_feature_columns_are_named():
+    # a repeated column name: was "'DataFrame' object has no attribute 'dtype'"
+    twice = dd.from_pandas(pd.concat([COHORT, COHORT[["f0"]]], axis=1), npartitions=3)
+    with pytest.raises(ValueError, match=r"more than one column named \['f0'\] \(dask input\)"):
+        CombatHarmonizer("site", "sex", "age").fit(twice)
+    only_metadata = dd.from_pandas(COHORT[["site", "age"]], npartitions=3)
+    with pytest.raises(ValueError, match=r"X has no feature columns \(dask input\)"):
+        CombatHarmonizer("site", continuous_cols="age").fit(only_metadata)
+
+
 def test_duplicated_covariate_or_site_columns_are_named():
     # covariates= with two 'age' columns: was pandas' "truth value of a Series is ambiguous";
     # covars of harmonize_volumes with two site columns: pandas' "unique requires a Series"

@@ -341,7 +341,9 @@ def raw_design(frame, categorical, continuous, smooth=None):
     """
     keys, parts = [], [np.empty((len(frame), 0))]
     for col in categorical:
-        codes, levels = pd.factorize(frame[col].astype(object), sort=False)
+        # sorted: chunks that hold the same levels get the same column order, and merge
+        # without realignment
+        codes, levels = pd.factorize(frame[col].astype(object), sort=True)
         onehot = np.zeros((len(frame), len(levels)))
         onehot[np.arange(len(frame)), codes] = 1.0
         keys += [("level", col, level) for level in levels.tolist()]

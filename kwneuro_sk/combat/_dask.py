@@ -74,7 +74,18 @@ def fit(combat, X, batch, covariates):
                 f"{combat.batch_col!r} says they are columns of X; give them "
                 "one way"
             )
+        repeated = list(pd.Index(columns)[pd.Index(columns).duplicated()].unique())
+        if repeated:
+            raise ValueError(
+                f"X has more than one column named {repeated} (dask input); give every column "
+                "its own name"
+            )
         features = roles.features(columns)
+        if not features:
+            raise ValueError(
+                f"X has no feature columns (dask input): its columns {columns[:10]} are all the "
+                "site and covariate columns; ComBat harmonizes the other columns of X"
+            )
         bad = [c for c in features if X[c].dtype.kind not in "iuf"]
         if bad:
             raise ValueError(

@@ -495,10 +495,13 @@ def covariate_frame(frame, n_samples, continuous, *, where=""):
     if len(frame) != n_samples:
         raise ValueError(f"covariates have {len(frame)} rows for {n_samples} rows of X{where}")
     frame = frame.reset_index(drop=True)
-    for col in frame.columns:
-        if frame[col].isna().any():
-            rows = np.flatnonzero(frame[col].isna().to_numpy())[:10].tolist()
-            raise ValueError(f"covariate {col!r} has missing values (NaN) in row(s) {rows}")
+    missing = frame.isna().to_numpy()  # one check of the whole table, then the culprit
+    if missing.any():
+        j = int(np.flatnonzero(missing.any(axis=0))[0])
+        rows = np.flatnonzero(missing[:, j])[:10].tolist()
+        raise ValueError(
+            f"covariate {frame.columns[j]!r} has missing values (NaN) in row(s) {rows}"
+        )
     for col in continuous:
         if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
             raise ValueError(

@@ -129,6 +129,12 @@ def _blas_controller():
 _blas_controller()
 
 
+def single_blas_thread():
+    """A context in which BLAS runs on one thread (thin matrix products, and products inside
+    threads of our own: a BLAS pool only adds synchronisation there)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 def _scratch_view(scratch, shape):
     """The first ``prod(shape)`` elements of a scratch array, as an array of ``shape``."""
     return scratch[: math.prod(shape)].reshape(shape)

@@ -106,7 +106,17 @@ def chunk_moments(X, batch_idx, n_batches, Z):
         return moments
     # All sites at once, one cache-sized block of features at a time: per-site means by a
     # product with the one-hot site matrix, the rows centred about their own site's means,
-    # then the centred sums as matrix products.
+    # then the centred sums as matrix products. The products are thin (a chunk's rows by a
+    # few sites or covariate columns): a BLAS thread pool only adds synchronisation to them
+    # (6x slower on a loaded 2-core machine, bench_federated.py), so they run on one thread.
+    with model.single_blas_thread():
+        _fill_moments(moments, X, Z, batch_idx, n_batches)
+    return moments
+
+
+def _fill_moments(moments, X, Z, batch_idx, n_batches):
+    n_rows, n_features = X.shape
+    q = Z.shape[1]
     onehot = np.zeros((n_rows, n_batches))
     onehot[np.arange(n_rows), batch_idx] = 1.0
     counts = onehot.sum(axis=0)
@@ -127,7 +137,6 @@ def chunk_moments(X, batch_idx, n_batches, Z):
         centred = np.subtract(values, xbar[batch_idx], dtype=np.float64)
         czx[:, block] = site_z.T @ centred
         moments.cxx[:, block] = onehot.T @ np.square(centred, out=centred)
-    return moments
 
 
 def fit_from_moments(moments, ref=None):
@@ -287,24 +296,25 @@ class SiteStatistics:
                 continue
             k = position[site]
             if same_columns:
-                zb, czz_b, czx_b = m.zbar[j], m.czz[j], m.czx[j]
-            else:
+                zb, czz_b = m.zbar[j], m.czz[j]
+            else:  # the small covariate parts padded; czx added into its rows below
                 zb = np.zeros(q)
                 zb[col_at] = m.zbar[j]
                 czz_b = np.zeros((q, q))
                 czz_b[np.ix_(col_at, col_at)] = m.czz[j]
-                czx_b = np.zeros((q, self.n_features))
-                czx_b[col_at] = m.czx[j]
+            rows = slice(None) if same_columns else col_at
             na = dest.n[k]
             if na == 0:
                 dest.n[k], dest.zbar[k], dest.xbar[k] = nb, zb, m.xbar[j]
-                dest.czz[k], dest.czx[k], dest.cxx[k] = czz_b, czx_b, m.cxx[j]
+                dest.czz[k], dest.cxx[k] = czz_b, m.cxx[j]
+                dest.czx[k] = 0.0
+                dest.czx[k, rows] = m.czx[j]
                 continue
             n = na + nb
             weight = na * nb / n
             dx = m.xbar[j] - dest.xbar[k]
             dz = zb - dest.zbar[k]
-            dest.czx[k] += czx_b
+            dest.czx[k, rows] += m.czx[j]
             dest.czx[k] += np.outer(weight * dz, dx)
             dest.czz[k] += czz_b + weight * np.outer(dz, dz)
             dest.cxx[k] += m.cxx[j]
