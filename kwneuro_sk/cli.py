@@ -1,4 +1,4 @@
-"""The ``kwneuro-sk`` command line: demo, harmonize, apply, extract.
+"""The ``kwneuro-sk`` command line: demo, harmonize, apply, summarize, combine, maps, extract.
 
 Every command prints what it did; errors in the input end with a one-line message on stderr and
 exit status 1 (usage errors: 2).
@@ -429,6 +429,29 @@ def cmd_apply(args):
     return 0
 
 
+def cmd_maps(args):
+    """Write the site-effect maps of a voxel-wise model (harmonize_volumes) as NIfTI files."""
+    from kwneuro_sk import CombatEstimates
+    from kwneuro_sk.volumes import site_effect_maps
+
+    if Path(args.model).is_dir():
+        raise CommandError(f"model {args.model} is a directory, not a model file")
+    if not Path(args.model).is_file():
+        raise CommandError(f"no such model file: {args.model}")
+    estimates = CombatEstimates.load(args.model)
+    if "volumes" not in estimates.info:
+        raise CommandError(
+            f"{args.model} is not a voxel-wise model (made by harmonize_volumes): it has no "
+            "mask to place site effects in"
+        )
+    written = site_effect_maps(estimates, output_dir=args.output)
+    print(
+        f"wrote {len(written)} maps (gamma*, delta* of {len(estimates.info['batches'])} "
+        f"sites, pooled standard deviation) -> {args.output}"
+    )
+    return 0
+
+
 def cmd_extract(args):
     """Region values of each image with a labels atlas, one row per image."""
     from kwneuro_sk import LabelsMasker
@@ -676,6 +699,18 @@ def build_parser():
         help="estimate sites unseen in fit from their rows (default: error)",
     )
     apply.set_defaults(func=cmd_apply)
+
+    maps = sub.add_parser(
+        "maps",
+        help="site-effect maps of a voxel-wise model",
+        description="Write gamma* and delta* of each site and the pooled standard deviation "
+        "of a model saved from harmonize_volumes as NIfTI images in the mask's space "
+        "(DIR/gamma_star_<site>.nii.gz, DIR/delta_star_<site>.nii.gz, DIR/sigma.nii.gz); all "
+        "or nothing.",
+    )
+    maps.add_argument("model", metavar="MODEL")
+    maps.add_argument("-o", "--output", required=True, metavar="DIR")
+    maps.set_defaults(func=cmd_maps)
 
     extract = sub.add_parser(
         "extract",

@@ -80,7 +80,7 @@ class CombatEstimates:
     This class holds data only. Applying a model to images belongs to the image layer:
     :func:`~kwneuro_sk.harmonize_volumes` returns (and :meth:`load` reads a model with
     ``info['volumes']`` as) a :class:`~kwneuro_sk.VolumeEstimates`, the subclass with
-    ``apply_volumes``.
+    ``apply_volumes`` and ``site_effect_maps``.
 
     See Also
     --------

@@ -111,15 +111,19 @@ def build_plan(atlas_flat, region_ids, background_label, mask_flat=None) -> Regi
 
 
 def gather(flat_data, plan: RegionPlan) -> np.ndarray:
-    """Values of the labelled voxels in plan order, as float64 of shape (n_labelled, n_vols).
+    """Values of the labelled voxels in plan order, shape (n_labelled, n_vols).
+
+    float32 and float64 data keep their type (the reductions accumulate in float64 without a
+    float64 copy of the whole gather); other types become float64.
 
     ``flat_data`` has shape (n_voxels, n_vols), voxels flattened in Fortran order. NIfTI data
     is Fortran-ordered, so each volume is contiguous: the gather then runs volume by volume on
     the transposed view (twice as fast as picking strided voxel rows for 4D runs).
     """
+    dtype = flat_data.dtype if flat_data.dtype in (np.float32, np.float64) else np.float64
     if flat_data.shape[1] > 1 and flat_data.flags.f_contiguous:
-        return np.take(flat_data.T, plan.voxels, axis=1).astype(np.float64, copy=False).T
-    return np.take(flat_data, plan.voxels, axis=0).astype(np.float64, copy=False)
+        return np.take(flat_data.T, plan.voxels, axis=1).astype(dtype, copy=False).T
+    return np.take(flat_data, plan.voxels, axis=0).astype(dtype, copy=False)
 
 
 def reduce_regions(values, plan: RegionPlan, strategy: str) -> np.ndarray:
@@ -128,7 +132,7 @@ def reduce_regions(values, plan: RegionPlan, strategy: str) -> np.ndarray:
     Parameters
     ----------
     values : ndarray of shape (n_labelled, n_vols)
-        Output of :func:`gather`.
+        Output of :func:`gather` (float32 or float64; sums accumulate in float64).
     plan : RegionPlan
     strategy : str
         One of :data:`STRATEGIES`.
@@ -165,26 +169,50 @@ def _empty_to_nan(result, counts):
     return np.where(counts == 0, np.nan, result)
 
 
+def _segment_add(values, starts):
+    """``np.add.reduceat(values, starts, axis=0)`` accumulated in float64, casting float32
+    values a block of volumes at a time (about 8 MB), never the whole gather at once."""
+    if values.dtype == np.float64:
+        return np.add.reduceat(values, starts, axis=0)
+    sums = np.empty((starts.size, values.shape[1]))
+    for cols in _volume_blocks(values):
+        sums[:, cols] = np.add.reduceat(values[:, cols].astype(np.float64), starts, axis=0)
+    return sums
+
+
 def _segment_sum(values, finite, plan):
-    sums = np.add.reduceat(_zero_nan(values, finite), plan.starts, axis=0)
+    sums = _segment_add(_zero_nan(values, finite), plan.starts)
     return _empty_to_nan(sums, _counts(finite, plan))
 
 
 def _segment_mean(values, finite, plan):
     counts = _counts(finite, plan)
-    sums = np.add.reduceat(_zero_nan(values, finite), plan.starts, axis=0)
+    sums = _segment_add(_zero_nan(values, finite), plan.starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         return _empty_to_nan(sums / counts, counts)
 
 
 def _segment_variance(values, finite, plan):
-    """Two-pass population variance: mean first, then mean squared deviation."""
+    """Two-pass population variance: mean first, then mean squared deviation, a block of
+    volumes at a time (the float64 deviations of the whole gather are never held at once)."""
     counts = _counts(finite, plan)
     mean = _segment_mean(values, finite, plan)
-    deviation = _zero_nan(values - np.repeat(mean, plan.lengths, axis=0), finite)
+    squares = np.empty_like(mean)
+    for cols in _volume_blocks(values):
+        deviation = values[:, cols].astype(np.float64) - np.repeat(
+            mean[:, cols], plan.lengths, axis=0
+        )
+        deviation = _zero_nan(deviation, None if finite is None else finite[:, cols])
+        squares[:, cols] = np.add.reduceat(deviation * deviation, plan.starts, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        variance = np.add.reduceat(deviation * deviation, plan.starts, axis=0) / counts
+        variance = squares / counts
     return _empty_to_nan(variance, counts)
+
+
+def _volume_blocks(values):
+    """Slices of about 2**20 gathered values (8 MB in float64) along the volume axis."""
+    step = max(1, (1 << 20) // max(values.shape[0], 1))
+    return [slice(first, first + step) for first in range(0, values.shape[1], step)]
 
 
 def _segment_std(values, finite, plan):
@@ -206,7 +234,10 @@ def _segment_median(values, finite, plan):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN segment -> NaN
         return np.stack(
-            [median(values[start:end], axis=0) for start, end in zip(plan.starts, ends)]
+            [
+                median(values[start:end].astype(np.float64), axis=0)
+                for start, end in zip(plan.starts, ends)
+            ]
         )
 
 

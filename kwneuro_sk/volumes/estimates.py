@@ -15,6 +15,7 @@ from kwneuro_sk.combat.estimates import CombatEstimates
 from kwneuro_sk.combat.harmonizer import CombatHarmonizer
 from kwneuro_sk.volumes import inputs
 from kwneuro_sk.volumes import streaming as _streaming
+from kwneuro_sk.volumes.maps import site_effect_maps
 
 __all__ = ["VolumeEstimates", "apply_volumes"]
 
@@ -119,6 +120,23 @@ class VolumeEstimates(CombatEstimates, info_key="volumes"):
             verbose=verbose,
         )
 
+    def site_effect_maps(self, output_dir=None):
+        """gamma*, delta* of each site and the pooled standard deviation as NIfTI images in
+        the input space: :func:`kwneuro_sk.volumes.site_effect_maps` of these estimates.
+
+        Parameters
+        ----------
+        output_dir : str or path-like, default=None
+            Write ``<name>.nii.gz`` files there (all or nothing) and return their paths.
+
+        Returns
+        -------
+        dict
+            Map name (``gamma_star_<site>``, ``delta_star_<site>``, ``sigma``) -> image, or
+            path with ``output_dir``.
+        """
+        return site_effect_maps(self, output_dir=output_dir)
+
 
 @validate_params(
     {
@@ -174,23 +192,11 @@ def apply_volumes(
     >>> bool(np.array_equal(again.get_fdata(), out[0].get_fdata()))
     True
     """
-    grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
-    if grid is None:
-        raise ValueError(
-            "these estimates were not made by harmonize_volumes (no mask in "
-            "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
-            ".transform(...) for feature matrices"
-        )
+    grid = inputs.model_grid(estimates)
     dtype = inputs.output_dtype(dtype)
     combat = CombatHarmonizer.from_estimates(estimates).set_params(unseen_batch=unseen_batch)
-    mask_array = np.asarray(grid["mask"], dtype=bool)
-    fitted_grid = (tuple(int(n) for n in grid["shape"]), np.asarray(grid["affine"], float))
-    if mask_array.shape != fitted_grid[0] or int(mask_array.sum()) != combat.n_features_in_:
-        raise ValueError(
-            "invalid ComBat model: info['volumes'] has a mask that does not match "
-            f"its shape {fitted_grid[0]} or the model's {combat.n_features_in_} "
-            "voxels"
-        )
+    mask_array = grid["mask"]
+    fitted_grid = (grid["shape"], grid["affine"])
     longitudinal = combat.get_params()["subject_col"] is not None
     if output_dir is not None and longitudinal:
         raise ValueError(

@@ -32,6 +32,32 @@ def output_dtype(dtype):
     return resolved
 
 
+def model_grid(estimates):
+    """The voxel grid of estimates made by harmonize_volumes, checked: ``mask`` (bool),
+    ``shape`` (tuple), ``affine`` (4 x 4 float) and ``batch_col``."""
+    grid = estimates.info.get("volumes") if isinstance(estimates.info, dict) else None
+    if grid is None:
+        raise ValueError(
+            "these estimates were not made by harmonize_volumes (no mask in "
+            "info['volumes']); use CombatHarmonizer.from_estimates(estimates)"
+            ".transform(...) for feature matrices"
+        )
+    mask = np.asarray(grid["mask"], dtype=bool)
+    shape = tuple(int(n) for n in grid["shape"])
+    n_features = int(estimates.info["n_features_in"])
+    if mask.shape != shape or int(mask.sum()) != n_features:
+        raise ValueError(
+            "invalid ComBat model: info['volumes'] has a mask that does not match "
+            f"its shape {shape} or the model's {n_features} voxels"
+        )
+    return {
+        "mask": mask,
+        "shape": shape,
+        "affine": np.asarray(grid["affine"], float),
+        "batch_col": grid["batch_col"],
+    }
+
+
 def open_volumes(volumes, *, minimum, reference=None):
     """Every volume opened (headers only for paths), 3-D, all in one space: that of volume 0,
     or ``reference`` ((shape, affine), name) when given."""
