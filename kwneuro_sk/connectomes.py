@@ -433,7 +433,8 @@ def _cells(frame, column):
 
 
 def _is_missing(value):
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    """None, NaN, pd.NA or NaT: a cell left empty (arrays, tables and paths are not)."""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
 
 def _fmriprep_run_path(img, name):

@@ -338,3 +338,30 @@ def test_bad_options_and_columns_are_refused(cohort, table):
         fitted.transform(table.head(3).drop(columns="sex"))
     with pytest.raises(ValueError, match="kind"):
         ConnectomeExtractor(masker, kind="coherence").fit(table)
+
+
+def test_nilearn_masker_works_as_the_masker(cohort, table, scrubbed, tmp_path):
+    """Any masker with nilearn's transform_imgs: MultiNiftiLabelsMasker gives our numbers."""
+    confounds, masks = scrubbed
+    X = table.assign(conf=confounds, scrub=masks)
+    ours = ConnectomeExtractor(
+        _masker(cohort), confounds_col="conf", sample_mask_col="scrub"
+    ).fit_transform(X)
+    nilearn_masker = MultiNiftiLabelsMasker(cohort.atlas, standardize="zscore_sample")
+    for memory in [None, tmp_path / "cache"]:
+        extractor = ConnectomeExtractor(
+            nilearn_masker, confounds_col="conf", sample_mask_col="scrub", memory=memory
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = extractor.fit_transform(X)
+        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+        assert extractor.get_feature_names_out().shape == (66,)
+
+
+def test_empty_cells_mean_no_confounds_and_no_mask(cohort, table):
+    X = table.head(3).drop(columns="confounds")
+    plain = ConnectomeExtractor(_masker(cohort)).fit_transform(X)
+    empty = X.assign(conf=[None, np.nan, pd.NA], scrub=[pd.NA, None, np.nan])
+    extractor = ConnectomeExtractor(_masker(cohort), confounds_col="conf", sample_mask_col="scrub")
+    np.testing.assert_array_equal(extractor.fit_transform(empty), plain)

@@ -347,7 +347,7 @@ def test_site_summary_refusals():
     ):
         combat.site_summary(X[:20], batch=["a"] * 20, covariates=lonely)
     assert not hasattr(combat, "n_features_in_")  # site_summary fits nothing
-    with pytest.raises(ValueError, match="does not support smooth_cols"):
+    with pytest.raises(ValueError, match="site_summary with smooth_cols needs the B-spline"):
         CombatHarmonizer(smooth_cols="age").site_summary(
             X[:20], batch=["a"] * 20, covariates=covariates[:20]
         )
@@ -393,6 +393,57 @@ def _tamper(path, out, **changes):
     members["__manifest__"] = np.array(json.dumps(manifest))
     np.savez(out, **members)
     return out
+
+
+SMOOTH = {
+    "categorical_cols": ["sex", "group"],
+    "smooth_cols": "age",
+    "smooth_knots": {"age": [20.0, 40.0, 60.0, 80.0]},
+}
+
+
+def test_federated_smooth_cols_with_fixed_knots_equals_pooled(tmp_path):
+    from kwneuro_sk import SiteSummary
+
+    X, site, covariates = COHORT
+    pooled = CombatHarmonizer(**SMOOTH).fit(X, batch=site, covariates=covariates)
+    paths = []
+    for i, summary in enumerate(site_summaries(SMOOTH)):
+        assert summary.covariates["smooth_cols"] == ["age"]
+        paths.append(tmp_path / f"site{i}.npz")
+        summary.save(paths[-1])
+    loaded = [SiteSummary.load(p) for p in paths]
+    assert loaded[0].statistics.smooth == {
+        "age": {"knots": [20.0, 40.0, 60.0, 80.0], "degree": 3, "extrapolation": "linear"}
+    }
+    combat = CombatHarmonizer(**SMOOTH).fit_from_summaries(loaded)
+    assert_same_model(pooled, combat)
+    # the coordinator may give the number of knots: the sites' knots are used
+    by_count = CombatHarmonizer(**{**SMOOTH, "smooth_knots": 4}).fit_from_summaries(loaded)
+    assert_same_model(pooled, by_count)
+    with pytest.raises(ValueError, match="'age' were made with knots=.*5 knots"):
+        CombatHarmonizer(**{**SMOOTH, "smooth_knots": 5}).fit_from_summaries(loaded)
+    with pytest.raises(ValueError, match="smooth_cols=\\['age'\\]; this harmonizer has"):
+        CombatHarmonizer(categorical_cols=["sex", "group"]).fit_from_summaries(loaded)
+    other_knots = site_summaries({**SMOOTH, "smooth_knots": [20.0, 50.0, 65.0, 80.0]})[0]
+    with pytest.raises(ValueError, match="different B-spline settings for smooth covariate 'age'"):
+        CombatHarmonizer(**SMOOTH).fit_from_summaries(loaded[1:] + [other_knots])
+    # hostile spline settings and columns are refused at load
+    cases = {
+        "knots": (
+            {"smooth": {"age": {"knots": [20, 10], "degree": 3, "extrapolation": "linear"}}},
+            "'smooth' of 'age' must hold increasing finite knots",
+        ),
+        "missing": ({"smooth": {}}, "'smooth' does not hold the spline settings"),
+        "width": (
+            {"smooth": {"age": {"knots": [20, 40, 80], "degree": 3, "extrapolation": "linear"}}},
+            "does not hold the 4 spline columns of 'age'",
+        ),
+    }
+    for name, (changes, message) in cases.items():
+        bad = _tamper(paths[0], tmp_path / f"{name}.npz", **changes)
+        with pytest.raises(ValueError, match=message):
+            SiteSummary.load(bad)
 
 
 def test_load_refuses_hostile_files(tmp_path):

@@ -445,12 +445,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                         "the summary would reveal that row's feature values. Merge rare "
                         "levels, or leave that row out"
                     )
+        covariate_options = {
+            "categorical_cols": list(roles.categorical),
+            "continuous_cols": list(roles.continuous),
+        }
+        if roles.smooth:  # the knots themselves are in the statistics
+            covariate_options["smooth_cols"] = list(roles.smooth)
         return SiteSummary(
             statistics=stats,
-            covariates={
-                "categorical_cols": list(roles.categorical),
-                "continuous_cols": list(roles.continuous),
-            },
+            covariates=covariate_options,
             features=helper._feature_description(),
             min_rows=int(min_rows),
         )
@@ -460,7 +463,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """Fit from the :class:`~kwneuro_sk.SiteSummary` of several sites (federated ComBat).
 
         The result equals :meth:`fit` on the pooled rows of all the sites (to rounding), for
-        every option but ``smooth_cols``: one round trip (each site sends its summary; the
+        every option (``smooth_cols`` with the knots fixed in advance, the same at every site:
+        ``smooth_knots`` as knot positions): one round trip (each site sends its summary; the
         coordinator sends back the fitted model, e.g. saved with
         :meth:`CombatEstimates.save`, which each site applies to its own rows). The
         summaries must have been made with this harmonizer's ``batch_col``,
@@ -482,19 +486,21 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if not summaries or not all(isinstance(s, SiteSummary) for s in summaries):
             raise TypeError("fit_from_summaries takes a non-empty list of SiteSummary objects")
         self._validate_params()
-        self._check_incremental("fit_from_summaries")
+        self._check_incremental("fit_from_summaries", needs_knots=False)
         roles = ColumnRoles.of(self)
         wanted = {
             "categorical_cols": list(roles.categorical),
             "continuous_cols": list(roles.continuous),
+            "smooth_cols": list(roles.smooth),
         }
         first = summaries[0].features
         for i, summary in enumerate(summaries):
             where = f"summary {i} (site(s) {format_labels(summary.sites)})"
             for option, value in wanted.items():
-                if list(summary.covariates[option]) != value:
+                given = summary.covariates.get(option, [])
+                if list(given) != value:
                     raise ValueError(
-                        f"{where} was made with {option}={summary.covariates[option]!r}; this "
+                        f"{where} was made with {option}={given!r}; this "
                         f"harmonizer has {option}={value!r}: every site and the coordinator "
                         "must use the same covariate options"
                     )
@@ -1181,12 +1187,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _check_incremental(self, method, needs_knots=True):
         """Options that statistics of chunks or sites cannot serve, refused by name."""
-        if method in ("site_summary", "fit_from_summaries") and ColumnRoles.of(self).smooth:
-            raise ValueError(
-                f"{method} does not support smooth_cols: site summaries do not carry B-spline "
-                "knots yet; fit on the pooled rows, use partial_fit with smooth_knots as knot "
-                "positions, or model the covariate in continuous_cols"
-            )
         if getattr(self, "subject_col", None) is not None:  # longitudinal ComBat
             raise ValueError(
                 f"{method} does not support subject_col: longitudinal ComBat estimates each "

@@ -6,8 +6,10 @@ summaries fit together (the covariate options and the feature names). It is writ
 ``.npz`` file (JSON manifest and float64 arrays, never pickled) and read back trusting nothing.
 
 Fields (``S`` sites in the summary, ``Q`` covariate columns: one per level of a categorical
-covariate present at the site, one per continuous covariate; ``G`` features), and what each
-reveals about the site:
+covariate present at the site, one per continuous covariate, one per B-spline basis column of
+a smooth covariate; ``G`` features), and what each reveals about the site (the spline columns
+reveal what the continuous ones do, at the resolution of the knots, which the manifest's
+``smooth`` field holds with the degree and extrapolation):
 
 ========== ============ ===============================================================
 field      shape        content; what it reveals
@@ -115,6 +117,7 @@ class SiteSummary:
             "format": FORMAT,
             "version": VERSION,
             "sites": [_plain(s) for s in self.statistics.sites],
+            "smooth": self.statistics.smooth,
             "columns": [[_plain(p) for p in key] for key in self.statistics.columns],
             "covariates": self.covariates,
             "features": self.features,
@@ -226,6 +229,38 @@ def _check_json_label(value, what):
         )
 
 
+def _check_smooth(smooth, smooth_cols, bad):
+    """The B-spline settings of the smooth covariates: knots, degree, extrapolation."""
+    if not isinstance(smooth, dict) or sorted(map(str, smooth)) != sorted(map(str, smooth_cols)):
+        bad("'smooth' does not hold the spline settings of each smooth_cols column")
+    for col, spec in smooth.items():
+        ok = isinstance(spec, dict) and set(spec) == {"knots", "degree", "extrapolation"}
+        knots = spec.get("knots") if ok else None
+        ok = (
+            ok
+            and isinstance(knots, list)
+            and len(knots) >= 2
+            and all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in knots)
+            and np.isfinite(knots).all()
+            and bool(np.all(np.diff(knots) > 0))
+            and isinstance(spec["degree"], int)
+            and not isinstance(spec["degree"], bool)
+            and 1 <= spec["degree"] <= 10
+            and spec["extrapolation"] in ("linear", "constant", "error")
+        )
+        if not ok:
+            bad(
+                f"'smooth' of {col!r} must hold increasing finite knots (at least 2), an "
+                "integer degree and an extrapolation of linear/constant/error"
+            )
+    # JSON object keys are text: the columns are those of smooth_cols with that text
+    column = {str(c): c for c in smooth_cols}
+    return {
+        column[str(name)]: dict(spec, knots=[float(k) for k in spec["knots"]])
+        for name, spec in smooth.items()
+    }
+
+
 def _from_parts(manifest, arrays, bad):
     """A SiteSummary from a decoded manifest and arrays, every field checked."""
     sites, columns = manifest["sites"], manifest["columns"]
@@ -235,14 +270,16 @@ def _from_parts(manifest, arrays, bad):
         bad("'sites' is not a non-empty list")
     if not all(isinstance(s, (str, int, float)) for s in sites) or len(set(sites)) != len(sites):
         bad("'sites' holds other than distinct text or numbers")
-    if not isinstance(covariates, dict) or set(covariates) != {
+    if not isinstance(covariates, dict) or set(covariates) - {"smooth_cols"} != {
         "categorical_cols",
         "continuous_cols",
     }:
-        bad("'covariates' must hold exactly categorical_cols and continuous_cols")
+        bad("'covariates' must hold exactly categorical_cols and continuous_cols (and smooth_cols)")
     categorical, continuous = covariates["categorical_cols"], covariates["continuous_cols"]
-    if not isinstance(categorical, list) or not isinstance(continuous, list):
-        bad("categorical_cols/continuous_cols are not lists")
+    smooth_cols = covariates.get("smooth_cols", [])
+    if not all(isinstance(v, list) for v in (categorical, continuous, smooth_cols)):
+        bad("categorical_cols/continuous_cols/smooth_cols are not lists")
+    smooth = _check_smooth(manifest.get("smooth", {}), smooth_cols, bad)
     if not isinstance(columns, list):
         bad("'columns' is not a list")
     keys = []
@@ -250,15 +287,29 @@ def _from_parts(manifest, arrays, bad):
         ok = isinstance(key, list) and (
             (len(key) == 3 and key[0] == "level" and key[1] in categorical)
             or (len(key) == 2 and key[0] == "value" and key[1] in continuous)
+            or (
+                len(key) == 3
+                and key[0] == "spline"
+                and key[1] in smooth
+                and isinstance(key[2], int)
+                and not isinstance(key[2], bool)
+            )
         )
         if not ok:
-            bad(f"covariate column {key!r} is not a level of categorical_cols or a continuous_col")
+            bad(
+                f"covariate column {key!r} is not a level of categorical_cols, a "
+                "continuous_col or a spline column of smooth_cols"
+            )
         keys.append(tuple(key))
     if len(set(keys)) != len(keys):
         bad("'columns' has repeated covariate columns")
     values = [k[1] for k in keys if k[0] == "value"]
     if sorted(map(str, values)) != sorted(map(str, continuous)):
         bad("'columns' does not hold each continuous covariate once")
+    for col, spec in smooth.items():
+        width = len(spec["knots"]) + spec["degree"] - 2
+        if [k[2] for k in keys if k[:2] == ("spline", col)] != list(range(width)):
+            bad(f"'columns' does not hold the {width} spline columns of {col!r} in order")
     if not isinstance(features, dict) or set(features) != {
         "n_features_in",
         "feature_names_in",
@@ -316,5 +367,5 @@ def _from_parts(manifest, arrays, bad):
     if ((magnitude < 0) | ((magnitude > 0) & (mantissa != 0.5))).any():
         bad("magnitude holds values that are not powers of two")
     moments = SiteMoments(**{name: arrays[name] for name in ARRAYS})
-    statistics = SiteStatistics(list(sites), keys, moments)
+    statistics = SiteStatistics(list(sites), keys, moments, smooth)
     return SiteSummary(statistics, dict(covariates), dict(features), min_rows)
