@@ -353,7 +353,7 @@ def _check_covariate_columns(columns, frame, where):
         )
 
 
-def _subset(rows, X, batch, covariates, from_columns):
+def _subset(rows, X, batch, covariates, from_columns, subjects=None):
     """fit/transform arguments of some rows of the call (positions ``rows``)."""
 
     def take(obj):
@@ -365,14 +365,17 @@ def _subset(rows, X, batch, covariates, from_columns):
 
     if from_columns:
         return (take(X),), {}
-    return (take(X),), {"batch": take(batch), "covariates": take(covariates)}
+    kwargs = {"batch": take(batch), "covariates": take(covariates)}
+    if subjects is not None:  # longitudinal ComBat, keyword route
+        kwargs["subjects"] = take(subjects)
+    return (take(X),), kwargs
 
 
 class _FoldFailure(Exception):
     """A fold of the site-prediction cross-validation could not be refitted or applied."""
 
 
-def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
+def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat, subjects=None):
     """Per fold: the harmonizer refitted on the fold's training rows (and the rows of sites
     too small to be scored), then the training and held-out rows harmonized by it.
 
@@ -384,7 +387,9 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
     result = {"after": [], "after_combat": []}
     for k, (train, test) in enumerate(folds):
         try:
-            args, kwargs = _subset(folds.fit_rows(train), X, batch, covariates, from_columns)
+            args, kwargs = _subset(
+                folds.fit_rows(train), X, batch, covariates, from_columns, subjects
+            )
             model = clone(harmonizer).fit(*args, **kwargs)
             models = {"after": model}
             if is_covbat:
@@ -392,7 +397,7 @@ def _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat):
             for key, fitted in models.items():
                 values = []
                 for rows in (train, test):
-                    args, kwargs = _subset(rows, X, batch, covariates, from_columns)
+                    args, kwargs = _subset(rows, X, batch, covariates, from_columns, subjects)
                     values.append(np.asarray(fitted.transform(*args, **kwargs), dtype=np.float64))
                 result[key].append(tuple(values))
         except ValueError as error:
@@ -689,7 +694,9 @@ def harmonization_report(
     refitted = None
     if folds.splits is not None:
         try:
-            refitted = _refitted_predictions(harmonizer, X, batch, covariates, folds, is_covbat)
+            refitted = _refitted_predictions(
+                harmonizer, X, batch, covariates, folds, is_covbat, subjects
+            )
         except _FoldFailure as failure:
             notes.append(
                 f"Site predictability is not shown: {failure}. Rare categorical levels or "

@@ -59,6 +59,7 @@ def test_user_guide_pages_exist_and_are_linked(html):
         "why_harmonize",
         "sites_and_covariates",
         "new_sites",
+        "longitudinal",
         "model_selection",
         "image_features",
         "numerics",

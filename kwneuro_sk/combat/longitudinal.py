@@ -27,8 +27,9 @@ the subject's number of visits ``k``: the sums collapse to one term per distinct
 one evaluation of ``f`` and of its exact derivative for every feature costs
 ``O(K p**2 n_features)`` whatever the number of rows. The variance ratio of every feature is
 then found at once: ``f`` on a common grid of 62 ratios (``0`` and ``1e-6 .. 1e6``), then
-bisection of the analytic derivative inside each feature's bracket to a relative width of
-``1e-15`` (lme4's bobyqa stops at a trust radius of ``2e-7`` in ``sqrt(psi)``). A feature
+the zero of the analytic derivative inside each feature's bracket (Illinois regula falsi,
+bisection as fallback) to a relative step of ``1e-15`` (lme4's bobyqa stops at a trust radius
+of ``2e-7`` in ``sqrt(psi)``). A feature
 whose criterion rises from ``psi = 0`` has the boundary (singular) fit ``psi = 0``, which is
 ordinary least squares, as lme4 reports it.
 
@@ -36,7 +37,8 @@ The random slope's ``2 x 2`` ``psi`` is found the same way for all features at o
 criterion and its analytic gradient are evaluated for every feature in one pass of array
 operations over the subjects (``W_s`` in closed form), and minimized over lme4's Cholesky
 parameters ``L`` (from lme4's start ``L = I``) by BFGS run in lockstep over features, until
-the step is below ``1e-13`` relative or the gradient below ``1e-11``. The criterion depends on
+the step is below ``1e-13`` relative, the gradient below ``1e-11`` or the gain below ``1e-15``
+of the criterion (``1e-12`` within ``1e-5`` of the boundary). The criterion depends on
 ``L L'`` only, so the search is unconstrained; a fit whose Cholesky diagonal has an entry
 below ``1e-4`` is reported singular, as lme4's ``isSingular`` does. Where lme4's bounded
 search stops on the boundary ``L_11 = 0`` at a saddle of the criterion, this search can go on
@@ -56,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse
+from threadpoolctl import threadpool_limits
 
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat._inputs import row_labels
@@ -63,9 +66,9 @@ from kwneuro_sk.combat._inputs import row_labels
 # Variance ratios (psi = sigma_subject**2 / sigma**2) of the common grid: 0 and a geometric
 # grid, 5 points per decade.
 _GRID = np.concatenate([[0.0], np.logspace(-6.0, 6.0, 61)])
-# Bisection steps of the derivative inside a grid bracket (width ratio ~2.5): 2.5 * 2**-56 ~
-# 3.5e-17 relative, below the precision of the derivative itself.
-_BISECTIONS = 56
+# Largest number of steps of the root search of the derivative inside a grid bracket (width
+# ratio ~2.5; bisection alone would reach 1e-16 relative in 56).
+_MAX_ROOT_STEPS = 100
 # lme4's isSingular tolerance: a Cholesky diagonal entry of the random-effect covariance
 # (relative to sigma) below it is a boundary (singular) fit.
 _SINGULAR_TOL = 1e-4
@@ -153,10 +156,13 @@ def fit_mixed_model(Y, design, codes, n_subjects, times=None, *, sigma_method="r
     q = 1 if times is None else 2
     p = design.shape[1]
     parts = []
-    for start in range(0, n_features, _BLOCK_FEATURES):
-        block = slice(start, min(start + _BLOCK_FEATURES, n_features))
-        Yb = np.asarray(Y[:, block], dtype=np.float64)
-        parts.append(_fit_block(Yb, design, codes, n_subjects, times, sigma_method))
+    # The BLAS is held to one thread: its threads on these small products only wait for
+    # each other (10x slower on a loaded 2-core machine).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in range(0, n_features, _BLOCK_FEATURES):
+            block = slice(start, min(start + _BLOCK_FEATURES, n_features))
+            Yb = np.asarray(Y[:, block], dtype=np.float64)
+            parts.append(_fit_block(Yb, design, codes, n_subjects, times, sigma_method))
     if not parts:
         empty = np.empty((0,))
         return MixedModelFit(
@@ -257,8 +263,8 @@ class _InterceptSums:
     def criterion_common(self, psi):
         """f at one ratio ``psi`` shared by all features -> (V,)."""
         w = psi / (1.0 + self.k * psi)
-        H = self.A - np.tensordot(w, self.M, axes=1)
-        b = -np.tensordot(w, self.Rk, axes=1)  # (p, V)
+        H = self.A - np.einsum("k,kpq->pq", w, self.M)
+        b = -np.einsum("k,kpv->pv", w, self.Rk)  # (p, V)
         sign, logdet_h = np.linalg.slogdet(H)
         if sign <= 0:  # numerically singular at an extreme ratio
             return np.full(self.C.shape, np.inf)
@@ -266,23 +272,24 @@ class _InterceptSums:
         logdet = logdet_h + self.n_of_k @ np.log1p(self.k * psi)
         return self.dof * np.log(pwrss) + logdet
 
-    def solve(self, psi):
-        """Per-feature H, b, solution and PWRSS at ratios ``psi`` (V,)."""
+    def solve(self, psi, features=slice(None)):
+        """Per-feature H, b, solution and PWRSS of ``features`` at their ratios ``psi``."""
         w, dw = self.weights(psi)  # (K, V)
         H = self.A[None] - np.einsum("kv,kpq->vpq", w, self.M)
-        b = -np.einsum("kv,kpv->vp", w, self.Rk)
+        Rk, Qk = self.Rk[:, :, features], self.Qk[:, features]
+        b = -np.einsum("kv,kpv->vp", w, Rk)
         Hinv = np.linalg.inv(H)
         sol = np.einsum("vpq,vq->vp", Hinv, b)
-        pwrss = self.C - (w * self.Qk).sum(axis=0) - (b * sol).sum(axis=1)
+        pwrss = self.C[features] - (w * Qk).sum(axis=0) - (b * sol).sum(axis=1)
         return w, dw, Hinv, sol, pwrss
 
-    def derivative(self, psi):
-        """d f / d psi for every feature at its own ``psi`` (V,)."""
-        w, dw, Hinv, sol, pwrss = self.solve(psi)
+    def derivative(self, psi, features=slice(None)):
+        """d f / d psi of ``features`` (all by default), each at its own ``psi``."""
+        w, dw, Hinv, sol, pwrss = self.solve(psi, features)
         # sum over subjects of k of (S_y - S_x . sol)**2, without forming subject residuals
         quad = (
-            self.Qk
-            - 2.0 * np.einsum("kpv,vp->kv", self.Rk, sol)
+            self.Qk[:, features]
+            - 2.0 * np.einsum("kpv,vp->kv", self.Rk[:, :, features], sol)
             + np.einsum("vp,kpq,vq->kv", sol, self.M, sol)
         )
         d_pwrss = -(dw * quad).sum(axis=0)
@@ -304,17 +311,52 @@ def _random_intercept(Y0, design, codes, n_subjects):
     if at_zero.any():  # rising from psi = 0: the boundary fit, as lme4 reports it
         d0 = sums.derivative(np.zeros(n_features))
         at_zero &= d0 >= 0
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        rising = sums.derivative(mid) > 0
-        hi = np.where(rising, mid, hi)
-        lo = np.where(rising, lo, mid)
-    psi = np.where(at_zero, 0.0, 0.5 * (lo + hi))
+    psi = _root_in_brackets(sums.derivative, lo, hi)
+    psi = np.where(at_zero, 0.0, psi)
     w, _, _, sol, pwrss = sums.solve(psi)
     # BLUP: u_s = w_s * (sum of the subject's marginal residuals)
     subject_resid = sums.SY - sums.SX @ sol.T  # (S, V)
     random = (w[sums.kidx] * subject_resid)[:, None, :]
     return psi, sol.T, pwrss, random
+
+
+def _root_in_brackets(derivative, lo, hi):
+    """The zero of ``derivative`` (increasing through it) in each feature's ``[lo, hi]``,
+    for all features at once: the Illinois variant of regula falsi (superlinear), with a
+    bisection step for a feature whose bracket has no sign change, each iteration evaluating
+    only the features not yet converged (a relative step below 1e-15)."""
+    lo, hi = lo.copy(), hi.copy()
+    g_lo, g_hi = derivative(lo), derivative(hi)
+    x = 0.5 * (lo + hi)
+    side = np.zeros(lo.shape, dtype=np.int8)
+    todo = np.flatnonzero(np.ones(lo.shape, dtype=bool))
+    for _ in range(_MAX_ROOT_STEPS):
+        if todo.size == 0:
+            break
+        a, b, ga, gb = lo[todo], hi[todo], g_lo[todo], g_hi[todo]
+        straddles = (ga < 0) & (gb > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            secant = (a * gb - b * ga) / (gb - ga)
+        inside = straddles & (secant > a) & (secant < b)
+        new = np.where(inside, secant, 0.5 * (a + b))
+        g = derivative(new, todo)
+        rising = g > 0
+        # the end replaced keeps its side; Illinois halves the other end's value when the
+        # same end is replaced twice in a row
+        stay_hi = rising & (side[todo] == 1)
+        stay_lo = ~rising & (side[todo] == -1)
+        hi[todo] = np.where(rising, new, b)
+        g_hi[todo] = np.where(rising, g, gb)
+        lo[todo] = np.where(rising, a, new)
+        g_lo[todo] = np.where(rising, ga, g)
+        g_lo[todo[stay_hi]] *= 0.5
+        g_hi[todo[stay_lo]] *= 0.5
+        side[todo] = np.where(rising, 1, -1)
+        step = np.abs(new - x[todo])
+        x[todo] = new
+        done = (g == 0) | (step <= 1e-15 * new) | (hi[todo] - lo[todo] <= 1e-15 * hi[todo])
+        todo = todo[~done]
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,11 +444,12 @@ class _SlopeSums:
         g01 += 0.5 * ((n00 * t01 + n01 * t11) + (n10 * t00 + n11 * t01)).sum(axis=0)
         g11 += (n10 * t01 + n11 * t11).sum(axis=0)
         # - sum_s N_s (ZX_s H^-1 ZX_s') N_s'
-        F0 = np.matmul(zx0[None], Hinv)  # (V, S, p)
-        F1 = np.matmul(zx1[None], Hinv)
-        e00 = (F0 * zx0[None]).sum(axis=2).T  # (S, V)
-        e01 = (F0 * zx1[None]).sum(axis=2).T
-        e11 = (F1 * zx1[None]).sum(axis=2).T
+        # E_ab = zx_a H^-1 zx_b' for every subject and feature: products of the subjects'
+        # outer products with the flattened inverses (H^-1 symmetric)
+        flat = Hinv.reshape(n_features, p * p).T
+        e00 = self.P00 @ flat  # (S, V)
+        e01 = 0.5 * (self.P01 @ flat)
+        e11 = self.P11 @ flat
         # (N E N')_ab = sum_cd N_ac E_cd N_bd
         q00 = n00 * (n00 * e00 + n01 * e01) + n01 * (n00 * e01 + n01 * e11)
         q01 = n00 * (n10 * e00 + n11 * e01) + n01 * (n10 * e01 + n11 * e11)
@@ -446,7 +489,10 @@ def _bfgs(evaluate, x, max_iter=400):
     ``x`` (one row each; ``idx=None``: all)."""
     n, d = x.shape
     f, g = evaluate(x, None)
-    Hinv = np.tile(np.eye(d), (n, 1, 1))
+    # first step of unit length along the steepest descent; the inverse Hessian is rescaled
+    # at the first update (s'y / y'y), as usual for BFGS
+    Hinv = np.eye(d)[None] / np.maximum(10.0 * np.abs(g).max(axis=1), 1.0)[:, None, None]
+    first = np.ones(n, dtype=bool)
     active = np.isfinite(f)
     for _ in range(max_iter):
         if not active.any():
@@ -458,25 +504,42 @@ def _bfgs(evaluate, x, max_iter=400):
             Hinv[bad] = np.eye(d)
             direction[bad] = -g[bad]
             slope[bad] = -(g[bad] ** 2).sum(axis=1)
+        # Armijo backtracking: the full step first, then, for the features still searching,
+        # four step lengths per call (1/2, 1/8, 1/32, 1/128 of the last one tried); the
+        # largest acceptable one is taken
         step = np.ones(n)
         todo = active.copy()
         x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
-        for _ in range(60):
+        for attempt in range(15):
             idx = np.flatnonzero(todo)
             if idx.size == 0:
                 break
-            trial = x[idx] + step[idx, None] * direction[idx]
-            ft, gt = evaluate(trial, idx)
-            ok = ft <= f[idx] + 1e-4 * step[idx] * slope[idx]
-            accepted = idx[ok]
-            x_new[accepted], f_new[accepted], g_new[accepted] = trial[ok], ft[ok], gt[ok]
+            factors = np.ones(1) if attempt == 0 else 0.5 * 0.25 ** np.arange(4)
+            k = factors.size
+            lengths = step[idx][None, :] * factors[:, None]  # (k, m)
+            trial = x[idx][None] + lengths[:, :, None] * direction[idx][None]
+            ft, gt = evaluate(trial.reshape(-1, d), np.tile(idx, k))
+            ft, gt = ft.reshape(k, -1), gt.reshape(k, -1, d)
+            ok = ft <= f[idx][None] + 1e-4 * lengths * slope[idx][None]
+            found = ok.any(axis=0)
+            choice = np.argmax(ok, axis=0)  # the first (longest) acceptable step
+            cols = np.flatnonzero(found)
+            accepted = idx[cols]
+            x_new[accepted] = trial[choice[cols], cols]
+            f_new[accepted] = ft[choice[cols], cols]
+            g_new[accepted] = gt[choice[cols], cols]
             todo[accepted] = False
-            step[idx[~ok]] *= 0.5
+            step[idx[~found]] *= factors[-1]
         stalled = todo  # no decrease found: converged to rounding
         s = x_new - x
         yv = g_new - g
         sy = (s * yv).sum(axis=1)
         update = active & ~stalled & (sy > 1e-300)
+        rescale = update & first
+        if rescale.any():
+            yy = (yv[rescale] ** 2).sum(axis=1)
+            Hinv[rescale] = np.eye(d)[None] * (sy[rescale] / yy)[:, None, None]
+        first &= ~update
         if update.any():
             rho = 1.0 / sy[update]
             eye = np.eye(d)[None]
@@ -484,8 +547,14 @@ def _bfgs(evaluate, x, max_iter=400):
             Hinv[update] = left @ Hinv[update] @ left.transpose(0, 2, 1) + rho[:, None, None] * (
                 s[update][:, :, None] * s[update][:, None, :]
             )
-        small = (np.abs(s) <= 1e-13 * (1.0 + np.abs(x_new))).all(axis=1) | (
-            np.abs(g_new).max(axis=1) <= 1e-11
+        gain = f - f_new
+        small = (
+            (np.abs(s) <= 1e-13 * (1.0 + np.abs(x_new))).all(axis=1)
+            | (np.abs(g_new).max(axis=1) <= 1e-11)
+            | (gain <= 1e-15 * np.abs(f))
+            # a boundary (singular) fit creeps towards its bound: a Cholesky diagonal entry
+            # below 1e-5 (psi below 1e-10) with a negligible gain is there
+            | ((gain <= 1e-12 * np.abs(f)) & (np.abs(x_new[:, [0, -1]]).min(axis=1) < 1e-5))
         )
         x, f, g = x_new, f_new, g_new
         active &= ~(stalled | small)
