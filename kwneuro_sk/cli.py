@@ -256,6 +256,37 @@ def _read_combat_table(args, **options):
     return frame
 
 
+def _knot_positions(smooth, specs):
+    """``{column: [knot, ...]}`` from ``--smooth-knots COL=K1,K2,...`` (one per ``--smooth``
+    column): a summary holds statistics on fixed knots, the same at every site."""
+    if not smooth:
+        if specs:
+            raise CommandError("--smooth-knots needs --smooth")
+        return 5
+    knots = {}
+    for spec in specs:
+        column, sep, values = spec.partition("=")
+        if not sep or column not in smooth:
+            raise CommandError(
+                f"--smooth-knots {spec!r}: expected COL=K1,K2,... with COL one of --smooth {smooth}"
+            )
+        if column in knots:
+            raise CommandError(f"--smooth-knots gives the knots of {column!r} twice")
+        try:
+            knots[column] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise CommandError(
+                f"--smooth-knots {spec!r}: the knots of {column!r} must be numbers"
+            ) from None
+    missing = [c for c in smooth if c not in knots]
+    if missing:
+        raise CommandError(
+            f"--smooth-knots COL=K1,K2,... is needed for {missing}: every site must use the "
+            "same knot positions (e.g. round values spanning the consortium's range)"
+        )
+    return knots
+
+
 def cmd_summarize(args):
     """Summarize one site's feature table for federated ComBat (no row leaves the site)."""
     from kwneuro_sk import CombatHarmonizer
@@ -263,13 +294,21 @@ def cmd_summarize(args):
     _check_outputs({"-o": args.output}, {"input table": args.features})
     frame = _read_combat_table(
         args,
-        **{"--categorical": args.categorical, "--continuous": args.continuous, "--keep": args.keep},
+        **{
+            "--categorical": args.categorical,
+            "--continuous": args.continuous,
+            "--smooth": args.smooth,
+            "--keep": args.keep,
+        },
     )
     X, features = _combat_input(args, frame)
     summary = CombatHarmonizer(
         batch_col=args.batch_col,
         categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None,
+        smooth_cols=args.smooth or None,
+        smooth_knots=_knot_positions(args.smooth, args.smooth_knots),
+        smooth_degree=args.smooth_degree,
     ).site_summary(X, min_rows=args.min_rows)
     with _Staged("kwneuro-sk summarize") as staged:
         staged.folders({"-o": args.output})
@@ -290,10 +329,16 @@ def cmd_combine(args):
     summaries = [SiteSummary.load(path) for path in args.summaries]
     first = summaries[0]
     sites = [s for summary in summaries for s in summary.sites]
+    smooth = first.statistics.smooth
+    spline = next(iter(smooth.values()), {})
     combat = CombatHarmonizer(
         batch_col=first.features["batch_col"],
         categorical_cols=first.covariates["categorical_cols"] or None,
         continuous_cols=first.covariates["continuous_cols"] or None,
+        smooth_cols=list(smooth) or None,
+        smooth_knots={col: spec["knots"] for col, spec in smooth.items()} if smooth else 5,
+        smooth_degree=spline.get("degree", 3),
+        smooth_extrapolation=spline.get("extrapolation", "linear"),
         eb=args.eb,
         parametric=args.parametric,
         mean_only=args.mean_only,
@@ -660,6 +705,23 @@ def build_parser():
         )
     summarize.add_argument(
         "--keep", nargs="+", default=[], metavar="COL", help="columns that are not features"
+    )
+    summarize.add_argument(
+        "--smooth",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="continuous covariates modelled as smooth curves (needs --smooth-knots)",
+    )
+    summarize.add_argument(
+        "--smooth-knots",
+        nargs="+",
+        default=[],
+        metavar="COL=K1,K2,...",
+        help="knot positions of each --smooth column, the same at every site",
+    )
+    summarize.add_argument(
+        "--smooth-degree", type=int, default=3, metavar="D", help="spline degree (default 3)"
     )
     summarize.add_argument(
         "--min-rows", type=int, default=10, metavar="N", help="smallest site (default 10)"

@@ -1,5 +1,7 @@
 """partial_fit and federated ComBat (site summaries): equal to fit on the pooled rows."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -543,6 +545,49 @@ def test_cli_summarize_combine_apply_equals_pooled(tmp_path, capsys):
     )
     assert "min_rows=100" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_cli_summarize_combine_apply_with_smooth_covariate(tmp_path, capsys):
+    """--smooth with knot positions at every site: combine and apply equal the pooled fit on
+    the same knots; missing or malformed knots are refused before anything is written."""
+    from kwneuro_sk.cli import main
+
+    X, site, covariates = COHORT
+    table = pd.DataFrame(X, columns=[f"roi{j}" for j in range(X.shape[1])])
+    table = pd.concat([covariates.assign(site=site), table], axis=1)
+    options = ["--batch-col", "site", "--categorical", "sex", "group", "--smooth", "age"]
+    knots = [20.0, 40.0, 60.0, 80.0]
+    summaries = []
+    for s in ("a", "b", "c"):
+        table[table.site == s].to_csv(tmp_path / f"{s}.csv", index=False)
+        summaries.append(str(tmp_path / f"{s}.npz"))
+        spec = "age=" + ",".join(map(str, knots))
+        code = main(
+            ["summarize", str(tmp_path / f"{s}.csv"), *options, "--smooth-knots", spec, "-o"]
+            + [summaries[-1]]
+        )
+        assert code == 0
+    model = str(tmp_path / "model.npz")
+    assert main(["combine", *summaries, "-o", model]) == 0
+    assert main(["apply", model, str(tmp_path / "c.csv"), "-o", str(tmp_path / "c_h.csv")]) == 0
+    pooled = CombatHarmonizer(
+        categorical_cols=["sex", "group"], smooth_cols="age", smooth_knots=knots
+    ).fit(X, batch=site, covariates=covariates)
+    rows = site == "c"
+    expected = pooled.transform(X[rows], batch=site[rows], covariates=covariates[rows])
+    got = pd.read_csv(tmp_path / "c_h.csv")[[f"roi{j}" for j in range(X.shape[1])]]
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    capsys.readouterr()
+    for knots_option, message in (
+        ([], r"--smooth-knots COL=K1,K2,\.\.\. is needed for \['age'\]"),
+        (["--smooth-knots", "age=20,x"], "the knots of 'age' must be numbers"),
+        (["--smooth-knots", "sex=1,2"], "with COL one of --smooth"),
+    ):
+        out = tmp_path / "refused.npz"
+        code = main(["summarize", str(tmp_path / "a.csv"), *options, *knots_option, "-o", str(out)])
+        assert code == 1
+        assert re.search(message, capsys.readouterr().err)
+        assert not out.exists()
 
 
 def test_statistics_routes_refuse_longitudinal_options():
