@@ -98,7 +98,9 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         that run's confounds and sample mask. Cross-validation folds and grid-search candidates
         that share them then extract each run once: a grid over three
         ``confounds_strategy`` values reads each run three times in all, not once per fold.
-        ``None`` disables caching.
+        The fitted connectivity measure (e.g. the tangent reference) is cached too, keyed on
+        its parameters and the training runs' keys, so a refit on the same runs computes
+        nothing. ``None`` disables caching.
     n_jobs : int, default=None
         Number of runs extracted at the same time (passed to ``transform_imgs``; threads
         through joblib for cached runs).
@@ -200,7 +202,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
             The fitted extractor.
         """
         _, series = self._fit(X)
-        self.connectivity_measure_.fit(series)
+        self._fit_measure(series)
         return self
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -220,14 +222,26 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
             As :meth:`transform`.
         """
         runs, series = self._fit(X)
-        return self._output(runs, self.connectivity_measure_.fit_transform(series))
+        return self._output(runs, self._fit_measure(series))
+
+    def _fit_measure(self, series):
+        """Fit the connectivity measure on the training series and return their connectomes;
+        with ``memory``, the fitted measure is cached on the runs' keys and its parameters, so
+        refitting on the same runs (a later fit, a repeated grid candidate) computes nothing."""
+        memory = self._memory()
+        if memory is None:
+            return self.connectivity_measure_.fit_transform(series)
+        key = (joblib.hash(self.connectivity_measure_.get_params()), tuple(self._run_keys))
+        fitted = memory.cache(_fitted_measure, ignore=["measure", "series"])
+        self.connectivity_measure_, connectomes = fitted(key, self.connectivity_measure_, series)
+        return connectomes
 
     def _fit(self, X):
         self._check_options()
         runs = self._runs(X, fitting=True)
         self.masker_ = clone(self.masker).fit()
         self._masker_token = _masker_token(self.masker_) if self._memory() is not None else None
-        series = self._series(runs)
+        series, self._run_keys = self._series_and_keys(runs)
         n_regions = series[0].shape[1]
         names = _region_names(self.masker_, n_regions)
         self.region_names_ = names
@@ -383,6 +397,10 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
 
     def _series(self, runs):
         """Cleaned (n_kept_volumes, n_regions) time series of every run."""
+        return self._series_and_keys(runs)[0]
+
+    def _series_and_keys(self, runs):
+        """The series of :meth:`_series` and each run's cache key (None without memory)."""
         strategy = self.confounds_strategy
         memory = self._memory()
         if memory is None:
@@ -394,9 +412,10 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
                         for img, name in zip(runs.images, runs.names)
                     )
                 )
-            return _extract(
+            series = _extract(
                 self.masker_, runs.images, list(confounds), list(masks), runs.names, self.n_jobs
             )
+            return series, None
         cached = memory.cache(
             _cached_series, ignore=["masker", "image", "confounds", "mask", "name", "strategy"]
         )
@@ -408,13 +427,17 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
                 options = ("fmriprep", joblib.hash(strategy), _confounds_files_token(img, name))
             return self._masker_token, _image_token(img, name), options
 
-        tasks = (
-            joblib.delayed(cached)(
-                key(img, conf, mask, name), self.masker_, img, conf, mask, name, strategy
-            )
+        keys = [
+            key(img, conf, mask, name)
             for img, conf, mask, name in zip(runs.images, runs.confounds, runs.masks, runs.names)
+        ]
+        tasks = (
+            joblib.delayed(cached)(k, self.masker_, img, conf, mask, name, strategy)
+            for k, img, conf, mask, name in zip(
+                keys, runs.images, runs.confounds, runs.masks, runs.names
+            )
         )
-        return list(joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(tasks))
+        return list(joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(tasks)), keys
 
 
 class _Runs:
@@ -499,6 +522,13 @@ def _cached_series(key, masker, image, confounds, mask, name, strategy):
     if strategy is not None:
         confounds, mask = _fmriprep_confounds(image, name, strategy)
     return _extract(masker, [image], [confounds], [mask], [name], 1)[0]
+
+
+def _fitted_measure(key, measure, series):
+    """A connectivity measure fitted on ``series`` and their connectomes; only ``key`` (the
+    measure's parameters and the runs' keys) is hashed by the cache."""
+    connectomes = measure.fit_transform(series)
+    return measure, connectomes
 
 
 def _region_names(masker, n_regions):

@@ -245,6 +245,39 @@ def test_grid_search_extracts_each_run_once_per_strategy_with_memory(
     np.testing.assert_array_equal(cached.predict_proba(X), uncached.predict_proba(X))
 
 
+def test_memory_caches_the_fitted_measure_on_the_training_runs(
+    cohort, table, tmp_path, monkeypatch
+):
+    """With memory, a refit on the same runs computes neither series nor the tangent
+    reference; other training rows or another kind refit; numbers equal an uncached fit."""
+    X = table.drop(columns="confounds")
+    fits = []
+    original = ConnectivityMeasure.fit_transform
+
+    def counting(self, *args, **kwargs):
+        fits.append(self.kind)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConnectivityMeasure, "fit_transform", counting)
+
+    def extractor(**params):
+        options = {"kind": "tangent", "confounds_strategy": STRATEGY, **params}
+        return ConnectomeExtractor(_masker(cohort), memory=tmp_path / "cache", **options)
+
+    first = extractor().fit_transform(X)
+    counts = _count_runs(monkeypatch)
+    again = extractor().fit(X)
+    assert fits == ["tangent"] and counts == []  # nothing extracted or fitted again
+    np.testing.assert_allclose(again.transform(X), first, rtol=1e-10, atol=1e-12)
+    reference = ConnectomeExtractor(_masker(cohort), kind="tangent", confounds_strategy=STRATEGY)
+    np.testing.assert_allclose(
+        again.connectivity_measure_.mean_, reference.fit(X).connectivity_measure_.mean_
+    )
+    extractor().fit(X.iloc[:-1])
+    extractor(kind="correlation").fit(X)
+    assert fits == ["tangent", "tangent", "tangent", "correlation"]  # reference, rows, kind
+
+
 def test_cache_misses_when_a_confounds_file_is_rewritten(cohort, tmp_path, monkeypatch):
     folder = tmp_path / "func"
     shutil.copytree(cohort.path + "/sub-001/func", folder)
