@@ -35,9 +35,10 @@ from nilearn.image import resample_img, smooth_img
 
 try:  # optional (``pip install "kwneuro_sk[fast]"``): ISA-L gunzip, about twice zlib's speed
     from isal import igzip as _igzip
+    from isal import isal_zlib as _isal_zlib
     from isal.isal_zlib import error as _IsalError
 except ImportError:  # pragma: no cover - exercised by monkeypatching _igzip in the tests
-    _igzip, _IsalError = None, zlib.error
+    _igzip, _isal_zlib, _IsalError = None, None, zlib.error
 
 IMAGE_TYPES = (str, os.PathLike, SpatialImage)
 _READ_ERRORS = (
@@ -249,7 +250,23 @@ def _named(name, path):
 
 def gunzip(raw: bytes) -> bytes:
     """Decompress gzip bytes: ISA-L's ``isal.igzip`` when installed, else the standard
-    library (same result, same errors: EOFError for a truncated stream, BadGzipFile)."""
+    library (same result, same errors: EOFError for a truncated stream, BadGzipFile).
+
+    A gzip stream ends with its uncompressed size (modulo 2**32): decompressed into an output
+    buffer of that size, the result is built once instead of grown by copies (the peak memory
+    of a 4-D run is its compressed plus its decompressed bytes, not three times the latter).
+    Anything else (several gzip members, a damaged stream) takes the general path."""
+    if len(raw) >= 18:
+        size = int.from_bytes(raw[-4:], "little")
+        try:
+            if _igzip is None:
+                out = zlib.decompress(raw, 31, max(size, 1))
+            else:  # ISA-L wants one spare byte to finish without growing its buffer
+                out = _isal_zlib.decompress(raw, 31, size + 1)
+        except (zlib.error, _IsalError):
+            out = None
+        if out is not None and len(out) == size:
+            return out
     return gzip.decompress(raw) if _igzip is None else _igzip.decompress(raw)
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from kwneuro_sk import LabelsMasker, harmonize_volumes
+from kwneuro_sk import images as _images
 from kwneuro_sk.cli import main
 
 SHAPE = (5, 5, 4)
@@ -131,3 +132,26 @@ def test_misnamed_compression_reads_the_same_with_and_without_cache(files, tmp_p
     expected = masker.transform([files["imgs"][0]])
     got = masker.transform([str(tmp_path / "compressed.nii"), str(tmp_path / "plain.nii.gz")])
     np.testing.assert_allclose(got, np.vstack([expected, expected]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("isal", [True, False])
+def test_gunzip_builds_the_output_once_and_handles_several_members(isal, monkeypatch):
+    import gzip
+    import tracemalloc
+
+    if not isal:
+        monkeypatch.setattr(_images, "_igzip", None)
+    elif _images._igzip is None:
+        pytest.skip("isal is not installed")
+    payload = np.random.default_rng(0).standard_normal(1_000_000).tobytes()  # 8 MB
+    raw = gzip.compress(payload, compresslevel=1)
+    tracemalloc.start()
+    out = _images.gunzip(raw)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out == payload
+    assert peak < 1.2 * len(payload)  # one output buffer, not grown by copies
+    members = gzip.compress(payload[:1000]) + gzip.compress(payload[1000:5000])
+    assert _images.gunzip(members) == payload[:5000]  # the trailing member is not dropped
+    with pytest.raises((EOFError, gzip.BadGzipFile, OSError)):
+        _images.gunzip(raw[: len(raw) // 2])

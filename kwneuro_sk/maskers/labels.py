@@ -1027,6 +1027,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if self.smoothing_fwhm is not None:
             data = _smooth_keeping_nan(data, grid[1], self.smoothing_fwhm)
         values = gather(_images.flat_voxels(data), plan)
+        del img, data  # the run's decoded bytes are freed before the reduction's buffers
         return reduce_regions(values, plan, self.strategy), hv, source_dtype
 
 
