@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-from numbers import Integral
 
 import joblib
 import numpy as np
@@ -507,8 +506,7 @@ def _confounds_files_token(img, name):
 
 
 def _extract(masker, images, confounds, masks, names, n_jobs):
-    if n_jobs is None or (isinstance(n_jobs, Integral) and n_jobs == 1):
-        n_jobs = 1
+    n_jobs = 1 if n_jobs is None else n_jobs  # transform_imgs' own default when unset
     try:
         return masker.transform_imgs(images, confounds=confounds, sample_mask=masks, n_jobs=n_jobs)
     except (ValueError, FileNotFoundError) as error:
