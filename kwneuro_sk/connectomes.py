@@ -238,6 +238,11 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
     def _fit(self, X):
         self._check_options()
         runs = self._runs(X, fitting=True)
+        if self.kind == "tangent" and len(runs.images) < 2:
+            raise ValueError(
+                "kind='tangent' learns the group mean of the training connectomes: fit needs "
+                f"at least 2 runs, got {len(runs.images)}."
+            )
         self.masker_ = clone(self.masker).fit()
         self._masker_token = _masker_token(self.masker_) if self._memory() is not None else None
         series, self._run_keys = self._series_and_keys(runs)

@@ -398,3 +398,12 @@ def test_empty_cells_mean_no_confounds_and_no_mask(cohort, table):
     empty = X.assign(conf=[None, np.nan, pd.NA], scrub=[pd.NA, None, np.nan])
     extractor = ConnectomeExtractor(_masker(cohort), confounds_col="conf", sample_mask_col="scrub")
     np.testing.assert_array_equal(extractor.fit_transform(empty), plain)
+
+
+def test_tangent_fit_on_one_run_is_refused_before_extraction():
+    atlas = np.zeros((3, 2, 2), dtype=np.int16)
+    atlas[0], atlas[1], atlas[2] = 1, 2, 3
+    run = nib.Nifti1Image(np.random.default_rng(0).normal(size=(3, 2, 2, 20)), np.eye(4))
+    extractor = ConnectomeExtractor(LabelsMasker(nib.Nifti1Image(atlas, np.eye(4))), kind="tangent")
+    with pytest.raises(ValueError, match="at least 2 runs, got 1"):
+        extractor.fit([run])
