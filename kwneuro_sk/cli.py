@@ -256,13 +256,15 @@ def _read_combat_table(args, **options):
     return frame
 
 
-def _knot_positions(smooth, specs):
+def _knot_positions(smooth, specs, degree):
     """``{column: [knot, ...]}`` from ``--smooth-knots COL=K1,K2,...`` (one per ``--smooth``
     column): a summary holds statistics on fixed knots, the same at every site."""
     if not smooth:
         if specs:
             raise CommandError("--smooth-knots needs --smooth")
         return 5
+    if degree < 1:
+        raise CommandError(f"--smooth-degree must be 1 or more; got {degree}")
     knots = {}
     for spec in specs:
         column, sep, values = spec.partition("=")
@@ -307,7 +309,7 @@ def cmd_summarize(args):
         categorical_cols=args.categorical or None,
         continuous_cols=args.continuous or None,
         smooth_cols=args.smooth or None,
-        smooth_knots=_knot_positions(args.smooth, args.smooth_knots),
+        smooth_knots=_knot_positions(args.smooth, args.smooth_knots, args.smooth_degree),
         smooth_degree=args.smooth_degree,
     ).site_summary(X, min_rows=args.min_rows)
     with _Staged("kwneuro-sk summarize") as staged:

@@ -543,10 +543,9 @@ def _region_names(masker, n_regions):
 
 def _vector_pairs(n_regions, discard_diagonal):
     """(row, column) of each entry of nilearn's vectorized connectome, in its order."""
-    rows, cols = np.tril_indices(n_regions, k=-1 if discard_diagonal else 0)
-    # nilearn's sym_matrix_to_vec keeps the lower triangle with a boolean mask: row-major.
-    order = np.lexsort((cols, rows))
-    return rows[order], cols[order]
+    # nilearn's sym_matrix_to_vec keeps the lower triangle with a boolean mask: row-major,
+    # the order np.tril_indices gives.
+    return np.tril_indices(n_regions, k=-1 if discard_diagonal else 0)
 
 
 # Content hashes of files already hashed by this process, keyed on what a rewrite changes: the

@@ -255,7 +255,11 @@ def gunzip(raw: bytes) -> bytes:
     A gzip stream ends with its uncompressed size (modulo 2**32): decompressed into an output
     buffer of that size, the result is built once instead of grown by copies (the peak memory
     of a 4-D run is its compressed plus its decompressed bytes, not three times the latter).
-    Anything else (several gzip members, a damaged stream) takes the general path."""
+    A damaged stream, or several gzip members (the one-shot decompression stops after the
+    first, whose length then differs from the trailer's), takes the general path. The one
+    case this check cannot see, a first member exactly as long as the last, leaves a NIfTI
+    reader either the whole image (the first member holds it) or a short one, which it reports
+    as truncated: never other voxels."""
     if len(raw) >= 18:
         size = int.from_bytes(raw[-4:], "little")
         try:

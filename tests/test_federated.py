@@ -582,6 +582,7 @@ def test_cli_summarize_combine_apply_with_smooth_covariate(tmp_path, capsys):
         ([], r"--smooth-knots COL=K1,K2,\.\.\. is needed for \['age'\]"),
         (["--smooth-knots", "age=20,x"], "the knots of 'age' must be numbers"),
         (["--smooth-knots", "sex=1,2"], "with COL one of --smooth"),
+        (["--smooth-knots", "age=20,80", "--smooth-degree", "0"], "--smooth-degree must be 1"),
     ):
         out = tmp_path / "refused.npz"
         code = main(["summarize", str(tmp_path / "a.csv"), *options, *knots_option, "-o", str(out)])

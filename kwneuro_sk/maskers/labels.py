@@ -467,11 +467,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             )
         options = {**_HV_DEFAULTS, **option}
         n_confounds, percentile = options["n_confounds"], options["percentile"]
-        if (
-            isinstance(n_confounds, bool)
-            or not isinstance(n_confounds, Integral)
-            or n_confounds < 1
-        ):
+        if not _is_count(n_confounds):
             raise ValueError(
                 f"high_variance_confounds['n_confounds'] must be a positive integer, got "
                 f"{n_confounds!r}."
