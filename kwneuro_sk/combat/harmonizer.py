@@ -1521,13 +1521,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 # Fitted arrays of longitudinal ComBat kept in CombatEstimates.estimates (without the "_").
 _LONGITUDINAL_ARRAYS = ("random_effects_", "random_effects_cov_", "batch_effects_", "singular_fit_")
 # Fitted attributes of longitudinal ComBat only (removed by a fit without subject_col).
-_LONGITUDINAL_STATE = (
-    "subjects_",
-    "random_effects_",
-    "random_effects_cov_",
-    "batch_effects_",
-    "singular_fit_",
-)
+_LONGITUDINAL_STATE = ("subjects_", *_LONGITUDINAL_ARRAYS)
 
 
 def statistics_plain_list(values):

@@ -152,7 +152,7 @@ def fit_mixed_model(Y, design, codes, n_subjects, times=None, *, sigma_method="r
     -------
     MixedModelFit
     """
-    n_rows, n_features = Y.shape
+    n_features = Y.shape[1]
     q = 1 if times is None else 2
     p = design.shape[1]
     parts = []
@@ -622,7 +622,6 @@ def longitudinal_eb(n, mean, ss, usable, niter=LONGITUDINAL_EB_ITERATIONS):
     -------
     model.BatchEstimates
     """
-    n_features = mean.shape[0]
     gamma_hat = np.where(usable, mean, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         delta_hat = ss / (n - 1)
@@ -645,5 +644,4 @@ def longitudinal_eb(n, mean, ss, usable, niter=LONGITUDINAL_EB_ITERATIONS):
             g_star = g_next
     est.gamma_star[usable] = g_star
     est.delta_star[usable] = d_star
-    del n_features
     return est
