@@ -154,6 +154,16 @@ def test_float32_input_gives_float32(cohort):
     assert relative_error(result, expected, cohort).max() < 1e-5
 
 
+@pytest.mark.parametrize("sigma_method", ["reml", "msr"])
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_huge_and_tiny_features_scale_exactly(cohort, sigma_method, factor):
+    # Squares of such features overflow (underflow) float64: the fit must not form them.
+    result = harmonizer(sigma_method=sigma_method).fit_transform(cohort)
+    scaled = cohort.assign(**{f: cohort[f] * factor for f in FEATURES})
+    combat = harmonizer(sigma_method=sigma_method).fit(scaled)
+    np.testing.assert_allclose(combat.transform(scaled) / factor, result, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------------------------------
 # new rows
 # ------------------------------------------------------------------------------------------

@@ -802,8 +802,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         )
         intercepts = fit.coef[:n_batches]
         grand_mean = counts @ intercepts / counts.sum()
+        with np.errstate(over="ignore", under="ignore"):  # sigma**2 beyond ~1e154: inf
+            var_pooled = fit.sigma**2
         standardization = model.StandardizationModel(
-            grand_mean, fit.coef[n_batches:], fit.sigma**2, fit.zero_variance, sigma=fit.sigma
+            grand_mean, fit.coef[n_batches:], var_pooled, fit.zero_variance, sigma=fit.sigma
         )
         offset = longitudinal.random_rows(fit.random_effects, codes, times)
         groups = [np.flatnonzero(batch_idx == k) for k in range(n_batches)]

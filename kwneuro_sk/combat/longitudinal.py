@@ -194,10 +194,15 @@ def _fit_block(Y, design, codes, n_subjects, times, sigma_method):
     Q, R = np.linalg.qr(design)
     coef_ols = scipy.linalg.solve_triangular(R, Q.T @ Y)
     Y0 = Y - design @ coef_ols
-    scale = np.sqrt((Y0**2).sum(axis=0) / dof)
+    # the residuals' root mean square, divided by their largest value first: squares of
+    # features around 1e200 (or 1e-200) would overflow (underflow) float64
+    peak = np.abs(Y0).max(axis=0, initial=0.0)
+    peak = np.where(peak > 0, peak, 1.0)
+    Y0 /= peak
+    scale = np.sqrt((Y0**2).sum(axis=0) / dof) * peak
     zero = scale <= model.constant_resolution(np.abs(Y).max(axis=0, initial=0.0))
     scale = np.where(zero | (scale == 0), 1.0, scale)
-    Y0 /= scale
+    Y0 *= peak / scale
     if times is None:
         psi, sol, pwrss, random_scaled = _random_intercept(Y0, design, codes, n_subjects)
         cov = psi[None, None, :]
@@ -211,8 +216,7 @@ def _fit_block(Y, design, codes, n_subjects, times, sigma_method):
     random_effects = random_scaled * scale
     if sigma_method == "msr":
         fitted = design @ coef + random_rows(random_effects, codes, times)
-        resid = Y - fitted
-        sigma = resid.std(axis=0)
+        sigma = ((Y - fitted) / scale).std(axis=0) * scale  # scaled: no overflow
     else:
         sigma = sigma_reml
     sigma = np.where(zero, 0.0, sigma)
