@@ -218,6 +218,55 @@ def test_partial_fit_refusals():
         combat.partial_fit(X[20:40, :5], batch=site[20:40])
 
 
+def test_refused_chunk_leaves_the_statistics_as_they_were():
+    """partial_fit adds rows in place: a chunk refused at validation (NaN, a missing
+    covariate, a site label of another type, other features) changes nothing, and the
+    next chunks give the fit of the accepted rows."""
+    X, site, covariates = COHORT
+    combat = CombatHarmonizer(**COVARIATES).partial_fit(
+        X[:50], batch=site[:50], covariates=covariates.iloc[:50]
+    )
+    bad_x = X[50:60].copy()
+    bad_x[3, 4] = np.nan
+    bad_covariates = covariates.iloc[50:60].copy()
+    bad_covariates.iloc[2, 0] = np.nan
+    refusals = [
+        (ValueError, "NaN or infinite values in feature column", bad_x, site[50:60], None),
+        (ValueError, "covariate 'age' has missing values", X[50:60], site[50:60], bad_covariates),
+        (TypeError, "one sortable type", X[50:60], np.arange(10), None),
+        (ValueError, "30 features", X[50:60, :5], site[50:60], None),
+    ]
+    for error, message, chunk, sites, table in refusals:
+        with pytest.raises(error, match=message):
+            combat.partial_fit(
+                chunk,
+                batch=sites,
+                covariates=covariates.iloc[50:60] if table is None else table,
+            )
+    for rows in (slice(50, 110), slice(110, None)):
+        combat.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    assert_same_model(
+        CombatHarmonizer(**COVARIATES).fit(X, batch=site, covariates=covariates), combat
+    )
+
+
+def test_partial_fit_row_by_row_and_float32():
+    """One row per call (each site and level first seen alone, then every update by one row)
+    and float32 chunks give fit's model."""
+    X, site, covariates = COHORT
+    params = {**COVARIATES, "parametric": False}
+    combat = CombatHarmonizer(**params)
+    for i in range(len(X)):
+        combat.partial_fit(X[i : i + 1], batch=site[i : i + 1], covariates=covariates.iloc[[i]])
+    assert_same_model(CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates), combat)
+    single = X.astype(np.float32)
+    combat = CombatHarmonizer(**params)
+    for rows in np.array_split(np.arange(len(X)), 7):
+        combat.partial_fit(single[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    whole = CombatHarmonizer(**params).fit(single, batch=site, covariates=covariates)
+    assert_same_model(whole, combat)
+
+
 def test_partial_fit_over_dask_blocks():
     da = pytest.importorskip("dask.array")
     X, site, covariates = COHORT

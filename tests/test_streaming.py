@@ -325,6 +325,15 @@ def test_large_offset_statistics_stay_accurate(offset):
     merged = statistics.merge_all([part(slice(s, s + 11)) for s in range(0, n, 11)])
     _, _, tree_ss = statistics.fit_from_moments(merged.moments)
     np.testing.assert_allclose(tree_ss, ref_ss, rtol=1e-10)
+    # rows added in place, 5 at a time (partial_fit's route), to the same numbers
+    running = part(slice(0, 5))
+    for start in range(5, n, 5):
+        rows = slice(start, start + 5)
+        running = running.add_rows(X[rows], batch_idx[rows], keys, Z[rows])
+    fitted, mean, ss = statistics.fit_from_moments(running.moments)
+    np.testing.assert_allclose(ss, ref_ss, rtol=1e-10)
+    np.testing.assert_allclose(fitted.var_pooled, reference.var_pooled, rtol=1e-10)
+    assert np.all(np.abs(fitted.beta - reference.beta) <= 1e-10 * beta_scale)
 
 
 def test_merge_of_sites_absent_from_a_chunk():
@@ -346,6 +355,28 @@ def test_merge_of_sites_absent_from_a_chunk():
             )
     with pytest.raises(ValueError, match="no statistics"):
         statistics.merge_all([])
+    # added in place, chunks with other sites and other covariate columns (a level column
+    # missing from a chunk is zero there): the same statistics as all rows at once
+    levels = np.array(["u", "u", "v", "u", "v", "w", "u", "v", "v", "w"])
+    keys = [("value", "z")] + [("level", "g", lv) for lv in "uvw"]
+    onehot = (levels[:, None] == np.array(list("uvw"))).astype(float)
+    Zg = np.column_stack([Z, onehot])
+    whole = statistics.SiteStatistics.of_rows(X, sites, keys, Zg)
+    running = statistics.SiteStatistics.of_rows(X[:2], sites[:2], keys[:2], Zg[:2, :2])
+    for r in (slice(2, 3), slice(3, 6), slice(6, 10)):
+        present = [0] + [1 + j for j in range(3) if onehot[r, j].any()]
+        running = running.add_rows(X[r], sites[r], [keys[j] for j in present], Zg[r][:, present])
+    assert running.sites == ["a", "b", "c"]
+    order = [running.columns.index(k) for k in keys]
+    for name in ("n", "xbar", "cxx", "magnitude"):
+        np.testing.assert_allclose(
+            getattr(running.moments, name), getattr(whole.moments, name), atol=1e-12
+        )
+    np.testing.assert_allclose(running.moments.zbar[:, order], whole.moments.zbar, atol=1e-12)
+    np.testing.assert_allclose(running.moments.czx[:, order], whole.moments.czx, atol=1e-12)
+    np.testing.assert_allclose(
+        running.moments.czz[:, order][:, :, order], whole.moments.czz, atol=1e-12
+    )
 
 
 def test_harmonizer_fit_from_statistics_equals_fit():

@@ -343,14 +343,14 @@ def raw_design(frame, categorical, continuous, smooth=None):
     for col in categorical:
         # sorted: chunks that hold the same levels get the same column order, and merge
         # without realignment
-        codes, levels = pd.factorize(frame[col].astype(object), sort=True)
+        codes, levels = pd.factorize(frame[col].to_numpy(dtype=object), sort=True)
         onehot = np.zeros((len(frame), len(levels)))
         onehot[np.arange(len(frame)), codes] = 1.0
         keys += [("level", col, level) for level in levels.tolist()]
         parts.append(onehot)
     for col in continuous:
         keys.append(("value", col))
-        parts.append(frame[[col]].to_numpy(dtype=np.float64))
+        parts.append(frame[col].to_numpy(dtype=np.float64)[:, None])
     for col, spec in (smooth or {}).items():
         basis = spline_basis(
             frame[col].to_numpy(dtype=np.float64),

@@ -156,13 +156,17 @@ def read_metadata(batch, covariates, n_rows, roles, *, route=None):
                 f"covariate column(s) {missing} not found in covariates={where} "
                 f"(columns: {list(covariates.columns)})"
             )
-        repeated = [c for c in columns if int((covariates.columns == c).sum()) > 1]
-        if repeated:
-            raise ValueError(
-                f"covariates={where} has more than one column named {repeated}; give each "
-                "covariate one column"
-            )
-        frame = covariates[columns]
+        if not covariates.columns.is_unique:
+            repeated = [c for c in columns if int((covariates.columns == c).sum()) > 1]
+            if repeated:
+                raise ValueError(
+                    f"covariates={where} has more than one column named {repeated}; give "
+                    "each covariate one column"
+                )
+        # Columns are read by name: a table of just these columns is used as it is (a
+        # column subset of a small table costs more than the rest of the checks)
+        exact = len(covariates.columns) == len(columns) and covariates.columns.is_unique
+        frame = covariates if exact else covariates[columns]
     else:  # only the columns named in categorical_cols/continuous_cols/smooth_cols are used
         frame = pd.DataFrame(index=range(n_rows))
     return sites, covariate_frame(frame, n_rows, roles.numeric, where=where)
@@ -436,9 +440,12 @@ def feature_array(features):
     )
     # A column sum is non-finite when the column holds NaN/inf (or overflows): only those
     # columns are checked value by value, so no full-size mask is built.
+    # The sum of all values is tried first (one fast pass over memory in its own order).
     with np.errstate(all="ignore"):
-        suspect = np.flatnonzero(~np.isfinite(array.sum(axis=0)))
-    bad = suspect[~np.isfinite(array[:, suspect]).all(axis=0)]
+        total = array.sum() if array.size else 0.0
+        suspect = [] if np.isfinite(total) else np.flatnonzero(~np.isfinite(array.sum(axis=0)))
+    bad = suspect[~np.isfinite(array[:, suspect]).all(axis=0)] if len(suspect) else []
+    bad = np.asarray(bad, dtype=np.intp)
     if bad.size:
         labels = [names[i] for i in bad] if names is not None else bad.tolist()
         raise ValueError(
@@ -473,6 +480,22 @@ def row_labels(values, n_samples, *, kind, argument, where=""):
             f"{argument} must be a 1-D sequence of {kind} labels, one per row of X{where}; "
             f"got shape {np.shape(values)}"
         )
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iufUSO":
+        # a plain array is checked as it is (a Series of a few labels costs more than the
+        # checks); text comes out as object, as from a Series
+        if len(values) != n_samples:
+            raise ValueError(
+                f"{argument} has {len(values)} {kind} labels for {n_samples} rows of "
+                f"X{where}; give one {kind} label per row"
+            )
+        values = values.astype(object) if values.dtype.kind in "US" else values
+        missing = pd.isna(values)
+        if missing.any():
+            raise ValueError(
+                f"{kind} labels{'' if argument == 'batch' else f' ({argument})'} are "
+                f"missing (NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
+            )
+        return values
     values = values if isinstance(values, pd.Series) else pd.Series(values)
     if len(values) != n_samples:
         raise ValueError(
@@ -503,11 +526,12 @@ def covariate_frame(frame, n_samples, continuous, *, where=""):
             f"covariate {frame.columns[j]!r} has missing values (NaN) in row(s) {rows}"
         )
     for col in continuous:
-        if not is_numeric_dtype(frame[col]) or frame[col].dtype == bool:
+        column = frame[col]
+        if not is_numeric_dtype(column) or column.dtype == bool:
             raise ValueError(
                 f"continuous covariate {col!r} is not numeric (dtype "
-                f"{frame[col].dtype}); list it in categorical_cols instead"
+                f"{column.dtype}); list it in categorical_cols instead"
             )
-        if not np.isfinite(frame[col].to_numpy(dtype=np.float64)).all():
+        if not np.isfinite(column.to_numpy(dtype=np.float64)).all():
             raise ValueError(f"continuous covariate {col!r} has infinite values")
     return frame

@@ -318,12 +318,13 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """Add a chunk of training rows: after any sequence of calls, the model is that of
         :meth:`fit` on all the rows given so far.
 
-        Each call reduces its rows to per-site sufficient statistics (see
-        :class:`~kwneuro_sk.combat.statistics.SiteStatistics`) and merges them with those of
-        the earlier calls; the rows are not kept. Chunks may hold any subset of the sites and
-        of the levels of a categorical covariate. The model (EB estimates included) is
-        computed from the statistics when it is first used after a call (``transform``, a
-        fitted attribute), so a loop of ``partial_fit`` calls costs about one ``fit``;
+        Each call adds its rows to the per-site sufficient statistics of the earlier calls,
+        in place (:meth:`~kwneuro_sk.combat.statistics.SiteStatistics.add_rows`); the rows
+        are not kept, and a chunk refused by the input checks changes nothing. Chunks may
+        hold any subset of the sites and of the levels of a categorical covariate. The model
+        (EB estimates included) is computed from the statistics when it is first used after
+        a call (``transform``, a fitted attribute), so a loop of ``partial_fit`` calls costs
+        about one ``fit`` (1.1-1.4x for 20 chunks, ``benchmarks/bench_federated.py``);
         errors that need all the rows (a single site, a confounded covariate) are raised
         then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
         :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
@@ -376,8 +377,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self._validate_params()
             self._check_incremental("partial_fit")
         rows = self._read_rows(X, batch, covariates, reset=first)
-        part = self._statistics_of(rows)
-        self._partial_statistics = part if first else self._partial_statistics.add(part)
+        self._partial_statistics = self._statistics_of(
+            rows, into=None if first else self._partial_statistics
+        )
         for name in self._FITTED_STATE:
             self.__dict__.pop(name, None)
         self._fit_pending = True
@@ -1233,12 +1235,15 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             }
         )
 
-    def _statistics_of(self, rows):
-        """Per-site statistics of validated rows (covariates unencoded)."""
+    def _statistics_of(self, rows, into=None):
+        """Per-site statistics of validated rows (covariates unencoded), or ``into`` with
+        the rows added in place."""
         roles = ColumnRoles.of(self)
         smooth = self._smooth_settings()
         keys, Z = raw_design(rows.covariates, roles.categorical, roles.continuous, smooth)
         try:
+            if into is not None:
+                return into.add_rows(rows.features, rows.sites, keys, Z, smooth)
             return SiteStatistics.of_rows(rows.features, rows.sites, keys, Z, smooth)
         except TypeError as exc:
             raise TypeError(

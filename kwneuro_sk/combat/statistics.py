@@ -13,11 +13,12 @@ intercepts are ``xbar_k - zbar_k @ beta`` and the residual sum of squares of sit
 (:func:`fit_from_moments` returns what :func:`kwneuro_sk.combat.model.fit_location_scale` returns
 for the same rows).
 
-The statistics of a chunk of rows are computed about the chunk's own site means
-(:func:`chunk_moments`), keyed by site label and covariate column (:class:`SiteStatistics`),
-and two sets are merged with the pairwise update of Chan, Golub & LeVeque (1979)
-(:meth:`SiteStatistics.add`): no raw sums of squares are ever formed, so data with a large
-offset (T1 intensities around 1e4 with a standard deviation of 10) lose no precision.
+Rows are added to the statistics in place, each site's about its running means
+(:meth:`SiteStatistics.add_rows`), and two sets of statistics, keyed by site label and
+covariate column (:class:`SiteStatistics`), are merged with the pairwise update of Chan, Golub
+& LeVeque (1979) (:meth:`SiteStatistics.add`): no raw sums of squares are ever formed, so data
+with a large offset (T1 intensities around 1e4 with a standard deviation of 10) lose no
+precision.
 :class:`SiteStatistics` is the one statistics object of the package: ``partial_fit``, federated
 summaries, dask blocks and streamed volumes all produce and merge it, and
 :meth:`kwneuro_sk.CombatHarmonizer.fit_from_statistics` fits from it.
@@ -80,63 +81,67 @@ def power_of_two_below(largest):
     """``2**floor(log2(largest))`` elementwise (0 where ``largest`` is 0): all that the constant
     feature test needs of a feature's largest absolute value, and no row's exact value."""
     largest = np.asarray(largest, dtype=np.float64)
-    return np.where(largest > 0, np.ldexp(0.5, np.frexp(largest)[1]), 0.0)
+    # The exponent bits alone are the power of two of a normal number (one cheap pass);
+    # subnormal values, whose exponent field is 0, take frexp.
+    power = (largest.view(np.int64) & _EXPONENT_BITS).view(np.float64)
+    subnormal = (power == 0) & (largest > 0)
+    if subnormal.any():
+        power[subnormal] = np.ldexp(0.5, np.frexp(largest[subnormal])[1])
+    return power
 
 
-def chunk_moments(X, batch_idx, n_batches, Z):
-    """Centred statistics of one chunk of rows, about each site's mean in the chunk.
+_EXPONENT_BITS = np.int64(0x7FF0000000000000)
 
-    Parameters
-    ----------
-    X : ndarray of shape (n_rows, n_features), float32 or float64
-    batch_idx : ndarray of int, shape (n_rows,)
-    n_batches : int
-    Z : ndarray of shape (n_rows, n_covariates)
 
-    Returns
-    -------
-    SiteMoments
+def _add_rows(moments, X, local_idx, at, Z):
+    """Add rows to ``moments`` in place: row ``i`` belongs to site ``at[local_idx[i]]``.
+
+    Each site's new rows are taken about a reference: its running means (the site has rows)
+    or the new rows' own means (it has none yet). With ``d`` a row's deviations from the
+    reference, ``S1 = sum d`` and ``n`` the site's rows after the update, the centred sums
+    grow by ``sum d d' - S1 S1' / n`` and the means by ``S1 / n`` (exact for any reference;
+    small numbers, because the reference is close to the site's mean). Every product is
+    computed on deviations, never on raw values, so a large offset loses no precision.
     """
-    X = np.asarray(X)
-    Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
     n_rows, n_features = X.shape
-    q = Z.shape[1]
-    moments = SiteMoments.empty(n_batches, q, n_features)
-    if not n_rows:
-        return moments
-    # All sites at once, one cache-sized block of features at a time: per-site means by a
-    # product with the one-hot site matrix, the rows centred about their own site's means,
-    # then the centred sums as matrix products. The products are thin (a chunk's rows by a
-    # few sites or covariate columns): a BLAS thread pool only adds synchronisation to them
-    # (6x slower on a loaded 2-core machine, bench_federated.py), so they run on one thread.
-    with model.single_blas_thread():
-        _fill_moments(moments, X, Z, batch_idx, n_batches)
-    return moments
-
-
-def _fill_moments(moments, X, Z, batch_idx, n_batches):
-    n_rows, n_features = X.shape
-    q = Z.shape[1]
-    onehot = np.zeros((n_rows, n_batches))
-    onehot[np.arange(n_rows), batch_idx] = 1.0
-    counts = onehot.sum(axis=0)
-    share = np.divide(onehot, counts, out=np.zeros_like(onehot), where=counts > 0)
-    moments.n[:] = counts
-    moments.zbar[:] = share.T @ Z
-    zc = Z - moments.zbar[batch_idx]
-    site_z = (onehot[:, :, None] * zc[:, None, :]).reshape(n_rows, n_batches * q)
-    moments.czz[:] = (site_z.T @ zc).reshape(n_batches, q, q)
-    czx = moments.czx.reshape(n_batches * q, n_features)
+    n_local = len(at)
+    order = np.argsort(local_idx, kind="stable")  # each site's rows together
+    added = np.bincount(local_idx, minlength=n_local)
+    bounds = np.concatenate([[0], np.cumsum(added)])
+    had = moments.n[at].copy()
+    total = had + added
+    is_new = had == 0
+    Z = Z[order]
+    sites = []  # (destination, rows, weights): weights give S1 and the covariate sums
+    for j, k in enumerate(at):
+        rows = slice(int(bounds[j]), int(bounds[j + 1]))
+        z = Z[rows]
+        ref_z = z.mean(axis=0) if is_new[j] else moments.zbar[k].copy()
+        dz = z - ref_z
+        sum_dz = dz.sum(axis=0)
+        # sum (dz - sum_dz / n) d' is the covariate-feature increment, in one product
+        dz_centred = dz - sum_dz / total[j]
+        moments.czz[k] += dz_centred.T @ dz
+        moments.zbar[k] = ref_z + sum_dz / total[j]
+        weights = np.vstack([np.ones(len(z)), dz_centred.T])
+        sites.append((k, rows, weights))
+    largest = np.empty(n_features)
     for block in model.feature_blocks(n_rows, n_features):
-        values = X[:, block]
-        moments.magnitude[block] = power_of_two_below(
-            np.maximum(values.max(axis=0), -values.min(axis=0))
-        )
-        xbar = share.T @ values
-        moments.xbar[:, block] = xbar
-        centred = np.subtract(values, xbar[batch_idx], dtype=np.float64)
-        czx[:, block] = site_z.T @ centred
-        moments.cxx[:, block] = onehot.T @ np.square(centred, out=centred)
+        values = np.asarray(X[order, block], dtype=np.float64)
+        np.maximum(values.max(axis=0), -values.min(axis=0), out=largest[block])
+        for j, (k, rows, weights) in enumerate(sites):
+            d = values[rows]
+            ref = d.mean(axis=0) if is_new[j] else moments.xbar[k, block].copy()
+            d -= ref
+            sums = weights @ d  # S1, then sum (dz - mean) d' per covariate column
+            shift = sums[0] / total[j]
+            moments.czx[k, :, block] += sums[1:]
+            square = np.square(d, out=d).sum(axis=0)
+            square -= sums[0] * shift
+            moments.cxx[k, block] += square
+            np.add(ref, shift, out=moments.xbar[k, block])
+    np.maximum(moments.magnitude, power_of_two_below(largest), out=moments.magnitude)
+    moments.n[at] = total
 
 
 def fit_from_moments(moments, ref=None):
@@ -237,9 +242,47 @@ class SiteStatistics:
     def of_rows(cls, X, sites, columns, Z, smooth=None):
         """Statistics of rows ``X`` with site labels ``sites`` and covariate columns ``Z``
         (keyed by ``columns``; ``smooth`` as the attribute)."""
-        labels, batch_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
-        moments = chunk_moments(X, batch_idx.ravel(), len(labels), Z)
-        return cls(labels.tolist(), list(columns), moments, plain_smooth(smooth))
+        smooth = plain_smooth(smooth)
+        empty = cls([], list(columns), SiteMoments.empty(0, len(columns), X.shape[1]), smooth)
+        return empty.add_rows(X, sites, columns, Z, smooth)
+
+    def add_rows(self, X, sites, columns, Z, smooth=None):
+        """Add rows in place (sites and columns grow as needed) and return the result: the
+        statistics of the rows seen before and of rows ``X`` with site labels ``sites`` and
+        covariate columns ``Z`` (keyed by ``columns``; ``smooth`` as the attribute, which
+        must equal this one's). The same numbers as merging ``of_rows`` of the new rows, at
+        a fraction of the cost: no statistics of the new rows are made, each site's
+        statistics are updated where they are. ``self``'s arrays must not be shared."""
+        X = np.asarray(X)
+        Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
+        if X.shape[1] != self.n_features:
+            raise ValueError(
+                f"rows of {X.shape[1]} features cannot be added to statistics of "
+                f"{self.n_features} features"
+            )
+        check_same_smooth(self.smooth, plain_smooth(smooth))
+        labels, local_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
+        labels = labels.tolist()
+        columns = list(columns)
+        total = self
+        new_sites = [s for s in labels if s not in set(self.sites)]
+        new_columns = [c for c in columns if c not in set(self.columns)]
+        if new_sites or new_columns:
+            total = self.aligned(_union(self.sites, labels, "site"), self.columns + new_columns)
+        if not X.shape[0]:
+            return total
+        if columns != total.columns:  # the chunk's columns in the statistics' order
+            padded = np.zeros((X.shape[0], len(total.columns)))
+            padded[:, [total.columns.index(c) for c in columns]] = Z
+            Z = padded
+        position = {s: i for i, s in enumerate(total.sites)}
+        at = np.array([position[s] for s in labels], dtype=np.intp)
+        # The products are thin (a chunk's rows by a few covariate columns): a BLAS thread
+        # pool only adds synchronisation to them (6x slower on a loaded 2-core machine,
+        # bench_federated.py), so they run on one thread.
+        with model.single_blas_thread():
+            _add_rows(total.moments, X, local_idx.ravel(), at, Z)
+        return total
 
     @property
     def n_features(self):
