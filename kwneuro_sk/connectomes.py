@@ -9,7 +9,6 @@ reference) is learned in :meth:`ConnectomeExtractor.fit`, from the training rows
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 
@@ -551,30 +550,10 @@ def _vector_pairs(n_regions, discard_diagonal):
     return np.tril_indices(n_regions, k=-1 if discard_diagonal else 0)
 
 
-# Content hashes of files already hashed by this process, keyed on what a rewrite changes: the
-# status change time (ctime) moves on every write and cannot be set back, unlike mtime.
-_FILE_TOKENS: dict = {}
-
-
-def _file_token(path):
-    """SHA-256 of a file's bytes (read, not decompressed), once per process per file version."""
-    stat = os.stat(path)
-    version = (
-        os.path.realpath(path),
-        stat.st_dev,
-        stat.st_ino,
-        stat.st_size,
-        stat.st_mtime_ns,
-        stat.st_ctime_ns,
-    )
-    token = _FILE_TOKENS.get(version)
-    if token is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        token = _FILE_TOKENS[version] = digest.hexdigest()
-    return token
+def _file_token(path, name="file"):
+    """SHA-256 of a file's bytes (read, not decompressed), once per process per file version
+    (:func:`kwneuro_sk.images.file_digest`)."""
+    return _images.file_digest(path, name=name, keep_bytes=False)[0]
 
 
 def _image_token(img, name):

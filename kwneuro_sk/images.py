@@ -332,33 +332,46 @@ def read_file_bytes(source, *, name="image") -> bytes:
         ) from error
 
 
-def file_digest(source, *, name="image", store=None) -> tuple[str, bytes | None]:
-    """SHA-256 of a file's bytes, and the bytes read (None when no read was needed).
+def file_digest(source, *, name="image", store=None, keep_bytes=True) -> tuple[str, bytes | None]:
+    """SHA-256 of a file's bytes, and the bytes read (None when no read was needed, or with
+    ``keep_bytes=False``, which hashes the file in blocks without holding it).
 
-    With ``store`` (a folder), the digest is remembered under the file's identity and state
-    (real path, device, inode, size, modification and change times in nanoseconds); a later
-    call on the unchanged file returns it without reading the file. Any write to the file
-    changes its change time (which, unlike the modification time, cannot be set back), so a
-    rewritten file is read and hashed again; a copy or a renamed file is hashed again and gives
-    the same digest. (On a file system whose time stamps are coarser than the time between
-    two writes of the same size, keep ``store=None``.)
+    The digest is remembered under the file's identity and state (real path, device, inode,
+    size, modification and change times in nanoseconds): for the rest of the process, and
+    with ``store`` (a folder) across processes. A later call on the unchanged file returns
+    it without reading the file. Any write to the file changes its change time (which,
+    unlike the modification time, cannot be set back), so a rewritten file is read and
+    hashed again; a copy or a renamed file is hashed again and gives the same digest. (On a
+    file system whose time stamps are coarser than the time between two writes of the same
+    size, such a rewrite goes unseen.) A missing file is a FileNotFoundError, a directory or an
+    unreadable file a ValueError, each naming ``name``.
     """
     path = os.fspath(source)
     _check_file(path, name)
     before = _file_state(path)
+    digest, raw = _DIGESTS.get(before), None
     memo = None
     if store is not None:
         memo = os.path.join(store, hashlib.sha256(repr(before).encode()).hexdigest())
-        try:
-            with open(memo, encoding="ascii") as f:
-                digest = f.read()
-            if len(digest) == 64:
-                return digest, None
-        except OSError:
-            pass
-    raw = read_file_bytes(path, name=name)
-    digest = hashlib.sha256(raw).hexdigest()
-    if memo is not None and _file_state(path) == before:
+        if digest is None:
+            try:
+                with open(memo, encoding="ascii") as f:
+                    digest = f.read()
+            except OSError:
+                pass
+            digest = digest if digest is not None and len(digest) == 64 else None
+            if digest is not None:
+                memo = None  # already there
+    if digest is None:
+        if keep_bytes:
+            raw = read_file_bytes(path, name=name)
+            digest = hashlib.sha256(raw).hexdigest()
+        else:
+            digest = _streamed_digest(path, name)
+        if _file_state(path) != before:  # rewritten while it was read: not remembered
+            return digest, raw
+    _DIGESTS[before] = digest
+    if memo is not None and not os.path.exists(memo):
         try:
             os.makedirs(store, exist_ok=True)
             partial = f"{memo}.{os.getpid()}.{threading.get_ident()}.part"
@@ -368,6 +381,23 @@ def file_digest(source, *, name="image", store=None) -> tuple[str, bytes | None]
         except OSError:
             pass  # a read-only cache folder only loses the shortcut
     return digest, raw
+
+
+# Digests of the files this process has hashed, keyed on _file_state (see file_digest).
+_DIGESTS: dict = {}
+
+
+def _streamed_digest(path, name):
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as error:
+        raise ValueError(
+            f"{_named(name, path)} cannot be read ({type(error).__name__}: {error})"
+        ) from error
+    return digest.hexdigest()
 
 
 def _file_state(path):

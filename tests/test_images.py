@@ -155,3 +155,41 @@ def test_gunzip_builds_the_output_once_and_handles_several_members(isal, monkeyp
     assert _images.gunzip(members) == payload[:5000]  # the trailing member is not dropped
     with pytest.raises((EOFError, gzip.BadGzipFile, OSError)):
         _images.gunzip(raw[: len(raw) // 2])
+
+
+def test_file_digest_is_remembered_until_the_file_is_rewritten(tmp_path, monkeypatch):
+    """One content key for every cache (masker, extractor): SHA-256 of the bytes, read in
+    blocks with keep_bytes=False, remembered per file state for the process and, with
+    store=, across processes; any write makes the file read and hashed again."""
+    import hashlib
+    import os
+
+    path = tmp_path / "run.nii.gz"
+    path.write_bytes(b"first version")
+    digest, raw = _images.file_digest(path, keep_bytes=False)
+    assert digest == hashlib.sha256(b"first version").hexdigest() and raw is None
+    reads = []
+    real_read = _images.read_file_bytes
+    monkeypatch.setattr(
+        _images, "read_file_bytes", lambda *a, **k: reads.append(a) or real_read(*a, **k)
+    )
+    monkeypatch.setattr(_images, "_streamed_digest", lambda *a: pytest.fail("read again"))
+    assert _images.file_digest(path) == (digest, None)  # unchanged: not read
+    assert reads == []
+    monkeypatch.undo()
+    path.write_bytes(b"other version")  # moves the change time, even at the same mtime
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    other, raw = _images.file_digest(path)
+    assert other == hashlib.sha256(b"other version").hexdigest() and raw == b"other version"
+    # across processes: the store folder's memo serves a process that has not hashed it
+    store = tmp_path / "store"
+    _images.file_digest(path, store=store)
+    _images._DIGESTS.clear()
+    monkeypatch.setattr(_images, "read_file_bytes", lambda *a, **k: pytest.fail("read again"))
+    assert _images.file_digest(path, store=store) == (other, None)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="run file not found"):
+        _images.file_digest(tmp_path / "gone.nii.gz", name="run", keep_bytes=False)
+    with pytest.raises(ValueError, match="is a directory"):
+        _images.file_digest(tmp_path, name="run", keep_bytes=False)

@@ -910,7 +910,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         name = f"image {_images.describe(source, index)}"
         if _images.is_nifti_path(source):
             store = None
-            if isinstance(memory.location, str):
+            if isinstance(memory.location, (str, os.PathLike)):
                 store = os.path.join(memory.location, "kwneuro_sk_file_digests")
             content, raw = _images.file_digest(source, name=name, store=store)
             held = [raw]  # handed over once, so the compressed bytes go as soon as decoded
