@@ -1,7 +1,9 @@
 """harmonize_volumes, VolumeEstimates.apply_volumes and CombatEstimates save/load."""
 
 import contextlib
+import copy
 import io
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -269,6 +271,20 @@ def test_save_load_round_trip(cohort, tmp_path, options):
     # a voxel-wise model comes back as what can apply itself to images
     assert type(est) is VolumeEstimates and type(loaded) is VolumeEstimates
     assert type(VolumeEstimates.load(path)) is VolumeEstimates
+    # made by hand from the same data, or copied: the same kind, which applies itself
+    by_hand = CombatEstimates(loaded.estimates, loaded.info)
+    assert type(by_hand) is VolumeEstimates
+    assert type(CombatEstimates(estimates=loaded.estimates, info=loaded.info)) is VolumeEstimates
+    assert type(copy.deepcopy(by_hand)) is VolumeEstimates
+    assert type(pickle.loads(pickle.dumps(by_hand))) is VolumeEstimates
+    np.testing.assert_array_equal(
+        np.asarray(by_hand.apply_volumes(images[:2], covars.iloc[:2])[0].dataobj),
+        np.asarray(est.apply_volumes(images[:2], covars.iloc[:2])[0].dataobj),
+    )
+    table = CombatHarmonizer().fit(np.arange(40.0).reshape(10, 4) % 7, batch=[0, 1] * 5)
+    assert type(CombatEstimates(table.estimates_.estimates, table.estimates_.info)) is (
+        CombatEstimates
+    )
     assert loaded.estimates.keys() == est.estimates.keys()
     for name, value in est.estimates.items():
         np.testing.assert_array_equal(loaded.estimates[name], value)

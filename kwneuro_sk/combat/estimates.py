@@ -78,9 +78,9 @@ class CombatEstimates:
     Notes
     -----
     This class holds data only. Applying a model to images belongs to the image layer:
-    :func:`~kwneuro_sk.harmonize_volumes` returns (and :meth:`load` reads a model with
-    ``info['volumes']`` as) a :class:`~kwneuro_sk.VolumeEstimates`, the subclass with
-    ``apply_volumes`` and ``site_effect_maps``.
+    estimates whose ``info`` holds ``volumes`` (from :func:`~kwneuro_sk.harmonize_volumes`,
+    :meth:`load` or made by hand) are a :class:`~kwneuro_sk.VolumeEstimates`, the subclass
+    with ``apply_volumes`` and ``site_effect_maps``.
 
     See Also
     --------
@@ -112,6 +112,17 @@ class CombatEstimates:
         super().__init_subclass__(**kwargs)
         if info_key is not None:
             CombatEstimates._kinds[info_key] = cls
+
+    def __new__(cls, *args, **kwargs):
+        # Estimates whose info marks a kind are of that kind however they are made (by
+        # hand, load, a copy): CombatEstimates(info={"volumes": ...}) is a VolumeEstimates.
+        info = kwargs.get("info", args[1] if len(args) > 1 else None)
+        kind = cls
+        if isinstance(info, dict):
+            for key, sub in CombatEstimates._kinds.items():
+                if key in info and issubclass(sub, cls):
+                    kind = sub
+        return super().__new__(kind)
 
     def save(self, path):
         """Write the estimates to one ``.npz`` file (no pickle; read back with :meth:`load`).
@@ -201,12 +212,7 @@ class CombatEstimates:
             try:
                 estimates = _decode(manifest["estimates"], npz, "estimates")
                 info = _decode(manifest["info"], npz, "info")
-                kind = cls
-                if isinstance(info, dict):
-                    for key, sub in CombatEstimates._kinds.items():
-                        if key in info and issubclass(sub, cls):
-                            kind = sub
-                loaded = kind(estimates=estimates, info=info)
+                loaded = cls(estimates=estimates, info=info)  # of the kind info calls for
             except _BadField as error:
                 raise ValueError(f"invalid ComBat model in {path!r}: {error}") from None
             except RecursionError:

@@ -23,10 +23,10 @@ __all__ = ["VolumeEstimates", "apply_volumes"]
 class VolumeEstimates(CombatEstimates, info_key="volumes"):
     """ComBat estimates of a voxel-wise fit, with what they can do on images.
 
-    Returned by :func:`~kwneuro_sk.harmonize_volumes`, and by
-    :meth:`CombatEstimates.load` for a model file that holds ``info['volumes']`` (the site
-    column, the mask, its affine and shape). A :class:`~kwneuro_sk.CombatEstimates` in every
-    other respect (same fields, same file).
+    Returned by :func:`~kwneuro_sk.harmonize_volumes`; any estimates whose ``info`` holds
+    ``volumes`` (the site column, the mask, its affine and shape) are of this class, whether
+    read by :meth:`CombatEstimates.load` or made as ``CombatEstimates(estimates, info)``. A
+    :class:`~kwneuro_sk.CombatEstimates` in every other respect (same fields, same file).
 
     Parameters
     ----------
