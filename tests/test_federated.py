@@ -304,6 +304,39 @@ def test_partial_fit_over_dask_blocks():
     assert_same_model(CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates), combat)
 
 
+def test_partial_fit_under_dask_ml_incremental():
+    """dask-ml's Incremental feeds a dask DataFrame's partitions to partial_fit (in order or
+    shuffled): the model is fit's; its lazy transform equals ours. Site and covariates are
+    columns (batch_col): Incremental passes the same keywords to every block, so batch= of
+    the keyword route cannot be split with the rows."""
+    dd = pytest.importorskip("dask.dataframe")
+    wrappers = pytest.importorskip("dask_ml.wrappers")
+    X, site, covariates = COHORT
+    frame = pd.concat(
+        [pd.DataFrame(X).add_prefix("f"), covariates, pd.Series(site, name="site")], axis=1
+    )
+    params = {**COVARIATES, "batch_col": "site"}
+    whole = CombatHarmonizer(**params).set_output(transform="pandas").fit(frame)
+    expected = whole.transform(frame)
+    lazy = dd.from_pandas(frame, npartitions=5)
+
+    def no_score(estimator, X, y=None):  # Incremental asks for a scorer; ComBat has none
+        return 0.0
+
+    for shuffle in (False, True):
+        incremental = wrappers.Incremental(
+            CombatHarmonizer(**params).set_output(transform="pandas"),
+            scoring=no_score,
+            shuffle_blocks=shuffle,
+            random_state=0,
+            transform_meta=pd.DataFrame(columns=expected.columns, dtype="float64"),
+        ).fit(lazy)
+        assert_same_model(whole, incremental.estimator_)
+    out = incremental.transform(lazy).compute()
+    np.testing.assert_allclose(out.to_numpy(), expected.to_numpy(), rtol=1e-12)
+    assert list(out.columns) == list(expected.columns)
+
+
 def test_partial_fit_pickles_and_clones_while_pending():
     import pickle
 
