@@ -250,8 +250,8 @@ class SiteStatistics:
         """Add rows in place (sites and columns grow as needed) and return the result: the
         statistics of the rows seen before and of rows ``X`` with site labels ``sites`` and
         covariate columns ``Z`` (keyed by ``columns``; ``smooth`` as the attribute, which
-        must equal this one's). The same numbers as merging ``of_rows`` of the new rows, at
-        a fraction of the cost: no statistics of the new rows are made, each site's
+        must equal this one's). The statistics merging ``of_rows`` of the new rows gives (up
+        to rounding), at a fraction of the cost: no statistics of the new rows are made, each site's
         statistics are updated where they are. ``self``'s arrays must not be shared."""
         X = np.asarray(X)
         Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
