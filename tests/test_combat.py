@@ -429,6 +429,23 @@ def test_nan_in_covariate_or_site(frame):
         CombatHarmonizer("site").fit(with_nan)
 
 
+def test_site_labels_of_masked_or_bytes_arrays_as_from_a_series():
+    # The numpy fast path of the site checks must give what a Series of the labels gives: a
+    # masked label is missing (it was taken as its hidden value, silently, by partial_fit),
+    # and bytes stay bytes (fit's batches_ became object)
+    X = np.random.default_rng(0).normal(size=(20, 4))
+    masked = np.ma.masked_array(np.repeat(["a", "b"], 10), mask=[False] * 19 + [True])
+    for method in ["fit", "partial_fit"]:
+        with pytest.raises(ValueError, match=r"site labels are missing .* \[19\]"):
+            getattr(CombatHarmonizer(), method)(X, batch=masked)
+    raw = np.repeat([b"a", b"b"], 10)
+    fitted = CombatHarmonizer().fit(X, batch=raw)
+    assert fitted.batches_.dtype == raw.dtype
+    np.testing.assert_array_equal(
+        fitted.transform(X, batch=raw), CombatHarmonizer().fit_transform(X, batch=pd.Series(raw))
+    )
+
+
 def test_single_row_site_suggests_mean_only(frame):
     frame = frame.copy()
     frame.loc[0, "site"] = "lonely"

@@ -480,15 +480,17 @@ def row_labels(values, n_samples, *, kind, argument, where=""):
             f"{argument} must be a 1-D sequence of {kind} labels, one per row of X{where}; "
             f"got shape {np.shape(values)}"
         )
-    if isinstance(values, np.ndarray) and values.dtype.kind in "iufUSO":
+    if type(values) is np.ndarray and values.dtype.kind in "iufUO":
         # a plain array is checked as it is (a Series of a few labels costs more than the
-        # checks); text comes out as object, as from a Series
+        # checks); text comes out as object, as from a Series. Not a subclass: a masked
+        # array's masked labels are missing, which only the Series sees; nor bytes, which a
+        # Series keeps as they are
         if len(values) != n_samples:
             raise ValueError(
                 f"{argument} has {len(values)} {kind} labels for {n_samples} rows of "
                 f"X{where}; give one {kind} label per row"
             )
-        values = values.astype(object) if values.dtype.kind in "US" else values
+        values = values.astype(object) if values.dtype.kind == "U" else values
         missing = pd.isna(values)
         if missing.any():
             raise ValueError(
