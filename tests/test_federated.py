@@ -273,6 +273,37 @@ def test_refused_chunk_leaves_the_statistics_as_they_were():
     )
 
 
+def test_interrupted_chunk_leaves_no_silently_wrong_statistics(monkeypatch):
+    """partial_fit adds rows in place: a chunk stopped part-way through the update (a
+    KeyboardInterrupt, a MemoryError) left the means and cross products moved and the counts
+    not, and the model of the next calls was silently wrong. Such statistics are now refused
+    by name; a chunk refused before the update still changes nothing."""
+    from kwneuro_sk.combat import model
+
+    X, site, covariates = COHORT
+    # the rows of the second chunk have sites and levels of the first: updated in place
+    combat = CombatHarmonizer(**COVARIATES).partial_fit(
+        X[50:], batch=site[50:], covariates=covariates.iloc[50:]
+    )
+    blocks = model.feature_blocks
+
+    def stopped(n_rows, n_features):
+        yield next(iter(blocks(n_rows, n_features)))
+        raise MemoryError("stopped part-way")
+
+    monkeypatch.setattr(model, "feature_blocks", stopped)
+    with pytest.raises(MemoryError, match="part-way"):
+        combat.partial_fit(X[:50], batch=site[:50], covariates=covariates.iloc[:50])
+    monkeypatch.setattr(model, "feature_blocks", blocks)
+    with pytest.raises(ValueError, match="statistics are incomplete"):
+        _ = combat.gamma_star_
+    with pytest.raises(ValueError, match="statistics are incomplete"):
+        combat.partial_fit(X[:50], batch=site[:50], covariates=covariates.iloc[:50])
+    # fit starts anew
+    whole = CombatHarmonizer(**COVARIATES).fit(X, batch=site, covariates=covariates)
+    assert_same_model(whole, combat.fit(X, batch=site, covariates=covariates))
+
+
 def test_partial_fit_row_by_row_and_float32():
     """One row per call (each site and level first seen alone, then every update by one row)
     and float32 chunks give fit's model."""

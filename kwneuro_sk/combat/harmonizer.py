@@ -1254,6 +1254,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     def _fit_statistics(self, stats):
         """Fit from merged :class:`~kwneuro_sk.combat.statistics.SiteStatistics` (feature
         names and counts already set)."""
+        statistics.check_complete(stats.moments)  # not left part-updated by an interruption
         roles = ColumnRoles.of(self)
         self._fit_pending = False
         sites = np.array(stats.sites)

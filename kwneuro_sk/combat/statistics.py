@@ -144,6 +144,16 @@ def _add_rows(moments, X, local_idx, at, Z):
     moments.n[at] = total
 
 
+def check_complete(moments):
+    """Refuse statistics left part-updated by an interrupted :meth:`SiteStatistics.add_rows`."""
+    if np.isnan(moments.n).any():
+        raise ValueError(
+            "these statistics are incomplete: adding rows to them was interrupted part-way "
+            "(the earlier rows' statistics were updated in place), so no model can be fitted "
+            "from them; start again from the first chunk (a new estimator, or fit)"
+        )
+
+
 def fit_from_moments(moments, ref=None):
     """ComBat's location/scale fit from merged statistics.
 
@@ -160,6 +170,7 @@ def fit_from_moments(moments, ref=None):
     mean, ss : ndarrays of shape (n_batches, n_features)
         What :func:`kwneuro_sk.combat.model.fit_location_scale` returns for the same rows.
     """
+    check_complete(moments)
     counts = moments.n
     n_samples = counts.sum()
     n_covariates = moments.zbar.shape[1]
@@ -261,6 +272,7 @@ class SiteStatistics:
                 f"{self.n_features} features"
             )
         check_same_smooth(self.smooth, plain_smooth(smooth))
+        check_complete(self.moments)
         labels, local_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
         labels = labels.tolist()
         columns = list(columns)
@@ -280,8 +292,17 @@ class SiteStatistics:
         # The products are thin (a chunk's rows by a few covariate columns): a BLAS thread
         # pool only adds synchronisation to them (6x slower on a loaded 2-core machine,
         # bench_federated.py), so they run on one thread.
-        with model.single_blas_thread():
-            _add_rows(total.moments, X, local_idx.ravel(), at, Z)
+        try:
+            with model.single_blas_thread():
+                _add_rows(total.moments, X, local_idx.ravel(), at, Z)
+        except BaseException:
+            if total is self:
+                # Updated in place and stopped part-way (a KeyboardInterrupt, a MemoryError):
+                # means moved, counts not. Restoring would cost a copy of the statistics on
+                # every call, so they are marked unusable instead (counts NaN), and refused
+                # by add_rows and fit_from_moments rather than giving a wrong model.
+                self.moments.n[at] = np.nan
+            raise
         return total
 
     @property
