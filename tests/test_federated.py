@@ -335,6 +335,52 @@ def test_partial_fit_over_dask_blocks():
     assert_same_model(CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates), combat)
 
 
+def test_feature_explained_exactly_is_constant_on_both_routes():
+    """A feature that site and a categorical level explain exactly: fit's residuals are
+    rounding noise, so it is passed through; the statistics' residual sum of squares is
+    ~eps times the within-site sum of squares, and must be read the same way (before, its
+    tiny variance skewed the EB priors of every other feature: transforms 5-8% apart)."""
+    X, site, covariates = COHORT
+    X = X.copy()
+    X[:, 1] = np.where(site == "a", 1.5, 2.5) + (covariates["sex"] == "M")
+    params = {**COVARIATES}
+    with pytest.warns(UserWarning, match="constant"):
+        whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
+    incremental = CombatHarmonizer(**params)
+    for rows in np.array_split(np.random.default_rng(3).permutation(len(X)), 5):
+        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    with pytest.warns(UserWarning, match="constant"):
+        _ = incremental.gamma_star_
+    assert whole.zero_variance_features_.tolist() == [False, True] + [False] * 28
+    np.testing.assert_array_equal(
+        incremental.zero_variance_features_, whole.zero_variance_features_
+    )
+    assert_same_model(whole, incremental)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_statistics_routes_refuse_features_whose_squares_overflow(scale):
+    """fit rescales each feature exactly; per-site statistics hold squares, which overflow
+    beyond ~1e150 (NaN output before) or underflow below ~1e-150 (all features declared
+    constant before): refused, naming the features, on partial_fit and summaries alike."""
+    X, site, _ = COHORT
+    extreme = X.copy()
+    extreme[:, [3, 7]] *= scale
+    combat = CombatHarmonizer()
+    for rows in np.array_split(np.arange(len(X)), 3):
+        combat.partial_fit(extreme[rows], batch=site[rows])
+    with pytest.raises(ValueError, match=r"feature\(s\) \['x3', 'x7'\] have values beyond 1e150"):
+        combat.transform(extreme, batch=site)
+    with pytest.raises(ValueError, match="Multiply those features by a power of ten"):
+        CombatHarmonizer().site_summary(extreme[site == "a"], batch=site[site == "a"])
+    # 1e100 is within range, and fit handles 1e200 itself
+    moderate = CombatHarmonizer()
+    for rows in np.array_split(np.arange(len(X)), 3):
+        moderate.partial_fit(X[rows] * 1e100, batch=site[rows])
+    assert_same_model(CombatHarmonizer().fit(X * 1e100, batch=site), moderate)
+    assert np.isfinite(CombatHarmonizer().fit_transform(extreme, batch=site)).all()
+
+
 def test_partial_fit_under_dask_ml_incremental():
     """dask-ml's Incremental feeds a dask DataFrame's partitions to partial_fit (in order or
     shuffled): the model is fit's; its lazy transform equals ours. Site and covariates are

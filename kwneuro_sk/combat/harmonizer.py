@@ -425,6 +425,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         helper._check_incremental("site_summary")
         rows = helper._read_rows(X, batch, covariates, reset=True)
         stats = helper._statistics_of(rows)
+        helper._check_statistics_range(stats.moments.magnitude)  # before a useless summary
         small = [(s, int(n)) for s, n in zip(stats.sites, stats.moments.n) if n < min_rows]
         if small:
             raise ValueError(
@@ -1255,6 +1256,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         """Fit from merged :class:`~kwneuro_sk.combat.statistics.SiteStatistics` (feature
         names and counts already set)."""
         statistics.check_complete(stats.moments)  # not left part-updated by an interruption
+        self._check_statistics_range(stats.moments.magnitude)
         roles = ColumnRoles.of(self)
         self._fit_pending = False
         sites = np.array(stats.sites)
@@ -1308,6 +1310,23 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 )
         standardization, mean, ss = statistics.fit_from_moments(moments, ref)
         return self._finish_fit(counts, ref, standardization, mean, ss)
+
+    def _check_statistics_range(self, magnitude):
+        """Statistics hold sums of squared deviations: features beyond ~1e150 overflow them
+        and features below ~1e-150 underflow them (fit scales each feature by a power of two
+        first; statistics merged across chunks and sites cannot). Refused by name."""
+        extreme = (magnitude >= 2.0**500) | ((magnitude > 0) & (magnitude < 2.0**-500))
+        if extreme.any():
+            names = self._feature_names_out
+            where = np.flatnonzero(extreme)
+            labels = [names[i] if names is not None else f"x{i}" for i in where[:10]]
+            raise ValueError(
+                f"feature(s) {labels}{' ...' if len(where) > 10 else ''} have values beyond "
+                "1e150 or below 1e-150 in absolute value: per-site statistics (partial_fit, "
+                "site summaries, dask and streamed input) hold their squares, which overflow "
+                "or underflow there. Multiply those features by a power of ten first, or fit "
+                "on the pooled rows (fit scales each feature exactly)"
+            )
 
     def _check_smooth_settings(self, given, smooth):
         """The spline settings of statistics agree with this estimator's smooth options."""

@@ -144,6 +144,11 @@ def _add_rows(moments, X, local_idx, at, Z):
     moments.n[at] = total
 
 
+# Residual sums of squares at or below this many eps of the within-site sum of squares are
+# rounding noise of the centred statistics (see fit_from_moments).
+_EXPLAINED_FLOOR = 1024.0
+
+
 def check_complete(moments):
     """Refuse statistics left part-updated by an interrupted :meth:`SiteStatistics.add_rows`."""
     if np.isnan(moments.n).any():
@@ -191,8 +196,16 @@ def fit_from_moments(moments, ref=None):
     else:
         grand_mean = intercepts[ref].copy()
         var_pooled = rss[ref] / counts[ref]
-    # Constant: a residual standard deviation at the rounding of the values, as in model.
-    zero_variance = np.sqrt(var_pooled) <= model.constant_resolution(moments.magnitude)
+    # Constant: a residual standard deviation at the rounding of the values, as in model;
+    # or residuals below the rounding of the centred sums they are computed from (rss is
+    # cxx less what the covariates explain, so a feature the covariates explain exactly is
+    # left with ~eps * cxx, measured up to 6 eps: fit, from the residuals themselves, sees
+    # it constant, and so must this route, or its tiny variance skews every EB prior).
+    rows = slice(None) if ref is None else slice(ref, ref + 1)
+    within = moments.cxx[rows].sum(axis=0)
+    zero_variance = (np.sqrt(var_pooled) <= model.constant_resolution(moments.magnitude)) | (
+        rss[rows].sum(axis=0) <= _EXPLAINED_FLOOR * np.finfo(np.float64).eps * within
+    )
     var_pooled[zero_variance] = 0.0
     standardization = model.StandardizationModel(grand_mean, beta, var_pooled, zero_variance)
     scale = standardization.scale
@@ -293,7 +306,12 @@ class SiteStatistics:
         # pool only adds synchronisation to them (6x slower on a loaded 2-core machine,
         # bench_federated.py), so they run on one thread.
         try:
-            with model.single_blas_thread():
+            # squares beyond the float range (features past ~1e150) are refused by name when
+            # a model is fitted from the statistics, not warned about here
+            with (
+                model.single_blas_thread(),
+                np.errstate(over="ignore", under="ignore", invalid="ignore"),
+            ):
                 _add_rows(total.moments, X, local_idx.ravel(), at, Z)
         except BaseException:
             if total is self:
