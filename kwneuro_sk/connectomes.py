@@ -506,7 +506,7 @@ def _confounds_files_token(img, name):
             f"no fMRIPrep confounds file (*_desc-confounds_timeseries.tsv) beside {name} in "
             f"{folder!r}."
         )
-    return [(f, _file_token(os.path.join(folder, f))) for f in files]
+    return [(f, _file_token(os.path.join(folder, f), f"confounds of {name}")) for f in files]
 
 
 def _extract(masker, images, confounds, masks, names, n_jobs):
@@ -550,7 +550,7 @@ def _vector_pairs(n_regions, discard_diagonal):
     return np.tril_indices(n_regions, k=-1 if discard_diagonal else 0)
 
 
-def _file_token(path, name="file"):
+def _file_token(path, name):
     """SHA-256 of a file's bytes (read, not decompressed), once per process per file version
     (:func:`kwneuro_sk.images.file_digest`)."""
     return _images.file_digest(path, name=name, keep_bytes=False)[0]
@@ -562,7 +562,7 @@ def _image_token(img, name):
         path = os.fspath(img)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"run file of {name} not found: {path!r}")
-        return "file", _file_token(path)
+        return "file", _file_token(path, f"run of {name}")
     loaded = _images.load_image(img, name=name)
     return "image", joblib.hash((np.asarray(loaded.dataobj), np.asarray(loaded.affine)))
 
@@ -578,7 +578,7 @@ def _masker_token(masker):
         if name in _NOT_IN_KEY:
             continue
         if isinstance(value, (str, os.PathLike)) and os.path.isfile(os.fspath(value)):
-            value = ("file", _file_token(os.fspath(value)))
+            value = ("file", _file_token(os.fspath(value), f"masker {name}"))
         elif isinstance(value, SpatialImage):
             value = ("image", joblib.hash((np.asarray(value.dataobj), np.asarray(value.affine))))
         params[name] = value
