@@ -58,7 +58,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse
-from threadpoolctl import threadpool_limits
 
 from kwneuro_sk.combat import model
 from kwneuro_sk.combat._inputs import row_labels
@@ -158,7 +157,7 @@ def fit_mixed_model(Y, design, codes, n_subjects, times=None, *, sigma_method="r
     parts = []
     # The BLAS is held to one thread: its threads on these small products only wait for
     # each other (10x slower on a loaded 2-core machine).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with model.single_blas_thread():
         for start in range(0, n_features, _BLOCK_FEATURES):
             block = slice(start, min(start + _BLOCK_FEATURES, n_features))
             Yb = np.asarray(Y[:, block], dtype=np.float64)

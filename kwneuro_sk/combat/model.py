@@ -107,7 +107,7 @@ def _run_blocks(function, n_items, step, scratch_size, n_jobs=1):
         for block in blocks[worker::n_workers]:
             function(block, scratch)
 
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with single_blas_thread():
         if n_workers == 1:
             work(0)
             return
