@@ -417,6 +417,45 @@ def test_harmonizer_fit_from_statistics_equals_fit():
         )
 
 
+def test_fit_from_statistics_refuses_counts_names_and_covariates_it_cannot_use():
+    """Column counts or names that disagree with the statistics, and covariates the
+    statistics were made without, are refused by name (before: a later transform failed on a
+    count, a wrong-length name list was kept, a continuous covariate gave "('value', 'age')
+    is not in list" and a categorical one a model without it)."""
+    rng = np.random.default_rng(5)
+    X, site = rng.normal(size=(20, 3)), np.tile(["a", "b"], 10)
+    stats = CombatHarmonizer().row_statistics(X, batch=site)
+    frame = pd.DataFrame(X, columns=["f0", "f1", "f2"]).assign(site=site)
+    by_column = CombatHarmonizer(batch_col="site").row_statistics(frame)
+    refused = [
+        (CombatHarmonizer(), stats, {"n_features_in": 5}, "statistics' 3 features; got 5"),
+        (CombatHarmonizer(), stats, {"n_features_in": "3"}, "3 features; got '3'"),
+        (
+            CombatHarmonizer(batch_col="site"),
+            by_column,
+            {"n_features_in": 2},
+            "3 features and the site and covariate columns; got 2",
+        ),
+        (CombatHarmonizer(), stats, {"feature_names_in": ["a"]}, "1 names for 3 input columns"),
+        (CombatHarmonizer(), stats, {"columns_in": ["a"]}, "columns_in has 1 names for 3"),
+        (CombatHarmonizer(), stats, {"feature_names_out": ["a"]}, "1 names for 3 features"),
+        (
+            CombatHarmonizer(categorical_cols="sex", continuous_cols="age"),
+            stats,
+            {},
+            r"without covariate\(s\) \['sex', 'age'\]",
+        ),
+    ]
+    for combat, given, options, message in refused:
+        with pytest.raises(ValueError, match=message):
+            combat.fit_from_statistics(given, **options)
+        assert not hasattr(combat, "n_features_in_")
+    fitted = CombatHarmonizer(batch_col="site").fit_from_statistics(by_column, n_features_in=4)
+    np.testing.assert_allclose(
+        fitted.transform(frame), CombatHarmonizer(batch_col="site").fit_transform(frame)
+    )
+
+
 class StandInResource:
     """kwneuro's in-memory volume resource surface, without kwneuro."""
 

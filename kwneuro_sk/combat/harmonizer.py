@@ -1122,6 +1122,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self._check_incremental("fit_from_statistics", needs_knots=False)
         if n_features_in is None:
             n_features_in = statistics.n_features
+        self._check_statistics_columns(
+            statistics, n_features_in, feature_names_in, feature_names_out, columns_in
+        )
         self.n_features_in_ = int(n_features_in)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
@@ -1140,6 +1143,46 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 f"{format_labels(statistics.sites)}"
             ) from exc
         return self._fit_statistics(merged)
+
+    def _check_statistics_columns(
+        self, stats, n_features_in, feature_names_in, feature_names_out, columns_in
+    ):
+        """The column counts and names given to :meth:`fit_from_statistics` agree with the
+        statistics (and each other), and the statistics hold this estimator's covariates."""
+        n_features = stats.n_features
+        roles = ColumnRoles.of(self)
+        metadata = roles.metadata
+        if (
+            isinstance(n_features_in, bool)
+            or not isinstance(n_features_in, Integral)
+            or n_features_in < n_features
+            or (not metadata and n_features_in != n_features)
+        ):
+            raise ValueError(
+                f"n_features_in must be the number of input columns: the statistics' "
+                f"{n_features} features"
+                + (" and the site and covariate columns" if metadata else "")
+                + f"; got {n_features_in!r}"
+            )
+        for name, value, size in (
+            ("feature_names_in", feature_names_in, n_features_in),
+            ("columns_in", columns_in, n_features_in),
+            ("feature_names_out", feature_names_out, n_features),
+        ):
+            if value is not None and len(value) != size:
+                raise ValueError(
+                    f"{name} has {len(value)} names for {size} "
+                    f"{'features' if name == 'feature_names_out' else 'input columns'}"
+                )
+        missing = [col for col in roles.categorical if not stats.levels(col)]
+        missing += [col for col in roles.continuous if ("value", col) not in stats.columns]
+        if missing:
+            raise ValueError(
+                f"the statistics were made without covariate(s) {missing}; this harmonizer "
+                f"has categorical_cols={list(roles.categorical)} and "
+                f"continuous_cols={list(roles.continuous)}: make the statistics with the "
+                "same covariate options"
+            )
 
     # Fitted state computed from the statistics on first use after partial_fit.
     _FITTED_STATE = frozenset(
