@@ -230,6 +230,23 @@ def _combat_input(args, frame):
     subject = [args.subject] if getattr(args, "subject", None) else []
     text = [args.batch_col, *args.categorical, *subject]
     smooth = getattr(args, "smooth", [])
+    role = {}  # one role a column: else it would enter the table twice
+    for option, cols in {
+        "--batch-col": [args.batch_col],
+        "--categorical": args.categorical,
+        "--subject": subject,
+        "--continuous": args.continuous,
+        "--smooth": smooth,
+    }.items():
+        for col in cols:
+            if col in role:
+                raise CommandError(
+                    f"column {col!r} is given to both {role[col]} and {option}; give each "
+                    "column one role"
+                    if role[col] != option
+                    else f"column {col!r} is given twice to {option}"
+                )
+            role[col] = option
     features = [c for c in frame.columns if c not in {*text, *args.continuous, *smooth, *args.keep}]
     X = pd.concat(
         [

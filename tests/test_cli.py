@@ -172,6 +172,14 @@ def test_apply_unseen_site(features_csv, tmp_path, capsys):
             ["harmonize", "{csv}", *HARMONIZE, "--ref-batch", "site9", "-o", "o.csv"],
             "--ref-batch 'site9' is not among the sites",
         ),
+        (
+            ["harmonize", "{csv}", *HARMONIZE, "--subject", "site", "-o", "o.csv"],
+            "column 'site' is given to both --batch-col and --subject; give each column one role",
+        ),
+        (
+            ["summarize", "{csv}", *HARMONIZE, "--smooth", "age", "-o", "s.npz"],
+            "column 'age' is given to both --continuous and --smooth",
+        ),
         (["apply", "nomodel.npz", "{csv}", "-o", "o.csv"], "no such model file"),
         (["extract", "--atlas", "atlas.nii.gz", "-o", "o.csv"], "no images"),
         (
@@ -190,6 +198,7 @@ def test_errors_exit_nonzero_with_a_message(
     err = capsys.readouterr().err
     assert err.startswith(f"kwneuro-sk {args[0]}: error:")
     assert message in err
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "s.npz").exists()
 
 
 def test_usage_error_exits_2(capsys):
