@@ -79,6 +79,29 @@ def assert_same_model(expected, actual, rtol=1e-10):
     assert actual.covariate_names_.tolist() == expected.covariate_names_.tolist()
 
 
+def assert_same_transform(expected, actual):
+    """Both harmonize COHORT alike (to rounding of the features' size)."""
+    X, site, covariates = COHORT
+    np.testing.assert_allclose(
+        actual.transform(X, batch=site, covariates=covariates),
+        expected.transform(X, batch=site, covariates=covariates),
+        rtol=1e-10,
+        atol=1e-10 * np.abs(X).max(),
+    )
+
+
+def partial_fit_chunks(combat, chunks, X=None):
+    """``combat.partial_fit`` on COHORT's rows (or ``X``'s) chunk by chunk; returns it."""
+    X0, site, covariates = COHORT
+    X = X0 if X is None else X
+    for rows in chunks:
+        assert (
+            combat.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+            is combat
+        )
+    return combat
+
+
 @pytest.fixture(scope="module", params=list(OPTIONS))
 def fitted(request):
     X, site, covariates = COHORT
@@ -98,19 +121,9 @@ def test_partial_fit_equals_fit_over_random_chunkings(fitted, seed):
     rng = np.random.default_rng(seed)
     # rows in order, so that level "z" is first seen in a later chunk; random chunk sizes
     cuts = np.sort(rng.choice(np.arange(1, len(X)), size=rng.integers(2, 9), replace=False))
-    incremental = CombatHarmonizer(**params)
-    for rows in np.split(np.arange(len(X)), cuts):
-        assert (
-            incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
-            is incremental
-        )
+    incremental = partial_fit_chunks(CombatHarmonizer(**params), np.split(np.arange(len(X)), cuts))
     assert_same_model(whole, incremental)
-    np.testing.assert_allclose(
-        incremental.transform(X, batch=site, covariates=covariates),
-        whole.transform(X, batch=site, covariates=covariates),
-        rtol=1e-10,
-        atol=1e-10 * np.abs(X).max(),
-    )
+    assert_same_transform(whole, incremental)
 
 
 def test_partial_fit_columns_route_and_continuing_after_use():
@@ -155,17 +168,11 @@ def test_partial_fit_with_fixed_smooth_knots_equals_fit(knots):
     whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
     expected_knots = knots["age"] if isinstance(knots, dict) else knots
     np.testing.assert_array_equal(whole.estimates_.info["smooth_knots"][0], expected_knots)
-    incremental = CombatHarmonizer(**params)
-    for rows in np.array_split(np.arange(len(X)), 6):
-        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    chunks = np.array_split(np.arange(len(X)), 6)
+    incremental = partial_fit_chunks(CombatHarmonizer(**params), chunks)
     assert_same_model(whole, incremental)
     assert incremental.covariate_names_[-1] == f"age_spline{len(expected_knots)}"
-    np.testing.assert_allclose(
-        incremental.transform(X, batch=site, covariates=covariates),
-        whole.transform(X, batch=site, covariates=covariates),
-        rtol=1e-10,
-        atol=1e-10 * np.abs(X).max(),
-    )
+    assert_same_transform(whole, incremental)
 
 
 def test_partial_fit_with_knots_placed_by_fits_rule():
@@ -173,9 +180,10 @@ def test_partial_fit_with_knots_placed_by_fits_rule():
     X, site, covariates = COHORT
     params = {"smooth_cols": "age", "smooth_knots": 4}
     whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
-    incremental = CombatHarmonizer(**params).with_fixed_knots(covariates)
-    for rows in np.array_split(np.arange(len(X)), 5):
-        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    incremental = partial_fit_chunks(
+        CombatHarmonizer(**params).with_fixed_knots(covariates),
+        np.array_split(np.arange(len(X)), 5),
+    )
     assert_same_model(whole, incremental)
     with pytest.raises(ValueError, match="smooth covariate 'age' not found in covariates"):
         CombatHarmonizer(**params).with_fixed_knots(covariates[["sex"]])
@@ -189,9 +197,9 @@ def test_knots_beyond_the_data_partial_fit_is_the_closer_to_least_squares():
     params = {"categorical_cols": "sex", "smooth_cols": "age"}
     params["smooth_knots"] = {"age": [0, 25, 50, 75, 100]}
     whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
-    incremental = CombatHarmonizer(**params)
-    for rows in np.array_split(np.arange(len(X)), 6):
-        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    incremental = partial_fit_chunks(
+        CombatHarmonizer(**params), np.array_split(np.arange(len(X)), 6)
+    )
     onehot = (site[:, None] == whole.batches_[None, :]).astype(float)
     design = np.hstack([onehot, whole._covariates.transform(covariates.reset_index(drop=True))])
     exact = np.linalg.lstsq(design, X, rcond=None)[0][len(whole.batches_) :]
@@ -266,8 +274,7 @@ def test_refused_chunk_leaves_the_statistics_as_they_were():
                 batch=sites,
                 covariates=covariates.iloc[50:60] if table is None else table,
             )
-    for rows in (slice(50, 110), slice(110, None)):
-        combat.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    partial_fit_chunks(combat, (slice(50, 110), slice(110, None)))
     assert_same_model(
         CombatHarmonizer(**COVARIATES).fit(X, batch=site, covariates=covariates), combat
     )
@@ -314,9 +321,9 @@ def test_partial_fit_row_by_row_and_float32():
         combat.partial_fit(X[i : i + 1], batch=site[i : i + 1], covariates=covariates.iloc[[i]])
     assert_same_model(CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates), combat)
     single = X.astype(np.float32)
-    combat = CombatHarmonizer(**params)
-    for rows in np.array_split(np.arange(len(X)), 7):
-        combat.partial_fit(single[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    combat = partial_fit_chunks(
+        CombatHarmonizer(**params), np.array_split(np.arange(len(X)), 7), X=single
+    )
     whole = CombatHarmonizer(**params).fit(single, batch=site, covariates=covariates)
     assert_same_model(whole, combat)
 
@@ -346,9 +353,11 @@ def test_feature_explained_exactly_is_constant_on_both_routes():
     params = {**COVARIATES}
     with pytest.warns(UserWarning, match="constant"):
         whole = CombatHarmonizer(**params).fit(X, batch=site, covariates=covariates)
-    incremental = CombatHarmonizer(**params)
-    for rows in np.array_split(np.random.default_rng(3).permutation(len(X)), 5):
-        incremental.partial_fit(X[rows], batch=site[rows], covariates=covariates.iloc[rows])
+    incremental = partial_fit_chunks(
+        CombatHarmonizer(**params),
+        np.array_split(np.random.default_rng(3).permutation(len(X)), 5),
+        X=X,
+    )
     with pytest.warns(UserWarning, match="constant"):
         _ = incremental.gamma_star_
     assert whole.zero_variance_features_.tolist() == [False, True] + [False] * 28
@@ -451,14 +460,7 @@ def test_federated_equals_pooled(fitted, tmp_path):
         summary.save(paths[-1])
     combat = CombatHarmonizer(**params).fit_from_summaries([SiteSummary.load(p) for p in paths])
     assert_same_model(pooled, combat)
-    X, site, covariates = COHORT
-    applied = CombatHarmonizer.from_estimates(combat.estimates_)
-    np.testing.assert_allclose(
-        applied.transform(X, batch=site, covariates=covariates),
-        pooled.transform(X, batch=site, covariates=covariates),
-        rtol=1e-10,
-        atol=1e-10 * np.abs(X).max(),
-    )
+    assert_same_transform(pooled, CombatHarmonizer.from_estimates(combat.estimates_))
 
 
 @pytest.mark.usefixtures("numpy_int_alias")
