@@ -480,36 +480,26 @@ def row_labels(values, n_samples, *, kind, argument, where=""):
             f"{argument} must be a 1-D sequence of {kind} labels, one per row of X{where}; "
             f"got shape {np.shape(values)}"
         )
-    if type(values) is np.ndarray and values.dtype.kind in "iufUO":
-        # a plain array is checked as it is (a Series of a few labels costs more than the
-        # checks); text comes out as object, as from a Series. Not a subclass: a masked
-        # array's masked labels are missing, which only the Series sees; nor bytes, which a
-        # Series keeps as they are
-        if len(values) != n_samples:
-            raise ValueError(
-                f"{argument} has {len(values)} {kind} labels for {n_samples} rows of "
-                f"X{where}; give one {kind} label per row"
-            )
-        values = values.astype(object) if values.dtype.kind == "U" else values
-        missing = pd.isna(values)
-        if missing.any():
-            raise ValueError(
-                f"{kind} labels{'' if argument == 'batch' else f' ({argument})'} are "
-                f"missing (NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
-            )
-        return values
-    values = values if isinstance(values, pd.Series) else pd.Series(values)
+    # A plain array is checked as it is (a Series of a few labels costs more than the
+    # checks); text comes out as object, as from a Series. Not a subclass: a masked array's
+    # masked labels are missing, which only the Series sees; nor bytes, which a Series keeps
+    # as they are.
+    plain = type(values) is np.ndarray and values.dtype.kind in "iufUO"
+    if not plain:
+        values = values if isinstance(values, pd.Series) else pd.Series(values)
     if len(values) != n_samples:
         raise ValueError(
             f"{argument} has {len(values)} {kind} labels for {n_samples} rows of X{where}; "
             f"give one {kind} label per row"
         )
-    missing = pd.isna(values).to_numpy()
+    missing = np.asarray(pd.isna(values))
     if missing.any():
         raise ValueError(
             f"{kind} labels{'' if argument == 'batch' else f' ({argument})'} are missing "
             f"(NaN/None) in row(s) {np.flatnonzero(missing)[:10].tolist()}"
         )
+    if plain:
+        return values.astype(object) if values.dtype.kind == "U" else values
     if isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype(values.cat.categories.dtype)
     return values.to_numpy()
