@@ -151,12 +151,6 @@ def test_fit_resets_and_partial_fit_after_fit_starts_anew():
     assert_same_model(CombatHarmonizer().fit(X[:60], batch=site[:60]), combat)
 
 
-def test_covbat_has_no_statistics_routes():
-    from kwneuro_sk import CovBatHarmonizer
-
-    assert not hasattr(CovBatHarmonizer(), "partial_fit")
-
-
 @pytest.mark.parametrize(
     "knots",
     [[20.0, 35.0, 50.0, 65.0, 80.0], {"age": [20.0, 40.0, 60.0, 80.0]}],
@@ -225,10 +219,19 @@ def test_smooth_knots_positions_are_checked():
         )
 
 
-def test_covbat_partial_fit_message():
+def test_covbat_has_no_statistics_routes_and_says_why():
     from kwneuro_sk import CovBatHarmonizer
 
-    for method in ("partial_fit", "row_statistics", "fit_from_statistics", "site_summary"):
+    routes = (
+        "partial_fit",
+        "row_statistics",
+        "fit_from_statistics",
+        "site_summary",
+        "fit_from_summaries",
+    )
+    for method in routes:
+        assert hasattr(CombatHarmonizer(), method)
+        assert not hasattr(CovBatHarmonizer(), method)
         with pytest.raises(AttributeError, match=f"CovBatHarmonizer has no {method}: the PCA"):
             getattr(CovBatHarmonizer(), method)
 
