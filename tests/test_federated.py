@@ -776,11 +776,3 @@ def test_cli_summarize_combine_apply_with_smooth_covariate(tmp_path, capsys):
         assert code == 1
         assert re.search(message, capsys.readouterr().err)
         assert not out.exists()
-
-
-def test_statistics_routes_refuse_longitudinal_options():
-    X, site, _ = COHORT
-    combat = CombatHarmonizer()
-    combat.subject_col = "subject"  # set as i18's longitudinal parameter would be
-    with pytest.raises(ValueError, match="partial_fit does not support subject_col"):
-        combat.partial_fit(X, batch=site)

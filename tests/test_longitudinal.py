@@ -351,7 +351,7 @@ def test_options_that_do_not_combine(cohort):
         harmonizer(sigma_method="ols").fit(cohort)
 
 
-@pytest.mark.parametrize("method", ["partial_fit", "site_summary"])
+@pytest.mark.parametrize("method", ["partial_fit", "site_summary", "row_statistics"])
 def test_statistics_routes_refuse_subject_col(cohort, method):
     with pytest.raises(ValueError, match=f"{method} does not support subject_col"):
         getattr(harmonizer(), method)(cohort)
