@@ -218,9 +218,15 @@ def fit_from_moments(moments, ref=None):
 # --------------------------------------------------------------------------------------------
 
 
+def _not_in(items, existing):
+    """The ``items`` not in ``existing``, in order (``existing`` hashed once, not per item)."""
+    existing = set(existing)
+    return [v for v in items if v not in existing]
+
+
 def _union(first, second, what):
     """Sorted union of two label sequences (a TypeError names labels of mixed types)."""
-    merged = list(first) + [v for v in second if v not in set(first)]
+    merged = list(first) + _not_in(second, first)
     try:
         return sorted(merged)
     except TypeError as exc:
@@ -290,8 +296,8 @@ class SiteStatistics:
         labels = labels.tolist()
         columns = list(columns)
         total = self
-        new_sites = [s for s in labels if s not in set(self.sites)]
-        new_columns = [c for c in columns if c not in set(self.columns)]
+        new_sites = _not_in(labels, self.sites)
+        new_columns = _not_in(columns, self.columns)
         if new_sites or new_columns:
             total = self.aligned(_union(self.sites, labels, "site"), self.columns + new_columns)
         if not X.shape[0]:
@@ -361,8 +367,8 @@ class SiteStatistics:
             )
         check_same_smooth(self.smooth, other.smooth)
         total = self
-        new_sites = [s for s in other.sites if s not in set(self.sites)]
-        new_columns = [c for c in other.columns if c not in set(self.columns)]
+        new_sites = _not_in(other.sites, self.sites)
+        new_columns = _not_in(other.columns, self.columns)
         if new_sites or new_columns:
             total = self.aligned(
                 _union(self.sites, other.sites, "site"), self.columns + new_columns
@@ -443,7 +449,7 @@ def merge_all(parts):
     sites, columns = [], []
     for part in parts:
         sites = _union(sites, part.sites, "site")
-        columns += [c for c in part.columns if c not in set(columns)]
+        columns += _not_in(part.columns, columns)
         check_same_smooth(parts[0].smooth, part.smooth)
     total = SiteStatistics(
         sites,
