@@ -80,12 +80,7 @@ def fit(combat, X, batch, covariates):
                 f"X has more than one column named {repeated} (dask input); give every column "
                 "its own name"
             )
-        features = roles.features(columns)
-        if not features:
-            raise ValueError(
-                f"X has no feature columns (dask input): its columns {columns[:10]} are all the "
-                "site and covariate columns; ComBat harmonizes the other columns of X"
-            )
+        features = roles.features(columns, route="dask")
         bad = [c for c in features if X[c].dtype.kind not in "iuf"]
         if bad:
             raise ValueError(

@@ -111,9 +111,19 @@ class ColumnRoles:
         """``[subject]`` in longitudinal ComBat, else ``[]``."""
         return [] if self.subject is None else [self.subject]
 
-    def features(self, columns):
-        """The feature columns among ``columns`` (all of them without ``batch_col``)."""
-        return feature_columns_of(columns, self.batch_col, self.covariates + self.subject_columns)
+    def features(self, columns, *, route=None):
+        """The feature columns among ``columns`` (all of them without ``batch_col``); a
+        ValueError when there are none (``route`` named in it)."""
+        features = feature_columns_of(
+            columns, self.batch_col, self.covariates + self.subject_columns
+        )
+        if not features:
+            raise ValueError(
+                f"X has no feature columns{f' ({route} input)' if route else ''}: its columns "
+                f"{list(columns)[:10]} are all the site and covariate columns; ComBat "
+                "harmonizes the other columns of X"
+            )
+        return features
 
 
 def read_metadata(batch, covariates, n_rows, roles, *, route=None):
@@ -247,11 +257,6 @@ def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
         if missing:
             raise ValueError(missing_columns_message(missing, X.columns))
         features = X[roles.features(X.columns)]
-        if features.shape[1] == 0:
-            raise ValueError(
-                f"X has no feature columns: its columns {list(X.columns)[:10]} are all the "
-                "site and covariate columns; ComBat harmonizes the other columns of X"
-            )
         batch, covariates = X[batch_col], X[roles.covariates]
         if roles.subject is not None:
             subjects = X[roles.subject]
