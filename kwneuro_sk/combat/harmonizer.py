@@ -1036,8 +1036,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
         With the covariates of all the training rows at hand, :meth:`partial_fit` (and
         :meth:`row_statistics`) on the copy equals :meth:`fit` on the original. Without
-        ``smooth_cols``, or with knot positions already given, the copy has the same
-        parameters.
+        ``smooth_cols`` the copy has the same parameters; with knot positions already given,
+        the same knots (as the dict), and ``covariates`` must still hold the smooth columns.
 
         Parameters
         ----------
