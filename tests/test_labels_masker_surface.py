@@ -46,23 +46,13 @@ def atlas_img():
 
 
 @pytest.fixture(scope="module")
-def runs():
-    rng = np.random.default_rng(12)
-    out = []
-    for n in N_SCANS:
-        data = rng.normal(size=(*SHAPE, n)).cumsum(axis=3) + 100
-        out.append(nib.Nifti1Image(data.astype(np.float32), AFFINE))
-    return out
+def runs(make_runs):
+    return make_runs(12, N_SCANS, SHAPE, AFFINE)
 
 
 @pytest.fixture
-def run_paths(runs, tmp_path):
-    paths = []
-    for i, run in enumerate(runs):
-        path = tmp_path / f"sub-{i}_bold.nii.gz"
-        run.to_filename(path)
-        paths.append(str(path))
-    return paths
+def run_paths(runs, tmp_path, save_images):
+    return save_images(runs, tmp_path, "_bold.nii.gz")
 
 
 # ------------------------------------------------------------------ high-variance confounds
