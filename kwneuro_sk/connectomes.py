@@ -19,10 +19,10 @@ from nibabel.spatialimages import SpatialImage
 from nilearn.connectome import ConnectivityMeasure
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import HasMethods, StrOptions
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import images as _images
-from kwneuro_sk._params import N_JOBS
+from kwneuro_sk._params import MEMORY, N_JOBS, check_memory
 from kwneuro_sk.maskers.runs import read_confounds
 
 KINDS = ("correlation", "partial correlation", "tangent", "covariance", "precision")
@@ -151,7 +151,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         "sample_mask_col": [str, None],
         "confounds_strategy": [dict, None],
         "remainder": [StrOptions({"drop", "passthrough"})],
-        "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "memory": MEMORY,
         "n_jobs": N_JOBS,
     }
 
@@ -394,8 +394,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         return _Runs(images, confounds, masks, names, index, remainder, others)
 
     def _memory(self):
-        memory = self.memory
-        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+        memory = check_memory(self.memory)
         return None if memory.location is None else memory
 
     def _series(self, runs):

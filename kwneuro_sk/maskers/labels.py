@@ -21,16 +21,15 @@ from nilearn.signal import clean
 from nilearn.signal import high_variance_confounds as _hv_confounds_of_series
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import (
-    HasMethods,
     Interval,
     StrOptions,
     validate_parameter_constraints,
 )
 from sklearn.utils.fixes import parse_version
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import images as _images
-from kwneuro_sk._params import N_JOBS
+from kwneuro_sk._params import MEMORY, N_JOBS, check_memory
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
 from kwneuro_sk.maskers.runs import (
@@ -230,7 +229,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         "smoothing_fwhm": [Interval(Real, 0, None, closed="left"), None],
         "resampling_target": [StrOptions({"data", "labels"}), None],
         "strategy": [StrOptions(set(STRATEGIES))],
-        "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "memory": MEMORY,
         "n_jobs": N_JOBS,
         "verbose": ["verbose"],
         "standardize": [StrOptions({"zscore_sample", "psc"}), "boolean", None],
@@ -410,10 +409,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 "name": ["Background", *self._region_names.tolist()],
             }
         )
-        memory = self.memory
-        self.memory_ = check_memory(
-            os.fspath(memory) if isinstance(memory, os.PathLike) else memory
-        )
+        self.memory_ = check_memory(self.memory)
         self._atlas_grid = atlas_grid
         self._plan_lock = threading.Lock()
         self._plans = {
@@ -872,8 +868,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         time. Threads are preferred: reading (zlib) and the NumPy reductions release the GIL,
         and threads share the fitted masker instead of pickling it.
         """
-        memory = self.memory
-        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+        memory = self.memory_
         if memory.location is None or self.memory_level == 0:
             memory = None
         if isinstance(n_jobs, str):
