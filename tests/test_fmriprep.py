@@ -107,6 +107,10 @@ def test_participants_file_errors(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="participants_tsv .*nope.tsv"):
         fmriprep_cohort(dataset, tmp_path / "nope.tsv", task="rest", space=MNI)
     bad = tmp_path / "bad.tsv"
+    for content, problem in [(b"", "No columns to parse"), (b"\xff\xfe\x00", "utf-8")]:
+        bad.write_bytes(content)  # empty, or not text: pandas' own error named the file not
+        with pytest.raises(ValueError, match=rf"participants_tsv '.*bad.tsv' .*{problem}"):
+            fmriprep_cohort(dataset, bad, task="rest", space=MNI)
     pd.DataFrame({"subject": ["01"]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match="has no 'participant_id' column"):
         fmriprep_cohort(dataset, bad, task="rest", space=MNI)
