@@ -90,6 +90,12 @@ def test_bad_high_variance_options_are_named(atlas_img, option, match):
         LabelsMasker(atlas_img, high_variance_confounds=option).fit()
 
 
+def test_high_variance_detrend_must_be_a_bool_at_fit(atlas_img):
+    # nilearn refuses it too, but only once a run is read, and without the option's name
+    with pytest.raises(TypeError, match=r"high_variance_confounds\['detrend'\] must be True"):
+        LabelsMasker(atlas_img, high_variance_confounds={"detrend": "yes"}).fit()
+
+
 def test_high_variance_confounds_refused_for_3d_transform(atlas_img, runs):
     masker = LabelsMasker(atlas_img, high_variance_confounds=True).fit()
     first_volume = nib.Nifti1Image(runs[0].get_fdata()[..., 0], AFFINE)

@@ -472,6 +472,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"high_variance_confounds['percentile'] must be in (0, 100], got {percentile!r}."
             )
+        if not isinstance(options["detrend"], bool):  # nilearn takes a bool only
+            raise TypeError(
+                "high_variance_confounds['detrend'] must be True or False, got "
+                f"{options['detrend']!r}."
+            )
         return options
 
     def _load_mask(self, atlas_grid):
