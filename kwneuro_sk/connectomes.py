@@ -562,8 +562,12 @@ def _image_token(img, name):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"run file of {name} not found: {path!r}")
         return "file", _file_token(path, f"run of {name}")
-    loaded = _images.load_image(img, name=name)
-    return "image", joblib.hash((np.asarray(loaded.dataobj), np.asarray(loaded.affine)))
+    return _voxels_token(_images.load_image(img, name=name))
+
+
+def _voxels_token(img):
+    """A key of an in-memory image's content: its voxels and affine."""
+    return "image", joblib.hash((np.asarray(img.dataobj), np.asarray(img.affine)))
 
 
 def _array_token(values):
@@ -579,6 +583,6 @@ def _masker_token(masker):
         if isinstance(value, (str, os.PathLike)) and os.path.isfile(os.fspath(value)):
             value = ("file", _file_token(os.fspath(value), f"masker {name}"))
         elif isinstance(value, SpatialImage):
-            value = ("image", joblib.hash((np.asarray(value.dataobj), np.asarray(value.affine))))
+            value = _voxels_token(value)
         params[name] = value
     return type(masker).__module__, type(masker).__qualname__, joblib.hash(params)
