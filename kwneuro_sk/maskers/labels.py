@@ -873,7 +873,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         time. Threads are preferred: reading (zlib) and the NumPy reductions release the GIL,
         and threads share the fitted masker instead of pickling it.
         """
-        memory = self.memory_
+        memory = check_memory(self.memory)  # read now, as memory_level and the cleaning
         if memory.location is None or self.memory_level == 0:
             memory = None
         if isinstance(n_jobs, str):
