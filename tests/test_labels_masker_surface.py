@@ -372,7 +372,9 @@ def test_report_shows_atlas_sizes_names_and_lost_regions(atlas_img, runs, tmp_pa
     report = masker.generate_report(title="My atlas")
     text = str(report)
     assert "<h1>My atlas</h1>" in text
-    assert "data:image/png;base64," in text  # the atlas drawn over the mean image
+    assert "data:image/png;base64," in text
+    # the atlas drawn over the mean image (a PNG is there without one too: "Atlas regions")
+    assert "Atlas contours over the mean of the first image given to fit" in text
     for name in ("alpha", "beta", "gamma", "delta"):
         assert name in text
     assert "removed by mask_img" in text
@@ -391,7 +393,9 @@ def test_report_shows_atlas_sizes_names_and_lost_regions(atlas_img, runs, tmp_pa
 
 
 def test_report_without_images_or_with_reports_off(atlas_img, runs):
-    assert "No image was given to fit" in str(LabelsMasker(atlas_img).fit().generate_report())
+    alone = str(LabelsMasker(atlas_img).fit().generate_report())
+    assert "No image was given to fit" in alone
+    assert "<figcaption>Atlas regions." in alone and "over the mean" not in alone
     off = LabelsMasker(atlas_img, reports=False).fit(runs)
     assert "reports=False at fit" in str(off.generate_report())
     with pytest.raises(ValueError, match="engine='brainsprite' is not supported"):
@@ -407,7 +411,7 @@ def test_report_source_pickles_as_its_mean_image(atlas_img, runs):
     np.testing.assert_allclose(
         restored._report_source.get_fdata(), runs[0].get_fdata().mean(axis=3), rtol=1e-5
     )
-    assert "data:image/png;base64," in str(restored.generate_report())
+    assert "Atlas contours over the mean of the first image" in str(restored.generate_report())
 
 
 # ------------------------------------------------------------------------- reading .nii.gz
