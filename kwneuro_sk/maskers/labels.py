@@ -43,14 +43,12 @@ from kwneuro_sk.maskers.runs import (
 # only False before.
 _NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
 
-# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set.
-_HV_OPTIONS = tuple(
-    name
-    for name in inspect.signature(_nilearn_hv_confounds).parameters
-    if name not in ("imgs", "mask_img")
-)
+# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set,
+# with nilearn's defaults.
 _HV_DEFAULTS = {
-    name: inspect.signature(_nilearn_hv_confounds).parameters[name].default for name in _HV_OPTIONS
+    name: parameter.default
+    for name, parameter in inspect.signature(_nilearn_hv_confounds).parameters.items()
+    if name not in ("imgs", "mask_img")
 }
 
 
@@ -455,11 +453,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         option = self.high_variance_confounds
         if not isinstance(option, dict):
             return dict(_HV_DEFAULTS) if option else None
-        unknown = sorted(set(option) - set(_HV_OPTIONS))
+        unknown = sorted(set(option) - set(_HV_DEFAULTS))
         if unknown:
             raise ValueError(
                 f"high_variance_confounds has unknown option(s) {unknown}; the options of "
-                f"nilearn.image.high_variance_confounds are {list(_HV_OPTIONS)}."
+                f"nilearn.image.high_variance_confounds are {list(_HV_DEFAULTS)}."
             )
         options = {**_HV_DEFAULTS, **option}
         n_confounds, percentile = options["n_confounds"], options["percentile"]
