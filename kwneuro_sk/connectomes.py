@@ -275,12 +275,12 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
                 f"confounds_strategy and {given[0]}={getattr(self, given[0])!r} both give the "
                 "runs' confounds; use one of them."
             )
-        unknown = sorted(set(strategy) - set(_load_confounds_parameters()))
+        accepted = _load_confounds_parameters()
+        unknown = sorted(set(strategy) - set(accepted))
         if unknown:
             raise ValueError(
                 f"confounds_strategy has key(s) {unknown} that "
-                "nilearn.interfaces.fmriprep.load_confounds does not take; it takes "
-                f"{_load_confounds_parameters()}."
+                f"nilearn.interfaces.fmriprep.load_confounds does not take; it takes {accepted}."
             )
 
     # ------------------------------------------------------------ transform
