@@ -137,9 +137,15 @@ def test_dtype_none_keeps_float64(atlas_img, runs):
 @pytest.mark.parametrize(
     ("dtype", "match"), [(bool, "dtype cannot be bool"), ("text", "dtype must be None, 'auto'")]
 )
-def test_bad_dtype_is_refused_at_fit(atlas_img, dtype, match):
+def test_bad_dtype_is_refused_at_fit(atlas_img, runs, dtype, match):
     with pytest.raises(TypeError, match=match):
         LabelsMasker(atlas_img, dtype=dtype).fit()
+    # and when set on a fitted masker (read at each call, as the cleaning options)
+    fitted = LabelsMasker(atlas_img).fit().set_params(dtype=dtype)
+    with pytest.raises(TypeError, match=match):
+        fitted.transform_imgs(runs)
+    with pytest.raises(TypeError, match=match):
+        fitted.transform([nib.Nifti1Image(runs[0].get_fdata()[..., 0], AFFINE)])
 
 
 # ------------------------------------------------------- cleaning, confounds and mask vs nilearn

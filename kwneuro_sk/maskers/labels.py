@@ -520,6 +520,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 "from 3D images, which have no time axis: it does not clean across subjects. "
                 f"Leave {', '.join(cleaning)} at the default to use transform."
             )
+        self._check_dtype()  # read now, as set_params may have changed it since fit
         sources = _images.as_image_list(X)
         if not sources:
             raise ValueError("X contains no images.")
@@ -618,6 +619,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             cleaning["standardize"] = _NO_STANDARDIZE
         clean_args = self._checked_clean_args()
         hv_options = self._check_hv_options()
+        self._check_dtype()
 
         sources = _images.as_image_list(imgs_list, name="imgs_list")
         if not sources:
