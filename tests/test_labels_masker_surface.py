@@ -420,6 +420,20 @@ def test_report_source_pickles_as_its_mean_image(atlas_img, runs):
     assert "Atlas contours over the mean of the first image" in str(restored.generate_report())
 
 
+def test_report_background_from_a_volume_resource_or_a_missing_file(atlas_img, runs, tmp_path):
+    from types import SimpleNamespace
+
+    data = runs[0].get_fdata()  # a kwneuro volume resource: fit takes it, nilearn's plots not
+    resource = SimpleNamespace(get_array=lambda: data, get_affine=lambda: AFFINE)
+    masker = LabelsMasker(atlas_img).fit([resource])
+    assert "Atlas contours over the mean" in str(masker.generate_report())
+    restored = pickle.loads(pickle.dumps(masker))
+    np.testing.assert_allclose(restored._report_source.get_fdata(), data.mean(axis=3))
+    missing = str(tmp_path / "gone_bold.nii.gz")  # fit does not read it; the report does
+    with pytest.raises(FileNotFoundError, match=r"report background .* not found: '.*gone_bold"):
+        LabelsMasker(atlas_img).fit([missing]).generate_report()
+
+
 # ------------------------------------------------------------------------- reading .nii.gz
 def test_decompression_without_isal_gives_the_same_voxels(run_paths, monkeypatch):
     fast = np.asanyarray(_images.load_image(run_paths[0], writable=False).dataobj)

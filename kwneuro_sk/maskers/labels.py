@@ -765,11 +765,21 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             regions=self._region_table(),
             labels_img=self.labels_img_,
             mask_img=self.mask_img_,
-            background=self._report_source,
+            background=self._report_background(),
             cmap=self.cmap,
             summary=summary,
             params={key: _short_repr(value) for key, value in params.items()},
             notes=notes,
+        )
+
+    def _report_background(self):
+        """The image kept at fit for the report (None if none), opened now: a nibabel image
+        also for a path or a kwneuro volume resource, which nilearn's plotting does not read
+        (a missing file is a FileNotFoundError naming it)."""
+        if self._report_source is None:
+            return None
+        return _images.load_image(
+            self._report_source, name="report background (the first image given to fit)"
         )
 
     def _region_table(self):
@@ -982,7 +992,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         source = state.get("_report_source")
         if source is not None and not isinstance(source, (str, os.PathLike)):
             # an in-memory run travels as its mean image (what the report draws), not whole
-            state["_report_source"] = mean_img(source, copy_header=True)
+            state["_report_source"] = mean_img(self._report_background(), copy_header=True)
         return state
 
     def __setstate__(self, state):
