@@ -19,10 +19,10 @@ from nibabel.spatialimages import SpatialImage
 from nilearn.connectome import ConnectivityMeasure
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import HasMethods, StrOptions
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import images as _images
-from kwneuro_sk._params import N_JOBS
+from kwneuro_sk._params import MEMORY, N_JOBS, check_memory
 from kwneuro_sk.maskers.runs import read_confounds
 
 KINDS = ("correlation", "partial correlation", "tangent", "covariance", "precision")
@@ -151,7 +151,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         "sample_mask_col": [str, None],
         "confounds_strategy": [dict, None],
         "remainder": [StrOptions({"drop", "passthrough"})],
-        "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "memory": MEMORY,
         "n_jobs": N_JOBS,
     }
 
@@ -275,12 +275,12 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
                 f"confounds_strategy and {given[0]}={getattr(self, given[0])!r} both give the "
                 "runs' confounds; use one of them."
             )
-        unknown = sorted(set(strategy) - set(_load_confounds_parameters()))
+        accepted = _load_confounds_parameters()
+        unknown = sorted(set(strategy) - set(accepted))
         if unknown:
             raise ValueError(
                 f"confounds_strategy has key(s) {unknown} that "
-                "nilearn.interfaces.fmriprep.load_confounds does not take; it takes "
-                f"{_load_confounds_parameters()}."
+                f"nilearn.interfaces.fmriprep.load_confounds does not take; it takes {accepted}."
             )
 
     # ------------------------------------------------------------ transform
@@ -394,8 +394,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
         return _Runs(images, confounds, masks, names, index, remainder, others)
 
     def _memory(self):
-        memory = self.memory
-        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+        memory = check_memory(self.memory)
         return None if memory.location is None else memory
 
     def _series(self, runs):
@@ -563,8 +562,12 @@ def _image_token(img, name):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"run file of {name} not found: {path!r}")
         return "file", _file_token(path, f"run of {name}")
-    loaded = _images.load_image(img, name=name)
-    return "image", joblib.hash((np.asarray(loaded.dataobj), np.asarray(loaded.affine)))
+    return _voxels_token(_images.load_image(img, name=name))
+
+
+def _voxels_token(img):
+    """A key of an in-memory image's content: its voxels and affine."""
+    return "image", joblib.hash((np.asarray(img.dataobj), np.asarray(img.affine)))
 
 
 def _array_token(values):
@@ -580,6 +583,6 @@ def _masker_token(masker):
         if isinstance(value, (str, os.PathLike)) and os.path.isfile(os.fspath(value)):
             value = ("file", _file_token(os.fspath(value), f"masker {name}"))
         elif isinstance(value, SpatialImage):
-            value = ("image", joblib.hash((np.asarray(value.dataobj), np.asarray(value.affine))))
+            value = _voxels_token(value)
         params[name] = value
     return type(masker).__module__, type(masker).__qualname__, joblib.hash(params)

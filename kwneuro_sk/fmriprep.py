@@ -190,9 +190,15 @@ def _participants(root, participants_tsv):
     path = Path(participants_tsv)
     if not path.is_file():
         raise FileNotFoundError(f"participants_tsv {os.fspath(path)!r} not found.")
-    participants = pd.read_csv(
-        path, sep="\t", dtype={"participant_id": str}, na_values=["n/a"], keep_default_na=True
-    )
+    try:
+        participants = pd.read_csv(
+            path, sep="\t", dtype={"participant_id": str}, na_values=["n/a"], keep_default_na=True
+        )
+    except ValueError as error:  # pandas' EmptyDataError, ParserError, UnicodeDecodeError
+        raise ValueError(
+            f"participants_tsv {os.fspath(path)!r} cannot be read as a TSV table: "
+            f"{' '.join(str(error).split())}"
+        ) from None
     if "participant_id" not in participants.columns:
         raise ValueError(
             f"{os.fspath(path)!r} has no 'participant_id' column (columns: "

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -70,3 +71,34 @@ def demo_n_subjects():
     """Cohort size of the demo and of the image examples in the suite (their default is
     larger). Every test that makes the seed-0 demo cohort uses it, so it is written once."""
     return 30
+
+
+@pytest.fixture(scope="session")
+def make_runs():
+    """``make_runs(seed, n_scans, shape, affine)``: one float32 4D run per entry of ``n_scans``
+    (that many volumes), each voxel a random walk around 100 (slow drifts to clean)."""
+
+    def make(seed, n_scans, shape, affine):
+        rng = np.random.default_rng(seed)
+        runs = []
+        for n in n_scans:
+            data = rng.normal(size=(*shape, n)).cumsum(axis=3) + 100
+            runs.append(nib.Nifti1Image(data.astype(np.float32), affine))
+        return runs
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_images():
+    """``save_images(imgs, folder, suffix=".nii.gz")``: each image written to
+    ``folder/sub-<i><suffix>``; returns the paths as str, in order."""
+
+    def save(imgs, folder, suffix=".nii.gz"):
+        paths = []
+        for i, img in enumerate(imgs):
+            paths.append(str(folder / f"sub-{i}{suffix}"))
+            img.to_filename(paths[-1])
+        return paths
+
+    return save

@@ -107,6 +107,10 @@ def test_participants_file_errors(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="participants_tsv .*nope.tsv"):
         fmriprep_cohort(dataset, tmp_path / "nope.tsv", task="rest", space=MNI)
     bad = tmp_path / "bad.tsv"
+    for content, problem in [(b"", "No columns to parse"), (b"\xff\xfe\x00", "utf-8")]:
+        bad.write_bytes(content)  # empty, or not text: pandas' own error named the file not
+        with pytest.raises(ValueError, match=rf"participants_tsv '.*bad.tsv' .*{problem}"):
+            fmriprep_cohort(dataset, bad, task="rest", space=MNI)
     pd.DataFrame({"subject": ["01"]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match="has no 'participant_id' column"):
         fmriprep_cohort(dataset, bad, task="rest", space=MNI)
@@ -167,10 +171,17 @@ def test_fmri_cohort_is_fmriprep_shaped(cohort):
         assert len(confounds) == 30 and not confounds.isna().any().any()
 
 
-def test_fmri_cohort_is_reused_and_reproducible(cohort, tmp_path):
-    again = make_fmri_cohort(
-        n_subjects=8, n_sites=2, n_volumes=30, data_dir=Path(cohort.path).parents[1]
-    )
+def test_fmri_cohort_is_reused_and_reproducible(cohort, tmp_path, monkeypatch):
+    import kwneuro_sk.datasets as datasets
+
+    def no_writing(folder, params):
+        pytest.fail("a complete cohort folder was written again")
+
+    with monkeypatch.context() as patched:  # the same path alone would not show a reuse
+        patched.setattr(datasets, "_write_fmri_cohort", no_writing)
+        again = make_fmri_cohort(
+            n_subjects=8, n_sites=2, n_volumes=30, data_dir=Path(cohort.path).parents[1]
+        )
     assert again.path == cohort.path
     other = make_fmri_cohort(n_subjects=8, n_sites=2, n_volumes=30, data_dir=tmp_path)
     assert other.path != cohort.path

@@ -53,13 +53,8 @@ def imgs(rng):
 
 
 @pytest.fixture
-def img_paths(imgs, tmp_path):
-    paths = []
-    for i, img in enumerate(imgs):
-        path = tmp_path / f"sub-{i}.nii.gz"
-        img.to_filename(path)
-        paths.append(str(path))
-    return paths
+def img_paths(imgs, tmp_path, save_images):
+    return save_images(imgs, tmp_path)
 
 
 def _nilearn_signals(imgs, **params):
@@ -299,11 +294,10 @@ def test_fit_never_reads_subject_images(atlas_img, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_transform_reads_each_file_once(atlas_img, imgs, tmp_path, monkeypatch, suffix):
-    paths = []
-    for i, img in enumerate(imgs):
-        paths.append(str(tmp_path / f"sub-{i}{suffix}"))
-        img.to_filename(paths[-1])
+def test_transform_reads_each_file_once(
+    atlas_img, imgs, tmp_path, monkeypatch, suffix, save_images
+):
+    paths = save_images(imgs, tmp_path, suffix)
     loads, reads, unzips = [], [], []
     real_load, real_array, real_gunzip = _images.load_image, ArrayProxy.__array__, _images.gunzip
 

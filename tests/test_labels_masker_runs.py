@@ -35,13 +35,8 @@ def atlas_img():
 
 
 @pytest.fixture(scope="module")
-def runs():
-    rng = np.random.default_rng(2)
-    out = []
-    for n in N_SCANS:
-        data = rng.normal(size=(*SHAPE, n)).cumsum(axis=3) + 100
-        out.append(nib.Nifti1Image(data.astype(np.float32), AFFINE))
-    return out
+def runs(make_runs):
+    return make_runs(2, N_SCANS, SHAPE, AFFINE)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +46,8 @@ def confounds():
 
 
 @pytest.fixture(scope="module")
-def run_paths(runs, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runs")
-    paths = []
-    for i, run in enumerate(runs):
-        path = folder / f"sub-{i}_bold.nii.gz"
-        run.to_filename(path)
-        paths.append(str(path))
-    return paths
+def run_paths(runs, tmp_path_factory, save_images):
+    return save_images(runs, tmp_path_factory.mktemp("runs"), "_bold.nii.gz")
 
 
 # ------------------------------------------------------------- per-run inputs vs nilearn

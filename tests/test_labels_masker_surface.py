@@ -46,23 +46,13 @@ def atlas_img():
 
 
 @pytest.fixture(scope="module")
-def runs():
-    rng = np.random.default_rng(12)
-    out = []
-    for n in N_SCANS:
-        data = rng.normal(size=(*SHAPE, n)).cumsum(axis=3) + 100
-        out.append(nib.Nifti1Image(data.astype(np.float32), AFFINE))
-    return out
+def runs(make_runs):
+    return make_runs(12, N_SCANS, SHAPE, AFFINE)
 
 
 @pytest.fixture
-def run_paths(runs, tmp_path):
-    paths = []
-    for i, run in enumerate(runs):
-        path = tmp_path / f"sub-{i}_bold.nii.gz"
-        run.to_filename(path)
-        paths.append(str(path))
-    return paths
+def run_paths(runs, tmp_path, save_images):
+    return save_images(runs, tmp_path, "_bold.nii.gz")
 
 
 # ------------------------------------------------------------------ high-variance confounds
@@ -98,6 +88,12 @@ def test_high_variance_confounds_options_by_nilearn_names(atlas_img, runs):
 def test_bad_high_variance_options_are_named(atlas_img, option, match):
     with pytest.raises(ValueError, match=match):
         LabelsMasker(atlas_img, high_variance_confounds=option).fit()
+
+
+def test_high_variance_detrend_must_be_a_bool_at_fit(atlas_img):
+    # nilearn refuses it too, but only once a run is read, and without the option's name
+    with pytest.raises(TypeError, match=r"high_variance_confounds\['detrend'\] must be True"):
+        LabelsMasker(atlas_img, high_variance_confounds={"detrend": "yes"}).fit()
 
 
 def test_high_variance_confounds_refused_for_3d_transform(atlas_img, runs):
@@ -141,9 +137,15 @@ def test_dtype_none_keeps_float64(atlas_img, runs):
 @pytest.mark.parametrize(
     ("dtype", "match"), [(bool, "dtype cannot be bool"), ("text", "dtype must be None, 'auto'")]
 )
-def test_bad_dtype_is_refused_at_fit(atlas_img, dtype, match):
+def test_bad_dtype_is_refused_at_fit(atlas_img, runs, dtype, match):
     with pytest.raises(TypeError, match=match):
         LabelsMasker(atlas_img, dtype=dtype).fit()
+    # and when set on a fitted masker (read at each call, as the cleaning options)
+    fitted = LabelsMasker(atlas_img).fit().set_params(dtype=dtype)
+    with pytest.raises(TypeError, match=match):
+        fitted.transform_imgs(runs)
+    with pytest.raises(TypeError, match=match):
+        fitted.transform([nib.Nifti1Image(runs[0].get_fdata()[..., 0], AFFINE)])
 
 
 # ------------------------------------------------------- cleaning, confounds and mask vs nilearn
@@ -376,7 +378,9 @@ def test_report_shows_atlas_sizes_names_and_lost_regions(atlas_img, runs, tmp_pa
     report = masker.generate_report(title="My atlas")
     text = str(report)
     assert "<h1>My atlas</h1>" in text
-    assert "data:image/png;base64," in text  # the atlas drawn over the mean image
+    assert "data:image/png;base64," in text
+    # the atlas drawn over the mean image (a PNG is there without one too: "Atlas regions")
+    assert "Atlas contours over the mean of the first image given to fit" in text
     for name in ("alpha", "beta", "gamma", "delta"):
         assert name in text
     assert "removed by mask_img" in text
@@ -395,7 +399,9 @@ def test_report_shows_atlas_sizes_names_and_lost_regions(atlas_img, runs, tmp_pa
 
 
 def test_report_without_images_or_with_reports_off(atlas_img, runs):
-    assert "No image was given to fit" in str(LabelsMasker(atlas_img).fit().generate_report())
+    alone = str(LabelsMasker(atlas_img).fit().generate_report())
+    assert "No image was given to fit" in alone
+    assert "<figcaption>Atlas regions." in alone and "over the mean" not in alone
     off = LabelsMasker(atlas_img, reports=False).fit(runs)
     assert "reports=False at fit" in str(off.generate_report())
     with pytest.raises(ValueError, match="engine='brainsprite' is not supported"):
@@ -411,7 +417,21 @@ def test_report_source_pickles_as_its_mean_image(atlas_img, runs):
     np.testing.assert_allclose(
         restored._report_source.get_fdata(), runs[0].get_fdata().mean(axis=3), rtol=1e-5
     )
-    assert "data:image/png;base64," in str(restored.generate_report())
+    assert "Atlas contours over the mean of the first image" in str(restored.generate_report())
+
+
+def test_report_background_from_a_volume_resource_or_a_missing_file(atlas_img, runs, tmp_path):
+    from types import SimpleNamespace
+
+    data = runs[0].get_fdata()  # a kwneuro volume resource: fit takes it, nilearn's plots not
+    resource = SimpleNamespace(get_array=lambda: data, get_affine=lambda: AFFINE)
+    masker = LabelsMasker(atlas_img).fit([resource])
+    assert "Atlas contours over the mean" in str(masker.generate_report())
+    restored = pickle.loads(pickle.dumps(masker))
+    np.testing.assert_allclose(restored._report_source.get_fdata(), data.mean(axis=3))
+    missing = str(tmp_path / "gone_bold.nii.gz")  # fit does not read it; the report does
+    with pytest.raises(FileNotFoundError, match=r"report background .* not found: '.*gone_bold"):
+        LabelsMasker(atlas_img).fit([missing]).generate_report()
 
 
 # ------------------------------------------------------------------------- reading .nii.gz

@@ -21,16 +21,15 @@ from nilearn.signal import clean
 from nilearn.signal import high_variance_confounds as _hv_confounds_of_series
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import (
-    HasMethods,
     Interval,
     StrOptions,
     validate_parameter_constraints,
 )
 from sklearn.utils.fixes import parse_version
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import images as _images
-from kwneuro_sk._params import N_JOBS
+from kwneuro_sk._params import MEMORY, N_JOBS, check_memory
 from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
 from kwneuro_sk.maskers.runs import (
@@ -44,14 +43,12 @@ from kwneuro_sk.maskers.runs import (
 # only False before.
 _NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
 
-# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set.
-_HV_OPTIONS = tuple(
-    name
-    for name in inspect.signature(_nilearn_hv_confounds).parameters
-    if name not in ("imgs", "mask_img")
-)
+# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set,
+# with nilearn's defaults.
 _HV_DEFAULTS = {
-    name: inspect.signature(_nilearn_hv_confounds).parameters[name].default for name in _HV_OPTIONS
+    name: parameter.default
+    for name, parameter in inspect.signature(_nilearn_hv_confounds).parameters.items()
+    if name not in ("imgs", "mask_img")
 }
 
 
@@ -230,7 +227,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         "smoothing_fwhm": [Interval(Real, 0, None, closed="left"), None],
         "resampling_target": [StrOptions({"data", "labels"}), None],
         "strategy": [StrOptions(set(STRATEGIES))],
-        "memory": [str, os.PathLike, HasMethods(["cache"]), None],
+        "memory": MEMORY,
         "n_jobs": N_JOBS,
         "verbose": ["verbose"],
         "standardize": [StrOptions({"zscore_sample", "psc"}), "boolean", None],
@@ -410,10 +407,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 "name": ["Background", *self._region_names.tolist()],
             }
         )
-        memory = self.memory
-        self.memory_ = check_memory(
-            os.fspath(memory) if isinstance(memory, os.PathLike) else memory
-        )
+        self.memory_ = check_memory(self.memory)
         self._atlas_grid = atlas_grid
         self._plan_lock = threading.Lock()
         self._plans = {
@@ -459,11 +453,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         option = self.high_variance_confounds
         if not isinstance(option, dict):
             return dict(_HV_DEFAULTS) if option else None
-        unknown = sorted(set(option) - set(_HV_OPTIONS))
+        unknown = sorted(set(option) - set(_HV_DEFAULTS))
         if unknown:
             raise ValueError(
                 f"high_variance_confounds has unknown option(s) {unknown}; the options of "
-                f"nilearn.image.high_variance_confounds are {list(_HV_OPTIONS)}."
+                f"nilearn.image.high_variance_confounds are {list(_HV_DEFAULTS)}."
             )
         options = {**_HV_DEFAULTS, **option}
         n_confounds, percentile = options["n_confounds"], options["percentile"]
@@ -475,6 +469,11 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if not isinstance(percentile, Real) or not 0 < percentile <= 100:
             raise ValueError(
                 f"high_variance_confounds['percentile'] must be in (0, 100], got {percentile!r}."
+            )
+        if not isinstance(options["detrend"], bool):  # nilearn takes a bool only
+            raise TypeError(
+                "high_variance_confounds['detrend'] must be True or False, got "
+                f"{options['detrend']!r}."
             )
         return options
 
@@ -521,6 +520,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 "from 3D images, which have no time axis: it does not clean across subjects. "
                 f"Leave {', '.join(cleaning)} at the default to use transform."
             )
+        self._check_dtype()  # read now, as set_params may have changed it since fit
         sources = _images.as_image_list(X)
         if not sources:
             raise ValueError("X contains no images.")
@@ -619,6 +619,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             cleaning["standardize"] = _NO_STANDARDIZE
         clean_args = self._checked_clean_args()
         hv_options = self._check_hv_options()
+        self._check_dtype()
 
         sources = _images.as_image_list(imgs_list, name="imgs_list")
         if not sources:
@@ -764,11 +765,21 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             regions=self._region_table(),
             labels_img=self.labels_img_,
             mask_img=self.mask_img_,
-            background=self._report_source,
+            background=self._report_background(),
             cmap=self.cmap,
             summary=summary,
             params={key: _short_repr(value) for key, value in params.items()},
             notes=notes,
+        )
+
+    def _report_background(self):
+        """The image kept at fit for the report (None if none), opened now: a nibabel image
+        also for a path or a kwneuro volume resource, which nilearn's plotting does not read
+        (a missing file is a FileNotFoundError naming it)."""
+        if self._report_source is None:
+            return None
+        return _images.load_image(
+            self._report_source, name="report background (the first image given to fit)"
         )
 
     def _region_table(self):
@@ -872,8 +883,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         time. Threads are preferred: reading (zlib) and the NumPy reductions release the GIL,
         and threads share the fitted masker instead of pickling it.
         """
-        memory = self.memory
-        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+        memory = check_memory(self.memory)  # read now, as memory_level and the cleaning
         if memory.location is None or self.memory_level == 0:
             memory = None
         if isinstance(n_jobs, str):
@@ -982,7 +992,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         source = state.get("_report_source")
         if source is not None and not isinstance(source, (str, os.PathLike)):
             # an in-memory run travels as its mean image (what the report draws), not whole
-            state["_report_source"] = mean_img(source, copy_header=True)
+            state["_report_source"] = mean_img(self._report_background(), copy_header=True)
         return state
 
     def __setstate__(self, state):
