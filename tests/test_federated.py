@@ -776,3 +776,21 @@ def test_cli_summarize_combine_apply_with_smooth_covariate(tmp_path, capsys):
         assert code == 1
         assert re.search(message, capsys.readouterr().err)
         assert not out.exists()
+
+
+def test_fit_from_statistics_default_columns_with_batch_col():
+    """With batch_col, X holds the site and covariate columns beside the features: the
+    default n_features_in counts them, so the model transforms the table it came from (before,
+    it expected the features alone and refused every table)."""
+    X, site, covariates = COHORT
+    frame = pd.concat(
+        [pd.DataFrame(X).add_prefix("f"), covariates, pd.Series(site, name="site")], axis=1
+    )
+    params = {**COVARIATES, "batch_col": "site"}
+    stats = CombatHarmonizer(**params).row_statistics(frame)
+    fitted = CombatHarmonizer(**params).fit_from_statistics(stats)
+    assert fitted.n_features_in_ == X.shape[1] + 4
+    whole = CombatHarmonizer(**params).fit(frame)
+    np.testing.assert_allclose(
+        fitted.transform(frame), whole.transform(frame), rtol=1e-10, atol=1e-10 * np.abs(X).max()
+    )

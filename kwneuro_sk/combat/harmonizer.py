@@ -1104,7 +1104,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             From :meth:`row_statistics` of chunks of rows, merged. Made with this
             estimator's covariate options (the smooth knots they hold are used).
         n_features_in : int, default=None
-            Number of input columns (the statistics' number of features by default).
+            Number of input columns: by default the statistics' number of features, plus
+            the site and covariate columns when ``batch_col`` is set.
         feature_names_in, feature_names_out, columns_in : list, default=None
             Column names, when known.
 
@@ -1120,8 +1121,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             )
         self._validate_params()
         self._check_incremental("fit_from_statistics", needs_knots=False)
-        if n_features_in is None:
-            n_features_in = statistics.n_features
+        if n_features_in is None:  # the features, and the site and covariate columns of X
+            n_features_in = statistics.n_features + len(ColumnRoles.of(self).metadata)
         self._check_statistics_columns(
             statistics, n_features_in, feature_names_in, feature_names_out, columns_in
         )
