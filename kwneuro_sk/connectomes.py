@@ -417,7 +417,7 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
             series = _extract(
                 self.masker_, runs.images, list(confounds), list(masks), runs.names, self.n_jobs
             )
-            return series, None
+            return _check_volumes(series, runs.names), None
         cached = memory.cache(
             _cached_series, ignore=["masker", "image", "confounds", "mask", "name", "strategy"]
         )
@@ -439,7 +439,8 @@ class ConnectomeExtractor(TransformerMixin, BaseEstimator):
                 keys, runs.images, runs.confounds, runs.masks, runs.names
             )
         )
-        return list(joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(tasks)), keys
+        series = list(joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(tasks))
+        return _check_volumes(series, runs.names), keys
 
 
 class _Runs:
@@ -516,6 +517,19 @@ def _extract(masker, images, confounds, masks, names, n_jobs):
         if len(images) == 1:
             raise type(error)(f"{names[0]}: {error}") from None
         raise
+
+
+def _check_volumes(series, names):
+    """Refuse a run left with fewer than two volumes: the correlation (or covariance) of one
+    time point is undefined, and the measure would give its connections as NaN."""
+    for values, name in zip(series, names):
+        if values.shape[0] < 2:
+            raise ValueError(
+                f"{name}: {values.shape[0]} volume(s) left after the sample mask; a connectome "
+                "needs at least 2 (a 3D image or a 4D run of one volume, or a scrubbing that "
+                "kept one)."
+            )
+    return series
 
 
 def _cached_series(key, masker, image, confounds, mask, name, strategy):

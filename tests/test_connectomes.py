@@ -326,6 +326,21 @@ def test_sample_masks_beyond_the_run_name_it(cohort, table, memory, mask, messag
         extractor.fit(X)
 
 
+def test_a_run_left_with_one_volume_is_refused_naming_it(cohort, table, memory):
+    """The correlation of one time point is undefined: nilearn's measure gives the run's
+    connections as NaN; the extractor names the run, at fit and at transform."""
+    X = table.assign(scrub=[None] * 3 + [np.array([7])] + [None] * 8)
+    extractor = ConnectomeExtractor(_masker(cohort), sample_mask_col="scrub", memory=memory)
+    message = r"sub-004_task-rest.*1 volume\(s\) left after the sample mask.*at least 2"
+    with pytest.raises(ValueError, match=message):
+        extractor.fit(X)
+    extractor.fit(X.assign(scrub=None))
+    with pytest.raises(ValueError, match=message):
+        extractor.transform(X)
+    two = extractor.transform(X.assign(scrub=[None] * 3 + [np.array([7, 9])] + [None] * 8))
+    assert np.isfinite(two).all()
+
+
 def test_missing_confounds_files_name_the_run(cohort, table, tmp_path, memory):
     paths = []
     for i, image in enumerate(table["image"]):
