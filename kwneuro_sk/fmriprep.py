@@ -204,7 +204,16 @@ def _participants(root, participants_tsv):
             f"{os.fspath(path)!r} has no 'participant_id' column (columns: "
             f"{list(participants.columns)[:10]})."
         )
-    ids = participants["participant_id"].astype(str)
+    blank = participants["participant_id"].isna() | (
+        participants["participant_id"].str.strip() == ""
+    )
+    if blank.any():
+        rows = [int(i) + 1 for i in blank.to_numpy().nonzero()[0][:5]]
+        raise ValueError(
+            f"{os.fspath(path)!r} has no participant_id in row(s) {rows} below the header "
+            "(empty or 'n/a')."
+        )
+    ids = participants["participant_id"].astype(str).str.strip()
     participants["participant_id"] = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
     duplicated = participants["participant_id"][participants["participant_id"].duplicated()]
     if len(duplicated):

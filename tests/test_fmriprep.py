@@ -117,6 +117,11 @@ def test_participants_file_errors(dataset, tmp_path):
     pd.DataFrame({"participant_id": ["sub-01", "01"]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match=r"lists participant\(s\) \['sub-01'\] more than once"):
         fmriprep_cohort(dataset, bad, task="rest", space=MNI)
+    bad.write_text("participant_id\tage\nsub-01\t30\n\t31\nn/a\t32\n")  # was 'sub-nan'
+    with pytest.raises(
+        ValueError, match=r"bad.tsv' has no participant_id in row\(s\) \[2, 3\] below"
+    ):
+        fmriprep_cohort(dataset, bad, task="rest", space=MNI)
     pd.DataFrame({"participant_id": ["sub-01"], "image": ["x"]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match=r"column\(s\) \['image'\]"):
         fmriprep_cohort(dataset, bad, task="rest", space=MNI)
