@@ -83,6 +83,23 @@ def test_confounds_from_a_tsv_path_equal_the_array(atlas_img, runs, confounds, t
     np.testing.assert_allclose(from_path, from_array, rtol=1e-12)
 
 
+def test_clean_args_nilearn_would_ignore_are_refused_by_name(atlas_img, runs):
+    """nilearn.signal.clean drops a key it does not know without a word (a misspelt 'filter'
+    would leave the default filter on); butterworth's own options are accepted."""
+    message = r"clean_args has key\(s\) \['fitler'\] that nilearn.signal.clean does not take"
+    with pytest.raises(ValueError, match=message + r".*it takes \['filter', "):
+        LabelsMasker(atlas_img, clean_args={"fitler": "cosine"}).fit()
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=message):
+        LabelsMasker(atlas_img, clean__fitler="cosine").fit()
+    masker = LabelsMasker(atlas_img, low_pass=0.1, t_r=2.0).fit()
+    masker.set_params(clean_args={"butterworth__ordr": 3})
+    with pytest.raises(ValueError, match=r"\['butterworth__ordr'\].*'butterworth__order'"):
+        masker.transform_imgs(runs)  # was butterworth's TypeError, from inside nilearn
+    order_3 = masker.set_params(clean_args={"butterworth__order": 3}).transform_imgs(runs)
+    order_5 = masker.set_params(clean_args=None).transform_imgs(runs)
+    assert 1e-6 < np.abs(order_3[0] - order_5[0]).max()
+
+
 def test_sample_mask_in_clean_args_is_refused_not_applied_to_every_run(atlas_img, runs):
     # refused at fit (scikit-learn validates there) ...
     with pytest.raises(ValueError, match=r"clean_args\['sample_mask'\].*one entry per run"):

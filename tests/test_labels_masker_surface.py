@@ -148,6 +148,30 @@ def test_bad_dtype_is_refused_at_fit(atlas_img, runs, dtype, match):
         fitted.transform([nib.Nifti1Image(runs[0].get_fdata()[..., 0], AFFINE)])
 
 
+def test_an_integer_dtype_that_cannot_hold_a_signal_is_refused(atlas_img, runs):
+    """nilearn casts with NumPy, which wraps a signal round (uint8: -62 -> 194) and makes NaN
+    an arbitrary integer; here the signal and the type are named."""
+    scaled = nib.Nifti1Image(runs[0].get_fdata() * 300 - 150, AFFINE)
+    with pytest.raises(
+        ValueError, match=r"run 0 .*region '\d+' has signal .*dtype=uint8 cannot hold"
+    ):
+        LabelsMasker(atlas_img, dtype=np.uint8).fit().transform_imgs([scaled])
+    with pytest.raises(ValueError, match=r"whole numbers from -128 to 127"):
+        LabelsMasker(atlas_img, dtype="int8").fit().transform_imgs([scaled])
+    # the same values in a type that holds them are nilearn's
+    (ours,) = LabelsMasker(atlas_img, dtype=np.int32).fit().transform_imgs([scaled])
+    (theirs,) = _nilearn_runs(atlas_img, [scaled], fit_params={"dtype": np.int32})
+    np.testing.assert_allclose(ours, theirs, atol=1)
+    # 3D: a region without a finite voxel in one image is NaN, which no integer holds
+    values = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    holed = np.where(atlas_img.get_fdata() == 3, np.nan, values).astype(np.float32)
+    images = [nib.Nifti1Image(values, AFFINE), nib.Nifti1Image(holed, AFFINE)]
+    masker = LabelsMasker(atlas_img, dtype=np.int32).fit()
+    with pytest.raises(ValueError, match=r"image 1 .*region '3' has signal nan, which dtype=int32"):
+        masker.transform(images)
+    assert masker.transform(images[:1]).dtype == np.int32
+
+
 # ------------------------------------------------------- cleaning, confounds and mask vs nilearn
 def test_cleaning_with_confounds_and_mask_match_nilearn(atlas_img, runs):
     mask = np.zeros(SHAPE, dtype=np.uint8)

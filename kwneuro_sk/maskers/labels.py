@@ -17,6 +17,7 @@ import pandas as pd
 from nibabel.spatialimages import SpatialImage
 from nilearn.image import high_variance_confounds as _nilearn_hv_confounds
 from nilearn.image import mean_img
+from nilearn.signal import butterworth as _butterworth
 from nilearn.signal import clean
 from nilearn.signal import high_variance_confounds as _hv_confounds_of_series
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
@@ -45,6 +46,15 @@ _NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0
 
 # Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set,
 # with nilearn's defaults.
+# What clean_args may set: nilearn.signal.clean's own options, and butterworth's as
+# butterworth__<option> (clean passes those on; any other key it ignores without a word).
+_CLEAN_OPTIONS = [name for name in inspect.signature(clean).parameters if name != "kwargs"]
+_CLEAN_OPTIONS += [
+    f"butterworth__{name}"
+    for name in inspect.signature(_butterworth).parameters
+    if name not in ("signals", "sampling_rate", "low_pass", "high_pass")
+]
+
 _HV_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(_nilearn_hv_confounds).parameters.items()
@@ -132,7 +142,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
     clean_args : dict, default=None
         Further keyword arguments of :func:`nilearn.signal.clean` (e.g. ``{"filter":
         "cosine"}``, ``butterworth__`` options). ``sample_mask`` and ``confounds`` belong to
-        one run each and are refused here (give them to :meth:`transform_imgs`). The older
+        one run each and are refused here (give them to :meth:`transform_imgs`), and so is a
+        key ``clean`` does not take (nilearn ignores it without a word). The older
         nilearn spelling ``LabelsMasker(..., clean__filter="cosine")`` is accepted too and
         means ``clean_args={"filter": "cosine"}`` (with a FutureWarning).
     high_variance_confounds : bool or dict, default=False
@@ -147,7 +158,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         nilearn's meaning: data type of the returned signals. ``None`` keeps float64;
         ``"auto"`` gives int32 for images of an integer type and float32 otherwise (an image
         whose header scales its values counts as float); a type casts to it. ``bool`` is
-        refused.
+        refused, and so is an integer type that cannot hold a signal (NaN, or beyond its
+        range: nilearn's cast wraps it round).
     memory_level : int, default=1
         nilearn's meaning: 0 disables the ``memory`` cache, 1 or more caches each image's
         region signals (the one level of caching this masker has).
@@ -440,6 +452,25 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         if dtype.kind not in "iuf":
             raise TypeError(f"dtype must be an integer or float type, got {dtype}.")
 
+    def _cast(self, signals, target, names):
+        """``signals`` (rows x regions) as ``target``; ``names`` names all the rows (a run) or
+        each row (an image). An integer type that cannot hold a signal is refused: NumPy's
+        cast (and nilearn's) would wrap it round, or make NaN an arbitrary integer."""
+        if target.kind in "iu":
+            info = np.iinfo(target)
+            with np.errstate(invalid="ignore"):
+                whole = np.trunc(signals)
+                bad = ~np.isfinite(signals) | (whole < info.min) | (whole > info.max)
+            if bad.any():
+                row, column = np.argwhere(bad)[0]
+                where = names if isinstance(names, str) else names[row]
+                raise ValueError(
+                    f"{where}: region {self.region_names_[column]!r} has signal "
+                    f"{signals[row, column]:g}, which dtype={target} cannot hold (it holds "
+                    f"whole numbers from {info.min} to {info.max}); use a float dtype or None."
+                )
+        return signals.astype(target)
+
     def _target_dtype(self, source_dtype):
         """nilearn's rule for the output type (None: keep float64)."""
         if self.dtype is None:
@@ -530,9 +561,10 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
         for row, (image_signals, _, source_dtype) in enumerate(results):
             signals[row] = image_signals[0]
             targets.add(self._target_dtype(source_dtype))
-        if targets != {None}:
-            signals = signals.astype(np.result_type(*targets))
-        return signals
+        if targets == {None}:
+            return signals
+        names = [f"image {i} ({_images.describe(src, i)})" for i, src in enumerate(sources)]
+        return self._cast(signals, np.result_type(*targets), names)
 
     def transform_imgs(
         self,
@@ -643,7 +675,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                 conf = hv if conf is None else np.hstack([conf, hv])
             cleaned = clean(signals, confounds=conf, sample_mask=mask, **cleaning, **clean_args)
             target = self._target_dtype(source_dtype)
-            outputs.append(cleaned if target is None else cleaned.astype(target))
+            outputs.append(cleaned if target is None else self._cast(cleaned, target, name))
         return outputs
 
     def transform_single_imgs(self, imgs, confounds=None, sample_mask=None):
@@ -676,11 +708,21 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
                     f"{key}=[run_0, run_1, ...] to transform_imgs instead (one entry per run), "
                     f"or set {key}_col on ConnectomeExtractor."
                 )
-        own = sorted(set(clean_args) & {*self._clean_params(), "signals", "runs"})
-        if own:
+        own = {*self._clean_params(), "signals", "runs"}
+        if set(clean_args) & own:
+            clash = sorted(set(clean_args) & own)
             raise ValueError(
-                f"clean_args sets {own}, which are LabelsMasker parameters (or set per call); "
-                f"set them on the masker instead (LabelsMasker(..., {own[0]}=...))."
+                f"clean_args sets {clash}, which are LabelsMasker parameters (or set per call); "
+                f"set them on the masker instead (LabelsMasker(..., {clash[0]}=...))."
+            )
+        unknown = sorted(str(key) for key in clean_args if key not in _CLEAN_OPTIONS)
+        if unknown:
+            accepted = [
+                key for key in _CLEAN_OPTIONS if key not in own | {"sample_mask", "confounds"}
+            ]
+            raise ValueError(
+                f"clean_args has key(s) {unknown} that nilearn.signal.clean does not take "
+                f"(it would ignore them); it takes {accepted}."
             )
         return clean_args
 
