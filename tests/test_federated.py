@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kwneuro_sk import CombatHarmonizer
+from kwneuro_sk import CombatEstimates, CombatHarmonizer
 
 COMPARED = (
     "grand_mean",
@@ -677,6 +677,15 @@ def test_load_refuses_hostile_files(tmp_path):
         SiteSummary.load(truncated)
     with pytest.raises(FileNotFoundError, match="not found"):
         SiteSummary.load(tmp_path / "missing.npz")
+    # the other file kind of the protocol, each way round, says what it is and what reads it
+    model = tmp_path / "model.npz"
+    CombatHarmonizer(**COVARIATES).fit_from_summaries(site_summaries(COVARIATES)).estimates_.save(
+        model
+    )
+    with pytest.raises(ValueError, match=r"it is a fitted model, .*CombatEstimates.load"):
+        SiteSummary.load(model)
+    with pytest.raises(ValueError, match=r"it is one site's summary, .*fit_from_summaries"):
+        CombatEstimates.load(path)
     loaded = SiteSummary.load(path)
     assert loaded.sites == summary.sites and loaded.statistics.columns == summary.statistics.columns
 

@@ -603,9 +603,17 @@ def _read_manifest(npz, path):
     if not isinstance(manifest, dict):
         bad(f"the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+        summary = manifest.get("format") == "kwneuro_sk.SiteSummary"
         bad(
             f"manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
             f"this kwneuro_sk reads {_FORMAT!r} version {_VERSION}"
+            + (
+                " (it is one site's summary, written by SiteSummary.save: fit a model from "
+                "the sites' summaries with CombatHarmonizer.fit_from_summaries or "
+                "`kwneuro-sk combine`)"
+                if summary
+                else ""
+            )
         )
     for key in ("estimates", "info"):
         if key not in manifest:

@@ -187,29 +187,42 @@ class SiteSummary:
         except _LOAD_ERRORS:
             bad("the archive is truncated or corrupt")
         with npz:
-            expected = {*ARRAYS, "__manifest__"}
-            if set(npz.files) != expected:
-                bad(f"members {sorted(npz.files)}; expected {sorted(expected)}")
+            if "__manifest__" not in npz.files:
+                bad(f"no manifest (members {sorted(npz.files)[:10]})")
             try:
-                members = {name: npz[name] for name in npz.files}
+                manifest = npz["__manifest__"]
+            except _LOAD_ERRORS:
+                bad("the manifest cannot be read (truncated, corrupt, or an object array)")
+            if manifest.ndim != 0 or manifest.dtype.kind != "U":
+                bad("the manifest is not one JSON text")
+            try:
+                manifest = json.loads(str(manifest))
+            except (ValueError, RecursionError):
+                bad("the manifest is not valid JSON")
+            if not isinstance(manifest, dict):
+                bad("the manifest is not a JSON object")
+            if manifest.get("format") != FORMAT:
+                model = manifest.get("format") == "kwneuro_sk.CombatEstimates"
+                bad(
+                    f"format {manifest.get('format')!r}; expected {FORMAT!r}"
+                    + (
+                        " (it is a fitted model, written by CombatEstimates.save: read it with "
+                        "CombatEstimates.load, or `kwneuro-sk apply`)"
+                        if model
+                        else ""
+                    )
+                )
+            if manifest.get("version") != VERSION:
+                bad(
+                    f"format version {manifest.get('version')!r}; this kwneuro_sk reads "
+                    f"version {VERSION}"
+                )
+            if set(npz.files) != {*ARRAYS, "__manifest__"}:
+                bad(f"members {sorted(npz.files)}; expected {sorted({*ARRAYS, '__manifest__'})}")
+            try:
+                members = {name: npz[name] for name in ARRAYS}
             except _LOAD_ERRORS:
                 bad("a member cannot be read (truncated, corrupt, or an object array)")
-        manifest = members.pop("__manifest__")
-        if manifest.ndim != 0 or manifest.dtype.kind != "U":
-            bad("the manifest is not one JSON text")
-        try:
-            manifest = json.loads(str(manifest))
-        except (ValueError, RecursionError):
-            bad("the manifest is not valid JSON")
-        if not isinstance(manifest, dict):
-            bad("the manifest is not a JSON object")
-        if manifest.get("format") != FORMAT:
-            bad(f"format {manifest.get('format')!r}; expected {FORMAT!r}")
-        if manifest.get("version") != VERSION:
-            bad(
-                f"format version {manifest.get('version')!r}; this kwneuro_sk reads version "
-                f"{VERSION}"
-            )
         for key in ("sites", "columns", "covariates", "features", "min_rows"):
             if key not in manifest:
                 bad(f"the manifest has no {key!r} field")
