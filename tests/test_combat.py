@@ -405,6 +405,58 @@ def test_transform_before_fit(frame):
         CombatHarmonizer("site").transform(frame)
 
 
+def test_failed_fit_leaves_the_estimator_unfitted():
+    """A refit refused after its sites were read kept the earlier gamma_star_ beside the new
+    batches_, and transform then harmonized site b with site a's estimates (silently); a
+    failed first fit left n_features_in_ and transform raised AttributeError '_covariates'.
+    A failed fit (any route) now leaves the estimator unfitted."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    X[20:] += 5.0
+    site = np.repeat(["a", "b"], 20)
+    combat = CombatHarmonizer().fit(X, batch=site)
+    with pytest.raises(ValueError, match="at least two sites"):
+        combat.fit(X[20:], batch=site[20:])
+    with pytest.raises(NotFittedError):
+        combat.transform(X[20:22], batch=site[20:22])
+    assert not hasattr(combat, "batches_") and not hasattr(combat, "n_features_in_")
+    summaries = [CombatHarmonizer().site_summary(X[20:], batch=site[20:])]
+    failures = [
+        (lambda c: c.fit(X[20:], batch=site[20:]), "at least two sites"),
+        (lambda c: c.fit_transform(X[20:], batch=site[20:]), "at least two sites"),
+        (lambda c: c.fit_from_summaries(summaries), "at least two sites"),
+    ]
+    for fail, message in failures:
+        for combat in (CombatHarmonizer(), CombatHarmonizer().fit(X, batch=site)):
+            with pytest.raises(ValueError, match=message):
+                fail(combat)
+            with pytest.raises(NotFittedError):
+                combat.transform(X, batch=site)
+            # and a fit afterwards is that of a new estimator
+            np.testing.assert_array_equal(
+                combat.fit(X, batch=site).gamma_star_,
+                CombatHarmonizer().fit(X, batch=site).gamma_star_,
+            )
+
+
+def test_partial_fit_model_error_is_raised_at_every_use():
+    """The model of partial_fit is computed at first use: an error there (a single site)
+    left half its attributes set and the next use raised AttributeError; it is raised
+    again at every use, and a later chunk of another site gives fit's model."""
+    rng = np.random.default_rng(0)
+    X, site = rng.normal(size=(40, 3)), np.repeat(["a", "b"], 20)
+    combat = CombatHarmonizer().partial_fit(X[:20], batch=site[:20])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="at least two sites"):
+            combat.transform(X[:20], batch=site[:20])
+    combat.partial_fit(X[20:], batch=site[20:])
+    np.testing.assert_allclose(
+        combat.transform(X, batch=site),
+        CombatHarmonizer().fit(X, batch=site).transform(X, batch=site),
+        rtol=1e-10,
+    )
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nonfinite_features_named(frame, bad):
     frame = frame.copy()

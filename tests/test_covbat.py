@@ -10,6 +10,7 @@ from scipy.linalg import hadamard
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import (
     GridSearchCV,
@@ -161,6 +162,20 @@ def test_unseen_site_error_and_adapt(reference):
         @ adapt.components_.T
     )
     np.testing.assert_allclose(scores.mean(axis=0), adapt.score_grand_mean_, atol=1e-8)
+
+
+def test_failed_refit_leaves_covbat_unfitted():
+    """A refit refused after its sites were read left the earlier model's PCA and scores
+    beside the new sites; it now leaves the estimator unfitted."""
+    rng = np.random.default_rng(0)
+    X, site = rng.normal(size=(60, 4)), np.repeat(["a", "b", "c"], 20)
+    for refit in ("fit", "fit_transform"):
+        covbat = CovBatHarmonizer().fit(X, batch=site)
+        with pytest.raises(ValueError, match="at least two sites"):
+            getattr(covbat, refit)(X[:20], batch=site[:20])
+        with pytest.raises(NotFittedError):
+            covbat.transform(X, batch=site)
+        assert not hasattr(covbat, "components_")
 
 
 def test_parameter_errors(reference):

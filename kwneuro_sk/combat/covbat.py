@@ -22,7 +22,7 @@ from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
 from kwneuro_sk.combat import _dask, model
-from kwneuro_sk.combat.harmonizer import CombatHarmonizer
+from kwneuro_sk.combat.harmonizer import CombatHarmonizer, unfitted_on_failure
 
 # --------------------------------------------------------------------------------------------
 # The math, as pure functions on arrays
@@ -250,6 +250,8 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         self.n_components = n_components
         self.std_var = std_var
 
+    _PRIVATE_STATE = CombatHarmonizer._PRIVATE_STATE | {"_score_zero_variance"}
+
     def inverse_transform(self, X, *, batch=None, covariates=None):
         """Not available for CovBat.
 
@@ -289,6 +291,7 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
     # fitting and applying
     # ---------------------------------------------------------------------------------------
 
+    @unfitted_on_failure
     def fit(self, X, y=None, *, batch=None, covariates=None):
         """Fit ComBat, the PCA of its residuals and the ComBat of the PC scores.
 
@@ -305,6 +308,7 @@ unseen_batch, smooth_cols, smooth_knots, smooth_degree, smooth_extrapolation
         _refuse_dask_fit(X)
         return super().fit(X, y, batch=batch, covariates=covariates)
 
+    @unfitted_on_failure
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, *, batch=None, covariates=None):
         """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``,

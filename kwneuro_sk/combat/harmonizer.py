@@ -6,6 +6,7 @@ covariates into the arrays it needs, validates them once, and keeps the fitted s
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Hashable
 from numbers import Integral
@@ -44,6 +45,23 @@ from kwneuro_sk.combat._inputs import (
 from kwneuro_sk.combat.estimates import FITTED_ARRAYS, CombatEstimates
 from kwneuro_sk.combat.statistics import SiteStatistics
 from kwneuro_sk.combat.summary import SiteSummary
+
+
+def unfitted_on_failure(fit_method):
+    """A fit method that starts from an unfitted estimator and, when it fails, leaves it
+    unfitted (``NotFittedError``): never a model part from this fit, part from an earlier one
+    (a refit refused after ``batches_`` was set transformed with the earlier estimates)."""
+
+    @functools.wraps(fit_method)
+    def fit_afresh(self, *args, **kwargs):
+        self._discard_fitted_state()
+        try:
+            return fit_method(self, *args, **kwargs)
+        except BaseException:
+            self._discard_fitted_state()
+            raise
+
+    return fit_afresh
 
 
 class CombatHarmonizer(TransformerMixin, BaseEstimator):
@@ -259,6 +277,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
     # public API
     # ---------------------------------------------------------------------------------------
 
+    @unfitted_on_failure
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Estimate site, covariate and EB parameters from training rows.
@@ -292,6 +311,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self._fit(self._read_rows(X, batch, covariates, reset=True, subjects=subjects))
         return self
 
+    @unfitted_on_failure
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, *, batch=None, covariates=None, subjects=None):
         """Fit on ``X`` and return its harmonized features (same as ``fit`` then ``transform``).
@@ -326,7 +346,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         a call (``transform``, a fitted attribute), so a loop of ``partial_fit`` calls costs
         about one ``fit`` (1.1-1.4x for 20 chunks, ``benchmarks/bench_federated.py``);
         errors that need all the rows (a single site, a confounded covariate) are raised
-        then. :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
+        then, and at every use after, until more chunks make the model possible. A failed
+        :meth:`fit` (or fit from statistics or summaries) leaves the estimator unfitted.
+        :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
         :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
 
         Every option of :meth:`fit` is supported; ``smooth_cols`` needs ``smooth_knots`` as
@@ -462,6 +484,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         )
 
     @available_if(lambda self: self._check_statistics_route("fit_from_summaries"))
+    @unfitted_on_failure
     def fit_from_summaries(self, summaries):
         """Fit from the :class:`~kwneuro_sk.SiteSummary` of several sites (federated ComBat).
 
@@ -743,8 +766,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _fit(self, rows):
         """Fit on the rows in memory (fits from statistics: :meth:`fit_from_statistics`)."""
-        self._partial_statistics = None  # fit starts afresh; partial_fit accumulates
-        self._fit_pending = False
         try:
             self.batches_, batch_idx, counts = np.unique(
                 rows.sites, return_inverse=True, return_counts=True
@@ -784,7 +805,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self._check_design(batch_idx, n_batches, Z)
         if self._longitudinal():
             return self._fit_longitudinal(rows, batch_idx, counts, Z)
-        self._clear_longitudinal()
         standardization, mean, ss = model.fit_location_scale(
             rows.features, batch_idx, n_batches, Z, ref=ref, n_jobs=self._threads()
         )
@@ -822,10 +842,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
     def _longitudinal(self):
         return getattr(self, "subject_col", None) is not None
-
-    def _clear_longitudinal(self):
-        for name in _LONGITUDINAL_STATE:
-            self.__dict__.pop(name, None)
 
     def _refuse_longitudinal(self, route):
         if self._longitudinal():
@@ -1085,6 +1101,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         return helper.set_params(smooth_knots=quantile_knots(covariates, smooth, self.smooth_knots))
 
     @available_if(lambda self: self._check_statistics_route("fit_from_statistics"))
+    @unfitted_on_failure
     def fit_from_statistics(
         self,
         statistics,
@@ -1129,13 +1146,10 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         self.n_features_in_ = int(n_features_in)
         if feature_names_in is not None:
             self.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
-        elif "feature_names_in_" in self.__dict__:
-            del self.feature_names_in_
         self._feature_names_out = (
             None if feature_names_out is None else np.asarray(feature_names_out, dtype=object)
         )
         self._columns_in = None if columns_in is None else list(columns_in)
-        self._partial_statistics = None
         try:
             merged = statistics.aligned(sorted(statistics.sites), statistics.columns)
         except TypeError as exc:
@@ -1209,11 +1223,40 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         }
     )
 
+    # Fitted state that does not end in "_", discarded with the fitted attributes.
+    _PRIVATE_STATE = frozenset(
+        {
+            "_covariates",
+            "_sigma",
+            "_columns_in",
+            "_feature_names_out",
+            "_partial_statistics",
+            "_fit_pending",
+        }
+    )
+
+    def _discard_fitted_state(self):
+        """Remove every fitted attribute (and the statistics of partial_fit): unfitted."""
+        params = set(self._get_param_names())
+        for name in list(self.__dict__):
+            fitted = name.endswith("_") and not name.startswith("__") and name not in params
+            if fitted or name in self._PRIVATE_STATE:
+                del self.__dict__[name]
+
     def __getattr__(self, name):
         # Only called for attributes not set: the fitted state after partial_fit.
         state = self.__dict__
         if name in CombatHarmonizer._FITTED_STATE and state.get("_fit_pending"):
-            self._fit_statistics(state["_partial_statistics"])
+            state["_fit_pending"] = False  # while the model is computed
+            try:
+                self._fit_statistics(state["_partial_statistics"])
+            except BaseException:
+                # no part of a model: the error (one site, a confounded covariate) is raised
+                # again on the next use, and later chunks may still be added
+                for fitted in CombatHarmonizer._FITTED_STATE:
+                    state.pop(fitted, None)
+                state["_fit_pending"] = True
+                raise
             return state[name]
         if name in CombatHarmonizer._STATISTICS_ROUTES:
             # hidden by available_if: say why (CovBatHarmonizer), not just "no attribute"
@@ -1302,7 +1345,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         statistics.check_complete(stats.moments)  # not left part-updated by an interruption
         self._check_statistics_range(stats.moments.magnitude)
         roles = ColumnRoles.of(self)
-        self._fit_pending = False
         sites = np.array(stats.sites)
         self.batches_ = sites.astype(object) if sites.dtype.kind == "U" else sites
         counts = np.rint(stats.moments.n).astype(np.int64)
@@ -1591,8 +1633,6 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
 # Fitted arrays of longitudinal ComBat kept in CombatEstimates.estimates (without the "_").
 _LONGITUDINAL_ARRAYS = ("random_effects_", "random_effects_cov_", "batch_effects_", "singular_fit_")
-# Fitted attributes of longitudinal ComBat only (removed by a fit without subject_col).
-_LONGITUDINAL_STATE = ("subjects_", *_LONGITUDINAL_ARRAYS)
 
 
 def statistics_plain_list(values):
