@@ -1,10 +1,12 @@
 """partial_fit and federated ComBat (site summaries): equal to fit on the pooled rows."""
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.exceptions import NotFittedError
 
 from kwneuro_sk import CombatEstimates, CombatHarmonizer
 
@@ -803,3 +805,28 @@ def test_fit_from_statistics_default_columns_with_batch_col():
     np.testing.assert_allclose(
         fitted.transform(frame), whole.transform(frame), rtol=1e-10, atol=1e-10 * np.abs(X).max()
     )
+
+
+def test_refused_first_chunk_leaves_the_estimator_as_it_was():
+    """validate_data set n_features_in_ before the rows of a first chunk were checked: a
+    refused first chunk left transform raising AttributeError instead of NotFittedError,
+    and the next chunk warned that the estimator 'was fitted with fit()'. After fit, a
+    refused chunk discarded nothing of the fitted model either."""
+    X, site, covariates = COHORT
+    bad = X[:50].copy()
+    bad[0, 0] = np.nan
+    combat = CombatHarmonizer()
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        combat.partial_fit(bad, batch=site[:50])
+    assert vars(combat) == vars(CombatHarmonizer())
+    with pytest.raises(NotFittedError):
+        combat.transform(X, batch=site)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        combat.partial_fit(X, batch=site)
+    assert_same_model(CombatHarmonizer().fit(X, batch=site), combat)
+    fitted = CombatHarmonizer().fit(X, batch=site)
+    expected = fitted.transform(X, batch=site)
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        fitted.partial_fit(bad, batch=site[:50])
+    np.testing.assert_array_equal(fitted.transform(X, batch=site), expected)

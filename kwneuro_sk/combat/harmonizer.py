@@ -388,23 +388,32 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             X = X.compute()
         first = getattr(self, "_partial_statistics", None) is None
         if first:
-            if hasattr(self, "n_features_in_"):
-                warnings.warn(
-                    f"{type(self).__name__} was fitted with fit() (or from summaries), which "
-                    "keeps no statistics of its rows: partial_fit starts a new model from "
-                    "this chunk",
-                    UserWarning,
-                    stacklevel=2,
-                )
             self._validate_params()
             self._check_incremental("partial_fit")
-        rows = self._read_rows(X, batch, covariates, reset=first)
-        self._partial_statistics = self._statistics_of(
-            rows, into=None if first else self._partial_statistics
-        )
+        fitted = first and hasattr(self, "n_features_in_")
+        before = dict(self.__dict__)  # a refused chunk leaves the estimator as it was
+        try:
+            if first:  # a new model: nothing of an earlier fit is kept
+                self._discard_fitted_state()
+            rows = self._read_rows(X, batch, covariates, reset=first)
+            self._partial_statistics = self._statistics_of(
+                rows, into=None if first else self._partial_statistics
+            )
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
         for name in self._FITTED_STATE:
             self.__dict__.pop(name, None)
         self._fit_pending = True
+        if fitted:
+            warnings.warn(
+                f"{type(self).__name__} was fitted with fit() (or from summaries), which "
+                "keeps no statistics of its rows: partial_fit starts a new model from "
+                "this chunk",
+                UserWarning,
+                stacklevel=2,
+            )
         return self
 
     @available_if(lambda self: self._check_statistics_route("site_summary"))
