@@ -830,3 +830,42 @@ def test_refused_first_chunk_leaves_the_estimator_as_it_was():
     with pytest.raises(ValueError, match="NaN or infinite values"):
         fitted.partial_fit(bad, batch=site[:50])
     np.testing.assert_array_equal(fitted.transform(X, batch=site), expected)
+
+
+def test_partial_fit_refuses_a_chunk_under_other_options():
+    """set_params between chunks merged chunks read under other options silently (sites and
+    covariates swapped: batches_ ['A', 'B', 'C', 's1'], the covariate dropped). A chunk
+    whose statistics options differ from the first chunk's is refused, naming them; the
+    statistics stay those of the earlier chunks."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(60, 3)), columns=list("abc"))
+    frame["site"] = np.repeat(["s1", "s2"], 30)
+    frame["scanner"] = np.tile(["A", "B", "C"], 20)
+    frame["age"] = rng.uniform(20, 80, 60)
+    params = {"batch_col": "site", "categorical_cols": ["scanner"]}
+    changes = [
+        (
+            {"batch_col": "scanner", "categorical_cols": ["site"]},
+            "made with batch_col='site', categorical_cols=['scanner']; this harmonizer has "
+            "batch_col='scanner', categorical_cols=['site'] (set_params between chunks)",
+        ),
+        ({"categorical_cols": None}, "categorical_cols=['scanner']; this harmonizer has "),
+        ({"continuous_cols": "age"}, "made with continuous_cols=[]; this harmonizer has "),
+        (
+            {"smooth_cols": "age", "smooth_knots": [20.0, 50.0, 80.0]},
+            "made with smooth_cols=[], smooth_knots={}, smooth_degree=None, "
+            "smooth_extrapolation=None; this harmonizer has smooth_cols=['age']",
+        ),
+    ]
+    for change, message in changes:
+        combat = CombatHarmonizer(**params).partial_fit(frame.iloc[:30])
+        combat.set_params(**change)
+        with pytest.raises(ValueError, match=re.escape(message) + ".*Call fit on all the rows"):
+            combat.partial_fit(frame.iloc[30:])
+        combat.set_params(**{**params, "continuous_cols": None, "smooth_cols": None})
+        combat.partial_fit(frame.iloc[30:])  # the options of the first chunk again
+        assert_same_model(CombatHarmonizer(**params).fit(frame), combat)
+    # options that do not decide the statistics may change
+    combat = CombatHarmonizer(**params).partial_fit(frame.iloc[:30])
+    combat.set_params(eb=False).partial_fit(frame.iloc[30:])
+    assert_same_model(CombatHarmonizer(**params, eb=False).fit(frame), combat)

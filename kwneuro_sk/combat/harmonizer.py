@@ -348,6 +348,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         errors that need all the rows (a single site, a confounded covariate) are raised
         then, and at every use after, until more chunks make the model possible. A failed
         :meth:`fit` (or fit from statistics or summaries) leaves the estimator unfitted.
+        The site and covariate options (``batch_col``, ``categorical_cols``,
+        ``continuous_cols``, ``smooth_*``) are those of the first chunk: a chunk after
+        ``set_params`` of any of them is refused, naming them.
         :meth:`fit` discards the accumulated statistics; ``partial_fit`` after
         :meth:`fit` starts a new model (with a UserWarning: ``fit`` keeps no statistics).
 
@@ -387,9 +390,18 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if _dask.is_dask(X):
             X = X.compute()
         first = getattr(self, "_partial_statistics", None) is None
-        if first:
-            self._validate_params()
-            self._check_incremental("partial_fit")
+        self._validate_params()
+        self._check_incremental("partial_fit")
+        options = self._statistics_options()
+        if not first:
+            self._check_options(
+                self._partial_options,
+                options,
+                "partial_fit: the earlier chunks were",
+                " (set_params between chunks): their statistics cannot take rows read under "
+                "other options. Call fit on all the rows, or start a new estimator (clone) "
+                "for the new options",
+            )
         fitted = first and hasattr(self, "n_features_in_")
         before = dict(self.__dict__)  # a refused chunk leaves the estimator as it was
         try:
@@ -399,6 +411,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             self._partial_statistics = self._statistics_of(
                 rows, into=None if first else self._partial_statistics
             )
+            self._partial_options = options
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
@@ -522,28 +535,24 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             raise TypeError("fit_from_summaries takes a non-empty list of SiteSummary objects")
         self._validate_params()
         self._check_incremental("fit_from_summaries", needs_knots=False)
-        roles = ColumnRoles.of(self)
-        wanted = {
-            "categorical_cols": list(roles.categorical),
-            "continuous_cols": list(roles.continuous),
-            "smooth_cols": list(roles.smooth),
-        }
+        wanted = self._column_options()
         first = summaries[0].features
         for i, summary in enumerate(summaries):
             where = f"summary {i} (site(s) {format_labels(summary.sites)})"
-            for option, value in wanted.items():
-                given = summary.covariates.get(option, [])
-                if list(given) != value:
-                    raise ValueError(
-                        f"{where} was made with {option}={given!r}; this "
-                        f"harmonizer has {option}={value!r}: every site and the coordinator "
-                        "must use the same covariate options"
-                    )
-            if summary.features["batch_col"] != self.batch_col:
-                raise ValueError(
-                    f"{where} was made with batch_col={summary.features['batch_col']!r}; this "
-                    f"harmonizer has batch_col={self.batch_col!r}"
-                )
+            made_with = {
+                "batch_col": summary.features["batch_col"],
+                **{
+                    name: list(summary.covariates.get(name, []))
+                    for name in wanted
+                    if name != "batch_col"
+                },
+            }
+            self._check_options(
+                made_with,
+                wanted,
+                f"{where} was",
+                ": every site and the coordinator must use the same options",
+            )
             for key in ("n_features_in", "feature_names", "columns_in"):
                 if summary.features[key] != first[key]:
                     raise ValueError(
@@ -1240,6 +1249,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             "_columns_in",
             "_feature_names_out",
             "_partial_statistics",
+            "_partial_options",
             "_fit_pending",
         }
     )
@@ -1303,6 +1313,40 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 f"smooth_knots={{{smooth[0]!r}: [20, 35, 50, 65, 80]}} (fit with the same "
                 "knots gives the same model), fit on the pooled rows, or model the covariate "
                 "in continuous_cols"
+            )
+
+    def _column_options(self):
+        """Which columns are sites and covariates (options of per-site statistics)."""
+        roles = ColumnRoles.of(self)
+        return {
+            "batch_col": self.batch_col,
+            "categorical_cols": list(roles.categorical),
+            "continuous_cols": list(roles.continuous),
+            "smooth_cols": list(roles.smooth),
+        }
+
+    def _statistics_options(self):
+        """The options that decide what per-site statistics hold: which columns are sites
+        and covariates, and how covariates become design columns (knots fixed)."""
+        smooth = self._smooth_settings()
+        return {
+            **self._column_options(),
+            "smooth_knots": {col: spec["knots"] for col, spec in smooth.items()},
+            "smooth_degree": self.smooth_degree if smooth else None,
+            "smooth_extrapolation": self.smooth_extrapolation if smooth else None,
+        }
+
+    @staticmethod
+    def _check_options(made_with, options, what, advice):
+        """Refuse statistics ``made_with`` other options than ``options``, naming each."""
+        changed = [name for name, value in options.items() if made_with.get(name) != value]
+        if changed:
+            raise ValueError(
+                f"{what} made with "
+                + ", ".join(f"{name}={made_with.get(name)!r}" for name in changed)
+                + "; this harmonizer has "
+                + ", ".join(f"{name}={options[name]!r}" for name in changed)
+                + advice
             )
 
     def _feature_description(self):
