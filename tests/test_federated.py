@@ -869,3 +869,36 @@ def test_partial_fit_refuses_a_chunk_under_other_options():
     combat = CombatHarmonizer(**params).partial_fit(frame.iloc[:30])
     combat.set_params(eb=False).partial_fit(frame.iloc[30:])
     assert_same_model(CombatHarmonizer(**params, eb=False).fit(frame), combat)
+
+
+def test_categorical_levels_of_mixed_types_named_on_every_route():
+    """Levels coded 1/2 in one chunk or site and "1"/"2" in another: fit named the
+    covariate, but partial_fit (at first use) and fit_from_summaries raised a bare
+    TypeError "'<' not supported between instances of 'str' and 'int'". Every route now
+    names the covariate and its levels, and partial_fit refuses the chunk itself."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(60, 3)), columns=list("abc"))
+    frame["site"] = np.repeat(["s1", "s2", "s3"], 20)
+    frame["scanner"] = np.tile([1, 2], 30)
+    as_text = frame.assign(scanner=np.tile(["1", "2"], 30))
+    mixed = pd.concat([frame.iloc[:30], as_text.iloc[30:]])
+    params = {"batch_col": "site", "categorical_cols": ["scanner"]}
+    message = re.escape(
+        "levels of categorical covariate 'scanner' must be of one sortable type (all strings "
+        "or all numbers); got [1, 2, '1', '2']"
+    )
+    with pytest.raises(TypeError, match=message):
+        CombatHarmonizer(**params).fit(mixed)
+    with pytest.raises(TypeError, match=message):
+        CombatHarmonizer(**params).partial_fit(mixed)
+    combat = CombatHarmonizer(**params).partial_fit(frame.iloc[:30])
+    with pytest.raises(TypeError, match=message):
+        combat.partial_fit(as_text.iloc[30:])
+    combat.partial_fit(frame.iloc[30:])  # the refused chunk added nothing
+    assert_same_model(CombatHarmonizer(**params).fit(frame), combat)
+    summaries = [
+        CombatHarmonizer(**params).site_summary(part[part.site == site])
+        for part, site in [(frame, "s1"), (as_text, "s2"), (as_text, "s3")]
+    ]
+    with pytest.raises(TypeError, match=message):
+        CombatHarmonizer(**params).fit_from_summaries(summaries)

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import SplineTransformer
 
+from kwneuro_sk.combat.statistics import sorted_labels
+
 
 def column_list(cols, name):
     """``None``, one column name or a list of names -> a list of names, without repeats."""
@@ -201,13 +203,8 @@ class CovariateEncoding:
         levels = []
         for col in categorical:
             values = pd.unique(frame[col].astype(object))
-            try:
-                levels.append(np.asarray(sorted(values), dtype=object))
-            except TypeError as exc:
-                raise TypeError(
-                    f"categorical covariate {col!r} mixes level types that cannot "
-                    f"be sorted: {format_labels(values)}"
-                ) from exc
+            what = f"levels of categorical covariate {col!r}"
+            levels.append(np.asarray(sorted_labels(values, what), dtype=object))
         by_column = quantile_knots(frame, smooth, n_knots)
         knots = [by_column[col] for col in smooth]
         for col in smooth:

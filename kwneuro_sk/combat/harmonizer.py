@@ -1382,15 +1382,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         roles = ColumnRoles.of(self)
         smooth = self._smooth_settings()
         keys, Z = raw_design(rows.covariates, roles.categorical, roles.continuous, smooth)
-        try:
-            if into is not None:
-                return into.add_rows(rows.features, rows.sites, keys, Z, smooth)
-            return SiteStatistics.of_rows(rows.features, rows.sites, keys, Z, smooth)
-        except TypeError as exc:
-            raise TypeError(
-                "site labels must be of one sortable type (all strings or all "
-                f"numbers); got {format_labels(pd.unique(rows.sites))}"
-            ) from exc
+        if into is not None:
+            return into.add_rows(rows.features, rows.sites, keys, Z, smooth)
+        return SiteStatistics.of_rows(rows.features, rows.sites, keys, Z, smooth)
 
     def _fit_statistics(self, stats):
         """Fit from merged :class:`~kwneuro_sk.combat.statistics.SiteStatistics` (feature

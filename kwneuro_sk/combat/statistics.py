@@ -224,16 +224,24 @@ def _not_in(items, existing):
     return [v for v in items if v not in existing]
 
 
+def sorted_labels(labels, what):
+    """``labels`` sorted; labels of types that do not sort together (``1`` and ``"1"``) are a
+    TypeError naming ``what`` (``"site labels"``, ``"levels of categorical covariate 'sex'"``)
+    and the labels."""
+    labels = list(labels)
+    try:
+        return sorted(labels)
+    except TypeError as exc:
+        shown = [v.item() if isinstance(v, np.generic) else v for v in labels[:10]]
+        raise TypeError(
+            f"{what} must be of one sortable type (all strings or all numbers); got "
+            f"{shown}{' ...' if len(labels) > 10 else ''}"
+        ) from exc
+
+
 def _union(first, second, what):
     """Sorted union of two label sequences (a TypeError names labels of mixed types)."""
-    merged = list(first) + _not_in(second, first)
-    try:
-        return sorted(merged)
-    except TypeError as exc:
-        raise TypeError(
-            f"{what} labels must be of one sortable type (all strings or all numbers); got "
-            f"{merged[:10]}"
-        ) from exc
+    return sorted_labels(list(first) + _not_in(second, first), f"{what} labels")
 
 
 @dataclass
@@ -268,6 +276,12 @@ class SiteStatistics:
     moments: SiteMoments
     smooth: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Columns only grow by new statistics (rows, merges, files): levels of types that
+        # do not sort together are refused where they first meet, naming the covariate.
+        for column in dict.fromkeys(key[1] for key in self.columns if key[0] == "level"):
+            self.levels(column)
+
     @classmethod
     def of_rows(cls, X, sites, columns, Z, smooth=None):
         """Statistics of rows ``X`` with site labels ``sites`` and covariate columns ``Z``
@@ -292,7 +306,12 @@ class SiteStatistics:
             )
         check_same_smooth(self.smooth, plain_smooth(smooth))
         check_complete(self.moments)
-        labels, local_idx = np.unique(np.asarray(sites, dtype=object), return_inverse=True)
+        sites = np.asarray(sites, dtype=object)
+        try:
+            labels, local_idx = np.unique(sites, return_inverse=True)
+        except TypeError:
+            sorted_labels(dict.fromkeys(sites.tolist()), "site labels")  # names them
+            raise
         labels = labels.tolist()
         columns = list(columns)
         total = self
@@ -415,7 +434,10 @@ class SiteStatistics:
 
     def levels(self, column):
         """Sorted levels of a categorical covariate seen in the rows."""
-        return sorted(key[2] for key in self.columns if key[0] == "level" and key[1] == column)
+        return sorted_labels(
+            (key[2] for key in self.columns if key[0] == "level" and key[1] == column),
+            f"levels of categorical covariate {column!r}",
+        )
 
     def encoded(self, categorical, continuous, smooth=()):
         """The moments of the ComBat design's covariate columns: for each categorical column
