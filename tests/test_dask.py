@@ -124,6 +124,45 @@ def test_dask_dataframe_keyword_route():
     )
 
 
+def test_empty_partitions_add_nothing():
+    """A filter (ddf[ddf.qc_pass]) leaves a partition empty: fit and transform failed with
+    scikit-learn's "Found array with 0 sample(s)". An empty block adds nothing to fit and is
+    harmonized to an empty block of the feature columns; a wholly empty input is refused."""
+    X, site, covars = _data(n=90)
+    frame = pd.DataFrame(X, columns=[f"roi{i}" for i in range(X.shape[1])])
+    frame["site"], frame["age"], frame["sex"] = site, covars["age"], covars["sex"]
+    frame["qc_pass"] = ~np.isin(np.arange(90), np.arange(30, 45))
+    kept = frame[frame.qc_pass].drop(columns="qc_pass")
+    ddf = dd.from_pandas(frame, npartitions=6)
+    ddf = ddf[ddf.qc_pass].drop(columns="qc_pass")
+    assert 0 in [len(p) for p in ddf.partitions]
+    for options in (
+        dict(batch_col="site", categorical_cols="sex", continuous_cols="age"),
+        dict(
+            batch_col="site",
+            categorical_cols="sex",
+            smooth_cols="age",
+            smooth_knots=[20.0, 50.0, 80.0],
+        ),
+    ):
+        expected = CombatHarmonizer(**options).fit(kept)
+        combat = CombatHarmonizer(**options).fit(ddf)
+        _assert_fitted_equal(expected, combat)
+        out = expected.transform(ddf).compute()
+        assert list(out.columns) == list(expected.get_feature_names_out())
+        np.testing.assert_allclose(out.to_numpy(), expected.transform(kept), rtol=1e-12)
+    # a dask array with an empty block of rows, keyword route
+    Xd = da.concatenate([da.from_array(X[:40]), da.zeros((0, X.shape[1])), da.from_array(X[40:])])
+    expected = CombatHarmonizer().fit(X, batch=site)
+    combat = CombatHarmonizer().fit(Xd, batch=site)
+    _assert_fitted_equal(expected, combat)
+    np.testing.assert_allclose(
+        combat.transform(Xd, batch=site).compute(), expected.transform(X, batch=site)
+    )
+    with pytest.raises(ValueError, match=r"X has no rows \(dask input\)"):
+        CombatHarmonizer(**options).fit(ddf[ddf.age < 0])
+
+
 def test_dask_errors_name_the_problem():
     X, site, covars = _data()
     Xd = da.from_array(X, chunks=(20, 25))

@@ -902,3 +902,34 @@ def test_categorical_levels_of_mixed_types_named_on_every_route():
     ]
     with pytest.raises(TypeError, match=message):
         CombatHarmonizer(**params).fit_from_summaries(summaries)
+
+
+def test_empty_chunk_adds_nothing():
+    """partial_fit of a chunk with no rows (an empty dask partition under dask-ml's
+    Incremental) failed with "Found array with 0 sample(s)". It is checked (columns, number
+    of features) and adds nothing; transform of no rows gives no rows."""
+    X, site, covariates = COHORT
+    frame = pd.concat(
+        [pd.DataFrame(X).add_prefix("f"), covariates, pd.Series(site, name="site")], axis=1
+    )
+    params = {**COVARIATES, "batch_col": "site"}
+    combat = CombatHarmonizer(**params)
+    combat.partial_fit(frame.iloc[:0])  # a first chunk of no rows: still unfitted
+    assert vars(combat) == vars(CombatHarmonizer(**params))
+    combat.partial_fit(frame.iloc[:70]).partial_fit(frame.iloc[70:70])
+    combat.partial_fit(frame.iloc[70:])
+    whole = CombatHarmonizer(**params).fit(frame)
+    assert_same_model(whole, combat)
+    with pytest.raises(ValueError, match="f29"):
+        combat.partial_fit(frame.iloc[:0].drop(columns="f29"))
+    empty = whole.set_output(transform="pandas").transform(frame.iloc[:0])
+    assert empty.shape == (0, 30) and list(empty.columns) == [f"f{j}" for j in range(30)]
+    keyword = CombatHarmonizer().partial_fit(X[:0], batch=site[:0])
+    assert not hasattr(keyword, "n_features_in_")
+    keyword.partial_fit(X, batch=site)
+    with pytest.raises(ValueError, match="30 features"):
+        keyword.partial_fit(X[:0, :5], batch=site[:0])
+    out = keyword.transform(X[:0].astype(np.float32), batch=site[:0])
+    assert out.shape == (0, 30) and out.dtype == np.float32
+    with pytest.raises(ValueError, match="0 sample"):
+        CombatHarmonizer().fit(X[:0], batch=site[:0])

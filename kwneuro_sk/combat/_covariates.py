@@ -150,6 +150,8 @@ def spline_basis(values, knots, degree, extrapolation, column):
     )
     spline.fit(knots[:, None])
     values = np.asarray(values, dtype=np.float64)[:, None]
+    if not len(values):  # no rows (an empty chunk): the basis has its columns
+        return np.empty((0, spline.n_features_out_))
     if extrapolation == "error":
         outside = (values[:, 0] < knots[0]) | (values[:, 0] > knots[-1])
         if outside.any():

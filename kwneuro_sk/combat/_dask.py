@@ -125,6 +125,10 @@ def fit(combat, X, batch, covariates):
         starts = np.cumsum((0,) + X.chunks[1])
         column_names = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
     n_samples = int(sum(lengths))
+    if not n_samples:
+        raise ValueError(
+            "X has no rows (dask input): ComBat is fitted on the rows of at least two sites"
+        )
     offsets = np.cumsum([0] + lengths)
     # sites and covariates checked once, with row numbers of the whole input; the blocks then
     # go through the keyword route of row_statistics (the site and covariate columns of a

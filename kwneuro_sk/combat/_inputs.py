@@ -211,7 +211,7 @@ def feature_columns_of(columns, batch_col, covariate_cols):
     return [c for c in columns if c not in meta]
 
 
-def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
+def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None, allow_empty=False):
     """Split the input of one in-memory call into features, sites and covariates, validated.
 
     Parameters
@@ -223,6 +223,8 @@ def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
         Read sites and covariates from the columns of X (``roles.batch_col``).
     subjects : array-like, optional
         Keyword-route subject labels (longitudinal ComBat, ``roles.subject`` set).
+    allow_empty : bool, default=False
+        Accept X with no rows (a chunk or block that adds or harmonizes nothing).
     """
     batch_col = roles.batch_col
     if subjects is not None and roles.subject is None:
@@ -274,7 +276,7 @@ def read_rows(X, batch, covariates, roles, *, from_columns, subjects=None):
             )
         check_same_index(X=X, batch=batch, covariates=covariates, subjects=subjects)
         features = X
-    features = feature_array(features)
+    features = feature_array(features, allow_empty=allow_empty)
     sites, cov_frame = read_metadata(batch, covariates, features.shape[0], roles)
     return Rows(features, sites, cov_frame, subjects)
 
@@ -422,8 +424,9 @@ def missing_columns_message(missing, columns):
     return msg
 
 
-def feature_array(features):
-    """The feature matrix as float32/float64, finite, with columns named in errors."""
+def feature_array(features, *, allow_empty=False):
+    """The feature matrix as float32/float64, finite, with columns named in errors (at least
+    one row unless ``allow_empty``)."""
     if isinstance(features, pd.DataFrame):
         bad = [
             c
@@ -441,7 +444,11 @@ def feature_array(features):
         check_not_bool(features)
         names = None
     array = check_array(
-        features, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
+        features,
+        dtype=(np.float64, np.float32),
+        ensure_all_finite=False,
+        ensure_min_samples=0 if allow_empty else 1,
+        input_name="X",
     )
     # A column sum is non-finite when the column holds NaN/inf (or overflows): only those
     # columns are checked value by value, so no full-size mask is built.

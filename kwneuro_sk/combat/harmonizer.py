@@ -340,7 +340,8 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
 
         Each call adds its rows to the per-site sufficient statistics of the earlier calls,
         in place (:meth:`~kwneuro_sk.combat.statistics.SiteStatistics.add_rows`); the rows
-        are not kept, and a chunk refused by the input checks changes nothing. Chunks may
+        are not kept, and a chunk refused by the input checks changes nothing, nor does a
+        chunk of no rows (checked against the earlier chunks' columns). Chunks may
         hold any subset of the sites and of the levels of a categorical covariate. The model
         (EB estimates included) is computed from the statistics when it is first used after
         a call (``transform``, a fitted attribute), so a loop of ``partial_fit`` calls costs
@@ -407,7 +408,11 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         try:
             if first:  # a new model: nothing of an earlier fit is kept
                 self._discard_fitted_state()
-            rows = self._read_rows(X, batch, covariates, reset=first)
+            rows = self._read_rows(X, batch, covariates, reset=first, allow_empty=True)
+            if not len(rows.sites):  # checked, and nothing to add
+                self.__dict__.clear()
+                self.__dict__.update(before)
+                return self
             self._partial_statistics = self._statistics_of(
                 rows, into=None if first else self._partial_statistics
             )
@@ -604,9 +609,12 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         if _dask.is_dask(X):  # lazy: map_blocks / map_partitions
             self._refuse_longitudinal("dask input")
             return _dask.transform(self, X, batch, covariates)
-        return self._transform(
-            self._read_rows(X, batch, covariates, reset=False, subjects=subjects)
+        rows = self._read_rows(
+            X, batch, covariates, reset=False, subjects=subjects, allow_empty=True
         )
+        if not len(rows.sites):  # no rows (a dask partition emptied by a filter)
+            return np.empty((0, len(self.grand_mean_)), dtype=rows.features.dtype)
+        return self._transform(rows)
 
     def inverse_transform(self, X, *, batch=None, covariates=None, subjects=None):
         """Map harmonized features back to each row's site scale.
@@ -1062,7 +1070,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         helper = clone(self)
         helper._validate_params()
         helper._check_incremental("row_statistics")
-        return helper._statistics_of(helper._read_rows(X, batch, covariates, reset=True))
+        return helper._statistics_of(
+            helper._read_rows(X, batch, covariates, reset=True, allow_empty=True)
+        )
 
     def with_fixed_knots(self, covariates):
         """A copy whose ``smooth_knots`` are the knot positions :meth:`fit` would place on
@@ -1621,7 +1631,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             f"{design.shape[0]} rows for {design.shape[1]} columns"
         )
 
-    def _read_rows(self, X, batch, covariates, *, reset, subjects=None):
+    def _read_rows(self, X, batch, covariates, *, reset, subjects=None, allow_empty=False):
         if isinstance(X, pd.DataFrame):
             # Columns are matched by name, whatever their type: scikit-learn checks string
             # names (feature_names_in_, with its own messages); the labels seen in fit are
@@ -1643,13 +1653,22 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 # complex, empty) before anything else is looked at.
                 check_not_bool(X)
                 X = check_array(
-                    X, dtype=(np.float64, np.float32), ensure_all_finite=False, input_name="X"
+                    X,
+                    dtype=(np.float64, np.float32),
+                    ensure_all_finite=False,
+                    ensure_min_samples=0 if allow_empty else 1,
+                    input_name="X",
                 )
             validate_data(self, X, reset=reset, skip_check_array=True)
         if reset:
             self._check_longitudinal_options()
         rows = self._split(
-            X, batch, covariates, from_columns=self.batch_col is not None, subjects=subjects
+            X,
+            batch,
+            covariates,
+            from_columns=self.batch_col is not None,
+            subjects=subjects,
+            allow_empty=allow_empty,
         )
         if reset:
             self._columns_in = list(X.columns) if isinstance(X, pd.DataFrame) else None
@@ -1667,7 +1686,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         roles = ColumnRoles.of(self)
         return roles.covariates + roles.subject_columns
 
-    def _split(self, X, batch, covariates, *, from_columns, subjects=None):
+    def _split(self, X, batch, covariates, *, from_columns, subjects=None, allow_empty=False):
         return read_rows(
             X,
             batch,
@@ -1675,6 +1694,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
             ColumnRoles.of(self),
             from_columns=from_columns,
             subjects=subjects,
+            allow_empty=allow_empty,
         )
 
 

@@ -298,7 +298,8 @@ class SiteStatistics:
         to rounding), at a fraction of the cost: no statistics of the new rows are made, each site's
         statistics are updated where they are. ``self``'s arrays must not be shared."""
         X = np.asarray(X)
-        Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
+        columns = list(columns)
+        Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], len(columns))
         if X.shape[1] != self.n_features:
             raise ValueError(
                 f"rows of {X.shape[1]} features cannot be added to statistics of "
@@ -313,7 +314,6 @@ class SiteStatistics:
             sorted_labels(dict.fromkeys(sites.tolist()), "site labels")  # names them
             raise
         labels = labels.tolist()
-        columns = list(columns)
         total = self
         new_sites = _not_in(labels, self.sites)
         new_columns = _not_in(columns, self.columns)
