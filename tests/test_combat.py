@@ -609,6 +609,58 @@ def test_confounded_covariate_named(frame):
 
 
 @pytest.mark.parametrize(
+    "values",
+    [
+        lambda age, rng: 1.7e12 + rng.uniform(0, 3.15e10, len(age)),  # Unix ms over a year
+        lambda age, rng: 1e8 + age,
+        lambda age, rng: age * 1e12,
+    ],
+    ids=["scan time ms", "offset 1e8", "scale 1e12"],
+)
+@pytest.mark.parametrize("categorical", [[], ["sex"]], ids=["alone", "with sex"])
+def test_covariate_units_do_not_decide_confounding(values, categorical):
+    """The rank test ran on the unscaled [site one-hot | Z]: a scan time in Unix ms
+    (1.7e12 + up to 3.15e10), 1e8 + age or age * 1e12 was refused by fit as "confounded
+    with site" (and by partial_fit beside another covariate). Both routes now accept them,
+    and give the least-squares fit (computed here on the centred, scaled covariate)."""
+    X, covars = COHORTS["3 sites"]
+    rng = np.random.default_rng(0)
+    cov = values(covars["age"].to_numpy(), rng)
+    frame = combat_frame(X, covars.assign(scan=cov), ["site", "scan", *categorical])
+    params = {"batch_col": "site", "categorical_cols": categorical, "continuous_cols": "scan"}
+    fitted = CombatHarmonizer(**params).fit(frame)
+    incremental = CombatHarmonizer(**params).partial_fit(frame)
+    sd = cov.std()
+    design = np.column_stack(
+        [
+            pd.get_dummies(covars["site"]).to_numpy(float),
+            *[(covars[c] == "M").to_numpy(float) for c in categorical],
+            (cov - cov.mean()) / sd,
+        ]
+    )
+    coef = np.linalg.lstsq(design, X, rcond=None)[0]
+    coef[-1] /= sd
+    for combat in (fitted, incremental):
+        np.testing.assert_allclose(combat.beta_, coef[3:], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(fitted.transform(frame), incremental.transform(frame), atol=1e-9)
+
+
+def test_site_level_covariate_of_any_units_is_confounded(frame):
+    """Scaling the rank test must not hide a covariate fixed within each site."""
+    frame = frame.drop(columns="age").assign(
+        scan=frame["site"].map({"site0": 1.7e12, "site1": 1.71e12, "site2": 1.72e12}),
+        sex=COHORTS["3 sites"][1]["sex"],
+    )
+    for cats in ([], ["sex"]):
+        params = {"batch_col": "site", "categorical_cols": cats, "continuous_cols": "scan"}
+        data = frame if cats else frame.drop(columns="sex")
+        with pytest.raises(ValueError, match="'scan' is confounded with site"):
+            CombatHarmonizer(**params).fit(data)
+        with pytest.raises(ValueError, match="'scan' is confounded with site"):
+            _ = CombatHarmonizer(**params).partial_fit(data).gamma_star_
+
+
+@pytest.mark.parametrize(
     "params, match",
     [
         (dict(unseen_batch="ignore"), "unseen_batch"),

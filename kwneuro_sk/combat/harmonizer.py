@@ -1439,7 +1439,16 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "of freedom, so the pooled variance cannot be estimated; give more rows or "
                 "fewer covariates"
             )
-        within = moments.czz.sum(axis=0)  # pooled within-site scatter of the covariates
+        # The rank test on the pooled within-site scatter of the covariates with unit
+        # diagonal (the Gram matrix of their within-site deviations scaled to unit norm, as
+        # fit's test): independent of units and offsets. A covariate whose within-site
+        # scatter is at the rounding of its values (constant in every site) has none.
+        within = moments.czz.sum(axis=0)
+        spread = np.sqrt(np.maximum(np.diag(within), 0.0))
+        rounding = 64 * np.finfo(np.float64).eps * np.abs(moments.zbar).max(axis=0, initial=0.0)
+        spread[spread <= np.sqrt(counts.sum()) * rounding] = 0.0
+        scale = np.divide(1.0, spread, out=np.zeros_like(spread), where=spread > 0)
+        within = within * np.outer(scale, scale)
         stop = 0
         for col, width in zip(self._covariates.columns, self._covariates.widths()):
             stop += width
@@ -1615,6 +1624,9 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "so the pooled variance cannot be estimated; give more rows or fewer "
                 "covariates (or smaller smooth_knots)"
             )
+        # The rank test on the covariates centred (the site columns span the constant) and
+        # every column scaled to unit norm: its answer does not depend on units or offsets.
+        design = model.unit_columns(np.hstack([design[:, :n_batches], Z - Z.mean(axis=0)]))
         if np.linalg.matrix_rank(design) == design.shape[1]:
             return
         col = self._covariates.confounded_column(design, n_batches)

@@ -180,6 +180,15 @@ def design_matrix(batch_idx, n_batches, Z):
     return np.hstack([batch_onehot(batch_idx, n_batches), Z])
 
 
+def unit_columns(A):
+    """``A`` with each column scaled to unit norm (zero columns left zero), for rank tests:
+    the singular values of ``A`` itself depend on the columns' units (a scan time in Unix
+    milliseconds drowns a site indicator), those of the scaled columns only on their
+    directions."""
+    norms = np.linalg.norm(A, axis=0)
+    return np.divide(A, norms, out=np.zeros(A.shape), where=norms > 0)
+
+
 def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     """Least-squares fit of site and covariate effects, and the standardized site moments.
 
@@ -225,7 +234,11 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     """
     n_samples, n_features = X.shape
     onehot = batch_onehot(batch_idx, n_batches)
-    design = np.hstack([onehot, Z])
+    # Covariates centred (the site intercepts absorb their means, restored in grand_mean
+    # below): the normal equations then keep their digits whatever the covariates' offset
+    # (a scan time of 1.7e12 ms, 1e8 + age), as the centred statistics of partial_fit do.
+    shift = Z.mean(axis=0)
+    design = np.hstack([onehot, Z - shift])
     gram = design.T @ design
     coef = np.empty((design.shape[1], n_features))
     resid_sum = np.empty((n_batches, n_features))
@@ -279,6 +292,7 @@ def fit_location_scale(X, batch_idx, n_batches, Z, ref=None, *, n_jobs=1):
     resid_mean = resid_sum / counts[:, None]  # zero up to rounding
     mean = (coef[:n_batches] - grand_mean + resid_mean) / scale_scaled
     ss = (resid_sq - counts[:, None] * resid_mean**2) / scale_scaled**2
+    grand_mean -= shift @ coef[n_batches:]  # alpha of the uncentred covariates
 
     with np.errstate(over="ignore", under="ignore"):
         # sigma**2 is inf (or loses digits) for features beyond ~1e154 (below ~1e-154):
