@@ -722,7 +722,20 @@ def test_cli_summarize_combine_apply_equals_pooled(tmp_path, capsys):
     expected = pooled.transform(X[rows], batch=site[rows], covariates=covariates[rows])
     np.testing.assert_allclose(got[[f"roi{j}" for j in range(X.shape[1])]], expected, rtol=1e-10)
     np.testing.assert_array_equal(got["subject"], np.flatnonzero(rows))
+    # --ref-batch names a site of the summaries (the CLI's text matched to the site label)
+    ref_model = str(tmp_path / "ref_model.npz")
+    assert main(["combine", *summaries, "--ref-batch", "b", "-o", ref_model]) == 0
+    pooled_ref = CombatHarmonizer(**COVARIATES, ref_batch="b").fit(
+        X, batch=site, covariates=covariates
+    )
+    combined = CombatHarmonizer.from_estimates(CombatEstimates.load(ref_model))
+    assert combined.ref_batch == "b"
+    assert_same_model(pooled_ref, combined)
     capsys.readouterr()
+    refused = str(tmp_path / "refused.npz")
+    assert main(["combine", *summaries, "--ref-batch", "z", "-o", refused]) == 1
+    assert "--ref-batch 'z' is not among the sites ['a', 'b', 'c']" in capsys.readouterr().err
+    assert not (tmp_path / "refused.npz").exists()
     assert (
         main(
             [
