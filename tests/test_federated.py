@@ -662,6 +662,29 @@ def test_load_refuses_hostile_files(tmp_path):
         "share": ({"zbar": moments.zbar + 2.0}, "level shares outside"),
         "column": ({"columns": [["level", "diagnosis", "x"]]}, "not a level of categorical_cols"),
         "features": ({"features": {"n_features_in": 3}}, "'features' must hold"),
+        "version true": ({"version": True}, "format version True"),
+        "n beyond 2**53": ({"n": np.array([1e300])}, r"below 2\*\*53"),
+        "level a list": (
+            {"columns": [["level", "sex", ["F"]], *summary.statistics.columns[1:]]},
+            r"\['level', 'sex', \['F'\]\] is not a level of categorical_cols \(a level is text",
+        ),
+        "level an object": (
+            {"columns": [["level", "sex", {"F": 1}], *summary.statistics.columns[1:]]},
+            "is not a level of categorical_cols",
+        ),
+        "site a list": ({"sites": [["a"]]}, "'sites' holds other than distinct text or numbers"),
+        "names_in text": (
+            {"features": {**summary.features, "feature_names_in": "roi"}},
+            f"feature_names_in is not a list of {summary.features['n_features_in']} names",
+        ),
+        "names_in short": (
+            {"features": {**summary.features, "feature_names_in": ["a"]}},
+            "feature_names_in is not a list of",
+        ),
+        "feature names numbers": (
+            {"features": {**summary.features, "feature_names": list(range(n_features))}},
+            f"feature_names is not a list of {n_features} names as text",
+        ),
     }
     for name, (changes, message) in cases.items():
         bad = _tamper(path, tmp_path / f"{name}.npz", **changes)
