@@ -161,12 +161,11 @@ def _match_label(value, labels):
     """The command line gives text; find the site label it means (e.g. '2' -> 2)."""
     if value is None:
         return None
-    for label in pd.unique(labels):
+    known = list(dict.fromkeys(np.asarray(labels, dtype=object).tolist()))
+    for label in known:
         if str(label) == value:
             return label
-    raise CommandError(
-        f"--ref-batch {value!r} is not among the sites {sorted(map(str, pd.unique(labels)))}"
-    )
+    raise CommandError(f"--ref-batch {value!r} is not among the sites {sorted(map(str, known))}")
 
 
 def _check_outputs(outputs, inputs):
@@ -361,7 +360,7 @@ def cmd_combine(args):
         eb=args.eb,
         parametric=args.parametric,
         mean_only=args.mean_only,
-        ref_batch=None if args.ref_batch is None else _match_label(args.ref_batch, sites),
+        ref_batch=_match_label(args.ref_batch, sites),
     ).fit_from_summaries(summaries)
     with _Staged("kwneuro-sk combine") as staged:
         staged.folders({"-o": args.output})

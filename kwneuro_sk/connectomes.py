@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from kwneuro_sk import images as _images
 from kwneuro_sk._params import MEMORY, N_JOBS, check_memory
-from kwneuro_sk.maskers.runs import read_confounds
+from kwneuro_sk.maskers.runs import check_volumes_left, read_confounds
 
 KINDS = ("correlation", "partial correlation", "tangent", "covariance", "precision")
 
@@ -523,12 +523,13 @@ def _check_volumes(series, names):
     """Refuse a run left with fewer than two volumes: the correlation (or covariance) of one
     time point is undefined, and the measure would give its connections as NaN."""
     for values, name in zip(series, names):
-        if values.shape[0] < 2:
-            raise ValueError(
-                f"{name}: {values.shape[0]} volume(s) left after the sample mask; a connectome "
-                "needs at least 2 (a 3D image or a 4D run of one volume, or a scrubbing that "
-                "kept one)."
-            )
+        check_volumes_left(
+            values.shape[0],
+            2,
+            run=name,
+            needs="a connectome",
+            why="a 3D image or a 4D run of one volume, or a scrubbing that kept one",
+        )
     return series
 
 

@@ -13,6 +13,8 @@ from sklearn.utils._param_validation import validate_params
 # Entities that tell apart versions of one run (outputs of the same acquisition), not runs.
 _OUTPUT_ENTITIES = {"space", "res", "den", "desc", "cohort"}
 _CONFOUNDS_TAGS = ("timeseries", "regressors")  # fMRIPrep >= 20.2.0, and before
+# The output entities a parameter of fmriprep_cohort chooses (desc is always "preproc").
+_CHOSEN_BY = {"space": "space", "res": "res"}
 
 
 @validate_params(
@@ -21,10 +23,11 @@ _CONFOUNDS_TAGS = ("timeseries", "regressors")  # fMRIPrep >= 20.2.0, and before
         "participants_tsv": [str, os.PathLike, None],
         "task": [str, None],
         "space": [str, None],
+        "res": [str, None],
     },
     prefer_skip_nested_validation=True,
 )
-def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=None):
+def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=None, res=None):
     """One row per preprocessed fMRI run of an fMRIPrep derivatives folder, with its confounds
     file and its participant's columns.
 
@@ -49,6 +52,10 @@ def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=
     space : str, default=None
         Keep only runs in this output space (e.g. ``"MNI152NLin2009cAsym"``). Needed when a
         run was written in several volume spaces: a ValueError then lists them.
+    res : str, default=None
+        Keep only runs at this resolution: the BIDS ``res-`` label (e.g. ``"2"`` for
+        ``res-2``; fMRIPrep's ``--output-spaces MNI152NLin2009cAsym:res-2``). Needed when a
+        run was written in one space at several resolutions: a ValueError then lists them.
 
     Returns
     -------
@@ -64,9 +71,10 @@ def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=
     FileNotFoundError
         If ``derivatives_dir`` or the given ``participants_tsv`` does not exist.
     ValueError
-        If no run matches, a run has several output spaces and ``space`` is None, a run has
-        several confounds files, or ``participants.tsv`` has no ``participant_id`` column or
-        a column named like one of the run columns.
+        If no run matches, a run has several preprocessed images (the message names the
+        entities they differ in, e.g. space or res, and the parameter that chooses one), a
+        run has several confounds files, or ``participants.tsv`` has no ``participant_id``
+        column or a column named like one of the run columns.
 
     Examples
     --------
@@ -86,7 +94,8 @@ def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=
     if not root.is_dir():
         raise FileNotFoundError(f"derivatives_dir {os.fspath(root)!r} is not a folder.")
     filters = [("desc", "preproc")]
-    filters += [(entity, value) for entity, value in [("task", task), ("space", space)] if value]
+    chosen = {"task": task, "space": space, "res": res}
+    filters += [(entity, value) for entity, value in chosen.items() if value]
     images = get_bids_files(
         root, file_tag="bold", file_type="nii*", modality_folder="func", filters=filters
     )
@@ -94,22 +103,20 @@ def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=
     if not images:
         raise ValueError(
             f"no fMRIPrep run (sub-*/[ses-*/]func/*_desc-preproc_bold.nii[.gz]) in "
-            f"{os.fspath(root)!r} with task={task!r}, space={space!r}."
+            f"{os.fspath(root)!r} with "
+            + ", ".join(f"{name}={value!r}" for name, value in chosen.items())
+            + "."
         )
 
     rows, runs = [], {}
     for image in images:
         entities = dict(parse_bids_filename(image)["entities"])
         key = tuple(sorted((k, v) for k, v in entities.items() if k not in _OUTPUT_ENTITIES))
-        runs.setdefault(key, []).append(entities.get("space"))
         rows.append({"entities": entities, "key": key, "image": image})
-    several = {key: spaces for key, spaces in runs.items() if len(spaces) > 1}
+        runs.setdefault(key, []).append(rows[-1])
+    several = {key: found for key, found in runs.items() if len(found) > 1}
     if several:
-        key, spaces = next(iter(several.items()))
-        raise ValueError(
-            f"{len(several)} run(s) have several preprocessed images (e.g. {dict(key)} in "
-            f"spaces {spaces}); pass space=... to choose one."
-        )
+        raise ValueError(_several_images_message(several))
 
     table = pd.DataFrame(
         {
@@ -150,6 +157,39 @@ def fmriprep_cohort(derivatives_dir, participants_tsv=None, *, task=None, space=
             stacklevel=3,
         )
     return table.merge(participants, on="participant_id", how="left", validate="many_to_one")
+
+
+def _several_images_message(several):
+    """What tells apart the preprocessed images of one run (their rows), and how to choose."""
+    differ = sorted(
+        {
+            entity
+            for found in several.values()
+            for row in found
+            for entity in row["entities"]
+            if len({other["entities"].get(entity) for other in found}) > 1
+        }
+    )
+    key, found = next(iter(several.items()))
+    example = "; ".join(
+        f"{entity} {[row['entities'].get(entity) for row in found]}" for entity in differ
+    )
+    message = (
+        f"{len(several)} run(s) have several preprocessed images, which differ in "
+        f"{', '.join(differ) or 'nothing but the file name'} (e.g. {dict(key)}: "
+        f"{example or [os.path.basename(row['image']) for row in found]});"
+    )
+    given = [f"{_CHOSEN_BY[entity]}=..." for entity in differ if entity in _CHOSEN_BY]
+    if given:
+        message += f" pass {' and '.join(given)} to choose one"
+    others = [entity for entity in differ if entity not in _CHOSEN_BY]
+    if others or not differ:
+        message += (
+            f"{';' if given else ''} fmriprep_cohort has no parameter that chooses by "
+            f"{', '.join(others) or 'file name'}: keep one of those images per run in "
+            "derivatives_dir"
+        )
+    return message + "."
 
 
 def _confounds_file(root, entities, image):

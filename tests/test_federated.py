@@ -664,6 +664,29 @@ def test_load_refuses_hostile_files(tmp_path):
         "share": ({"zbar": moments.zbar + 2.0}, "level shares outside"),
         "column": ({"columns": [["level", "diagnosis", "x"]]}, "not a level of categorical_cols"),
         "features": ({"features": {"n_features_in": 3}}, "'features' must hold"),
+        "version true": ({"version": True}, "format version True"),
+        "n beyond 2**53": ({"n": np.array([1e300])}, r"below 2\*\*53"),
+        "level a list": (
+            {"columns": [["level", "sex", ["F"]], *summary.statistics.columns[1:]]},
+            r"\['level', 'sex', \['F'\]\] is not a level of categorical_cols \(a level is text",
+        ),
+        "level an object": (
+            {"columns": [["level", "sex", {"F": 1}], *summary.statistics.columns[1:]]},
+            "is not a level of categorical_cols",
+        ),
+        "site a list": ({"sites": [["a"]]}, "'sites' holds other than distinct text or numbers"),
+        "names_in text": (
+            {"features": {**summary.features, "feature_names_in": "roi"}},
+            f"feature_names_in is not a list of {summary.features['n_features_in']} names",
+        ),
+        "names_in short": (
+            {"features": {**summary.features, "feature_names_in": ["a"]}},
+            "feature_names_in is not a list of",
+        ),
+        "feature names numbers": (
+            {"features": {**summary.features, "feature_names": list(range(n_features))}},
+            f"feature_names is not a list of {n_features} names as text",
+        ),
     }
     for name, (changes, message) in cases.items():
         bad = _tamper(path, tmp_path / f"{name}.npz", **changes)
@@ -724,7 +747,20 @@ def test_cli_summarize_combine_apply_equals_pooled(tmp_path, capsys):
     expected = pooled.transform(X[rows], batch=site[rows], covariates=covariates[rows])
     np.testing.assert_allclose(got[[f"roi{j}" for j in range(X.shape[1])]], expected, rtol=1e-10)
     np.testing.assert_array_equal(got["subject"], np.flatnonzero(rows))
+    # --ref-batch names a site of the summaries (the CLI's text matched to the site label)
+    ref_model = str(tmp_path / "ref_model.npz")
+    assert main(["combine", *summaries, "--ref-batch", "b", "-o", ref_model]) == 0
+    pooled_ref = CombatHarmonizer(**COVARIATES, ref_batch="b").fit(
+        X, batch=site, covariates=covariates
+    )
+    combined = CombatHarmonizer.from_estimates(CombatEstimates.load(ref_model))
+    assert combined.ref_batch == "b"
+    assert_same_model(pooled_ref, combined)
     capsys.readouterr()
+    refused = str(tmp_path / "refused.npz")
+    assert main(["combine", *summaries, "--ref-batch", "z", "-o", refused]) == 1
+    assert "--ref-batch 'z' is not among the sites ['a', 'b', 'c']" in capsys.readouterr().err
+    assert not (tmp_path / "refused.npz").exists()
     assert (
         main(
             [

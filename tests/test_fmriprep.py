@@ -89,8 +89,8 @@ def test_runs_confounds_and_participants(dataset):
 def test_several_spaces_need_space_and_a_missing_confounds_file_warns(dataset):
     with pytest.raises(
         ValueError,
-        match=r"several preprocessed images .* spaces \['MNI152NLin2009cAsym', 'T1w'\]\); pass "
-        r"space=",
+        match=r"several preprocessed images, which differ in space .* space "
+        r"\['MNI152NLin2009cAsym', 'T1w'\]\); pass space=\.\.\. to choose one\.$",
     ):
         fmriprep_cohort(dataset)
     with pytest.warns(
@@ -101,6 +101,54 @@ def test_several_spaces_need_space_and_a_missing_confounds_file_warns(dataset):
         table = fmriprep_cohort(dataset, task="nback", space="T1w")
     assert table["confounds"].isna().tolist() == [False, False, False, True]
     assert "run" not in table.columns
+
+
+def test_one_space_at_several_resolutions_needs_res(tmp_path):
+    """fMRIPrep --output-spaces MNI152NLin2009cAsym:res-1 MNI152NLin2009cAsym:res-2 (and T1w):
+    res= chooses like space=, and the error names the entities the images differ in (before:
+    'in spaces [MNI, MNI]; pass space=...', which could not choose)."""
+    for sub in ["01", "02"]:
+        _touch_run(
+            tmp_path / f"sub-{sub}" / "func",
+            f"sub-{sub}_task-rest",
+            spaces=(f"{MNI}_res-1", f"{MNI}_res-2", "T1w"),
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^2 run\(s\) have several preprocessed images, which differ in res \(e\.g\. "
+        r"\{'sub': '01', 'task': 'rest'\}: res \['1', '2'\]\); pass res=\.\.\. to choose one\.$",
+    ):
+        fmriprep_cohort(tmp_path, space=MNI)
+    with pytest.raises(
+        ValueError,
+        match=r"differ in res, space \(e\.g\. .*: res \['1', '2', None\]; space "
+        r"\['MNI152NLin2009cAsym', 'MNI152NLin2009cAsym', 'T1w'\]\); pass res=\.\.\. and "
+        r"space=\.\.\. to choose one\.$",
+    ):
+        fmriprep_cohort(tmp_path)
+    table = fmriprep_cohort(tmp_path, space=MNI, res="2")
+    assert list(table.columns) == ["participant_id", "task", "space", "image", "confounds"]
+    assert [Path(p).name for p in table["image"]] == [
+        f"sub-{sub}_task-rest_space-{MNI}_res-2_desc-preproc_bold.nii.gz" for sub in ["01", "02"]
+    ]
+    assert [Path(p).name for p in table["confounds"]] == [
+        f"sub-{sub}_task-rest_desc-confounds_timeseries.tsv" for sub in ["01", "02"]
+    ]
+    assert len(fmriprep_cohort(tmp_path, res="1")) == 2  # T1w has no res: left out
+    with pytest.raises(ValueError, match=r"no fMRIPrep run .* task=None, space=.*, res='3'\."):
+        fmriprep_cohort(tmp_path, space=MNI, res="3")
+
+
+def test_images_told_apart_by_an_entity_without_a_parameter_say_so(tmp_path):
+    """MNIInfant at two cohorts: no parameter chooses the cohort; the error says so."""
+    _touch_run(tmp_path / "sub-01" / "func", "sub-01_task-rest", spaces=("MNIInfant_cohort-1",))
+    _touch_run(tmp_path / "sub-01" / "func", "sub-01_task-rest", spaces=("MNIInfant_cohort-2",))
+    with pytest.raises(
+        ValueError,
+        match=r"differ in cohort \(e\.g\. .*: cohort \['1', '2'\]\); fmriprep_cohort has no "
+        r"parameter that chooses by cohort: keep one of those images per run in derivatives_dir\.$",
+    ):
+        fmriprep_cohort(tmp_path, space="MNIInfant")
 
 
 def test_participants_file_errors(dataset, tmp_path):

@@ -65,6 +65,40 @@ def test_per_run_sample_masks_and_confounds_match_nilearn(atlas_img, runs, confo
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-4)  # nilearn cleans in float32
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"detrend": True},
+        {"standardize": "zscore_sample"},
+        {"high_pass": 0.05, "t_r": 1.0, "clean_args": {"filter": "cosine"}},
+        {"low_pass": 0.2, "t_r": 1.0},
+    ],
+)
+def test_a_mask_keeping_few_volumes_matches_nilearn_or_names_the_run(atlas_img, runs, params):
+    """One kept volume is enough unless Butterworth filtering fills the removed volumes with a
+    spline through the kept ones (scipy's '`x` must contain at least 2 elements' before)."""
+    butterworth = "low_pass" in params
+    ours = LabelsMasker(atlas_img, **params).fit()
+    theirs = _nilearn(atlas_img, **params)
+    for kept in ([7], [7, 8], [3, 20]):
+        masks = [None, np.array(kept), None]
+        if butterworth and len(kept) == 1:
+            message = (
+                r"run 1 \(.*\): 1 volume\(s\) left after the sample mask; Butterworth "
+                r"filtering \(low_pass=0.2\) needs at least 2 \(it fills the removed volumes"
+            )
+            with pytest.raises(ValueError, match=message):
+                ours.transform_imgs(runs, sample_mask=masks)
+            continue
+        got = ours.transform_imgs(runs, sample_mask=masks)
+        expected = _nilearn_transform(theirs, runs, sample_mask=masks)
+        assert got[1].shape == (len(kept), 4)
+        for g, e in zip(got, expected):
+            # nilearn cleans in float32: standardizing two volumes magnifies its rounding
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-3)
+
+
 def test_one_run_takes_its_mask_and_confounds_alone(atlas_img, runs, confounds):
     masker = LabelsMasker(atlas_img, detrend=True).fit()
     mask = np.arange(5, 30)

@@ -52,6 +52,8 @@ from kwneuro_sk.combat.statistics import SiteMoments, SiteStatistics
 FORMAT = "kwneuro_sk.SiteSummary"
 VERSION = 1
 ARRAYS = ("n", "zbar", "xbar", "cxx", "czz", "czx", "magnitude")
+# Row counts above this are not exact in float64 (and not real sample sizes).
+MAX_ROWS = 2**53
 _LOAD_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
@@ -157,9 +159,12 @@ class SiteSummary:
 
         Nothing is unpickled. The manifest (format, version, sites, covariate columns,
         options, feature names) and every array (name, dtype float64, shape, finite values,
-        ranges: whole positive row counts of at least ``min_rows``, non-negative sums of
-        squares, symmetric covariate products, means of level indicators in [0, 1], powers of
-        two) are checked; anything else raises a ValueError naming the file and the field.
+        ranges: whole row counts of at least ``min_rows`` and below 2**53, non-negative sums
+        of squares, symmetric covariate products, means of level indicators in [0, 1], powers
+        of two) are checked: site labels, levels and column names are text or numbers (not
+        JSON lists or objects), feature names are lists of text of the right length, the
+        version is an integer; anything else raises a ValueError naming the file and the
+        field.
 
         Parameters
         ----------
@@ -212,11 +217,9 @@ class SiteSummary:
                         else ""
                     )
                 )
-            if manifest.get("version") != VERSION:
-                bad(
-                    f"format version {manifest.get('version')!r}; this kwneuro_sk reads "
-                    f"version {VERSION}"
-                )
+            version = manifest.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+                bad(f"format version {version!r}; this kwneuro_sk reads version {VERSION}")
             if set(npz.files) != {*ARRAYS, "__manifest__"}:
                 bad(f"members {sorted(npz.files)}; expected {sorted({*ARRAYS, '__manifest__'})}")
             try:
@@ -233,9 +236,15 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _is_label(value):
+    """A site label, categorical level or column name as JSON holds it: text or a number
+    (JSON lists and objects are not labels)."""
+    return isinstance(value, (str, int, float, bool))
+
+
 def _check_json_label(value, what):
     value = _plain(value)
-    if not isinstance(value, (str, int, float, bool)):
+    if not _is_label(value):
         raise TypeError(
             f"a site summary stores {what}s as text or numbers; got {value!r} of type "
             f"{type(value).__name__}"
@@ -281,7 +290,7 @@ def _from_parts(manifest, arrays, bad):
     min_rows = manifest["min_rows"]
     if not isinstance(sites, list) or not sites:
         bad("'sites' is not a non-empty list")
-    if not all(isinstance(s, (str, int, float)) for s in sites) or len(set(sites)) != len(sites):
+    if not all(map(_is_label, sites)) or len(set(sites)) != len(sites):
         bad("'sites' holds other than distinct text or numbers")
     if not isinstance(covariates, dict) or set(covariates) - {"smooth_cols"} != {
         "categorical_cols",
@@ -290,15 +299,18 @@ def _from_parts(manifest, arrays, bad):
         bad("'covariates' must hold exactly categorical_cols and continuous_cols (and smooth_cols)")
     categorical, continuous = covariates["categorical_cols"], covariates["continuous_cols"]
     smooth_cols = covariates.get("smooth_cols", [])
-    if not all(isinstance(v, list) for v in (categorical, continuous, smooth_cols)):
-        bad("categorical_cols/continuous_cols/smooth_cols are not lists")
+    if not all(
+        isinstance(v, list) and all(map(_is_label, v))
+        for v in (categorical, continuous, smooth_cols)
+    ):
+        bad("categorical_cols/continuous_cols/smooth_cols are not lists of column names")
     smooth = _check_smooth(manifest.get("smooth", {}), smooth_cols, bad)
     if not isinstance(columns, list):
         bad("'columns' is not a list")
     keys = []
     for key in columns:
         ok = isinstance(key, list) and (
-            (len(key) == 3 and key[0] == "level" and key[1] in categorical)
+            (len(key) == 3 and key[0] == "level" and key[1] in categorical and _is_label(key[2]))
             or (len(key) == 2 and key[0] == "value" and key[1] in continuous)
             or (
                 len(key) == 3
@@ -310,8 +322,8 @@ def _from_parts(manifest, arrays, bad):
         )
         if not ok:
             bad(
-                f"covariate column {key!r} is not a level of categorical_cols, a "
-                "continuous_col or a spline column of smooth_cols"
+                f"covariate column {key!r} is not a level of categorical_cols (a level is "
+                "text or a number), a continuous_col or a spline column of smooth_cols"
             )
         keys.append(tuple(key))
     if len(set(keys)) != len(keys):
@@ -341,9 +353,19 @@ def _from_parts(manifest, arrays, bad):
     n_in = features["n_features_in"]
     if not isinstance(n_in, int) or isinstance(n_in, bool) or n_in < G or G < 1:
         bad(f"n_features_in {n_in!r} does not fit {G} features")
-    names = features["feature_names"]
-    if names is not None and (not isinstance(names, list) or len(names) != G):
-        bad(f"feature_names is not a list of {G} names")
+    for key, size, is_name in (
+        ("feature_names_in", n_in, lambda v: isinstance(v, str)),
+        ("columns_in", n_in, _is_label),
+        ("feature_names", G, lambda v: isinstance(v, str)),
+    ):
+        names = features[key]
+        if names is not None and (
+            not isinstance(names, list) or len(names) != size or not all(map(is_name, names))
+        ):
+            kind = "column names (text or numbers)" if key == "columns_in" else "names as text"
+            bad(f"{key} is not a list of {size} {kind}")
+    if features["batch_col"] is not None and not _is_label(features["batch_col"]):
+        bad(f"batch_col {features['batch_col']!r} is not a column name (text or a number)")
     shapes = {
         "n": (S,),
         "zbar": (S, Q),
@@ -362,8 +384,11 @@ def _from_parts(manifest, arrays, bad):
         if not np.isfinite(array).all():
             bad(f"{name} has NaN or infinite values")
     n = arrays["n"]
-    if (n != np.round(n)).any() or (n < min_rows).any():
-        bad(f"n holds row counts that are not whole numbers of at least min_rows={min_rows}")
+    if (n != np.round(n)).any() or (n < min_rows).any() or (n >= MAX_ROWS).any():
+        bad(
+            f"n holds row counts that are not whole numbers of at least min_rows={min_rows} "
+            "and below 2**53"
+        )
     if (arrays["cxx"] < 0).any():
         bad("cxx (sums of squares) has negative values")
     czz = arrays["czz"]

@@ -35,6 +35,7 @@ from kwneuro_sk.maskers._lut import format_label, region_names, unique_names
 from kwneuro_sk.maskers._reduce import STRATEGIES, build_plan, gather, reduce_regions
 from kwneuro_sk.maskers.runs import (
     check_confounds_length,
+    check_volumes_left,
     per_run,
     read_confounds,
     read_sample_mask,
@@ -605,7 +606,9 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             One entry per run (``None`` keeps every volume): the volumes to keep, as integer
             indices or a boolean mask of the run's length, passed to
             :func:`nilearn.signal.clean` (scrubbing). For a single run the entry may be given
-            alone.
+            alone. With Butterworth filtering (``low_pass`` or ``high_pass``) a mask must keep
+            at least two volumes (the removed ones are filled with a spline through the kept
+            ones); otherwise one is enough.
         detrend, standardize, standardize_confounds, low_pass, high_pass, t_r
             Deprecated since 0.2, removed in 0.3: set them on the masker
             (``LabelsMasker(..., detrend=True)`` or ``masker.set_params(detrend=True)``),
@@ -660,6 +663,7 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             )
         run_confounds = per_run(confounds, len(sources), name="confounds")
         run_masks = per_run(sample_mask, len(sources), name="sample_mask")
+        kept_needed, needs, why = _volumes_to_keep(cleaning, clean_args)
         names = [f"run {i} ({_images.describe(src, i)})" for i, src in enumerate(sources)]
         # Tables are read (and a missing file reported) before any image is opened.
         run_confounds = [read_confounds(conf, run=name) for conf, name in zip(run_confounds, names)]
@@ -671,6 +675,8 @@ class LabelsMasker(TransformerMixin, BaseEstimator):
             n_scans = signals.shape[0]
             check_confounds_length(conf, n_scans, run=name)
             mask = read_sample_mask(mask, n_scans, run=name)
+            if mask is not None:
+                check_volumes_left(mask.size, kept_needed, run=name, needs=needs, why=why)
             if hv is not None:
                 conf = hv if conf is None else np.hstack([conf, hv])
             cleaned = clean(signals, confounds=conf, sample_mask=mask, **cleaning, **clean_args)
@@ -1100,6 +1106,25 @@ def _source_dtype(img):
     if nib.is_proxy(proxy) and (proxy.slope, proxy.inter) != (1.0, 0.0):
         return np.dtype(np.float64)
     return np.dtype(proxy.dtype) if hasattr(proxy, "dtype") else img.get_data_dtype()
+
+
+def _volumes_to_keep(cleaning, clean_args):
+    """The fewest volumes a sample mask may keep for :func:`nilearn.signal.clean`, what needs
+    them and why. Butterworth filtering (``low_pass`` or ``high_pass`` with the default
+    filter) first fills the removed volumes with a cubic spline through the kept ones, which
+    needs two; nothing else needs more than one (nilearn leaves a single volume undetrended
+    and unstandardized, with a warning)."""
+    cutoffs = [
+        f"{key}={cleaning[key]}" for key in ("low_pass", "high_pass") if cleaning[key] is not None
+    ]
+    if cutoffs and clean_args.get("filter", "butterworth") == "butterworth":
+        return (
+            2,
+            f"Butterworth filtering ({', '.join(cutoffs)})",
+            "it fills the removed volumes with a cubic spline through the kept ones; keep "
+            "more volumes, or clean without low_pass/high_pass",
+        )
+    return 1, "cleaning", "a sample mask keeps at least one volume"
 
 
 def _merge_clean_keywords(clean_args, keywords):

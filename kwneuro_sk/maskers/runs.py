@@ -113,6 +113,16 @@ def read_confounds(confounds, *, run) -> np.ndarray | None:
     return values
 
 
+def check_volumes_left(n_volumes, minimum, *, run, needs, why):
+    """Refuse a run left with fewer than ``minimum`` volumes (after its sample mask), naming
+    the run, the count, what ``needs`` them and ``why``."""
+    if n_volumes < minimum:
+        raise ValueError(
+            f"{run}: {n_volumes} volume(s) left after the sample mask; {needs} needs at least "
+            f"{minimum} ({why})."
+        )
+
+
 def check_confounds_length(values, n_scans, *, run):
     """A confounds array must have one row per volume of its run."""
     if values is not None and values.shape[0] != n_scans:
