@@ -13,8 +13,9 @@ from sklearn.utils._param_validation import validate_params
 # Entities that tell apart versions of one run (outputs of the same acquisition), not runs.
 _OUTPUT_ENTITIES = {"space", "res", "den", "desc", "cohort"}
 _CONFOUNDS_TAGS = ("timeseries", "regressors")  # fMRIPrep >= 20.2.0, and before
-# The output entities a parameter of fmriprep_cohort chooses (desc is always "preproc").
-_CHOSEN_BY = {"space": "space", "res": "res"}
+# The output entities a parameter of fmriprep_cohort (of the same name) chooses; desc is
+# always "preproc".
+_CHOSEN = ("space", "res")
 
 
 @validate_params(
@@ -179,10 +180,10 @@ def _several_images_message(several):
         f"{', '.join(differ) or 'nothing but the file name'} (e.g. {dict(key)}: "
         f"{example or [os.path.basename(row['image']) for row in found]});"
     )
-    given = [f"{_CHOSEN_BY[entity]}=..." for entity in differ if entity in _CHOSEN_BY]
+    given = [f"{entity}=..." for entity in differ if entity in _CHOSEN]
     if given:
         message += f" pass {' and '.join(given)} to choose one"
-    others = [entity for entity in differ if entity not in _CHOSEN_BY]
+    others = [entity for entity in differ if entity not in _CHOSEN]
     if others or not differ:
         message += (
             f"{';' if given else ''} fmriprep_cohort has no parameter that chooses by "

@@ -345,7 +345,7 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
         hold any subset of the sites and of the levels of a categorical covariate. The model
         (EB estimates included) is computed from the statistics when it is first used after
         a call (``transform``, a fitted attribute), so a loop of ``partial_fit`` calls costs
-        about one ``fit`` (1.1-1.4x for 20 chunks, ``benchmarks/bench_federated.py``);
+        about one ``fit`` (1.2-1.5x for 20 chunks, ``benchmarks/bench_federated.py``);
         errors that need all the rows (a single site, a confounded covariate) are raised
         then, and at every use after, until more chunks make the model possible. A failed
         :meth:`fit` (or fit from statistics or summaries) leaves the estimator unfitted.
@@ -404,23 +404,24 @@ class CombatHarmonizer(TransformerMixin, BaseEstimator):
                 "for the new options",
             )
         fitted = first and hasattr(self, "n_features_in_")
-        before = dict(self.__dict__)  # a refused chunk leaves the estimator as it was
+        before = dict(self.__dict__)  # a refused (or empty) chunk leaves the estimator as it was
+        added = False
         try:
             if first:  # a new model: nothing of an earlier fit is kept
                 self._discard_fitted_state()
             rows = self._read_rows(X, batch, covariates, reset=first, allow_empty=True)
-            if not len(rows.sites):  # checked, and nothing to add
+            if len(rows.sites):  # an empty chunk is checked, and adds nothing
+                self._partial_statistics = self._statistics_of(
+                    rows, into=None if first else self._partial_statistics
+                )
+                self._partial_options = options
+                added = True
+        finally:
+            if not added:
                 self.__dict__.clear()
                 self.__dict__.update(before)
-                return self
-            self._partial_statistics = self._statistics_of(
-                rows, into=None if first else self._partial_statistics
-            )
-            self._partial_options = options
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            raise
+        if not added:
+            return self
         for name in self._FITTED_STATE:
             self.__dict__.pop(name, None)
         self._fit_pending = True

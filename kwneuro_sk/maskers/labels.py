@@ -45,8 +45,6 @@ from kwneuro_sk.maskers.runs import (
 # only False before.
 _NO_STANDARDIZE = None if parse_version(nilearn.__version__) >= parse_version("0.13") else False
 
-# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set,
-# with nilearn's defaults.
 # What clean_args may set: nilearn.signal.clean's own options, and butterworth's as
 # butterworth__<option> (clean passes those on; any other key it ignores without a word).
 _CLEAN_OPTIONS = [name for name in inspect.signature(clean).parameters if name != "kwargs"]
@@ -56,6 +54,8 @@ _CLEAN_OPTIONS += [
     if name not in ("signals", "sampling_rate", "low_pass", "high_pass")
 ]
 
+# Options of nilearn.image.high_variance_confounds a dict high_variance_confounds may set,
+# with nilearn's defaults.
 _HV_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(_nilearn_hv_confounds).parameters.items()
