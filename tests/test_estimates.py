@@ -125,6 +125,7 @@ def test_missing_file_and_directory(tmp_path):
         (lambda m, a: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (lambda m, a: {**m, "info": {"__dict__": [[[[]] * 2] * 2] * 3000}}, "info"),
         (lambda m, a: {**m, "version": 99}, "version 99"),
+        (lambda m, a: {**m, "version": True}, "version True"),
         (lambda m, a: {k: v for k, v in m.items() if k != "info"}, "no 'info' field"),
         (_set_info("batches", _DELETE), r"info\['batches'\] is missing"),
         (_set_info("batches", 3), r"info\['batches'\] must list at least 2 sites"),

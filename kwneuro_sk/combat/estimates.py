@@ -602,7 +602,12 @@ def _read_manifest(npz, path):
         bad("the manifest is nested too deeply")
     if not isinstance(manifest, dict):
         bad(f"the manifest is a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+    version = manifest.get("version")
+    if (
+        manifest.get("format") != _FORMAT
+        or isinstance(version, bool)  # JSON true equals 1 in Python
+        or version != _VERSION
+    ):
         summary = manifest.get("format") == "kwneuro_sk.SiteSummary"
         bad(
             f"manifest format {manifest.get('format')!r} version {manifest.get('version')!r}; "
